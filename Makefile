@@ -1,0 +1,40 @@
+# One-command entry points. Every target installs what it needs into .venv first (idempotent).
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# The CPU wheel of this pin is on disk here; GPU users install their CUDA torch before `make install`.
+TORCH_SPEC ?= torch==2.13.0
+DA3_SPEC   ?= depth-anything-3==0.1.1
+
+.PHONY: install test demo serve-local bench lint clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	# depth-anything-3 declares numpy<2, moviepy, xformers, open3d and a CUDA torch, none of which the network needs.
+	$(PY) -m pip install -q --no-deps "$(DA3_SPEC)"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(PY) -m serve_app.demo --config configs/local.yaml --output out/demo.ply
+
+serve-local: $(STAMP)
+	$(VENV)/bin/serve run configs/local.yaml
+
+bench: $(STAMP)
+	$(PY) bench/serving.py
+	$(PY) bench/accuracy.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check serve_app clients tests bench
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

@@ -1,0 +1,1 @@
+"""Async Python client for da3-serve (no Ray dependency)."""

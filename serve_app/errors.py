@@ -1,0 +1,87 @@
+"""Stable error codes shared by HTTP routes, the WebSocket protocol and the clients.
+
+docs/WEBSOCKET_API.md lists each code with its meaning; keep the two in step.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class ErrorCode(str, Enum):
+    INVALID_MESSAGE = "INVALID_MESSAGE"  # unparsable / unknown / malformed client message
+    MESSAGE_TOO_LARGE = "MESSAGE_TOO_LARGE"  # message over the configured byte limit
+    INVALID_IMAGE = "INVALID_IMAGE"  # bytes that do not decode to an image
+    UNSUPPORTED_FORMAT = "UNSUPPORTED_FORMAT"  # image format not in the allowed list
+    IMAGE_TOO_LARGE = "IMAGE_TOO_LARGE"  # image bytes or pixel count over the limit
+    INVALID_PARAMS = "INVALID_PARAMS"  # session parameters rejected
+    QUEUE_FULL = "QUEUE_FULL"  # client sent more frames than the advertised in-flight window
+    FRAME_LIMIT_EXCEEDED = "FRAME_LIMIT_EXCEEDED"  # session's max_frames reached
+    SESSION_NOT_FOUND = "SESSION_NOT_FOUND"
+    SESSION_EXPIRED = "SESSION_EXPIRED"
+    SESSION_FINALIZED = "SESSION_FINALIZED"  # frames after finalize
+    SESSION_LIMIT = "SESSION_LIMIT"  # too many concurrent sessions
+    SESSION_BUSY = "SESSION_BUSY"  # another connection holds the session
+    ALIGNMENT_FAILED = "ALIGNMENT_FAILED"  # a window could not be placed in the world (map left untouched)
+    MODEL_UNAVAILABLE = "MODEL_UNAVAILABLE"
+    UNAUTHORIZED = "UNAUTHORIZED"
+    RATE_LIMITED = "RATE_LIMITED"
+    INTERNAL_ERROR = "INTERNAL_ERROR"
+
+
+# HTTP status for each code when it is returned by an HTTP route.
+HTTP_STATUS: dict[ErrorCode, int] = {
+    ErrorCode.INVALID_MESSAGE: 400,
+    ErrorCode.MESSAGE_TOO_LARGE: 413,
+    ErrorCode.INVALID_IMAGE: 400,
+    ErrorCode.UNSUPPORTED_FORMAT: 415,
+    ErrorCode.IMAGE_TOO_LARGE: 413,
+    ErrorCode.INVALID_PARAMS: 422,
+    ErrorCode.QUEUE_FULL: 429,
+    ErrorCode.FRAME_LIMIT_EXCEEDED: 409,
+    ErrorCode.SESSION_NOT_FOUND: 404,
+    ErrorCode.SESSION_EXPIRED: 410,
+    ErrorCode.SESSION_FINALIZED: 409,
+    ErrorCode.SESSION_LIMIT: 429,
+    ErrorCode.SESSION_BUSY: 409,
+    ErrorCode.ALIGNMENT_FAILED: 422,
+    ErrorCode.MODEL_UNAVAILABLE: 503,
+    ErrorCode.UNAUTHORIZED: 401,
+    ErrorCode.RATE_LIMITED: 429,
+    ErrorCode.INTERNAL_ERROR: 500,
+}
+
+# WebSocket close codes (4000-4999 are application-defined).
+WS_CLOSE: dict[ErrorCode, int] = {
+    ErrorCode.UNAUTHORIZED: 4401,
+    ErrorCode.SESSION_NOT_FOUND: 4404,
+    ErrorCode.SESSION_EXPIRED: 4410,
+    ErrorCode.SESSION_BUSY: 4409,
+    ErrorCode.RATE_LIMITED: 4429,
+    ErrorCode.INTERNAL_ERROR: 4500,
+    ErrorCode.MODEL_UNAVAILABLE: 4503,
+}
+WS_CLOSE_NORMAL = 1000  # finalized or deleted by the client
+WS_CLOSE_GOING_AWAY = 1001  # server shutting down: clients reconnect
+WS_CLOSE_SESSION_DELETED = 4000  # deleted through DELETE /ws/session/{id}
+
+
+class ServiceError(Exception):
+    """An error with a stable code; `fatal` means the stream cannot continue."""
+
+    def __init__(self, code: ErrorCode, message: str, *, fatal: bool = False, details: dict | None = None):
+        super().__init__(f"{code.value}: {message}")
+        self.code = ErrorCode(code)
+        self.message = message
+        self.fatal = fatal
+        self.details = details or {}
+
+    @property
+    def http_status(self) -> int:
+        return HTTP_STATUS.get(self.code, 500)
+
+    def to_dict(self) -> dict:
+        body = {"code": self.code.value, "message": self.message}
+        if self.details:
+            body["details"] = self.details
+        return body
