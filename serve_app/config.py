@@ -1,0 +1,157 @@
+"""Typed configuration: the app builder's args and the per-session parameters.
+
+Everything here is plain pydantic so it is validated at `serve run` time and unit-tested without Ray.
+Every limit the service enforces is a field here with a sane default.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
+
+from serve_app.errors import ErrorCode, ServiceError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SessionParams(_Strict):
+    """What a client may choose per session (POST /ws/session/create body); defaults come from the app config."""
+
+    process_res: int = Field(504, ge=140, le=1008, description="longest side fed to the model (px)")
+    window_size: int = Field(6, ge=2, le=32, description="views per model window (context + new)")
+    overlap: int = Field(2, ge=1, le=31, description="context views carried from earlier windows")
+    conf_percentile: float = Field(40.0, ge=0.0, lt=100.0, description="drop points below this confidence pct")
+    voxel_size: float | None = Field(None, gt=0.0, description="world units; null = auto from first window")
+    max_points_per_frame: int = Field(20000, ge=100, le=1_000_000)
+    max_points: int = Field(2_000_000, ge=1000, le=50_000_000, description="session point budget")
+    max_frames: int = Field(10000, ge=1, le=1_000_000)
+    idle_ttl_s: float = Field(600.0, gt=0, le=7 * 86400)
+    ttl_s: float = Field(3600.0, gt=0, le=30 * 86400)
+    point_encoding: Literal["float16", "float32"] = "float16"
+
+    @field_validator("overlap")
+    @classmethod
+    def _overlap_below_window(cls, v: int, info: ValidationInfo) -> int:
+        window = info.data.get("window_size")
+        if window is not None and v >= window:
+            raise ValueError(f"must be smaller than window_size ({window})")
+        return v
+
+    @property
+    def new_per_window(self) -> int:
+        return self.window_size - self.overlap
+
+
+def merge_session_params(defaults: SessionParams, overrides: dict[str, Any] | None,
+                         max_process_res: int | None = None) -> SessionParams:
+    """Client overrides on top of the server defaults; raises INVALID_PARAMS naming the field."""
+    overrides = overrides or {}
+    if not isinstance(overrides, dict):
+        raise ServiceError(ErrorCode.INVALID_PARAMS, "session params must be a JSON object")
+    try:
+        params = SessionParams.model_validate({**defaults.model_dump(), **overrides})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first.get("loc", ())) or "body"
+        raise ServiceError(ErrorCode.INVALID_PARAMS, f"{field}: {first.get('msg')}",
+                           details={"field": field, "errors": exc.errors(include_url=False, include_input=False)})
+    if max_process_res is not None and params.process_res > max_process_res:
+        raise ServiceError(ErrorCode.INVALID_PARAMS,
+                           f"process_res: at most {max_process_res} on this server",
+                           details={"field": "process_res"})
+    return params
+
+
+class ModelConfig(_Strict):
+    backend: Literal["da3", "oracle"] = "da3"
+    # hub repo id ("org/name[@rev]"), local dir in the hub layout, or "random:<model_name>"
+    checkpoint: str = "depth-anything/DA3-BASE"
+    model_name: str | None = None
+    # Used only if `checkpoint` cannot be resolved (offline); must be stated in the config explicitly.
+    fallback_checkpoint: str | None = None
+    device: str | None = None
+    amp: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    compile: bool = False
+    ref_view_strategy: str = "saddle_balanced"
+    # Oracle backend (tests/benchmarks): the synthetic scene to answer for, and its gauge noise.
+    oracle_scene: dict[str, Any] | None = None
+    oracle_scale_range: tuple[float, float] = (0.5, 2.0)
+    oracle_depth_noise: float = 0.0
+    oracle_pose_noise: float = 0.0
+    oracle_seed: int = 0
+
+
+class BatchConfig(_Strict):
+    max_batch_size: int = Field(8, ge=1, le=256)
+    batch_wait_timeout_s: float = Field(0.01, ge=0.0, le=5.0)
+
+
+class LimitsConfig(_Strict):
+    max_sessions: int = Field(64, ge=1)
+    max_in_flight: int = Field(32, ge=1, le=4096, description="accepted-but-unprocessed frames per session")
+    max_windows_in_flight: int = Field(2, ge=1, le=16, description="model calls outstanding per session")
+    max_image_bytes: int = Field(8 * 1024 * 1024, ge=1024, le=15 * 1024 * 1024)  # proxy caps messages at 16 MiB
+    max_image_pixels: int = Field(40_000_000, ge=1024)
+    allowed_formats: list[str] = Field(default_factory=lambda: ["JPEG", "PNG", "WEBP"])
+    max_text_message_bytes: int = Field(12 * 1024 * 1024, ge=1024, le=15 * 1024 * 1024)
+    max_process_res: int = Field(1008, ge=140, le=2016)
+    sweep_interval_s: float = Field(5.0, gt=0)
+    expired_tombstone_s: float = Field(3600.0, ge=0, description="how long an expired id answers SESSION_EXPIRED")
+    model_timeout_s: float = Field(120.0, gt=0)
+    model_retries: int = Field(1, ge=0, le=5)
+
+
+class SessionActorConfig(_Strict):
+    name: str = "da3_session_store"
+    namespace: str = "da3-serve"
+    max_restarts: int = -1
+    max_task_retries: int = 3
+    state_dir: str | None = None  # snapshot directory; None = in memory only
+
+
+class AuthConfig(_Strict):
+    mode: Literal["none", "api_key"] = "none"
+    api_keys: list[str] = Field(default_factory=list)
+    api_keys_env: str = "DA3_API_KEYS"  # comma-separated keys, merged with api_keys
+
+    def resolved_keys(self) -> list[str]:
+        keys = list(self.api_keys)
+        env = os.environ.get(self.api_keys_env, "")
+        keys += [k.strip() for k in env.split(",") if k.strip()]
+        return keys
+
+    @model_validator(mode="after")
+    def _keys_when_required(self) -> "AuthConfig":
+        if self.mode == "api_key" and not self.resolved_keys():
+            raise ValueError(
+                f"auth.mode is 'api_key' but no key is configured: set auth.api_keys or the "
+                f"{self.api_keys_env} environment variable, or set auth.mode: none explicitly")
+        return self
+
+
+class AppArgs(_Strict):
+    """Arguments of `serve_app.app:build_app` (the `args:` block of a Serve config)."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    batching: BatchConfig = Field(default_factory=BatchConfig)
+    session_defaults: SessionParams = Field(default_factory=SessionParams)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    session_actor: SessionActorConfig = Field(default_factory=SessionActorConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    cors_origins: list[str] = Field(default_factory=list)
+
+
+def parse_args(args: dict[str, Any] | AppArgs | None) -> AppArgs:
+    """Validate builder args with an error that lists every bad field."""
+    if isinstance(args, AppArgs):
+        return args
+    try:
+        return AppArgs.model_validate(args or {})
+    except ValidationError as exc:
+        lines = [f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        raise ValueError("invalid da3-serve application args:\n" + "\n".join(lines)) from None

@@ -1,0 +1,87 @@
+"""The model deployment: one backend per replica, windows from all sessions batched with @serve.batch."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from typing import Any
+
+from ray import serve
+
+from serve_app.backends import make_backend
+from serve_app.config import BatchConfig, ModelConfig
+from serve_app.prediction import WindowPrediction, WindowRequest
+
+log = logging.getLogger("da3.model")
+
+
+@serve.deployment(
+    ray_actor_options={"num_gpus": 1},
+    max_ongoing_requests=64,  # must exceed max_batch_size so batches can fill
+    health_check_period_s=10,
+    health_check_timeout_s=60,
+    graceful_shutdown_timeout_s=20,
+)
+class DA3ModelServer:
+    def __init__(self, model: dict[str, Any]):
+        self.cfg = ModelConfig.model_validate(model)
+        self.backend = make_backend(self.cfg)
+        self.batch_sizes: Counter[int] = Counter()
+        self.windows = 0
+        self.failures = 0
+        self.busy_s = 0.0
+        self.last_error: str | None = None
+        self.backend.health_check()
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        b = BatchConfig.model_validate(user_config or {})
+        self.infer_batch.set_max_batch_size(b.max_batch_size)
+        self.infer_batch.set_batch_wait_timeout_s(b.batch_wait_timeout_s)
+
+    def _run(self, requests: list[WindowRequest]) -> list[dict[str, Any]]:
+        t0 = time.perf_counter()
+        try:
+            preds = self.backend.forward_windows(requests)
+            results = [{"ok": True, "prediction": p} for p in preds]
+        except Exception as exc:  # noqa: BLE001 - isolate the poisoned item below
+            log.warning("batch of %d failed (%s); retrying items one by one", len(requests), exc)
+            results = []
+            for r in requests:
+                try:
+                    results.append({"ok": True, "prediction": self.backend.forward_windows([r])[0]})
+                except Exception as item_exc:  # noqa: BLE001
+                    self.failures += 1
+                    self.last_error = f"{type(item_exc).__name__}: {item_exc}"
+                    results.append({"ok": False, "error": self.last_error})
+        elapsed = time.perf_counter() - t0
+        self.busy_s += elapsed
+        for res in results:
+            res["batch_size"] = len(requests)
+            res["model_ms"] = elapsed * 1000.0
+        return results
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def infer_batch(self, requests: list[WindowRequest]) -> list[dict[str, Any]]:
+        self.batch_sizes[len(requests)] += 1
+        self.windows += len(requests)
+        # The forward runs in a thread so health checks and queueing stay responsive.
+        return await asyncio.to_thread(self._run, requests)
+
+    async def infer(self, request: WindowRequest) -> dict[str, Any]:
+        """One window; returns {"ok", "prediction" | "error", "batch_size", "model_ms"}."""
+        return await self.infer_batch(request)
+
+    async def stats(self) -> dict[str, Any]:
+        return {"info": self.backend.info(), "batch_sizes": dict(self.batch_sizes), "windows": self.windows,
+                "failures": self.failures, "busy_s": self.busy_s, "last_error": self.last_error}
+
+    async def info(self) -> dict[str, Any]:
+        return self.backend.info()
+
+    async def check_health(self) -> None:
+        await asyncio.to_thread(self.backend.health_check)
+
+
+__all__ = ["DA3ModelServer", "WindowPrediction", "WindowRequest"]

@@ -1,0 +1,166 @@
+"""The detached, named Ray actor that owns every session's state and runs the expiry sweep.
+
+A thin async wrapper over SessionStore (serve_app/session_store.py holds the rules). Methods that wait
+(`wait_records`) use per-session asyncio conditions, so one actor serves many long-polling streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import ray
+
+from serve_app.config import LimitsConfig, SessionActorConfig, SessionParams
+from serve_app.errors import ServiceError
+from serve_app.session_store import SessionStore
+
+log = logging.getLogger("da3.sessions")
+
+
+class SessionActor:
+    def __init__(self, limits: dict[str, Any]):
+        self.store = SessionStore(LimitsConfig.model_validate(limits))
+        self._conds: dict[str, asyncio.Condition] = {}
+        self._sweeper: asyncio.Task | None = None
+
+    # Conditions are created lazily: __init__ runs before the actor's event loop exists.
+    def _cond(self, sid: str) -> asyncio.Condition:
+        c = self._conds.get(sid)
+        if c is None:
+            c = self._conds[sid] = asyncio.Condition()
+        return c
+
+    async def _notify(self, sid: str) -> None:
+        c = self._cond(sid)
+        async with c:
+            c.notify_all()
+
+    def _ensure_sweeper(self) -> None:
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_loop())
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.store.limits.sweep_interval_s)
+            await self.sweep()
+
+    async def sweep(self) -> list[str]:
+        gone = self.store.sweep(time.time())
+        for sid in gone:
+            log.info("session expired", extra={"session_id": sid})
+            await self._notify(sid)
+            self._conds.pop(sid, None)
+        return gone
+
+    async def ping(self) -> bool:
+        self._ensure_sweeper()
+        return True
+
+    async def create(self, params: dict, owner: str | None) -> dict:
+        self._ensure_sweeper()
+        s = self.store.create(SessionParams.model_validate(params), owner, time.time())
+        return s.info()
+
+    async def info(self, sid: str, owner: str | None) -> dict:
+        return self.store.get(sid, owner).info()
+
+    async def delete(self, sid: str, owner: str | None) -> dict:
+        s = self.store.delete(sid, owner)
+        await self._notify(sid)
+        self._conds.pop(sid, None)
+        return s.info()
+
+    async def list(self, owner: str | None) -> dict:
+        return {"sessions": [s.info() for s in self.store.list(owner)], "counts": self.store.counts(),
+                "limits": {"max_sessions": self.store.limits.max_sessions}}
+
+    async def accept_frames(self, sid: str, owner: str | None, count: int) -> int:
+        self.store.get(sid, owner)
+        return self.store.accept_frames(sid, count, time.time())
+
+    async def touch(self, sid: str) -> None:
+        self.store.touch(sid, time.time())
+
+    async def set_state(self, sid: str, state: str, error: dict | None = None) -> dict:
+        if sid not in self.store.sessions:
+            return {}
+        s = self.store.set_state(sid, state, time.time(), error)
+        await self._notify(sid)
+        return s.info()
+
+    async def commit_window(self, sid: str, window: dict, frames: list[dict], points, colors,
+                            stream_state: Any = None, failed: bool = False) -> int:
+        if sid not in self.store.sessions:
+            return -1  # deleted or expired while the window was in flight
+        rec = self.store.commit_window(sid, window, frames, points, colors, stream_state, time.time(), failed)
+        await self._notify(sid)
+        return rec.seq
+
+    async def attach(self, sid: str, owner: str | None, connection_id: str) -> dict:
+        self.store.get(sid, owner)
+        displaced = self.store.attach(sid, connection_id)
+        if displaced:
+            await self._notify(sid)
+        return {"info": self.store.sessions[sid].info(), "displaced": displaced}
+
+    async def detach(self, sid: str, connection_id: str) -> None:
+        self.store.detach(sid, connection_id)
+
+    async def wait_records(self, sid: str, after_seq: int, connection_id: str, timeout: float) -> dict:
+        """Long-poll: records after `after_seq`, or a status change (gone, displaced, finished)."""
+        c = self._cond(sid)
+
+        def status() -> dict | None:
+            s = self.store.sessions.get(sid)
+            if s is None:
+                return {"gone": "SESSION_EXPIRED" if sid in self.store.expired else "SESSION_DELETED"}
+            if s.connection_id != connection_id:
+                return {"displaced": True}
+            recs = [r for r in s.records if r.seq > after_seq]
+            if recs or s.state in ("complete", "failed"):
+                return {"records": recs, "info": s.info()}
+            return None
+
+        st = status()
+        if st is not None:
+            return st
+        async with c:
+            try:
+                await asyncio.wait_for(c.wait_for(lambda: status() is not None), timeout)
+            except asyncio.TimeoutError:
+                pass
+        return status() or {"records": [], "info": self.store.sessions[sid].info()}
+
+    async def point_cloud(self, sid: str, owner: str | None):
+        return self.store.point_cloud(sid, owner)
+
+    async def trajectory(self, sid: str, owner: str | None) -> list[dict]:
+        return list(self.store.get(sid, owner).frames)
+
+    async def stream_state(self, sid: str) -> Any:
+        s = self.store.sessions.get(sid)
+        return None if s is None else s.stream_state
+
+
+def get_session_actor(cfg: SessionActorConfig, limits: LimitsConfig):
+    """Get or create the detached session actor (explicit namespace, survives ingress restarts)."""
+    cls = ray.remote(SessionActor)
+    return cls.options(
+        name=cfg.name, namespace=cfg.namespace, lifetime="detached", get_if_exists=True,
+        max_restarts=cfg.max_restarts, max_task_retries=cfg.max_task_retries, num_cpus=0,
+        max_concurrency=1000,
+    ).remote(limits.model_dump())
+
+
+async def call(actor_method, *args, **kwargs):
+    """Await an actor call, re-raising ServiceError as itself (Ray wraps remote exceptions)."""
+    try:
+        return await actor_method.remote(*args, **kwargs)
+    except ray.exceptions.RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, ServiceError):
+            raise ServiceError(cause.code, cause.message, fatal=cause.fatal, details=cause.details) from None
+        raise

@@ -1,0 +1,167 @@
+"""Per-session processing inside an ingress replica: windows to the model, alignment, commits to the actor.
+
+Windows of one session are pipelined: window k+1 goes to the model while window k is still being aligned; only
+integration is ordered. The worker outlives the WebSocket, so frames accepted before a disconnect are still
+processed and their results wait in the session actor for the reconnecting client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import Executor
+from typing import Any, Callable
+
+from serve_app.config import LimitsConfig, SessionParams
+from serve_app.deployments.session_actor import call
+from serve_app.errors import ErrorCode
+from serve_app.reconstruction import FrameInput, StreamReconstructor, WindowPlan
+
+log = logging.getLogger("da3.worker")
+
+
+class SessionWorker:
+    def __init__(self, session_id: str, params: SessionParams, model, actor, limits: LimitsConfig,
+                 pool: Executor, on_gone: Callable[[str], None]):
+        self.sid = session_id
+        self.params = params
+        self.model = model
+        self.actor = actor
+        self.limits = limits
+        self.pool = pool
+        self.on_gone = on_gone
+        self.recon = StreamReconstructor(params)
+        self.lock = asyncio.Lock()  # the reconstructor is only touched under this lock, in the pool
+        self.wake = asyncio.Event()
+        self.slots = asyncio.Semaphore(limits.max_windows_in_flight)
+        self.order: asyncio.Queue = asyncio.Queue()
+        self.accepted = 0
+        self.processed = 0
+        self.flush_requested = False
+        self.finalizing = False
+        self.closed = False
+        self.listeners: list[Callable[[dict], Any]] = []
+        self.tasks = [asyncio.create_task(self._plan_loop()), asyncio.create_task(self._integrate_loop())]
+
+    # --- called by the WebSocket handler ----------------------------------------------------------------
+    @property
+    def in_flight(self) -> int:
+        return self.accepted - self.processed
+
+    def add_frame(self, frame: FrameInput) -> None:
+        self.recon.add_frame(frame)  # deque append is atomic; planning happens under the lock
+        self.accepted += 1
+        self.wake.set()
+
+    def flush(self) -> None:
+        self.flush_requested = True
+        self.wake.set()
+
+    async def finalize(self) -> None:
+        self.finalizing = True
+        self.flush()
+        await call(self.actor.set_state, self.sid, "finalizing")
+        await self._maybe_complete()
+
+    def close(self) -> None:
+        self.closed = True
+        for t in self.tasks:
+            t.cancel()
+
+    def _emit(self, msg: dict) -> None:
+        for fn in list(self.listeners):
+            try:
+                fn(msg)
+            except Exception:  # noqa: BLE001 - a dead listener must not stop processing
+                log.debug("listener failed", exc_info=True)
+
+    async def _run(self, fn, *args):
+        async with self.lock:
+            return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    # --- planning and inference -------------------------------------------------------------------------
+    async def _plan_loop(self) -> None:
+        while not self.closed:
+            await self.wake.wait()
+            self.wake.clear()
+            while True:
+                force = self.flush_requested
+                plan = await self._run(self.recon.next_window, force)
+                if plan is None:
+                    if force and not self.recon.pending:
+                        self.flush_requested = False
+                    break
+                await self.slots.acquire()
+                task = asyncio.create_task(self._infer(plan))
+                await self.order.put((plan, task))
+                self._emit({"type": "progress", "stage": "inference", "window": plan.window,
+                            "frames_received": self.accepted, "frames_processed": self.processed,
+                            "in_flight": self.in_flight, "windows_pending": self.order.qsize()})
+            await self._maybe_complete()
+
+    async def _infer(self, plan: WindowPlan) -> dict:
+        sent = time.time()
+        request = plan.request(tag=f"{self.sid}:{plan.window}")
+        error = "no attempt"
+        try:
+            for attempt in range(self.limits.model_retries + 1):
+                try:
+                    res = await asyncio.wait_for(self._call_model(request), self.limits.model_timeout_s)
+                except Exception as exc:  # noqa: BLE001 - replica death, timeout, serialization
+                    error = f"{type(exc).__name__}: {exc}"
+                    log.warning("window %s attempt %d failed: %s", request.tag, attempt + 1, error)
+                    continue
+                res["sent_at"] = sent
+                res["returned_at"] = time.time()
+                if res["ok"]:
+                    return res
+                error = res["error"]
+            return {"ok": False, "error": error, "sent_at": sent, "returned_at": time.time()}
+        finally:
+            self.slots.release()
+
+    async def _call_model(self, request) -> dict:
+        return await self.model.infer.remote(request)
+
+    # --- ordered integration ----------------------------------------------------------------------------
+    async def _integrate_loop(self) -> None:
+        while not self.closed:
+            plan, task = await self.order.get()
+            res = await task
+            if res["ok"]:
+                out = await self._run(self.recon.integrate, plan, res["prediction"])
+                code = ErrorCode.ALIGNMENT_FAILED
+            else:
+                out = await self._run(self.recon.fail, plan, f"model unavailable: {res['error']}")
+                code = ErrorCode.MODEL_UNAVAILABLE
+            first_rx = min(f.received_at for f in plan.new)
+            model_rt = (res["returned_at"] - res["sent_at"]) * 1000.0
+            out.window["timings_ms"] = {
+                "queue": round((res["sent_at"] - first_rx) * 1000.0, 2),
+                "model": round(res.get("model_ms", model_rt), 2),
+                "model_roundtrip": round(model_rt, 2),
+                "geometry": out.window.pop("geometry_ms", 0.0),
+                "total": round((time.time() - first_rx) * 1000.0, 2),
+            }
+            out.window["batch_size"] = res.get("batch_size")
+            seq = await call(self.actor.commit_window, self.sid, out.window, out.frames, out.points, out.colors,
+                             None, not out.ok)
+            self.processed += len(plan.new)
+            if seq < 0:
+                self._gone()
+                return
+            if not out.ok:
+                self._emit({"type": "error", "code": code.value, "fatal": False,
+                            "message": f"window {plan.window} frames {out.window['frame_ids']} not placed: "
+                                       f"{out.reason}"})
+            await self._maybe_complete()
+
+    async def _maybe_complete(self) -> None:
+        if self.finalizing and not self.recon.pending and self.order.empty() and self.in_flight == 0:
+            self.finalizing = False
+            await call(self.actor.set_state, self.sid, "complete")
+
+    def _gone(self) -> None:
+        self.closed = True
+        self.on_gone(self.sid)

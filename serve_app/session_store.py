@@ -1,0 +1,265 @@
+"""Session rules: lifecycle, limits, expiry, ownership, result records. Plain Python, no Ray.
+
+The detached session actor (deployments/session_actor.py) wraps one SessionStore; tests drive it directly with
+an explicit clock. All times are UNIX seconds passed in by the caller.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from serve_app.config import LimitsConfig, SessionParams
+from serve_app.errors import ErrorCode, ServiceError
+
+# created -> streaming -> finalizing -> complete; any live state -> failed; expiry removes the session.
+LIVE_STATES = ("created", "streaming", "finalizing")
+TRANSITIONS = {
+    "created": {"streaming", "finalizing", "complete", "failed"},
+    "streaming": {"finalizing", "complete", "failed"},
+    "finalizing": {"complete", "failed", "streaming"},
+    "complete": set(),
+    "failed": set(),
+}
+
+
+def owner_of(api_key: str | None) -> str | None:
+    """Sessions are owned by a fingerprint of the key, never the key itself."""
+    if not api_key:
+        return None
+    return hashlib.sha256(api_key.encode()).hexdigest()[:32]
+
+
+def new_session_id() -> str:
+    return secrets.token_urlsafe(18)  # 144 random bits
+
+
+@dataclass
+class ResultRecord:
+    """One processed window as the client receives it (see docs/WEBSOCKET_API.md, 'Result record')."""
+
+    seq: int
+    window: dict[str, Any]
+    frames: list[dict[str, Any]]
+    points: np.ndarray  # (M, 3) float32 world
+    colors: np.ndarray  # (M, 3) uint8
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.points.nbytes + self.colors.nbytes)
+
+
+@dataclass
+class Session:
+    session_id: str
+    owner: str | None
+    params: SessionParams
+    created_at: float
+    updated_at: float
+    state: str = "created"
+    frames_received: int = 0
+    frames_processed: int = 0
+    frames_failed: int = 0
+    windows: int = 0
+    last_seq: int = 0
+    points_total: int = 0
+    error: dict[str, Any] | None = None
+    finished_at: float | None = None
+    records: list[ResultRecord] = field(default_factory=list)
+    frames: list[dict[str, Any]] = field(default_factory=list)  # per processed frame, for trajectory export
+    # Opaque state the ingress needs to continue the stream (context frames etc.), replaced after each window.
+    stream_state: Any = None
+    connection_id: str | None = None  # the WebSocket that currently holds the session
+    worker_id: str | None = None  # the ingress replica currently processing its frames
+
+    def expires_at(self) -> float:
+        return min(self.created_at + self.params.ttl_s, self.updated_at + self.params.idle_ttl_s)
+
+    def memory_bytes(self) -> int:
+        return sum(r.nbytes for r in self.records)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "session_id": self.session_id,
+            "state": self.state,
+            "params": self.params.model_dump(),
+            "frames_received": self.frames_received,
+            "frames_processed": self.frames_processed,
+            "frames_failed": self.frames_failed,
+            "windows": self.windows,
+            "points_total": self.points_total,
+            "last_seq": self.last_seq,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "expires_at": self.expires_at(),
+            "memory_bytes": self.memory_bytes(),
+            "connected": self.connection_id is not None,
+            "error": self.error,
+        }
+
+
+class SessionStore:
+    def __init__(self, limits: LimitsConfig | None = None):
+        self.limits = limits or LimitsConfig()
+        self.sessions: dict[str, Session] = {}
+        self.expired: dict[str, float] = {}  # tombstones: id -> expired at
+
+    # --- lookup -------------------------------------------------------------------------------------
+    def _get(self, session_id: str, owner: str | None) -> Session:
+        s = self.sessions.get(session_id)
+        # Another key's session answers exactly like a missing one: no existence oracle.
+        if s is None or (s.owner is not None and not hmac.compare_digest(s.owner, owner or "")):
+            if session_id in self.expired and s is None:
+                raise ServiceError(ErrorCode.SESSION_EXPIRED, f"session {session_id} has expired", fatal=True)
+            raise ServiceError(ErrorCode.SESSION_NOT_FOUND, f"session {session_id} not found", fatal=True)
+        return s
+
+    def get(self, session_id: str, owner: str | None = None) -> Session:
+        return self._get(session_id, owner)
+
+    # --- lifecycle ----------------------------------------------------------------------------------
+    def create(self, params: SessionParams, owner: str | None, now: float) -> Session:
+        if len(self.sessions) >= self.limits.max_sessions:
+            raise ServiceError(ErrorCode.SESSION_LIMIT,
+                               f"server is at its limit of {self.limits.max_sessions} sessions; retry later")
+        sid = new_session_id()
+        s = Session(session_id=sid, owner=owner, params=params, created_at=now, updated_at=now)
+        self.sessions[sid] = s
+        return s
+
+    def delete(self, session_id: str, owner: str | None) -> Session:
+        s = self._get(session_id, owner)
+        del self.sessions[session_id]
+        return s
+
+    def list(self, owner: str | None) -> list[Session]:
+        return [s for s in self.sessions.values() if s.owner is None or s.owner == owner]
+
+    def set_state(self, session_id: str, state: str, now: float, error: dict | None = None) -> Session:
+        s = self.sessions[session_id]
+        if state == s.state:
+            return s
+        if state not in TRANSITIONS[s.state]:
+            raise ServiceError(ErrorCode.INTERNAL_ERROR, f"illegal session transition {s.state} -> {state}")
+        s.state = state
+        s.updated_at = now
+        if error is not None:
+            s.error = error
+        if state in ("complete", "failed"):
+            s.finished_at = now
+        return s
+
+    def touch(self, session_id: str, now: float) -> None:
+        s = self.sessions.get(session_id)
+        if s is not None:
+            s.updated_at = now
+
+    # --- frames -------------------------------------------------------------------------------------
+    def accept_frames(self, session_id: str, count: int, now: float) -> int:
+        """Reserve `count` frame indices; returns the first index. Rejections carry their own codes."""
+        s = self.sessions[session_id]
+        if s.state in ("complete", "failed"):
+            raise ServiceError(ErrorCode.SESSION_FINALIZED, f"session is {s.state}; no more frames accepted")
+        if s.state == "finalizing":
+            raise ServiceError(ErrorCode.SESSION_FINALIZED, "session is finalizing; no more frames accepted")
+        if s.frames_received + count > s.params.max_frames:
+            raise ServiceError(ErrorCode.FRAME_LIMIT_EXCEEDED,
+                               f"session frame limit of {s.params.max_frames} reached")
+        first = s.frames_received
+        s.frames_received += count
+        if s.state == "created":
+            s.state = "streaming"
+        s.updated_at = now
+        return first
+
+    def commit_window(self, session_id: str, window: dict, frames: list[dict], points: np.ndarray,
+                      colors: np.ndarray, stream_state: Any, now: float, failed: bool = False) -> ResultRecord:
+        """Store one processed window; enforces the session point budget by evicting the oldest points."""
+        s = self.sessions[session_id]
+        s.last_seq += 1
+        window = {**window, "seq": s.last_seq}
+        frames = [{**f, "seq": s.last_seq} for f in frames]
+        rec = ResultRecord(seq=s.last_seq, window=window, frames=frames,
+                           points=np.ascontiguousarray(points, np.float32),
+                           colors=np.ascontiguousarray(colors, np.uint8))
+        s.records.append(rec)
+        s.frames.extend(frames)
+        s.windows += 1
+        s.frames_processed += len(frames)
+        if failed:
+            s.frames_failed += len(frames)
+        s.points_total += len(rec.points)
+        s.stream_state = stream_state
+        s.updated_at = now
+        self._enforce_budget(s)
+        return rec
+
+    def _enforce_budget(self, s: Session) -> None:
+        excess = s.points_total - s.params.max_points
+        for rec in s.records:
+            if excess <= 0:
+                break
+            n = len(rec.points)
+            if n == 0:
+                continue
+            drop = min(n, excess)
+            rec.points, rec.colors = rec.points[drop:], rec.colors[drop:]
+            s.points_total -= drop
+            excess -= drop
+
+    def records_after(self, session_id: str, seq: int) -> list[ResultRecord]:
+        s = self.sessions[session_id]
+        return [r for r in s.records if r.seq > seq]
+
+    def point_cloud(self, session_id: str, owner: str | None) -> tuple[np.ndarray, np.ndarray]:
+        s = self._get(session_id, owner)
+        if not s.records:
+            return np.zeros((0, 3), np.float32), np.zeros((0, 3), np.uint8)
+        return (np.concatenate([r.points for r in s.records]), np.concatenate([r.colors for r in s.records]))
+
+    # --- connections and workers --------------------------------------------------------------------
+    def attach(self, session_id: str, connection_id: str) -> str | None:
+        """The newest connection takes the session over; returns the connection it displaced (if any)."""
+        s = self.sessions[session_id]
+        previous = s.connection_id
+        s.connection_id = connection_id
+        return previous if previous != connection_id else None
+
+    def detach(self, session_id: str, connection_id: str) -> None:
+        s = self.sessions.get(session_id)
+        if s is not None and s.connection_id == connection_id:
+            s.connection_id = None
+
+    def claim_worker(self, session_id: str, worker_id: str) -> bool:
+        s = self.sessions[session_id]
+        if s.worker_id in (None, worker_id):
+            s.worker_id = worker_id
+            return True
+        return False
+
+    def release_worker(self, session_id: str, worker_id: str) -> None:
+        s = self.sessions.get(session_id)
+        if s is not None and s.worker_id == worker_id:
+            s.worker_id = None
+
+    # --- expiry -------------------------------------------------------------------------------------
+    def sweep(self, now: float) -> list[str]:
+        """Remove sessions past their idle or absolute TTL; returns their ids."""
+        gone = [sid for sid, s in self.sessions.items() if now >= s.expires_at()]
+        for sid in gone:
+            del self.sessions[sid]
+            self.expired[sid] = now
+        keep = self.limits.expired_tombstone_s
+        self.expired = {k: t for k, t in self.expired.items() if now - t < keep}
+        return gone
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {"total": len(self.sessions)}
+        for s in self.sessions.values():
+            out[s.state] = out.get(s.state, 0) + 1
+        return out

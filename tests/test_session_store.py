@@ -1,0 +1,121 @@
+import numpy as np
+import pytest
+
+from serve_app.config import LimitsConfig, SessionParams
+from serve_app.errors import ErrorCode, ServiceError
+from serve_app.session_store import SessionStore, owner_of
+
+
+def _store(**limits):
+    return SessionStore(LimitsConfig(**limits))
+
+
+def _commit(store, sid, n_points, now, frames=1):
+    pts = np.random.default_rng(0).normal(size=(n_points, 3)).astype(np.float32)
+    cols = np.zeros((n_points, 3), np.uint8)
+    fr = [{"frame_id": i, "index": i, "pose": np.eye(4).tolist()} for i in range(frames)]
+    return store.commit_window(sid, {"window": 0}, fr, pts, cols, None, now)
+
+
+def test_ids_are_unguessable_and_unique():
+    st = _store()
+    ids = {st.create(SessionParams(), None, 0.0).session_id for _ in range(50)}
+    assert len(ids) == 50 and all(len(i) >= 24 for i in ids)
+
+
+def test_session_limit():
+    st = _store(max_sessions=2)
+    st.create(SessionParams(), None, 0)
+    st.create(SessionParams(), None, 0)
+    with pytest.raises(ServiceError) as ei:
+        st.create(SessionParams(), None, 0)
+    assert ei.value.code is ErrorCode.SESSION_LIMIT
+
+
+def test_owner_isolation_looks_like_not_found():
+    st = _store()
+    s = st.create(SessionParams(), owner_of("alice"), 0)
+    assert st.get(s.session_id, owner_of("alice")) is s
+    with pytest.raises(ServiceError) as ei:
+        st.get(s.session_id, owner_of("bob"))
+    assert ei.value.code is ErrorCode.SESSION_NOT_FOUND
+    with pytest.raises(ServiceError):
+        st.get(s.session_id, None)
+    assert st.list(owner_of("bob")) == [] and st.list(owner_of("alice")) == [s]
+    assert owner_of("alice") != "alice"
+
+
+def test_frame_acceptance_rules_and_states():
+    st = _store()
+    s = st.create(SessionParams(max_frames=3), None, 0)
+    assert s.state == "created"
+    assert st.accept_frames(s.session_id, 2, 1.0) == 0
+    assert s.state == "streaming" and s.frames_received == 2
+    with pytest.raises(ServiceError) as ei:
+        st.accept_frames(s.session_id, 2, 1.0)
+    assert ei.value.code is ErrorCode.FRAME_LIMIT_EXCEEDED and s.frames_received == 2
+    st.set_state(s.session_id, "finalizing", 2.0)
+    with pytest.raises(ServiceError) as ei:
+        st.accept_frames(s.session_id, 1, 2.0)
+    assert ei.value.code is ErrorCode.SESSION_FINALIZED
+    st.set_state(s.session_id, "complete", 3.0)
+    with pytest.raises(ServiceError):
+        st.set_state(s.session_id, "streaming", 4.0)
+
+
+def test_records_sequence_and_replay():
+    st = _store()
+    s = st.create(SessionParams(), None, 0)
+    seqs = [_commit(st, s.session_id, 10, 1.0, frames=2).seq for _ in range(3)]
+    assert seqs == [1, 2, 3]
+    assert [r.seq for r in st.records_after(s.session_id, 1)] == [2, 3]
+    assert s.frames_processed == 6 and s.points_total == 30
+    assert all(f["seq"] in (1, 2, 3) for f in s.frames)
+    pts, cols = st.point_cloud(s.session_id, None)
+    assert pts.shape == (30, 3) and cols.dtype == np.uint8
+
+
+def test_point_budget_evicts_oldest_first():
+    st = _store()
+    s = st.create(SessionParams(max_points=1000), None, 0)
+    first = _commit(st, s.session_id, 800, 1.0)
+    kept_tail = first.points[-300:].copy()
+    _commit(st, s.session_id, 700, 2.0)
+    assert s.points_total == 1000
+    pts, _ = st.point_cloud(s.session_id, None)
+    assert len(pts) == 1000
+    np.testing.assert_array_equal(pts[:300], kept_tail)  # the oldest 500 went first
+    assert s.memory_bytes() == 1000 * 15
+
+
+def test_idle_and_absolute_expiry_with_tombstone():
+    st = _store(expired_tombstone_s=100)
+    idle = st.create(SessionParams(idle_ttl_s=10, ttl_s=1000), None, 0)
+    old = st.create(SessionParams(idle_ttl_s=1000, ttl_s=50), None, 0)
+    busy = st.create(SessionParams(idle_ttl_s=10, ttl_s=1000), None, 0)
+    st.touch(busy.session_id, 5)
+    assert st.sweep(9.9) == []
+    assert st.sweep(10.0) == [idle.session_id]
+    for t in range(15, 50, 5):  # activity keeps a session alive past its idle TTL
+        st.touch(busy.session_id, t)
+        assert st.sweep(t + 0.5) == []
+    assert st.sweep(50.0) == [old.session_id]
+    with pytest.raises(ServiceError) as ei:
+        st.get(idle.session_id)
+    assert ei.value.code is ErrorCode.SESSION_EXPIRED
+    assert st.get(busy.session_id) is busy
+    st.sweep(200.0)  # tombstones age out; busy expired too by now
+    with pytest.raises(ServiceError) as ei:
+        st.get(idle.session_id)
+    assert ei.value.code is ErrorCode.SESSION_NOT_FOUND
+
+
+def test_newest_connection_takes_over():
+    st = _store()
+    s = st.create(SessionParams(), None, 0)
+    assert st.attach(s.session_id, "a") is None
+    assert st.attach(s.session_id, "b") == "a"
+    st.detach(s.session_id, "a")  # stale detach must not drop the new holder
+    assert s.connection_id == "b"
+    st.detach(s.session_id, "b")
+    assert s.connection_id is None
