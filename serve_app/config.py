@@ -59,7 +59,8 @@ def merge_session_params(defaults: SessionParams, overrides: dict[str, Any] | No
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first.get("loc", ())) or "body"
         raise ServiceError(ErrorCode.INVALID_PARAMS, f"{field}: {first.get('msg')}",
-                           details={"field": field, "errors": exc.errors(include_url=False, include_input=False)})
+                           details={"field": field, "errors": exc.errors(include_url=False, include_input=False,
+                                                                 include_context=False)})
     if max_process_res is not None and params.process_res > max_process_res:
         raise ServiceError(ErrorCode.INVALID_PARAMS,
                            f"process_res: at most {max_process_res} on this server",

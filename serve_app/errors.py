@@ -76,6 +76,10 @@ class ServiceError(Exception):
         self.fatal = fatal
         self.details = details or {}
 
+    def __reduce__(self):
+        # Survives Ray's pickling across actors/replicas with its code intact.
+        return (_rebuild_service_error, (self.code.value, self.message, self.fatal, self.details))
+
     @property
     def http_status(self) -> int:
         return HTTP_STATUS.get(self.code, 500)
@@ -85,3 +89,7 @@ class ServiceError(Exception):
         if self.details:
             body["details"] = self.details
         return body
+
+
+def _rebuild_service_error(code: str, message: str, fatal: bool, details: dict) -> ServiceError:
+    return ServiceError(ErrorCode(code), message, fatal=fatal, details=details)

@@ -1,7 +1,6 @@
 """The FastAPI ingress: HTTP session routes, the WebSocket stream, exports. Never blocks its event loop:
 image decoding, resizing, geometry and export encoding run in a thread pool."""
 
-from __future__ import annotations
 
 import asyncio
 import hmac

@@ -1,0 +1,346 @@
+"""The WebSocket wire protocol (docs/WEBSOCKET_API.md is the contract; keep the two in step).
+
+Pure Python + numpy + pydantic, importable without Ray. Every parser here raises only `ServiceError`
+(INVALID_MESSAGE or MESSAGE_TOO_LARGE, never fatal): a malformed client message must never take down a stream.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import struct
+import time
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Union
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, TypeAdapter, ValidationError, field_validator
+
+from serve_app.errors import ErrorCode, ServiceError
+
+PROTOCOL_VERSION = 1
+FRAME_MAGIC = b"DA3F"
+POINTS_MAGIC = b"DA3P"
+ENC_FLOAT16 = 1
+ENC_FLOAT32 = 2
+ENCODINGS = {"float16": ENC_FLOAT16, "float32": ENC_FLOAT32}
+_ENC_DTYPE = {ENC_FLOAT16: np.dtype("<f2"), ENC_FLOAT32: np.dtype("<f4")}
+_PREFIX = struct.Struct("<4sBBH")  # magic, version, flags/encoding, header_len
+PREFIX_BYTES = _PREFIX.size  # 8
+MAX_FRAME_ID_CHARS = 64
+_F16_MAX = 65000.0  # keep clear of float16's 65504 limit
+
+
+def _bad(message: str, code: ErrorCode = ErrorCode.INVALID_MESSAGE) -> ServiceError:
+    return ServiceError(code, message, fatal=False)
+
+
+# --- client -> server ---------------------------------------------------------------------------------------
+FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+Row3 = Annotated[list[FiniteFloat], Field(min_length=3, max_length=3)]
+Row4 = Annotated[list[FiniteFloat], Field(min_length=4, max_length=4)]
+FrameId = Union[Annotated[StrictInt, Field(ge=0)], Annotated[StrictStr, Field(min_length=1,
+                                                                                max_length=MAX_FRAME_ID_CHARS)]]
+
+
+class FrameMeta(BaseModel):
+    """Optional per-frame metadata (binary header or JSON frame fields). Unknown keys are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    frame_id: FrameId | None = None
+    timestamp: FiniteFloat | None = None
+    intrinsics: Annotated[list[Row3], Field(min_length=3, max_length=3)] | None = None  # original-image pixels
+    pose: Annotated[list[Row4], Field(min_length=4, max_length=4)] | None = None  # camera-to-world prior
+
+    @field_validator("intrinsics")
+    @classmethod
+    def _k(cls, v):
+        if v is not None and not (v[0][0] > 0 and v[1][1] > 0):
+            raise ValueError("focal lengths K[0][0] and K[1][1] must be positive")
+        return v
+
+    @field_validator("pose")
+    @classmethod
+    def _pose(cls, v):
+        if v is not None and any(abs(a - b) > 1e-4 for a, b in zip(v[3], (0.0, 0.0, 0.0, 1.0))):
+            raise ValueError("the last row of a 4x4 pose must be [0, 0, 0, 1]")
+        return v
+
+
+@dataclass
+class IncomingFrame:
+    meta: FrameMeta
+    image: bytes  # encoded JPEG / PNG / WebP, not yet decoded
+
+
+class FrameJson(FrameMeta):
+    type: Literal["frame"]
+    image: StrictStr  # base64 (a `data:image/...;base64,` prefix is accepted)
+
+
+class Flush(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["flush"]
+
+
+class Finalize(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["finalize"]
+
+
+class Ping(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["ping"]
+    t: Any = None
+
+
+ClientMessage = Annotated[Union[FrameJson, Flush, Finalize, Ping], Field(discriminator="type")]
+_CLIENT_MESSAGE = TypeAdapter(ClientMessage)
+CLIENT_TYPES = ("frame", "flush", "finalize", "ping")
+
+
+def _validation_message(exc: ValidationError) -> str:
+    err = exc.errors(include_url=False, include_input=False)[0]
+    loc = ".".join(str(p) for p in err.get("loc", ())) or "message"
+    return f"{loc}: {err.get('msg')}"
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # NaN / Infinity would not survive a browser's JSON.parse
+
+
+def _loads(raw: bytes | str) -> Any:
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw  # never json's UTF-16/32 sniffing
+        return json.loads(text, parse_constant=_no_constant)
+    except (ValueError, RecursionError, TypeError) as exc:  # UnicodeDecodeError is a ValueError
+        raise _bad(f"not valid UTF-8 JSON: {str(exc)[:100]}") from None
+
+
+def parse_binary_message(data: bytes, *, max_header_bytes: int = 16384) -> IncomingFrame:
+    """A binary client message: a DA3F frame (header + image) or a bare encoded image."""
+    try:
+        data = bytes(data)
+    except Exception:  # noqa: BLE001 - not bytes-like at all
+        raise _bad("binary message expected") from None
+    if not data:
+        raise _bad("empty binary message")
+    if not data.startswith(FRAME_MAGIC):
+        return IncomingFrame(FrameMeta(), data)
+    if len(data) < PREFIX_BYTES:
+        raise _bad(f"DA3F message shorter than its {PREFIX_BYTES}-byte prefix")
+    _, version, flags, header_len = _PREFIX.unpack_from(data)
+    if version != PROTOCOL_VERSION:
+        raise _bad(f"unsupported DA3F version {version} (this server speaks {PROTOCOL_VERSION})")
+    if flags != 0:
+        raise _bad(f"DA3F flags must be 0 (got {flags})")
+    if header_len > max_header_bytes:
+        raise _bad(f"frame header of {header_len} bytes exceeds {max_header_bytes}", ErrorCode.MESSAGE_TOO_LARGE)
+    end = PREFIX_BYTES + header_len
+    if end > len(data):
+        raise _bad(f"header_len {header_len} runs past the end of the {len(data)}-byte message")
+    image = data[end:]
+    if not image:
+        raise _bad("DA3F message carries no image bytes")
+    meta = FrameMeta()
+    if header_len:
+        obj = _loads(data[PREFIX_BYTES:end])
+        if not isinstance(obj, dict):
+            raise _bad("frame header must be a JSON object")
+        try:
+            meta = FrameMeta.model_validate(obj)
+        except ValidationError as exc:
+            raise _bad(f"frame header {_validation_message(exc)}") from None
+        except Exception as exc:  # noqa: BLE001 - never leak another exception type
+            raise _bad(f"frame header rejected: {type(exc).__name__}") from None
+    return IncomingFrame(meta, image)
+
+
+def parse_text_message(text: str | bytes, *, max_bytes: int) -> FrameJson | Flush | Finalize | Ping:
+    """A JSON text client message; the result's `.type` is one of CLIENT_TYPES."""
+    if isinstance(text, (bytes, bytearray, memoryview)):
+        raw = bytes(text)
+        if len(raw) > max_bytes:
+            raise _bad(f"text message of {len(raw)} bytes exceeds {max_bytes}", ErrorCode.MESSAGE_TOO_LARGE)
+    elif isinstance(text, str):
+        if len(text) > max_bytes:  # each character is at least one byte
+            raise _bad(f"text message over {max_bytes} bytes", ErrorCode.MESSAGE_TOO_LARGE)
+        try:
+            raw = text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _bad("text message is not valid UTF-8 (lone surrogate)") from None
+        if len(raw) > max_bytes:
+            raise _bad(f"text message of {len(raw)} bytes exceeds {max_bytes}", ErrorCode.MESSAGE_TOO_LARGE)
+    else:
+        raise _bad("text message expected")
+    obj = _loads(raw)
+    if not isinstance(obj, dict):
+        raise _bad("message must be a JSON object with a 'type'")
+    kind = obj.get("type")
+    if kind not in CLIENT_TYPES:
+        raise _bad(f"unknown message type {str(kind)[:40]!r}; expected one of {', '.join(CLIENT_TYPES)}")
+    try:
+        return _CLIENT_MESSAGE.validate_python(obj)
+    except ValidationError as exc:
+        raise _bad(f"{kind} message {_validation_message(exc)}") from None
+    except Exception as exc:  # noqa: BLE001
+        raise _bad(f"{kind} message rejected: {type(exc).__name__}") from None
+
+
+def frame_from_json(msg: FrameJson) -> IncomingFrame:
+    """Decode the base64 image of a JSON frame message."""
+    b64 = msg.image
+    if b64.startswith("data:"):
+        b64 = b64.partition(",")[2]
+    try:
+        image = base64.b64decode(b64, validate=True)
+    except (binascii.Error, ValueError):
+        raise _bad("frame.image is not valid base64") from None
+    if not image:
+        raise _bad("frame.image is empty")
+    return IncomingFrame(FrameMeta.model_validate(msg.model_dump(exclude={"type", "image"})), image)
+
+
+def _meta_dict(meta: dict | FrameMeta | None) -> dict:
+    if meta is None:
+        return {}
+    if not isinstance(meta, FrameMeta):
+        meta = FrameMeta.model_validate(meta)
+    return meta.model_dump(exclude_none=True)
+
+
+def encode_frame_message(image: bytes, meta: dict | FrameMeta | None = None) -> bytes:
+    """Client side: a DA3F binary frame message (meta is validated, so a bad one fails here, not on the server)."""
+    if not image:
+        raise ValueError("image bytes are empty")
+    header = json.dumps(_meta_dict(meta), separators=(",", ":")).encode() if meta else b""
+    if header == b"{}":
+        header = b""
+    return _PREFIX.pack(FRAME_MAGIC, PROTOCOL_VERSION, 0, len(header)) + header + bytes(image)
+
+
+# --- server -> client: points --------------------------------------------------------------------------------
+@dataclass
+class PointChunk:
+    seq: int
+    window: int
+    frame_ids: list
+    points: np.ndarray  # (M, 3) float32 world coordinates
+    colors: np.ndarray  # (M, 3) uint8 RGB
+    encoding: int  # ENC_FLOAT16 or ENC_FLOAT32
+    origin: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+    @property
+    def count(self) -> int:
+        return int(self.points.shape[0])
+
+
+def encode_points(points: np.ndarray, colors: np.ndarray, *, seq: int, window: int, frame_ids: list,
+                  encoding: str | int = "float16") -> bytes:
+    """A DA3P binary points message. Positions are sent relative to `origin` (the chunk's mean); a float16 chunk
+    whose offsets would overflow float16 is sent as float32 (the encoding byte says which)."""
+    enc = ENCODINGS.get(encoding, encoding) if isinstance(encoding, str) else int(encoding)
+    if enc not in _ENC_DTYPE:
+        raise ValueError(f"unknown point encoding {encoding!r}")
+    pts = np.asarray(points, np.float32).reshape(-1, 3)
+    cols = np.asarray(colors, np.uint8).reshape(-1, 3)
+    if len(pts) != len(cols):
+        raise ValueError(f"{len(pts)} points but {len(cols)} colours")
+    origin = np.zeros(3, np.float32)
+    if len(pts):
+        finite = np.isfinite(pts).all(axis=1)
+        if finite.any():
+            origin = pts[finite].mean(axis=0, dtype=np.float64).astype(np.float32)
+    offsets = pts - origin
+    if enc == ENC_FLOAT16 and len(pts) and not (np.abs(offsets) <= _F16_MAX).all():
+        enc = ENC_FLOAT32
+    header = json.dumps({"seq": int(seq), "window": int(window), "frame_ids": list(frame_ids),
+                         "count": int(len(pts)), "origin": [float(v) for v in origin]},
+                        separators=(",", ":")).encode()
+    header += b" " * (-(PREFIX_BYTES + len(header)) % 4)  # typed arrays in browsers need 4-byte alignment
+    return b"".join((_PREFIX.pack(POINTS_MAGIC, PROTOCOL_VERSION, enc, len(header)), header,
+                     offsets.astype(_ENC_DTYPE[enc]).tobytes(), cols.tobytes()))
+
+
+def decode_points(data: bytes) -> PointChunk:
+    """Parse a DA3P message; raises ServiceError(INVALID_MESSAGE) when it is malformed."""
+    data = bytes(data)
+    if len(data) < PREFIX_BYTES or not data.startswith(POINTS_MAGIC):
+        raise _bad("not a DA3P points message")
+    _, version, enc, header_len = _PREFIX.unpack_from(data)
+    if version != PROTOCOL_VERSION or enc not in _ENC_DTYPE:
+        raise _bad(f"unsupported DA3P version {version} / encoding {enc}")
+    start = PREFIX_BYTES + header_len
+    if start > len(data):
+        raise _bad("DA3P header_len runs past the message")
+    header = _loads(data[PREFIX_BYTES:start])
+    count = header.get("count") if isinstance(header, dict) else None
+    origin = header.get("origin", [0, 0, 0]) if isinstance(header, dict) else None
+    if (not isinstance(count, int) or isinstance(count, bool) or count < 0 or not isinstance(origin, list)
+            or len(origin) != 3 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in origin)):
+        raise _bad("DA3P header needs an integer count >= 0 and a 3-element origin")
+    dt = _ENC_DTYPE[enc]
+    pos_bytes = count * 3 * dt.itemsize
+    if len(data) != start + pos_bytes + count * 3:
+        raise _bad(f"DA3P body is {len(data) - start} bytes, expected {pos_bytes + count * 3} for {count} points")
+    offsets = np.frombuffer(data, dt, count * 3, start).reshape(count, 3)
+    org = np.asarray(origin, np.float32)
+    points = (offsets.astype(np.float32) + org).astype(np.float32)
+    colors = np.frombuffer(data, np.uint8, count * 3, start + pos_bytes).reshape(count, 3).copy()
+    return PointChunk(seq=int(header.get("seq", 0)), window=int(header.get("window", 0)),
+                      frame_ids=list(header.get("frame_ids", [])), points=points, colors=colors, encoding=enc,
+                      origin=tuple(float(v) for v in org))
+
+
+# --- server -> client: JSON messages -------------------------------------------------------------------------
+def msg_ready(*, session_id: str, params: dict, state: str, frames_received: int, frames_processed: int,
+              points_total: int, last_seq: int, max_in_flight: int, in_flight: int) -> dict:
+    return {"type": "ready", "protocol": PROTOCOL_VERSION, "session_id": session_id, "params": params,
+            "state": state, "frames_received": frames_received, "frames_processed": frames_processed,
+            "points_total": points_total, "last_seq": last_seq, "max_in_flight": max_in_flight,
+            "in_flight": in_flight}
+
+
+def msg_ack(frame_id: Any, index: int, *, in_flight: int, max_in_flight: int) -> dict:
+    return {"type": "ack", "frame_id": frame_id, "index": index, "frames_received": index + 1,
+            "in_flight": in_flight, "max_in_flight": max_in_flight}
+
+
+def msg_error(code: ErrorCode | str, message: str, fatal: bool = False, frame_id: Any = None) -> dict:
+    msg = {"type": "error", "code": ErrorCode(code).value, "message": message, "fatal": bool(fatal)}
+    if frame_id is not None:
+        msg["frame_id"] = frame_id
+    return msg
+
+
+def msg_progress(*, frames_received: int, frames_processed: int, in_flight: int, windows_pending: int,
+                 **extra: Any) -> dict:
+    return {"type": "progress", "frames_received": frames_received, "frames_processed": frames_processed,
+            "in_flight": in_flight, "windows_pending": windows_pending, **extra}
+
+
+def msg_window(seq: int, body: dict) -> dict:
+    return {"type": "window", **body, "seq": seq}
+
+
+def msg_frame_result(seq: int, body: dict) -> dict:
+    return {"type": "frame_result", **body, "seq": seq}
+
+
+def export_paths(session_id: str) -> dict:
+    base = f"/ws/session/{session_id}"
+    return {"ply": f"{base}/reconstruction.ply", "trajectory": f"{base}/trajectory.json"}
+
+
+def msg_summary(session_id: str, *, frames_received: int, frames_processed: int, points_total: int, windows: int,
+                duration_s: float, **extra: Any) -> dict:
+    return {"type": "summary", "frames_received": frames_received, "frames_processed": frames_processed,
+            "points_total": points_total, "windows": windows, "duration_s": duration_s,
+            "exports": export_paths(session_id), **extra}
+
+
+def msg_pong(t: Any) -> dict:
+    return {"type": "pong", "t": t, "server_time": time.time()}

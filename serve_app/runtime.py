@@ -1,0 +1,267 @@
+"""DA3 network runtime: batched, mixed-precision forwards of view windows (no Ray here)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from torch import nn
+
+from serve_app.checkpoint import ANY_VIEW_MODELS, METRIC_MODELS, load_network, resolve_checkpoint
+from serve_app.errors import ErrorCode, ServiceError
+from serve_app.prediction import WindowPrediction, WindowRequest
+from serve_app.preprocess import PATCH_SIZE, normalize_images
+
+logger = logging.getLogger(__name__)
+
+AMP_MODES = ("auto", "bf16", "fp16", "fp32")
+REF_VIEW_STRATEGIES = ("first", "middle", "saddle_balanced", "saddle_sim_range")
+METRIC_FOCAL_DIVISOR = 300.0  # da3metric-large: metric depth = focal * output / 300 (DA3's rule)
+DEFAULT_FOV_DEG = 60.0  # field of view assumed on the long side by models without a camera head
+
+
+def _rigid_inverse(T: torch.Tensor) -> torch.Tensor:
+    """Inverse of (..., 4, 4) rigid transforms."""
+    R = T[..., :3, :3]
+    t = T[..., :3, 3:]
+    out = torch.zeros_like(T)
+    out[..., :3, :3] = R.mT
+    out[..., :3, 3:] = -R.mT @ t
+    out[..., 3, 3] = 1.0
+    return out
+
+
+def normalize_prior_extrinsics(w2c: torch.Tensor) -> torch.Tensor:
+    """DA3's prior normalisation, per window: (B, N, 4, 4) w2c relative to the first view, translations
+    divided by the median camera distance (at least 0.1)."""
+    rel = w2c @ _rigid_inverse(w2c[:, :1])
+    dists = _rigid_inverse(rel)[..., :3, 3].norm(dim=-1)  # (B, N) camera centres in view-0 frame
+    median = dists.median(dim=-1).values.clamp(min=0.1)
+    rel = rel.clone()
+    rel[..., :3, 3] = rel[..., :3, 3] / median[:, None, None]
+    return rel
+
+
+def default_intrinsics(height: int, width: int, n: int) -> np.ndarray:
+    """(n, 3, 3) pinhole guess (DEFAULT_FOV_DEG on the long side) for models that predict no camera."""
+    f = 0.5 * max(height, width) / math.tan(math.radians(DEFAULT_FOV_DEG) / 2)
+    K = np.array([[f, 0, width / 2], [0, f, height / 2], [0, 0, 1]], dtype=np.float32)
+    return np.repeat(K[None], n, axis=0)
+
+
+def _submodule(net: nn.Module, name: str) -> nn.Module | None:
+    # The nested model keeps its any-view network as `.da3`.
+    for module in (net, getattr(net, "da3", None)):
+        if module is not None and getattr(module, name, None) is not None:
+            return getattr(module, name)
+    return None
+
+
+class DA3Runtime:
+    """One DA3 network on one device.
+
+    Priors: request extrinsics (N, 4, 4 w2c) are normalised as DA3's api does (relative to the first view,
+    translations divided by the median camera distance) and, with the intrinsics, condition the network.
+    Outputs always stay in the network's own gauge (first-view / reference frame, network scale): aligning
+    them to the priors' world is the caller's job. Intrinsics are the network's prediction where it has a
+    camera head; otherwise the prior intrinsics or a DEFAULT_FOV_DEG guess, with identity extrinsics when no
+    prior is given.
+    """
+
+    def __init__(self, checkpoint: str, *, model_name: str | None = None, device: str | None = None,
+                 amp: str = "auto", ref_view_strategy: str = "saddle_balanced", compile: bool = False,
+                 cache_dir: str | None = None, local_files_only: bool | None = None,
+                 max_batch: int | None = None):
+        if amp not in AMP_MODES:
+            raise ValueError(f"amp must be one of {AMP_MODES}, got {amp!r}")
+        if ref_view_strategy not in REF_VIEW_STRATEGIES:
+            raise ValueError(f"ref_view_strategy must be one of {REF_VIEW_STRATEGIES}, got {ref_view_strategy!r}")
+        self.resolved = resolve_checkpoint(checkpoint, model_name=model_name, cache_dir=cache_dir,
+                                           local_files_only=local_files_only)
+        self.model_name = self.resolved.model_name
+        self.any_view = self.model_name in ANY_VIEW_MODELS
+        self.is_metric = self.model_name in METRIC_MODELS
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.amp_dtype = self._amp_dtype(amp, self.device)
+        self.ref_view_strategy = ref_view_strategy
+        self.compiled = bool(compile)
+        self.max_batch = max_batch if self.any_view else 1
+
+        t0 = time.perf_counter()
+        self.net = load_network(self.resolved).to(self.device).eval()
+        self.load_s = time.perf_counter() - t0
+        self.has_camera_head = _submodule(self.net, "cam_dec") is not None
+        self.accepts_priors = _submodule(self.net, "cam_enc") is not None
+        self._forward = torch.compile(self.net) if compile else self.net
+        logger.info("DA3Runtime: %s from %s on %s (amp=%s) loaded in %.1fs", self.model_name,
+                    self.resolved.source, self.device, self.amp_dtype, self.load_s)
+
+    @staticmethod
+    def _amp_dtype(amp: str, device: torch.device) -> torch.dtype:
+        if amp == "fp32":
+            return torch.float32
+        if amp == "bf16":
+            return torch.bfloat16
+        if amp == "fp16":
+            return torch.float16
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    def info(self) -> dict:
+        return {
+            "model_name": self.model_name,
+            "checkpoint": self.resolved.spec,
+            "source": self.resolved.source,
+            "directory": str(self.resolved.directory) if self.resolved.directory else None,
+            "any_view": self.any_view,
+            "is_metric": self.is_metric,
+            "device": str(self.device),
+            "amp": str(self.amp_dtype).removeprefix("torch."),
+            "ref_view_strategy": self.ref_view_strategy,
+            "compile": self.compiled,
+            "has_camera_head": self.has_camera_head,
+            "parameters": sum(p.numel() for p in self.net.parameters()),
+            "load_s": round(self.load_s, 3),
+        }
+
+    # ------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _validate(req: WindowRequest) -> None:
+        img = req.images
+        if not isinstance(img, np.ndarray) or img.dtype != np.uint8 or img.ndim != 4 or img.shape[-1] != 3:
+            raise ValueError(f"window {req.tag!r}: images must be uint8 (N, H, W, 3), got "
+                             f"{getattr(img, 'dtype', type(img))} {getattr(img, 'shape', '')}")
+        n, h, w = img.shape[:3]
+        if n < 1 or h % PATCH_SIZE or w % PATCH_SIZE or h == 0 or w == 0:
+            raise ValueError(f"window {req.tag!r}: need N>=1 views with sides multiples of {PATCH_SIZE}, "
+                             f"got {img.shape}")
+        if req.extrinsics is not None and np.shape(req.extrinsics) != (n, 4, 4):
+            raise ValueError(f"window {req.tag!r}: extrinsics must be ({n}, 4, 4), got {np.shape(req.extrinsics)}")
+        if req.intrinsics is not None and np.shape(req.intrinsics) != (n, 3, 3):
+            raise ValueError(f"window {req.tag!r}: intrinsics must be ({n}, 3, 3), got {np.shape(req.intrinsics)}")
+        if req.extrinsics is not None and req.intrinsics is None:
+            raise ValueError(f"window {req.tag!r}: extrinsics priors need intrinsics priors too")
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(array))
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
+
+    def _autocast(self):
+        if self.amp_dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def forward_windows(self, requests: list[WindowRequest]) -> list[WindowPrediction]:
+        """Predict every window; results in request order, views in each window's input order.
+
+        Windows with the same `shape_key` share one (B, N, 3, H, W) forward on any-view models; other
+        models run one window at a time (their outputs couple the batch).
+        """
+        for req in requests:
+            self._validate(req)
+        groups: OrderedDict[tuple, list[int]] = OrderedDict()
+        for i, req in enumerate(requests):
+            groups.setdefault(req.shape_key, []).append(i)
+
+        results: list[WindowPrediction | None] = [None] * len(requests)
+        limit = self.max_batch or len(requests)
+        for indices in groups.values():
+            for start in range(0, len(indices), limit):
+                chunk = indices[start:start + limit]
+                for i, pred in zip(chunk, self._forward_group([requests[i] for i in chunk])):
+                    results[i] = pred
+        return results  # type: ignore[return-value]
+
+    def _forward_group(self, reqs: list[WindowRequest]) -> list[WindowPrediction]:
+        B = len(reqs)
+        N, H, W = reqs[0].images.shape[:3]
+        with torch.inference_mode():
+            images = normalize_images(self._to_device(np.stack([r.images for r in reqs])))
+            ext = ixt = None
+            if reqs[0].extrinsics is not None and self.accepts_priors:
+                ext = normalize_prior_extrinsics(
+                    self._to_device(np.stack([r.extrinsics for r in reqs]).astype(np.float32)))
+                ixt = self._to_device(np.stack([r.intrinsics for r in reqs]).astype(np.float32))
+            self._sync()
+            t0 = time.perf_counter()
+            with self._autocast():
+                out = self._forward(images, ext, ixt, [], False, False, self.ref_view_strategy)
+            self._sync()
+            model_ms = (time.perf_counter() - t0) * 1000.0
+
+            depth = out["depth"].float().reshape(B, N, H, W)
+            conf = out["depth_conf"].float() if "depth_conf" in out else torch.ones_like(depth)
+            extr = out["extrinsics"][..., :3, :4].float() if "extrinsics" in out else None
+            intr = out["intrinsics"].float() if "intrinsics" in out else None
+            depth_np, conf_np = depth.cpu().numpy(), conf.reshape(B, N, H, W).cpu().numpy()
+            extr_np = extr.cpu().numpy() if extr is not None else None
+            intr_np = intr.cpu().numpy() if intr is not None else None
+
+        preds = []
+        for b, req in enumerate(reqs):
+            if intr_np is not None:
+                K = intr_np[b]
+            elif req.intrinsics is not None:
+                K = np.asarray(req.intrinsics, dtype=np.float32)
+            else:
+                K = default_intrinsics(H, W, N)
+            if extr_np is not None:
+                E = extr_np[b]
+            elif req.extrinsics is not None:
+                E = np.asarray(req.extrinsics, dtype=np.float32)[:, :3, :4]
+            else:
+                E = np.repeat(np.eye(4, dtype=np.float32)[None, :3], N, axis=0)
+            d = depth_np[b]
+            if self.model_name == "da3metric-large":
+                focal = 0.5 * (K[:, 0, 0] + K[:, 1, 1])
+                d = d * (focal[:, None, None] / METRIC_FOCAL_DIVISOR)
+            preds.append(WindowPrediction(
+                depth=np.ascontiguousarray(d, dtype=np.float32),
+                conf=np.ascontiguousarray(conf_np[b], dtype=np.float32),
+                extrinsics=np.ascontiguousarray(E, dtype=np.float32),
+                intrinsics=np.ascontiguousarray(K, dtype=np.float32),
+                images=req.images,
+                is_metric=self.is_metric,
+                timings={"model_ms": model_ms, "batch_size": float(B)},
+            ))
+        return preds
+
+    # ------------------------------------------------------------------------------------------
+
+    def health_check(self, views: int = 2, size: tuple[int, int] = (56, 56)) -> dict:
+        """A tiny forward; raises ServiceError(MODEL_UNAVAILABLE) if the model cannot run."""
+        h, w = size
+        rng = np.random.default_rng(0)
+        req = WindowRequest(images=rng.integers(0, 256, (views, h, w, 3), dtype=np.uint8), tag="health")
+        try:
+            pred = self.forward_windows([req])[0]
+        except Exception as exc:
+            raise ServiceError(ErrorCode.MODEL_UNAVAILABLE,
+                               f"{self.model_name} failed its health check on {self.device}: {exc}",
+                               fatal=True) from exc
+        if pred.depth.shape != (views, h, w) or not np.isfinite(pred.depth).all():
+            raise ServiceError(ErrorCode.MODEL_UNAVAILABLE,
+                               f"{self.model_name} health check gave bad depth "
+                               f"{pred.depth.shape} (finite: {bool(np.isfinite(pred.depth).all())})",
+                               fatal=True)
+        return {"ok": True, "model_ms": pred.timings["model_ms"]}
+
+    def warmup(self, sizes: Iterable[tuple[int, int]], views: int = 2, batch: int = 1) -> None:
+        """Run one forward per (h, w) so kernels/compiled graphs are ready before traffic."""
+        for h, w in sizes:
+            imgs = np.zeros((views, h, w, 3), dtype=np.uint8)
+            self.forward_windows([WindowRequest(images=imgs, tag="warmup") for _ in range(batch)])

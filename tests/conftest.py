@@ -1,0 +1,73 @@
+"""Shared fixtures. The Ray fixture starts one real local Ray + Serve app for the whole test session."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+
+import httpx
+import pytest
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SCENE = {"seed": 3, "num_frames": 24, "width": 154, "height": 112, "trajectory": "orbit"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def app_args(**overrides) -> dict:
+    args = {
+        "model": {"backend": "da3", "checkpoint": "random:da3-small", "amp": "fp32"},
+        "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.05},
+        "session_defaults": {"process_res": 154, "window_size": 4, "overlap": 2, "max_points_per_frame": 2000},
+        "limits": {"max_sessions": 20, "max_in_flight": 12, "sweep_interval_s": 0.5, "max_image_bytes": 2_000_000,
+                   "max_image_pixels": 4_000_000},
+        # Unique actor name per run: a detached actor from an earlier run must never be picked up.
+        "session_actor": {"name": f"test_sessions_{uuid.uuid4().hex[:8]}", "namespace": "da3-serve-tests"},
+    }
+    for k, v in overrides.items():
+        args[k] = {**args.get(k, {}), **v} if isinstance(v, dict) else v
+    return args
+
+
+@pytest.fixture(scope="session")
+def synthetic_seq():
+    from serve_app.synthetic import SceneSpec, render_sequence
+
+    return render_sequence(SceneSpec.from_dict(SCENE))
+
+
+@pytest.fixture(scope="session")
+def serve_url():
+    import ray
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    # A logical GPU lets the model deployment's real `num_gpus: 1` schedule on this CPU machine.
+    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, namespace="da3-serve-tests",
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}})
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(app_args()), name="da3", route_prefix="/", blocking=False)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        try:
+            if httpx.get(url + "/healthz", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    else:
+        raise RuntimeError("serve app did not become healthy")
+    yield url
+    serve.shutdown()
+    ray.shutdown()

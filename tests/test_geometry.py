@@ -1,0 +1,164 @@
+import numpy as np
+import pytest
+
+from serve_app.geometry import (
+    Sim3,
+    confidence_mask,
+    invert_pose,
+    orthonormalize,
+    project_points,
+    subsample,
+    to_homogeneous,
+    unproject_depth,
+    unproject_depths,
+    voxel_downsample,
+)
+
+
+def random_pose(rng):
+    T = np.eye(4)
+    T[:3, :3] = orthonormalize(rng.normal(size=(3, 3)))
+    T[:3, 3] = rng.normal(size=3) * 2
+    return T
+
+
+def random_sim3(rng):
+    return Sim3(float(rng.uniform(0.2, 5.0)), orthonormalize(rng.normal(size=(3, 3))), rng.normal(size=3) * 3)
+
+
+K = np.array([[100.0, 0, 76.5], [0, 100.0, 55.5], [0, 0, 1]])
+
+
+def test_homogeneous_and_inverse():
+    rng = np.random.default_rng(0)
+    T = np.stack([random_pose(rng) for _ in range(4)])
+    H = to_homogeneous(T[:, :3])
+    assert H.shape == (4, 4, 4) and H.dtype == np.float32
+    np.testing.assert_allclose(H, T, atol=1e-6)
+    inv = invert_pose(T[:, :3])
+    np.testing.assert_allclose(inv @ T, np.broadcast_to(np.eye(4), (4, 4, 4)), atol=1e-5)
+    np.testing.assert_allclose(invert_pose(T[0]), np.linalg.inv(T[0]), atol=1e-5)
+
+
+def test_unproject_known_points():
+    # Identity camera: the principal-point pixel at depth 2 is (0, 0, 2); pixel (u, v) maps to ((u-cx)z/f, ...).
+    depth = np.full((112, 154), 2.0, np.float32)
+    pts = unproject_depth(depth, K, np.eye(4))
+    assert pts.shape == (112, 154, 3) and pts.dtype == np.float32
+    np.testing.assert_allclose(pts[55, 76], [(76 - 76.5) * 2 / 100, (55 - 55.5) * 2 / 100, 2.0], atol=1e-6)
+    np.testing.assert_allclose(pts[0, 0], [-76.5 * 0.02, -55.5 * 0.02, 2.0], atol=1e-6)
+    # A pure translation of the camera shifts every point by it.
+    T = np.eye(4)
+    T[:3, 3] = [1, 2, 3]
+    np.testing.assert_allclose(unproject_depth(depth, K, T[:3]), pts + [1, 2, 3], atol=1e-5)
+
+
+def test_unproject_project_round_trip():
+    rng = np.random.default_rng(1)
+    N, H, W = 3, 20, 30
+    depth = rng.uniform(0.5, 10, size=(N, H, W)).astype(np.float32)
+    c2w = np.stack([random_pose(rng) for _ in range(N)])
+    Ks = np.stack([K] * N)
+    pts = unproject_depths(depth, Ks, c2w)
+    assert pts.shape == (N, H, W, 3)
+    u, v = np.meshgrid(np.arange(W), np.arange(H))
+    for i in range(N):
+        pix, z = project_points(pts[i], Ks[i], np.linalg.inv(c2w[i]))
+        np.testing.assert_allclose(z, depth[i], rtol=1e-4)
+        np.testing.assert_allclose(pix[..., 0], u, atol=1e-3)
+        np.testing.assert_allclose(pix[..., 1], v, atol=1e-3)
+        np.testing.assert_allclose(unproject_depth(depth[i], Ks[i], c2w[i]), pts[i], atol=1e-5)
+
+
+def test_confidence_mask_percentile_and_depth():
+    conf = np.arange(100, dtype=np.float32).reshape(10, 10)
+    m = confidence_mask(conf, 40.0)
+    assert m.sum() == 60 and m[conf >= 39.6].all() and not m[conf < 39.6].any()
+    depth = np.ones_like(conf)
+    depth[9, 9] = np.nan
+    depth[9, 8] = 0.0
+    depth[9, 7] = -1.0
+    md = confidence_mask(conf, 40.0, depth=depth)
+    assert md.sum() == 57 and not md[9, 7:].any()
+    assert confidence_mask(conf, 0.0).all()
+
+
+def test_confidence_mask_da3_rule():
+    # DA3: thr = clamp(base, pct40, pct90); with confidences in [0, 99], base 1.05 -> pct40 (39.6) wins,
+    conf = np.arange(100, dtype=np.float32)
+    assert confidence_mask(conf, 40.0, base_thresh=1.05).sum() == 60
+    # base between the percentiles is used as is, base above pct90 is clamped to it.
+    assert confidence_mask(conf, 40.0, base_thresh=70.0).sum() == 30
+    assert confidence_mask(conf, 40.0, base_thresh=1000.0).sum() == 10
+    conf_nan = conf.copy()
+    conf_nan[:5] = np.nan
+    assert not confidence_mask(conf_nan, 0.0)[:5].any()
+
+
+def test_voxel_downsample():
+    pts = np.array([[0.1, 0.1, 0.1], [0.3, 0.3, 0.3], [1.5, 0.2, 0.2], [np.nan, 0, 0]], np.float32)
+    cols = np.array([[0, 0, 0], [100, 200, 50], [10, 10, 10], [1, 1, 1]], np.uint8)
+    p, c, n = voxel_downsample(pts, cols, 1.0)
+    order = np.argsort(p[:, 0])
+    p, c, n = p[order], c[order], n[order]
+    np.testing.assert_allclose(p, [[0.2, 0.2, 0.2], [1.5, 0.2, 0.2]], atol=1e-6)
+    np.testing.assert_array_equal(c, [[50, 100, 25], [10, 10, 10]])
+    np.testing.assert_array_equal(n, [2, 1])
+    pw, _, _ = voxel_downsample(pts[:2], cols[:2], 1.0, weights=np.array([3.0, 1.0]))
+    np.testing.assert_allclose(pw, [[0.15, 0.15, 0.15]], atol=1e-6)
+    # Many points: one output per occupied voxel, all within their voxel.
+    rng = np.random.default_rng(0)
+    many = rng.uniform(-1, 1, size=(5000, 3))
+    p, c, n = voxel_downsample(many, np.zeros((5000, 3), np.uint8), 0.5)
+    assert len(p) == 64 and n.sum() == 5000
+    assert len(np.unique(np.floor(p / 0.5), axis=0)) == 64
+
+
+def test_subsample():
+    rng = np.random.default_rng(0)
+    pts = np.arange(300, dtype=np.float32).reshape(100, 3)
+    cols = pts.astype(np.uint8)
+    p, c = subsample(pts, cols, 10, rng)
+    assert len(p) == 10 and np.array_equal(p.astype(np.uint8), c)
+    assert len(np.unique(p[:, 0])) == 10
+    p2, _ = subsample(pts, cols, 1000, rng)
+    assert p2 is pts
+
+
+def test_sim3_identities():
+    rng = np.random.default_rng(2)
+    a, b, c = random_sim3(rng), random_sim3(rng), random_sim3(rng)
+    x = rng.normal(size=(50, 3))
+    np.testing.assert_allclose(a.compose(b).apply(x), a.apply(b.apply(x)), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(a.compose(a.inverse()).matrix(), np.eye(4), atol=1e-9)
+    np.testing.assert_allclose(a.inverse().compose(a).matrix(), np.eye(4), atol=1e-9)
+    np.testing.assert_allclose(a.compose(b).compose(c).matrix(), a.compose(b.compose(c)).matrix(), atol=1e-9)
+    np.testing.assert_allclose(a.matrix() @ b.matrix(), a.compose(b).matrix(), atol=1e-9)
+    np.testing.assert_allclose(Sim3.identity().apply(x), x, atol=1e-6)
+    np.testing.assert_allclose(Sim3.from_matrix(a.matrix()).matrix(), a.matrix(), atol=1e-9)
+    h = np.c_[x, np.ones(len(x))]
+    np.testing.assert_allclose((h @ a.matrix().T)[:, :3], a.apply(x), rtol=1e-5, atol=1e-5)
+
+
+def test_sim3_transforms_cameras_consistently_with_points():
+    # Points unprojected from a camera, then moved by the Sim(3), equal the points unprojected from the moved
+    # camera with depth scaled by s.
+    rng = np.random.default_rng(3)
+    sim = random_sim3(rng)
+    c2w = random_pose(rng)
+    depth = rng.uniform(1, 5, size=(8, 9))
+    moved = sim.transform_c2w(c2w)
+    np.testing.assert_allclose(moved[:3, :3] @ moved[:3, :3].T, np.eye(3), atol=1e-5)
+    np.testing.assert_allclose(sim.apply(unproject_depth(depth, K, c2w)),
+                               unproject_depth(depth * sim.s, K, moved), rtol=1e-4, atol=1e-4)
+    w2c = np.linalg.inv(c2w)
+    np.testing.assert_allclose(sim.transform_w2c(w2c[:3]), np.linalg.inv(moved), atol=1e-4)
+    batch = sim.transform_c2w(np.stack([c2w, c2w]))
+    assert batch.shape == (2, 4, 4)
+    np.testing.assert_allclose(batch[1], moved, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [np.zeros((3, 3)), np.zeros((2, 5))])
+def test_to_homogeneous_rejects_bad_shapes(bad):
+    with pytest.raises(ValueError):
+        to_homogeneous(bad)

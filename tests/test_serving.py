@@ -1,0 +1,305 @@
+"""The real Ray Serve app end to end: HTTP routes and the WebSocket stream (docs/WEBSOCKET_API.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import numpy as np
+import pytest
+import websockets
+
+from serve_app.exports import read_ply
+from serve_app.imaging import encode_image
+from serve_app.protocol import decode_points, encode_frame_message
+
+pytestmark = pytest.mark.ray
+
+
+def ws_url(base: str, sid: str, **query) -> str:
+    q = "&".join(f"{k}={v}" for k, v in query.items())
+    return base.replace("http://", "ws://") + f"/ws/reconstruct/{sid}" + (f"?{q}" if q else "")
+
+
+def create(base: str, **params) -> dict:
+    r = httpx.post(base + "/ws/session/create", json=params, timeout=30)
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+class Collector:
+    """Reads a stream until it closes, sorting messages by type."""
+
+    def __init__(self):
+        self.msgs: list[dict] = []
+        self.chunks = []
+        self.close_code = None
+
+    def of(self, kind: str) -> list[dict]:
+        return [m for m in self.msgs if m["type"] == kind]
+
+    async def read_until_closed(self, ws, timeout=240.0):
+        async def _loop():
+            try:
+                async for raw in ws:
+                    if isinstance(raw, bytes):
+                        self.chunks.append(decode_points(raw))
+                    else:
+                        self.msgs.append(json.loads(raw))
+            except websockets.ConnectionClosed:
+                pass
+        await asyncio.wait_for(_loop(), timeout)
+        self.close_code = ws.close_code
+
+
+def frame_bytes(seq, i, fmt="PNG") -> bytes:
+    return encode_image(seq.images[i], fmt)
+
+
+async def test_http_routes(serve_url):
+    r = httpx.get(serve_url + "/healthz", timeout=30)
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+    assert r.json()["model"]["model_name"] == "da3-small"
+
+    s = create(serve_url, window_size=5, overlap=2)
+    sid = s["session_id"]
+    assert s["params"]["window_size"] == 5 and s["params"]["process_res"] == 154
+    assert s["websocket_url"].endswith(f"/ws/reconstruct/{sid}") and s["expires_at"] > s["created_at"]
+
+    info = httpx.get(f"{serve_url}/ws/session/{sid}").json()
+    assert info["state"] == "created" and info["frames_received"] == 0
+    listing = httpx.get(f"{serve_url}/ws/sessions").json()
+    assert sid in [x["session_id"] for x in listing["sessions"]] and listing["limits"]["max_sessions"] == 20
+
+    bad = httpx.post(serve_url + "/ws/session/create", json={"overlap": 9})
+    assert bad.status_code == 422 and bad.json()["error"]["code"] == "INVALID_PARAMS"
+    assert "overlap" in bad.json()["error"]["message"]
+    bad = httpx.post(serve_url + "/ws/session/create", content=b"{not json")
+    assert bad.status_code == 422 and bad.json()["error"]["code"] == "INVALID_PARAMS"
+
+    assert httpx.delete(f"{serve_url}/ws/session/{sid}").status_code == 204
+    for method in ("get", "delete"):
+        r = getattr(httpx, method)(f"{serve_url}/ws/session/{sid}")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "SESSION_NOT_FOUND"
+    r = httpx.get(f"{serve_url}/ws/session/nope/reconstruction.ply")
+    assert r.status_code == 404
+
+
+async def test_unknown_session_websocket_closes_4404(serve_url):
+    async with websockets.connect(ws_url(serve_url, "does-not-exist")) as ws:
+        msg = json.loads(await ws.recv())
+        assert msg["type"] == "error" and msg["code"] == "SESSION_NOT_FOUND" and msg["fatal"] is True
+        with pytest.raises(websockets.ConnectionClosed):
+            await ws.recv()
+    assert ws.close_code == 4404
+
+
+async def stream_all(serve_url, seq, n, params=None, binary=True):
+    s = create(serve_url, **(params or {}))
+    sid = s["session_id"]
+    col = Collector()
+    async with websockets.connect(ws_url(serve_url, sid), max_size=None) as ws:
+        ready = json.loads(await ws.recv())
+        assert ready["type"] == "ready" and ready["session_id"] == sid and ready["max_in_flight"] == 12
+        reader = asyncio.create_task(col.read_until_closed(ws))
+        for i in range(n):
+            while len(col.of("ack")) + 10 <= i:  # stay inside the advertised in-flight window
+                await asyncio.sleep(0.01)
+            while i - len(col.of("frame_result")) >= 10:
+                await asyncio.sleep(0.02)
+            if binary:
+                await ws.send(encode_frame_message(frame_bytes(seq, i), {"frame_id": f"f{i}", "timestamp": i / 30}))
+            else:
+                import base64
+                await ws.send(json.dumps({"type": "frame", "frame_id": f"f{i}",
+                                          "image": base64.b64encode(frame_bytes(seq, i, "JPEG")).decode()}))
+        await ws.send(json.dumps({"type": "finalize"}))
+        await reader
+    return sid, col
+
+
+async def test_full_stream_results_for_every_frame_and_ply(serve_url, synthetic_seq):
+    n = 11
+    sid, col = await stream_all(serve_url, synthetic_seq, n)
+    assert col.close_code == 1000
+    assert not col.of("error"), col.of("error")
+    assert [a["frame_id"] for a in col.of("ack")] == [f"f{i}" for i in range(n)]
+    results = col.of("frame_result")
+    assert sorted(r["index"] for r in results) == list(range(n))
+    for r in results:
+        pose = np.array(r["pose"])
+        assert pose.shape == (4, 4) and np.allclose(pose[3], [0, 0, 0, 1])
+        np.testing.assert_allclose(pose[:3, :3] @ pose[:3, :3].T, np.eye(3), atol=1e-3)
+        assert r["image_size"] == [154, 112] and r["original_size"] == [154, 112]
+        assert np.array(r["intrinsics"]).shape == (3, 3) and r["latency_ms"] > 0
+    assert results[0]["timestamp"] == 0.0
+    windows = col.of("window")
+    assert [w["seq"] for w in windows] == list(range(1, len(windows) + 1))
+    assert windows[0]["alignment"]["ok"] and windows[0]["context_frame_ids"] == []
+    assert all(w["context_frame_ids"] for w in windows[1:])  # later windows carry overlap context
+    assert len(col.chunks) == len(windows)
+    total = sum(len(c.points) for c in col.chunks)
+    assert total > 0 and sum(r["points_added"] for r in results) == pytest.approx(total, rel=0.05, abs=n)
+    summary = col.of("summary")[0]
+    assert summary["frames_processed"] == n and summary["points_total"] == total
+
+    info = httpx.get(f"{serve_url}/ws/session/{sid}").json()
+    assert info["state"] == "complete" and info["frames_processed"] == n
+    ply = httpx.get(f"{serve_url}/ws/session/{sid}/reconstruction.ply", timeout=30)
+    assert ply.status_code == 200
+    pts, cols = read_ply(ply.content)
+    assert len(pts) == total and cols.dtype == np.uint8
+    streamed = np.concatenate([c.points for c in col.chunks])
+    # float16 on the wire relative to a per-chunk origin: close to the float32 export
+    assert np.abs(np.sort(pts, axis=0) - np.sort(streamed, axis=0)).max() < 0.05 * (1 + np.abs(pts).max())
+    traj = httpx.get(f"{serve_url}/ws/session/{sid}/trajectory.json").json()
+    assert [f["index"] for f in traj["frames"]] == sorted(r["index"] for r in results)
+    tum = httpx.get(f"{serve_url}/ws/session/{sid}/trajectory.txt").text.strip().splitlines()
+    assert len(tum) == n and len(tum[0].split()) == 8
+    glb = httpx.get(f"{serve_url}/ws/session/{sid}/reconstruction.glb", timeout=30)
+    assert glb.status_code == 200 and glb.content[:4] == b"glTF"
+
+
+async def test_json_base64_frames(serve_url, synthetic_seq):
+    sid, col = await stream_all(serve_url, synthetic_seq, 5, binary=False)
+    assert col.close_code == 1000 and not col.of("error")
+    assert sorted(r["frame_id"] for r in col.of("frame_result")) == [f"f{i}" for i in range(5)]
+
+
+async def test_two_sessions_share_batches(serve_url, synthetic_seq):
+    before = httpx.get(serve_url + "/stats", timeout=30).json()["model"]["batch_sizes"]
+    (_, a), (_, b) = await asyncio.gather(stream_all(serve_url, synthetic_seq, 8),
+                                          stream_all(serve_url, synthetic_seq, 8))
+    assert a.close_code == b.close_code == 1000
+    assert len(a.of("frame_result")) == len(b.of("frame_result")) == 8
+    after = httpx.get(serve_url + "/stats", timeout=30).json()["model"]["batch_sizes"]
+    grown = {int(k): v - before.get(k, 0) for k, v in after.items()}
+    assert any(k > 1 and v > 0 for k, v in grown.items()), after
+    assert max(w["batch_size"] for w in a.of("window") + b.of("window")) > 1
+
+
+async def test_bad_input_is_reported_and_stream_continues(serve_url, synthetic_seq):
+    sid = create(serve_url)["session_id"]
+    async with websockets.connect(ws_url(serve_url, sid), max_size=None) as ws:
+        await ws.recv()  # ready
+
+        async def expect(kind, code=None):
+            while True:
+                m = await asyncio.wait_for(ws.recv(), 60)
+                if isinstance(m, bytes):
+                    continue
+                m = json.loads(m)
+                if m["type"] == kind and (code is None or m.get("code") == code):
+                    return m
+                assert m["type"] in ("progress", "window", "frame_result", "ack", "error"), m
+
+        await ws.send(b"this is not an image")
+        e = await expect("error")
+        assert e["code"] == "INVALID_IMAGE" and e["fatal"] is False
+        await ws.send(encode_frame_message(b"\x89PNG\r\n\x1a\ntruncated", {"frame_id": 7}))
+        e = await expect("error")
+        assert e["code"] == "INVALID_IMAGE" and e["frame_id"] == 7
+        await ws.send("{not json")
+        assert (await expect("error"))["code"] == "INVALID_MESSAGE"
+        await ws.send(json.dumps({"type": "teleport"}))
+        assert (await expect("error"))["code"] == "INVALID_MESSAGE"
+        await ws.send(b"DA3F\x01\x00\x10\x00{}")  # header length beyond the message
+        assert (await expect("error"))["code"] == "INVALID_MESSAGE"
+        await ws.send(json.dumps({"type": "ping", "t": 42}))
+        assert (await expect("pong"))["t"] == 42
+        await ws.send(encode_frame_message(frame_bytes(synthetic_seq, 0), {"frame_id": "ok"}))
+        ack = await expect("ack")
+        assert ack["frame_id"] == "ok" and ack["index"] == 0
+        await ws.send(json.dumps({"type": "finalize"}))
+        await ws.send(encode_frame_message(frame_bytes(synthetic_seq, 1), None))  # after finalize
+        assert (await expect("error"))["code"] == "SESSION_FINALIZED"
+        await expect("summary")
+    info = httpx.get(f"{serve_url}/ws/session/{sid}").json()
+    assert info["frames_received"] == 1 and info["frames_processed"] == 1 and info["state"] == "complete"
+
+
+async def test_queue_full_rejects_excess_without_losing_accepted(serve_url, synthetic_seq):
+    sid = create(serve_url, window_size=8, overlap=2)["session_id"]
+    col = Collector()
+    async with websockets.connect(ws_url(serve_url, sid), max_size=None) as ws:
+        await ws.recv()
+        reader = asyncio.create_task(col.read_until_closed(ws))
+        for i in range(20):  # ignore flow control on purpose
+            await ws.send(encode_frame_message(frame_bytes(synthetic_seq, i), {"frame_id": i}))
+        await asyncio.sleep(1.0)
+        await ws.send(json.dumps({"type": "finalize"}))
+        await reader
+    rejected = [e for e in col.of("error") if e["code"] == "QUEUE_FULL"]
+    accepted = [a["frame_id"] for a in col.of("ack")]
+    assert rejected and all(e["fatal"] is False for e in rejected)
+    assert len(accepted) + len(rejected) == 20
+    assert sorted(r["frame_id"] for r in col.of("frame_result")) == sorted(accepted)
+
+
+async def test_reconnect_resumes_without_losing_accepted_frames(serve_url, synthetic_seq):
+    sid = create(serve_url)["session_id"]
+    acked = []
+    async with websockets.connect(ws_url(serve_url, sid), max_size=None) as ws:
+        await ws.recv()
+        for i in range(7):
+            await ws.send(encode_frame_message(frame_bytes(synthetic_seq, i), {"frame_id": i}))
+        while len(acked) < 7:
+            m = await ws.recv()
+            if isinstance(m, str) and json.loads(m)["type"] == "ack":
+                acked.append(json.loads(m)["frame_id"])
+        # drop the connection without finalizing
+    col = Collector()
+    async with websockets.connect(ws_url(serve_url, sid, resume_from=0), max_size=None) as ws:
+        ready = json.loads(await ws.recv())
+        assert ready["frames_received"] == 7
+        reader = asyncio.create_task(col.read_until_closed(ws))
+        await ws.send(json.dumps({"type": "finalize"}))
+        await reader
+    assert col.close_code == 1000
+    assert sorted(r["frame_id"] for r in col.of("frame_result")) == list(range(7))
+
+
+async def test_second_connection_takes_over(serve_url):
+    sid = create(serve_url)["session_id"]
+    async with websockets.connect(ws_url(serve_url, sid)) as first:
+        await first.recv()
+        async with websockets.connect(ws_url(serve_url, sid)) as second:
+            assert json.loads(await second.recv())["type"] == "ready"
+            m = json.loads(await asyncio.wait_for(first.recv(), 30))
+            assert m["code"] == "SESSION_BUSY" and m["fatal"] is True
+            with pytest.raises(websockets.ConnectionClosed):
+                await asyncio.wait_for(first.recv(), 30)
+            assert first.close_code == 4409
+            await second.send(json.dumps({"type": "ping", "t": 1}))
+            assert json.loads(await second.recv())["type"] == "pong"
+
+
+async def test_delete_closes_open_stream(serve_url):
+    sid = create(serve_url)["session_id"]
+    async with websockets.connect(ws_url(serve_url, sid)) as ws:
+        await ws.recv()
+        assert httpx.delete(f"{serve_url}/ws/session/{sid}").status_code == 204
+        m = json.loads(await asyncio.wait_for(ws.recv(), 30))
+        assert m["type"] == "error" and m["fatal"]
+        with pytest.raises(websockets.ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), 30)
+    assert ws.close_code == 4000
+
+
+async def test_expiry_sweep_removes_idle_session(serve_url):
+    sid = create(serve_url, idle_ttl_s=1.0)["session_id"]
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        r = httpx.get(f"{serve_url}/ws/session/{sid}")
+        if r.status_code != 200:
+            break
+        await asyncio.sleep(0.3)
+    assert r.status_code == 410 and r.json()["error"]["code"] == "SESSION_EXPIRED"
+    assert sid not in [s["session_id"] for s in httpx.get(f"{serve_url}/ws/sessions").json()["sessions"]]
+    async with websockets.connect(ws_url(serve_url, sid)) as ws:
+        assert json.loads(await ws.recv())["code"] == "SESSION_EXPIRED"
+        with pytest.raises(websockets.ConnectionClosed):
+            await ws.recv()
+    assert ws.close_code == 4410
