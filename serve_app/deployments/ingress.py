@@ -8,6 +8,7 @@ import json
 import logging
 import time
 import uuid
+from pathlib import Path
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -16,7 +17,8 @@ import cv2
 import numpy as np
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from ray import serve
 
 from serve_app import exports, protocol
@@ -33,6 +35,10 @@ log = logging.getLogger("da3.ingress")
 
 api = FastAPI(title="da3-serve", version="0.1.0",
               description="Real-time 3D reconstruction with Depth Anything 3. Protocol: docs/WEBSOCKET_API.md")
+
+
+STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+api.mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static")
 
 
 @api.exception_handler(ServiceError)
@@ -92,6 +98,8 @@ class Ingress:
         self.workers: dict[str, SessionWorker] = {}
         self.errors: Counter[str] = Counter()
         self.frames_in = 0
+        self.processed_closed = 0  # frames processed by workers that have since gone
+        self.rate: list[tuple[float, int]] = []
         self.started = time.time()
         lim = self.args.limits
         self.image_limits = ImageLimits(max_bytes=lim.max_image_bytes, max_pixels=lim.max_image_pixels,
@@ -204,16 +212,43 @@ class Ingress:
         return await self.model.info.remote()
 
     @api.get("/stats")
-    async def stats(self) -> dict:
-        model = await self.model.stats.remote()
-        sessions = await call(self.actor.list, None) if self.args.auth.mode == "none" else None
-        return {"model": model, "errors": dict(self.errors), "frames_in": self.frames_in,
-                "workers": len(self.workers), "sessions": sessions and sessions["counts"]}
+    async def stats(self, request: Request) -> dict:
+        """Operator view (the dashboard polls it): sessions, model replicas, batching, throughput, errors."""
+        owner = self._owner(self._bearer(request))
+        model, sessions = await asyncio.gather(self.model.stats.remote(), call(self.actor.list, owner))
+        now = time.time()
+        self.rate.append((now, sum(w.processed for w in self.workers.values()) + self.processed_closed))
+        self.rate = [(t, n) for t, n in self.rate if now - t <= 30]
+        (t0, n0), (t1, n1) = self.rate[0], self.rate[-1]
+        try:
+            replicas = {name: {"status": str(d.status), "replicas": dict(d.replica_states)}
+                        for app in serve.status().applications.values()
+                        for name, d in app.deployments.items()}
+        except Exception:  # noqa: BLE001 - controller busy; the rest is still useful
+            replicas = {}
+        return {
+            "time": now, "uptime_s": now - self.started, "deployments": replicas, "model": model,
+            "frames_in": self.frames_in, "frames_per_s": (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0,
+            "errors": dict(self.errors), "workers": len(self.workers),
+            "sessions": [{k: x[k] for k in ("session_id", "state", "frames_received", "frames_processed",
+                                            "points_total", "windows", "created_at", "updated_at", "connected")}
+                         | {"age_s": now - x["created_at"]} for x in sessions["sessions"]],
+            "counts": sessions["counts"], "limits": sessions["limits"],
+        }
+
+    @api.get("/")
+    async def index(self) -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html")
+
+    @api.get("/dashboard")
+    async def dashboard(self) -> FileResponse:
+        return FileResponse(STATIC_DIR / "dashboard.html")
 
     # --- WebSocket --------------------------------------------------------------------------------------
     def _drop_worker(self, sid: str) -> None:
         w = self.workers.pop(sid, None)
         if w is not None:
+            self.processed_closed += w.processed
             w.close()
 
     def _worker(self, sid: str, params: SessionParams) -> SessionWorker:

@@ -8,6 +8,7 @@ import time
 from collections import Counter
 from typing import Any
 
+import torch
 from ray import serve
 
 from serve_app.backends import make_backend
@@ -33,10 +34,11 @@ class DA3ModelServer:
         self.failures = 0
         self.busy_s = 0.0
         self.last_error: str | None = None
+        self.batching = BatchConfig()  # replaced by reconfigure(user_config)
         self.backend.health_check()
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        b = BatchConfig.model_validate(user_config or {})
+        b = self.batching = BatchConfig.model_validate(user_config or {})
         self.infer_batch.set_max_batch_size(b.max_batch_size)
         self.infer_batch.set_batch_wait_timeout_s(b.batch_wait_timeout_s)
 
@@ -74,8 +76,14 @@ class DA3ModelServer:
         return await self.infer_batch(request)
 
     async def stats(self) -> dict[str, Any]:
-        return {"info": self.backend.info(), "batch_sizes": dict(self.batch_sizes), "windows": self.windows,
-                "failures": self.failures, "busy_s": self.busy_s, "last_error": self.last_error}
+        gpu = None
+        if torch.cuda.is_available():
+            gpu = {"allocated_bytes": torch.cuda.memory_allocated(), "reserved_bytes": torch.cuda.memory_reserved(),
+                   "max_allocated_bytes": torch.cuda.max_memory_allocated()}
+        return {"replica": serve.get_replica_context().replica_id.unique_id, "info": self.backend.info(),
+                "batch_sizes": dict(self.batch_sizes), "windows": self.windows, "failures": self.failures,
+                "busy_s": self.busy_s, "last_error": self.last_error, "gpu_memory": gpu,
+                "batching": self.batching.model_dump()}
 
     async def info(self) -> dict[str, Any]:
         return self.backend.info()
