@@ -16,7 +16,16 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, TypeAdapter, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
 
 from serve_app.errors import ErrorCode, ServiceError
 
@@ -97,7 +106,7 @@ class Ping(BaseModel):
     t: Any = None
 
 
-ClientMessage = Annotated[Union[FrameJson, Flush, Finalize, Ping], Field(discriminator="type")]
+ClientMessage = Annotated[FrameJson | Flush | Finalize | Ping, Field(discriminator="type")]
 _CLIENT_MESSAGE = TypeAdapter(ClientMessage)
 CLIENT_TYPES = ("frame", "flush", "finalize", "ping")
 
@@ -258,7 +267,7 @@ def encode_points(points: np.ndarray, colors: np.ndarray, *, seq: int, window: i
     if enc == ENC_FLOAT16 and len(pts) and not (np.abs(offsets) <= _F16_MAX).all():
         enc = ENC_FLOAT32
     header = json.dumps({"seq": int(seq), "window": int(window), "frame_ids": list(frame_ids),
-                         "count": int(len(pts)), "origin": [float(v) for v in origin]},
+                         "count": len(pts), "origin": [float(v) for v in origin]},
                         separators=(",", ":")).encode()
     header += b" " * (-(PREFIX_BYTES + len(header)) % 4)  # typed arrays in browsers need 4-byte alignment
     return b"".join((_PREFIX.pack(POINTS_MAGIC, PROTOCOL_VERSION, enc, len(header)), header,
