@@ -33,6 +33,9 @@ class SessionParams(_Strict):
     idle_ttl_s: float = Field(600.0, gt=0, le=7 * 86400)
     ttl_s: float = Field(3600.0, gt=0, le=30 * 86400)
     point_encoding: Literal["float16", "float32"] = "float16"
+    keyframe_translation: float = Field(0.05, ge=0.0, le=10.0, description="keyframe when the camera moved this "
+                                        "fraction of the scene's median depth since the last keyframe ...")
+    keyframe_rotation_deg: float = Field(5.0, ge=0.0, le=180.0, description="... or turned this many degrees")
 
     @field_validator("overlap")
     @classmethod
@@ -94,6 +97,10 @@ class BatchConfig(_Strict):
 
 class LimitsConfig(_Strict):
     max_sessions: int = Field(64, ge=1)
+    max_sessions_per_key: int = Field(16, ge=1, description="concurrent sessions per API key")
+    sessions_per_minute: float = Field(60.0, gt=0, description="session creations per key per minute")
+    frames_per_s: float = Field(120.0, gt=0, description="frames per second per session (burst 2x)")
+    bytes_per_s: float = Field(64 * 1024 * 1024, gt=0, description="upload bytes per second per session (burst 2x)")
     max_in_flight: int = Field(32, ge=1, le=4096, description="accepted-but-unprocessed frames per session")
     max_windows_in_flight: int = Field(2, ge=1, le=16, description="model calls outstanding per session")
     max_image_bytes: int = Field(8 * 1024 * 1024, ge=1024, le=15 * 1024 * 1024)  # proxy caps messages at 16 MiB

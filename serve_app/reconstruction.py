@@ -2,8 +2,35 @@
 
 Frames arrive already resized to the model's input size. Windows are `overlap` context frames (already placed in
 the world) followed by new frames. Each window comes back from the model in its own gauge (first view at the
-origin, arbitrary scale); the context frames' dense points, pixel for pixel, give a robust Sim(3) onto the
-world, which places the new frames. The world is the first window's gauge (scale fixed by it).
+origin, arbitrary scale) and is placed in the world by one Sim(3):
+
+- client pose priors: when every frame of the window has a pose prior (and the world is the client's), the
+  predicted cameras are fitted onto the priors (rotation from the orientations, scale and translation from the
+  camera centres, both robust). Windows whose priors cannot fix the scale (fewer than two distinct centres, i.e.
+  a baseline under PRIOR_MIN_BASELINE of the depth) or disagree with the prediction fall back to the dense
+  alignment below. The world is then the client's world (metric when the client's poses are).
+- otherwise the context frames' dense points, pixel for pixel, give a robust Sim(3) onto the world.
+
+The world is the gauge of the first placed window: the client's world if that window was placed by its priors,
+otherwise that window's own gauge (and priors are then only sent to the model, not used for placement). A
+first window with priors but no baseline (static start) is placed rigidly (scale 1) in the client's world.
+
+Keyframes: a placed frame is a keyframe when its camera moved at least `keyframe_translation` x the last
+keyframe's median depth, or turned at least `keyframe_rotation_deg`, since the last keyframe. Every frame gets a
+frame_result (with "keyframe"), but only keyframes add points, so a static camera does not grow the map.
+
+Context choice: the last `overlap - 1` keyframes *known at plan time* plus the most recently planned frame. The
+most recent frame keeps the largest overlap with the new frames (continuity); keyframes keep a baseline through
+a static stretch, so the model still sees parallax and the alignment is not chained through near-identical
+frames. Planning runs ahead of integration (pipelined model calls), so keyframe flags are those of windows
+already integrated; while there are not enough (stream start), the rest comes from the last planned frames
+(newest first), which is exactly the plain "last `overlap` frames" rule. With every frame a keyframe and no
+pipelining the two rules coincide; tests/test_keyframes.py checks the keyframe rule is as accurate.
+
+Map dedupe: a per-session voxel occupancy (sorted packed int64 keys) of everything emitted. New points are
+averaged per voxel within the window, and a voxel already occupied by an earlier window drops the new point
+(first observation wins), so revisiting a place adds nothing. The occupancy holds at most `max_points` voxels;
+beyond it the oldest are forgotten, in the same order the session store evicts the oldest points.
 
 Planning and integration are split so the ingress can send window k+1 to the model before window k is aligned:
 planning needs only images; integration (strictly in window order) needs the context frames' world points.
@@ -18,13 +45,17 @@ from typing import Any
 
 import numpy as np
 
-from serve_app.alignment import robust_sim3
+from serve_app.alignment import MAD_TO_SIGMA, robust_sim3
 from serve_app.config import SessionParams
-from serve_app.geometry import (Sim3, confidence_mask, invert_pose, subsample, unproject_depths,
-                                voxel_downsample)
+from serve_app.geometry import (Sim3, confidence_mask, invert_pose, orthonormalize, subsample,
+                                unproject_depths)
 from serve_app.prediction import WindowPrediction, WindowRequest
 
-AUTO_VOXEL_FRACTION = 0.004  # auto voxel = this x median depth of the first window (about 2 px at 504)
+AUTO_VOXEL_PIXELS = 2.0  # auto voxel = footprint of this many pixels at the first window's median depth
+PRIOR_MIN_BASELINE = 0.01  # camera-centre spread / median depth below which priors cannot fix the scale
+PRIOR_MAX_REL_RMSE = 0.25  # centre residual / centre spread above which priors disagree with the prediction
+ALIGN_MAX_POINTS = 20000  # dense alignment subsample: plenty for 7 parameters, keeps geometry time flat
+_KEY_BITS = 21  # per axis in a packed voxel key; coordinates wrap beyond +-2^20 voxels (rare false merges)
 
 
 @dataclass
@@ -49,6 +80,17 @@ class WorldFrame:
     points: np.ndarray  # (h, w, 3) float32 world
     conf: np.ndarray  # (h, w) float32
     c2w: np.ndarray  # (4, 4)
+    source: FrameInput | None = None  # the input (priors included), to send again as context
+    keyframe: bool = True
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.image.nbytes + self.points.nbytes + self.conf.nbytes + np.asarray(self.c2w).nbytes)
+
+    def as_input(self) -> FrameInput:
+        if self.source is not None:
+            return self.source
+        return FrameInput(index=self.index, frame_id=self.frame_id, image=self.image, original_size=(0, 0))
 
 
 @dataclass
@@ -62,8 +104,20 @@ class WindowPlan:
     def frames(self) -> list[FrameInput]:
         return self.context + self.new
 
+    @property
+    def has_pose_priors(self) -> bool:
+        return all(f.pose is not None for f in self.frames)
+
     def request(self, tag: str = "") -> WindowRequest:
-        return WindowRequest(images=np.stack([f.image for f in self.frames]), tag=tag)
+        """Images, plus the client's priors when every frame has them (the runtime needs intrinsics whenever
+        it gets extrinsics, so pose priors travel only with intrinsics)."""
+        frames = self.frames
+        K = ext = None
+        if all(f.intrinsics is not None for f in frames):
+            K = np.stack([np.asarray(f.intrinsics, np.float32) for f in frames])
+            if self.has_pose_priors:
+                ext = invert_pose(np.stack([np.asarray(f.pose, np.float32) for f in frames]))
+        return WindowRequest(images=np.stack([f.image for f in frames]), extrinsics=ext, intrinsics=K, tag=tag)
 
 
 @dataclass
@@ -75,6 +129,128 @@ class WindowOutput:
     ok: bool
     reason: str | None = None
 
+
+# --- pure helpers ---------------------------------------------------------------------------------------------
+
+def voxel_keys(points: np.ndarray, voxel: float) -> np.ndarray:
+    """(M, 3) finite points -> (M,) int64 keys of their voxels (21 bits per axis, wrapping far away)."""
+    q = np.clip(np.floor(np.asarray(points, np.float64) / voxel), -(2 ** 40), 2 ** 40).astype(np.int64)
+    q = (q + (1 << (_KEY_BITS - 1))) & ((1 << _KEY_BITS) - 1)
+    return (q[:, 0] << (2 * _KEY_BITS)) | (q[:, 1] << _KEY_BITS) | q[:, 2]
+
+
+class VoxelOccupancy:
+    """A set of voxel keys (sorted int64) remembering insertion order; at most `capacity`, oldest out first."""
+
+    def __init__(self, capacity: int):
+        self.capacity = int(capacity)
+        self.keys = np.zeros(0, np.int64)
+        self.order = np.zeros(0, np.int64)  # insertion counter of each key
+        self.inserted = 0
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.keys.nbytes + self.order.nbytes)
+
+    def contains(self, keys: np.ndarray) -> np.ndarray:
+        keys = np.asarray(keys, np.int64)
+        if not len(self.keys):
+            return np.zeros(len(keys), bool)
+        pos = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
+        return self.keys[pos] == keys
+
+    def add(self, keys: np.ndarray) -> None:
+        """Insert new keys (unique, not present), in the order given."""
+        keys = np.asarray(keys, np.int64)
+        order = np.arange(self.inserted, self.inserted + len(keys), dtype=np.int64)
+        self.inserted += len(keys)
+        s = np.argsort(keys, kind="stable")
+        pos = np.searchsorted(self.keys, keys[s])
+        self.keys = np.insert(self.keys, pos, keys[s])
+        self.order = np.insert(self.order, pos, order[s])
+        if len(self.keys) > self.capacity:
+            keep = self.order >= self.inserted - self.capacity
+            self.keys, self.order = self.keys[keep], self.order[keep]
+
+
+def rotation_angle_deg(R: np.ndarray) -> np.ndarray:
+    """Angle(s) of rotation matrices (..., 3, 3) in degrees."""
+    tr = np.trace(np.asarray(R, np.float64), axis1=-2, axis2=-1)
+    return np.degrees(np.arccos(np.clip((tr - 1.0) / 2.0, -1.0, 1.0)))
+
+
+def is_keyframe(c2w: np.ndarray, ref_c2w: np.ndarray | None, ref_depth: float, translation: float,
+                rotation_deg: float) -> bool:
+    """Did the camera move `translation` x ref_depth or turn `rotation_deg` since the reference keyframe?"""
+    if ref_c2w is None:
+        return True
+    c2w, ref_c2w = np.asarray(c2w, np.float64), np.asarray(ref_c2w, np.float64)
+    moved = float(np.linalg.norm(c2w[:3, 3] - ref_c2w[:3, 3]))
+    turned = float(rotation_angle_deg(ref_c2w[:3, :3].T @ c2w[:3, :3]))
+    return moved >= translation * ref_depth or turned >= rotation_deg
+
+
+def _huber(r: np.ndarray, floor: float) -> np.ndarray:
+    thresh = max(1.345 * MAD_TO_SIGMA * float(np.median(r)), floor)
+    return np.where(r <= thresh, 1.0, thresh / np.maximum(r, 1e-300))
+
+
+def prior_sim3(pred_c2w: np.ndarray, prior_c2w: np.ndarray, depth: float, *,
+               min_baseline: float = PRIOR_MIN_BASELINE, max_rel_rmse: float = PRIOR_MAX_REL_RMSE,
+               iters: int = 10) -> tuple[Sim3 | None, dict]:
+    """Sim(3) taking the window's predicted cameras (its gauge) onto the client's c2w priors.
+
+    Rotation: robust (Huber IRLS) chordal mean of prior R_j pred R_j^T, so it holds for collinear paths too.
+    Scale and translation: robust least squares of the rotated predicted centres onto the prior centres.
+    `depth` is the window's median depth in its gauge (sets what "no baseline" means). Returns (None, info with
+    a reason) when the priors cannot fix the scale or disagree with the prediction.
+    """
+    P = np.asarray(pred_c2w, np.float64)
+    Q = np.asarray(prior_c2w, np.float64)
+    n = len(P)
+    Rs = Q[:, :3, :3] @ np.swapaxes(P[:, :3, :3], 1, 2)
+    w = np.ones(n)
+    for _ in range(iters):
+        R = orthonormalize(np.einsum("n,nij->ij", w, Rs))
+        ang = np.radians(rotation_angle_deg(np.einsum("ji,njk->nik", R, Rs)))
+        w = _huber(ang, 1e-9)
+    rot_err = float(np.degrees(np.sqrt(np.average(ang ** 2, weights=w))))
+
+    a = P[:, :3, 3] @ R.T
+    b = Q[:, :3, 3]
+    base_pred = float(np.linalg.norm(a - a.mean(0), axis=1).max()) if n else 0.0
+    base_prior = float(np.linalg.norm(b - b.mean(0), axis=1).max()) if n else 0.0
+    info = {"num_cameras": n, "rotation_rmse_deg": rot_err}
+    if n < 2 or base_pred < min_baseline * depth or base_prior <= 1e-9 * (1.0 + float(np.abs(b).max())):
+        info["reason"] = "pose priors have no baseline (fewer than 2 distinct camera centres)"
+        info["rigid"] = Sim3(1.0, R, b.mean(0) - a.mean(0))
+        return None, info
+    w = np.ones(n)
+    s, t = 1.0, np.zeros(3)
+    for _ in range(iters):
+        wn = w / w.sum()
+        ma, mb = wn @ a, wn @ b
+        da, db = a - ma, b - mb
+        s = float((wn * np.einsum("ij,ij->i", da, db)).sum() / max((wn * np.einsum("ij,ij->i", da, da)).sum(),
+                                                                   1e-300))
+        t = mb - s * ma
+        r = np.linalg.norm(s * a + t - b, axis=1)
+        w = _huber(r, 1e-9 * (1.0 + base_prior))
+    rmse = float(np.sqrt(np.average(r ** 2, weights=w)))
+    info.update(scale=s, rmse=rmse, inlier_ratio=float((w >= 1.0).mean()))
+    if not (np.isfinite(s) and s > 0 and np.isfinite(t).all()):
+        info["reason"] = f"pose priors give a bad scale ({s:.3g})"
+        return None, info
+    if rmse > max_rel_rmse * base_prior:
+        info["reason"] = f"pose priors disagree with the predicted cameras (rmse {rmse:.3g} vs spread {base_prior:.3g})"
+        return None, info
+    return Sim3(s, R, t), info
+
+
+# --- the session reconstructor ------------------------------------------------------------------------------
 
 class StreamReconstructor:
     def __init__(self, params: SessionParams, seed: int = 0):
@@ -89,18 +265,39 @@ class StreamReconstructor:
         self.lost = False  # last alignment failed: re-anchor on known-good frames
         self.input_size: tuple[int, int] | None = None  # (w, h) fixed by the first frame
         self.rng = np.random.default_rng(seed)
+        self.placed = False  # some window has been placed: the world gauge is fixed
+        self.prior_world = False  # the world is the client's (the first placed window was placed by priors)
+        self.keyframes: deque[int] = deque(maxlen=max(params.overlap, 1))  # latest known keyframe indices
+        self.last_keyframe: tuple[np.ndarray, float] | None = None  # (c2w, median depth) of the newest one
+        self.occupancy = VoxelOccupancy(params.max_points)
+        self.num_keyframes = 0
 
     # --- planning -----------------------------------------------------------------------------------
     def add_frame(self, frame: FrameInput) -> None:
         self.pending.append(frame)
 
     def _context(self) -> list[FrameInput]:
+        """Last overlap-1 known keyframes + the most recent frame, filled up with recent frames (see module doc)."""
         k = self.params.overlap
-        if self.lost and self.world:
-            good = sorted(self.world.values(), key=lambda w: w.index)[-k:]
-            return [FrameInput(index=w.index, frame_id=w.frame_id, image=w.image, original_size=(0, 0))
-                    for w in good]
-        return self.last_planned[-k:]
+        if self.lost:
+            if not self.world:
+                return []  # nothing placed yet: the next window starts a new reference
+            pool = [self.world[i].as_input() for i in sorted(self.world)]
+        else:
+            pool = list(self.last_planned)
+        if not pool or k <= 0:
+            return []
+        chosen = {pool[-1].index: pool[-1]}
+        for idx in reversed(self.keyframes):
+            if len(chosen) >= k:
+                break
+            if idx in self.world and idx not in chosen:
+                chosen[idx] = self.world[idx].as_input()
+        for f in reversed(pool[:-1]):
+            if len(chosen) >= k:
+                break
+            chosen.setdefault(f.index, f)
+        return sorted(chosen.values(), key=lambda f: f.index)
 
     def next_window(self, force: bool = False) -> WindowPlan | None:
         """The next window if enough frames are pending (or any are, when forced by flush/finalize)."""
@@ -118,6 +315,53 @@ class StreamReconstructor:
         return plan
 
     # --- integration --------------------------------------------------------------------------------
+    def _dense_alignment(self, plan: WindowPlan, pts_win, conf, keep) -> tuple[Sim3 | None, dict]:
+        src, dst, w = [], [], []
+        for j, f in enumerate(plan.context):
+            wf = self.world.get(f.index)
+            if wf is None or wf.points.shape != pts_win[j].shape:
+                continue
+            m = keep[j] & np.isfinite(wf.points).all(-1)
+            src.append(pts_win[j][m])
+            dst.append(wf.points[m])
+            w.append(np.sqrt(conf[j][m] * wf.conf[m]))
+        if not src:
+            return None, {"reason": "no context frame has world geometry"}
+        res = robust_sim3(np.concatenate(src), np.concatenate(dst), np.concatenate(w),
+                          max_points=ALIGN_MAX_POINTS, seed=plan.window)
+        if not res.ok:
+            return None, {"reason": res.reason}
+        return res.sim3, {"ok": True, "mode": "dense", "scale": float(res.scale), "rmse": float(res.rmse),
+                          "inlier_ratio": float(res.inlier_ratio), "num_points": int(res.num_points)}
+
+    def _place(self, plan: WindowPlan, pred: WindowPrediction, c2w_win, pts_win, conf, keep
+               ) -> tuple[Sim3 | None, dict]:
+        """The window's Sim(3) onto the world and the "alignment" report; (None, {"reason"}) if it cannot."""
+        reason = None
+        if plan.has_pose_priors and (self.prior_world or not self.placed):
+            valid = pred.depth[np.isfinite(pred.depth) & (pred.depth > 0)]
+            depth = float(np.median(valid)) if valid.size else 1.0
+            priors = np.stack([np.asarray(f.pose, np.float64) for f in plan.frames])
+            sim, info = prior_sim3(c2w_win, priors, depth)
+            if sim is not None:
+                self.prior_world = True
+                return sim, {"ok": True, "mode": "priors", "scale": info["scale"], "rmse": info["rmse"],
+                             "inlier_ratio": info["inlier_ratio"], "num_points": 0,
+                             "num_cameras": info["num_cameras"], "rotation_rmse_deg": info["rotation_rmse_deg"]}
+            reason = info["reason"]
+            if not self.placed:
+                # No world yet to align densely to: put the window in the client's world at the model's scale.
+                self.prior_world = True
+                return info["rigid"], {"ok": True, "mode": "priors_rigid", "scale": 1.0, "rmse": 0.0,
+                                       "inlier_ratio": 1.0, "num_points": 0, "prior_fallback": reason}
+        if not self.placed:
+            return Sim3.identity(), {"ok": True, "mode": "reference", "scale": 1.0, "rmse": 0.0,
+                                     "inlier_ratio": 1.0, "num_points": 0, "reference": True}
+        sim, align = self._dense_alignment(plan, pts_win, conf, keep)
+        if sim is not None and reason:
+            align["prior_fallback"] = reason
+        return sim, align
+
     def integrate(self, plan: WindowPlan, pred: WindowPrediction) -> WindowOutput:
         """Place a predicted window in the world. Must be called in window order."""
         t0 = time.perf_counter()
@@ -127,74 +371,83 @@ class StreamReconstructor:
         conf = pred.conf.astype(np.float32)
         keep = confidence_mask(conf, self.params.conf_percentile, depth=pred.depth)
 
-        if self.windows_integrated == 0 and n_ctx == 0:
-            sim = Sim3.identity()
-            align = {"ok": True, "scale": 1.0, "rmse": 0.0, "inlier_ratio": 1.0, "num_points": 0,
-                     "reference": True}
-            if self.voxel_size is None:
-                valid = pred.depth[np.isfinite(pred.depth) & (pred.depth > 0)]
-                med = float(np.median(valid)) if valid.size else 1.0
-                self.voxel_size = max(med * AUTO_VOXEL_FRACTION, 1e-6)
-        else:
-            src, dst, w = [], [], []
-            for j, f in enumerate(plan.context):
-                wf = self.world.get(f.index)
-                if wf is None or wf.points.shape != pts_win[j].shape:
-                    continue
-                m = keep[j] & np.isfinite(wf.points).all(-1)
-                src.append(pts_win[j][m])
-                dst.append(wf.points[m])
-                w.append(np.sqrt(conf[j][m] * wf.conf[m]))
-            if src:
-                res = robust_sim3(np.concatenate(src), np.concatenate(dst), np.concatenate(w))
-            else:
-                res = None
-            if res is None or not res.ok:
-                reason = "no context frame has world geometry" if res is None else res.reason
-                return self.fail(plan, reason, time.perf_counter() - t0)
-            sim = res.sim3
-            align = {"ok": True, "scale": float(res.scale), "rmse": float(res.rmse),
-                     "inlier_ratio": float(res.inlier_ratio), "num_points": int(res.num_points)}
-
+        sim, align = self._place(plan, pred, c2w_win, pts_win, conf, keep)
+        if sim is None:
+            return self.fail(plan, align["reason"], time.perf_counter() - t0)
+        if self.voxel_size is None:
+            valid = pred.depth[np.isfinite(pred.depth) & (pred.depth > 0)]
+            med = float(np.median(valid)) * sim.s if valid.size else 1.0
+            focal = float(np.median(pred.intrinsics[:, [0, 1], [0, 1]]))
+            self.voxel_size = max(AUTO_VOXEL_PIXELS * med / max(focal, 1e-6), 1e-9)
+        self.placed = True
         self.lost = False
+
         now = time.time()
-        frames, all_pts, all_cols = [], [], []
+        frames, all_pts, all_cols, owner = [], [], [], []
+        p = self.params
         for j in range(n_ctx, len(plan.frames)):
             f = plan.frames[j]
             c2w = sim.transform_c2w(c2w_win[j])
             world_pts = sim.apply(pts_win[j].reshape(-1, 3)).reshape(pts_win[j].shape).astype(np.float32)
-            self.world[f.index] = WorldFrame(f.index, f.frame_id, f.image, world_pts, conf[j], c2w)
-            m = keep[j]
-            p, c = subsample(world_pts[m], f.image[m], self.params.max_points_per_frame, self.rng)
-            all_pts.append(p)
-            all_cols.append(c)
             d = pred.depth[j][np.isfinite(pred.depth[j]) & (pred.depth[j] > 0)] * sim.s
+            med = float(np.median(d)) if d.size else None
+            ref_c2w, ref_depth = self.last_keyframe if self.last_keyframe else (None, 0.0)
+            kf = is_keyframe(c2w, ref_c2w, ref_depth, p.keyframe_translation, p.keyframe_rotation_deg)
+            if kf:
+                self.last_keyframe = (c2w, med if med is not None else ref_depth)
+                self.keyframes.append(f.index)
+                self.num_keyframes += 1
+                m = keep[j]
+                pts_j, cols_j = subsample(world_pts[m], f.image[m], p.max_points_per_frame, self.rng)
+                all_pts.append(pts_j)
+                all_cols.append(cols_j)
+                owner.append(np.full(len(pts_j), len(frames)))
+            self.world[f.index] = WorldFrame(f.index, f.frame_id, f.image, world_pts, conf[j], c2w, source=f,
+                                             keyframe=kf)
             frames.append({
                 "frame_id": f.frame_id, "index": f.index, "window": plan.window,
                 "timestamp": f.timestamp,
                 "pose": c2w.tolist(), "intrinsics": pred.intrinsics[j].tolist(),
                 "image_size": [int(f.image.shape[1]), int(f.image.shape[0])],
                 "original_size": list(f.original_size),
-                "depth": ({"min": float(d.min()), "max": float(d.max()), "median": float(np.median(d))}
+                "depth": ({"min": float(d.min()), "max": float(d.max()), "median": med}
                           if d.size else {"min": None, "max": None, "median": None}),
-                "points_added": 0, "latency_ms": round((now - f.received_at) * 1000.0, 2),
+                "points_added": 0, "keyframe": kf, "latency_ms": round((now - f.received_at) * 1000.0, 2),
             })
-        pts = np.concatenate(all_pts) if all_pts else np.zeros((0, 3), np.float32)
-        cols = np.concatenate(all_cols) if all_cols else np.zeros((0, 3), np.uint8)
-        counts = [len(p) for p in all_pts]
-        if self.voxel_size and len(pts):
-            pts, cols, _ = voxel_downsample(pts, cols, self.voxel_size)
-            # Attribute the downsampled total to frames in proportion to what each contributed.
-            total = max(sum(counts), 1)
-            counts = [int(round(len(pts) * c / total)) for c in counts]
+        pts, cols, counts = self._new_map_points(all_pts, all_cols, owner, len(frames))
         for fr, c in zip(frames, counts):
-            fr["points_added"] = c
+            fr["points_added"] = int(c)
         self._finish(plan)
         window = {"window": plan.window, "frame_ids": [f.frame_id for f in plan.new],
                   "context_frame_ids": [f.frame_id for f in plan.context], "alignment": align,
+                  "keyframes": int(sum(fr["keyframe"] for fr in frames)),
                   "geometry_ms": round((time.perf_counter() - t0) * 1000.0, 2)}
-        return WindowOutput(window=window, frames=frames, points=pts.astype(np.float32),
-                            colors=cols.astype(np.uint8), ok=True)
+        return WindowOutput(window=window, frames=frames, points=pts, colors=cols, ok=True)
+
+    def _new_map_points(self, all_pts, all_cols, owner, n_frames) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One point per voxel not yet in the map (window mean position and colour), the occupancy updated,
+        and how many each frame added (a voxel belongs to the frame that saw it first)."""
+        if not all_pts or not sum(len(x) for x in all_pts):
+            return np.zeros((0, 3), np.float32), np.zeros((0, 3), np.uint8), np.zeros(n_frames, np.int64)
+        pts = np.concatenate(all_pts).astype(np.float64)
+        cols = np.concatenate(all_cols).astype(np.float64)
+        own = np.concatenate(owner)
+        ok = np.isfinite(pts).all(1)
+        pts, cols, own = pts[ok], cols[ok], own[ok]
+        keys = voxel_keys(pts, self.voxel_size)
+        uniq, first, inv, cnt = np.unique(keys, return_index=True, return_inverse=True, return_counts=True)
+        inv = inv.reshape(-1)
+        new = ~self.occupancy.contains(uniq)
+        sel = np.flatnonzero(new)
+        sel = sel[np.argsort(first[sel], kind="stable")]  # emission order = first sight, as the store evicts
+        nv = len(uniq)
+        mean_p = np.stack([np.bincount(inv, weights=pts[:, k], minlength=nv) for k in range(3)], 1)
+        mean_c = np.stack([np.bincount(inv, weights=cols[:, k], minlength=nv) for k in range(3)], 1)
+        out_p = (mean_p[sel] / cnt[sel, None]).astype(np.float32)
+        out_c = np.clip(np.rint(mean_c[sel] / cnt[sel, None]), 0, 255).astype(np.uint8)
+        self.occupancy.add(uniq[sel])
+        counts = np.bincount(own[first[sel]], minlength=n_frames)
+        return out_p, out_c, counts
 
     def fail(self, plan: WindowPlan, reason: str | None, elapsed: float = 0.0) -> WindowOutput:
         """Report a window that could not be placed (model error or alignment); the map is untouched."""
@@ -203,11 +456,13 @@ class StreamReconstructor:
         frames = [{"frame_id": f.frame_id, "index": f.index, "window": plan.window, "timestamp": f.timestamp,
                    "pose": None, "intrinsics": None, "image_size": [int(f.image.shape[1]), int(f.image.shape[0])],
                    "original_size": list(f.original_size), "depth": None, "points_added": 0,
-                   "latency_ms": round((time.time() - f.received_at) * 1000.0, 2), "failed": True}
+                   "keyframe": False, "latency_ms": round((time.time() - f.received_at) * 1000.0, 2),
+                   "failed": True}
                   for f in plan.new]
         window = {"window": plan.window, "frame_ids": [f.frame_id for f in plan.new],
                   "context_frame_ids": [f.frame_id for f in plan.context],
-                  "alignment": {"ok": False, "reason": reason}, "geometry_ms": round(elapsed * 1000.0, 2)}
+                  "alignment": {"ok": False, "reason": reason}, "keyframes": 0,
+                  "geometry_ms": round(elapsed * 1000.0, 2)}
         return WindowOutput(window=window, frames=frames, points=np.zeros((0, 3), np.float32),
                             colors=np.zeros((0, 3), np.uint8), ok=False, reason=reason)
 
@@ -215,13 +470,19 @@ class StreamReconstructor:
         self.outstanding.pop(plan.window, None)
         self.windows_integrated += 1
         # Keep world data only for frames a future or outstanding window can still use as context.
+        k = self.params.overlap
         needed = {f.index for p in self.outstanding.values() for f in p.context}
-        needed |= {f.index for f in self.last_planned[-self.params.overlap:]}
+        needed |= {f.index for f in self.last_planned[-k:]}
+        needed |= set(list(self.keyframes)[-k:])
         if self.world:
-            newest = sorted(self.world)[-self.params.overlap:]  # re-anchoring after a failure
-            needed |= set(newest)
+            needed |= set(sorted(self.world)[-k:])  # re-anchoring after a failure
         for idx in [i for i in self.world if i not in needed]:
             del self.world[idx]
+
+    def memory_bytes(self) -> int:
+        """Session geometry held here: world frames kept for context, the voxel occupancy, queued images."""
+        return (sum(wf.nbytes for wf in self.world.values()) + self.occupancy.nbytes
+                + sum(f.image.nbytes for f in self.pending))
 
     @property
     def idle(self) -> bool:

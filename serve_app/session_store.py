@@ -16,6 +16,7 @@ import numpy as np
 
 from serve_app.config import LimitsConfig, SessionParams
 from serve_app.errors import ErrorCode, ServiceError
+from serve_app.limits import TokenBucket
 
 # created -> streaming -> finalizing -> complete; any live state -> failed; expiry removes the session.
 LIVE_STATES = ("created", "streaming", "finalizing")
@@ -108,6 +109,7 @@ class SessionStore:
         self.limits = limits or LimitsConfig()
         self.sessions: dict[str, Session] = {}
         self.expired: dict[str, float] = {}  # tombstones: id -> expired at
+        self.create_buckets: dict[str | None, TokenBucket] = {}
 
     # --- lookup -------------------------------------------------------------------------------------
     def _get(self, session_id: str, owner: str | None) -> Session:
@@ -127,6 +129,19 @@ class SessionStore:
         if len(self.sessions) >= self.limits.max_sessions:
             raise ServiceError(ErrorCode.SESSION_LIMIT,
                                f"server is at its limit of {self.limits.max_sessions} sessions; retry later")
+        mine = sum(1 for s in self.sessions.values() if s.owner == owner)
+        if mine >= self.limits.max_sessions_per_key:
+            raise ServiceError(ErrorCode.SESSION_LIMIT,
+                               f"this key has {mine} open sessions (limit {self.limits.max_sessions_per_key}); "
+                               "delete or finish one first")
+        per_min = self.limits.sessions_per_minute
+        bucket = self.create_buckets.setdefault(owner, TokenBucket(rate=per_min / 60.0, burst=max(per_min, 1.0),
+                                                                   stamp=now))
+        wait = bucket.take(1, now)
+        if wait:
+            raise ServiceError(ErrorCode.RATE_LIMITED,
+                               f"too many sessions created (limit {per_min:g}/min); retry in {wait:.1f}s",
+                               details={"retry_after_s": round(wait, 2)})
         sid = new_session_id()
         s = Session(session_id=sid, owner=owner, params=params, created_at=now, updated_at=now)
         self.sessions[sid] = s

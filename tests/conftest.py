@@ -52,7 +52,7 @@ def serve_url():
     from serve_app.app import build_app
 
     # A logical GPU lets the model deployment's real `num_gpus: 1` schedule on this CPU machine.
-    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, namespace="da3-serve-tests",
+    ray.init(num_cpus=4, num_gpus=3, include_dashboard=False, namespace="da3-serve-tests",
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}})
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -71,3 +71,33 @@ def serve_url():
     yield url
     serve.shutdown()
     ray.shutdown()
+
+
+API_KEYS = ["key-alice", "key-bob"]
+
+
+@pytest.fixture(scope="session")
+def secure_url(serve_url):
+    """A second app in the same cluster: API keys on, CORS for one origin, tight limits, oracle backend
+    (cheap, so these tests spend their time on the rules, not on the network)."""
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    args = app_args(
+        model={"backend": "oracle", "oracle_scene": SCENE},
+        auth={"mode": "api_key", "api_keys": API_KEYS},
+        cors_origins=["http://allowed.example"],
+        limits={"max_sessions_per_key": 3, "frames_per_s": 2.0, "max_in_flight": 12},
+    )
+    serve.run(build_app(args), name="secure", route_prefix="/secure", blocking=False)
+    url = serve_url + "/secure"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        try:
+            if httpx.get(url + "/healthz", timeout=5).status_code == 200:
+                return url
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise RuntimeError("secure app did not become healthy")

@@ -141,7 +141,7 @@ def test_random_spec_conflicting_model_name():
         resolve_checkpoint(f"random:{MODEL}", model_name="da3-base")
 
 
-@pytest.mark.parametrize("spec", ["./no/such/dir", "/definitely/not/here", "a/b/c", "../x"])
+@pytest.mark.parametrize("spec", ["./no/such/dir", "/definitely/not/here", "a/b/c", "../no-such-da3-checkpoint-dir"])
 def test_nonexistent_path(spec):
     with pytest.raises(CheckpointError, match="no such directory"):
         resolve_checkpoint(spec)

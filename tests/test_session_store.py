@@ -18,7 +18,7 @@ def _commit(store, sid, n_points, now, frames=1):
 
 
 def test_ids_are_unguessable_and_unique():
-    st = _store()
+    st = _store(max_sessions_per_key=100, sessions_per_minute=1000)
     ids = {st.create(SessionParams(), None, 0.0).session_id for _ in range(50)}
     assert len(ids) == 50 and all(len(i) >= 24 for i in ids)
 
@@ -119,3 +119,32 @@ def test_newest_connection_takes_over():
     assert s.connection_id == "b"
     st.detach(s.session_id, "b")
     assert s.connection_id is None
+
+
+def test_per_key_session_cap_and_creation_rate():
+    st = _store(max_sessions_per_key=2, sessions_per_minute=3)
+    a, b = owner_of("a"), owner_of("b")
+    st.create(SessionParams(), a, 0)
+    st.create(SessionParams(), a, 0)
+    with pytest.raises(ServiceError) as ei:
+        st.create(SessionParams(), a, 0)
+    assert ei.value.code is ErrorCode.SESSION_LIMIT
+    st.create(SessionParams(), b, 0)  # another key is unaffected
+    for sid in [s.session_id for s in st.list(a)]:
+        st.delete(sid, a)
+    st.create(SessionParams(), a, 1)  # third creation within the minute: still in the burst of 3
+    st.delete(st.list(a)[0].session_id, a)
+    with pytest.raises(ServiceError) as ei:
+        st.create(SessionParams(), a, 2)
+    assert ei.value.code is ErrorCode.RATE_LIMITED and ei.value.details["retry_after_s"] > 0
+    st.create(SessionParams(), a, 2 + 20.5)  # one token refills every 20 s at 3/min
+
+
+def test_token_bucket():
+    from serve_app.limits import TokenBucket
+
+    tb = TokenBucket(rate=10, burst=20)
+    assert tb.take(20, 0) == 0
+    assert tb.take(5, 0) == pytest.approx(0.5)
+    assert tb.take(5, 0.5) == 0
+    assert tb.take(1000, 0.5) > 90

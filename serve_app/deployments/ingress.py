@@ -27,6 +27,7 @@ from serve_app.deployments.session_actor import call, get_session_actor
 from serve_app.deployments.session_worker import SessionWorker
 from serve_app.errors import WS_CLOSE, WS_CLOSE_NORMAL, WS_CLOSE_SESSION_DELETED, ErrorCode, ServiceError
 from serve_app.imaging import ImageLimits, decode_image
+from serve_app.limits import TokenBucket
 from serve_app.preprocess import resize_for_model
 from serve_app.reconstruction import FrameInput
 from serve_app.session_store import owner_of
@@ -37,6 +38,8 @@ api = FastAPI(title="da3-serve", version="0.1.0",
               description="Real-time 3D reconstruction with Depth Anything 3. Protocol: docs/WEBSOCKET_API.md")
 
 
+WS_SUBPROTOCOL = "da3.v1"
+BEARER_PROTOCOL_PREFIX = "bearer."
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 api.mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static")
 
@@ -126,6 +129,10 @@ class Ingress:
         h = request.headers.get("authorization", "")
         if h.lower().startswith("bearer "):
             return h[7:].strip()
+        # Browsers cannot set headers on a WebSocket: they may offer "bearer.<key>" as a subprotocol.
+        for proto in request.headers.get("sec-websocket-protocol", "").split(","):
+            if proto.strip().startswith(BEARER_PROTOCOL_PREFIX):
+                return proto.strip()[len(BEARER_PROTOCOL_PREFIX):]
         return request.query_params.get("token")
 
     # --- HTTP routes ------------------------------------------------------------------------------------
@@ -141,8 +148,9 @@ class Ingress:
         info = await call(self.actor.create, params.model_dump(), owner)
         sid = info["session_id"]
         ws_scheme = "wss" if request.url.scheme == "https" else "ws"
-        info["websocket_path"] = f"/ws/reconstruct/{sid}"
-        info["websocket_url"] = f"{ws_scheme}://{request.url.netloc}/ws/reconstruct/{sid}"
+        root = request.scope.get("root_path", "").rstrip("/")  # the app's route_prefix
+        info["websocket_path"] = f"{root}/ws/reconstruct/{sid}"
+        info["websocket_url"] = f"{ws_scheme}://{request.url.netloc}{root}/ws/reconstruct/{sid}"
         log.info("session created", extra={"session_id": sid})
         return JSONResponse(info, status_code=201)
 
@@ -261,7 +269,8 @@ class Ingress:
 
     @api.websocket("/ws/reconstruct/{session_id}")
     async def reconstruct(self, websocket: WebSocket, session_id: str) -> None:
-        await websocket.accept()
+        offered = [p.strip() for p in websocket.headers.get("sec-websocket-protocol", "").split(",")]
+        await websocket.accept(subprotocol=WS_SUBPROTOCOL if WS_SUBPROTOCOL in offered else None)
         conn = Connection(websocket)
         try:
             owner = self._owner(self._bearer(websocket))
@@ -343,6 +352,7 @@ class Ingress:
                             frame: protocol.IncomingFrame) -> None:
         fid = frame.meta.frame_id
         try:
+            self._rate_check(worker, len(frame.image))
             if worker.in_flight >= self.args.limits.max_in_flight:
                 raise ServiceError(ErrorCode.QUEUE_FULL,
                                    f"{worker.in_flight} frames in flight (max {self.args.limits.max_in_flight}); "
@@ -369,6 +379,22 @@ class Ingress:
         await conn.send_json({"type": "ack", "frame_id": fid if fid is not None else index, "index": index,
                               "frames_received": index + 1, "in_flight": worker.in_flight,
                               "max_in_flight": self.args.limits.max_in_flight})
+
+    def _rate_check(self, worker: SessionWorker, nbytes: int) -> None:
+        lim, now = self.args.limits, time.monotonic()
+        if worker.frame_bucket is None:
+            worker.frame_bucket = TokenBucket(lim.frames_per_s, 2 * lim.frames_per_s, stamp=now)
+            worker.byte_bucket = TokenBucket(lim.bytes_per_s, 2 * lim.bytes_per_s, stamp=now)
+        wait = worker.frame_bucket.take(1, now)
+        if not wait:
+            wait = worker.byte_bucket.take(nbytes, now)
+            if wait:
+                worker.frame_bucket.tokens += 1  # refund: the frame is rejected as a whole
+        if wait:
+            raise ServiceError(ErrorCode.RATE_LIMITED,
+                               f"session over its rate limit ({lim.frames_per_s:g} frames/s, "
+                               f"{lim.bytes_per_s / 1e6:g} MB/s); retry in {wait:.2f}s",
+                               details={"retry_after_s": round(wait, 3)})
 
     def _decode(self, data: bytes, process_res: int, size: tuple[int, int] | None):
         rgb = decode_image(data, self.image_limits)

@@ -1,0 +1,108 @@
+"""API keys, ownership, CORS and rate limits on a real app (the `secure` app from conftest)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+import websockets
+
+from serve_app.imaging import encode_image
+from serve_app.protocol import encode_frame_message
+
+pytestmark = pytest.mark.ray
+ALICE = {"Authorization": "Bearer key-alice"}
+BOB = {"Authorization": "Bearer key-bob"}
+
+
+def ws(base, sid, **q):
+    qs = "&".join(f"{k}={v}" for k, v in q.items())
+    return base.replace("http://", "ws://") + f"/ws/reconstruct/{sid}" + (f"?{qs}" if qs else "")
+
+
+def test_http_requires_a_valid_key(secure_url):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic a2V5LWFsaWNl"}):
+        r = httpx.post(secure_url + "/ws/session/create", headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "UNAUTHORIZED"
+        assert httpx.get(secure_url + "/ws/sessions", headers=headers).status_code == 401
+    assert httpx.get(secure_url + "/healthz").status_code == 200  # probes need no key
+
+
+def test_sessions_belong_to_their_key(secure_url):
+    r = httpx.post(secure_url + "/ws/session/create", headers=ALICE)
+    assert r.status_code == 201
+    sid = r.json()["session_id"]
+    assert r.json()["websocket_path"] == f"/secure/ws/reconstruct/{sid}"
+    assert httpx.get(f"{secure_url}/ws/session/{sid}", headers=ALICE).status_code == 200
+    for method, path in (("get", ""), ("get", "/reconstruction.ply"), ("get", "/trajectory.json"),
+                         ("delete", "")):
+        r = getattr(httpx, method)(f"{secure_url}/ws/session/{sid}{path}", headers=BOB)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "SESSION_NOT_FOUND"
+    listed = httpx.get(secure_url + "/ws/sessions", headers=BOB).json()["sessions"]
+    assert sid not in [s["session_id"] for s in listed]
+    assert httpx.delete(f"{secure_url}/ws/session/{sid}", headers=ALICE).status_code == 204
+
+
+async def test_websocket_auth_query_subprotocol_and_ownership(secure_url):
+    sid = httpx.post(secure_url + "/ws/session/create", headers=ALICE).json()["session_id"]
+    async with websockets.connect(ws(secure_url, sid)) as c:
+        m = json.loads(await c.recv())
+        assert m["code"] == "UNAUTHORIZED"
+        with pytest.raises(websockets.ConnectionClosed):
+            await c.recv()
+    assert c.close_code == 4401
+    async with websockets.connect(ws(secure_url, sid, token="key-bob")) as c:
+        assert json.loads(await c.recv())["code"] == "SESSION_NOT_FOUND"
+        with pytest.raises(websockets.ConnectionClosed):
+            await c.recv()
+    assert c.close_code == 4404
+    async with websockets.connect(ws(secure_url, sid, token="key-alice")) as c:
+        assert json.loads(await c.recv())["type"] == "ready"
+    async with websockets.connect(ws(secure_url, sid), subprotocols=["da3.v1", "bearer.key-alice"]) as c:
+        assert c.subprotocol == "da3.v1"
+        assert json.loads(await c.recv())["type"] == "ready"
+
+
+def test_cors_only_for_configured_origins(secure_url):
+    pre = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"}
+    ok = httpx.options(secure_url + "/ws/session/create", headers={"Origin": "http://allowed.example", **pre})
+    assert ok.headers.get("access-control-allow-origin") == "http://allowed.example"
+    bad = httpx.options(secure_url + "/ws/session/create", headers={"Origin": "http://evil.example", **pre})
+    assert bad.headers.get("access-control-allow-origin") is None
+
+
+def test_per_key_session_cap(secure_url):
+    made = []
+    try:
+        for _ in range(3):
+            r = httpx.post(secure_url + "/ws/session/create", headers=BOB)
+            assert r.status_code == 201
+            made.append(r.json()["session_id"])
+        r = httpx.post(secure_url + "/ws/session/create", headers=BOB)
+        assert r.status_code == 429 and r.json()["error"]["code"] == "SESSION_LIMIT"
+        assert httpx.post(secure_url + "/ws/session/create", headers=ALICE).status_code == 201
+    finally:
+        for sid in made:
+            httpx.delete(f"{secure_url}/ws/session/{sid}", headers=BOB)
+
+
+async def test_frame_rate_limit_is_non_fatal(secure_url, synthetic_seq):
+    sid = httpx.post(secure_url + "/ws/session/create", headers=ALICE).json()["session_id"]
+    frame = encode_image(synthetic_seq.images[0], "PNG")
+    codes, acks = [], 0
+    async with websockets.connect(ws(secure_url, sid, token="key-alice"), max_size=None) as c:
+        await c.recv()
+        for i in range(8):  # limit is 2 frames/s with a burst of 4
+            await c.send(encode_frame_message(frame, {"frame_id": i}))
+        while acks + len(codes) < 8:
+            m = await asyncio.wait_for(c.recv(), 30)
+            if isinstance(m, str):
+                m = json.loads(m)
+                if m["type"] == "ack":
+                    acks += 1
+                elif m["type"] == "error":
+                    codes.append((m["code"], m["fatal"]))
+    assert acks == 4 and codes == [("RATE_LIMITED", False)] * 4
+    httpx.delete(f"{secure_url}/ws/session/{sid}", headers=ALICE)
