@@ -53,6 +53,7 @@ def serve_url():
 
     # A logical GPU lets the model deployment's real `num_gpus: 1` schedule on this CPU machine.
     ray.init(num_cpus=4, num_gpus=3, include_dashboard=False, namespace="da3-serve-tests",
+             _system_config={"metrics_report_interval_ms": 1000},
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}})
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

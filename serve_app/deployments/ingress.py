@@ -28,6 +28,7 @@ from serve_app.deployments.session_worker import SessionWorker
 from serve_app.errors import WS_CLOSE, WS_CLOSE_NORMAL, WS_CLOSE_SESSION_DELETED, ErrorCode, ServiceError
 from serve_app.imaging import ImageLimits, decode_image
 from serve_app.limits import TokenBucket
+from serve_app.metrics import IngressMetrics
 from serve_app.preprocess import resize_for_model
 from serve_app.reconstruction import FrameInput
 from serve_app.session_store import owner_of
@@ -101,6 +102,8 @@ class Ingress:
         self.workers: dict[str, SessionWorker] = {}
         self.errors: Counter[str] = Counter()
         self.frames_in = 0
+        self.metrics = IngressMetrics()
+        self.streams = 0
         self.processed_closed = 0  # frames processed by workers that have since gone
         self.rate: list[tuple[float, int]] = []
         self.started = time.time()
@@ -111,6 +114,10 @@ class Ingress:
         if self.args.cors_origins:
             api.add_middleware(CORSMiddleware, allow_origins=self.args.cors_origins, allow_methods=["*"],
                                allow_headers=["*"])
+
+    def _count_error(self, code: str) -> None:
+        self.errors[code] += 1
+        self.metrics.errors.inc(tags={"code": code})
 
     # --- auth -------------------------------------------------------------------------------------------
     def _owner(self, token: str | None) -> str | None:
@@ -263,9 +270,17 @@ class Ingress:
         w = self.workers.get(sid)
         if w is None or w.closed:
             w = SessionWorker(sid, params, self.model, self.actor, self.args.limits, self.pool,
-                              on_gone=self._drop_worker)
+                              on_gone=self._drop_worker, on_window=self._on_window)
             self.workers[sid] = w
         return w
+
+    def _on_window(self, window: dict, frames: int, error_code: str | None) -> None:
+        self.metrics.frames_out.inc(frames)
+        t = window.get("timings_ms", {})
+        self.metrics.window_latency.observe(t.get("total", 0.0))
+        self.metrics.model_latency.observe(t.get("model_roundtrip", 0.0))
+        if error_code:
+            self._count_error(error_code)
 
     @api.websocket("/ws/reconstruct/{session_id}")
     async def reconstruct(self, websocket: WebSocket, session_id: str) -> None:
@@ -276,7 +291,7 @@ class Ingress:
             owner = self._owner(self._bearer(websocket))
             att = await call(self.actor.attach, session_id, owner, conn.id)
         except ServiceError as exc:
-            self.errors[exc.code.value] += 1
+            self._count_error(exc.code.value)
             await conn.fail(exc)
             await conn.close(WS_CLOSE.get(exc.code, 4500), exc.code.value)
             return
@@ -292,6 +307,8 @@ class Ingress:
             asyncio.ensure_future(conn.send_json(msg))
 
         worker.listeners.append(listener)
+        self.streams += 1
+        self.metrics.active_sessions.set(self.streams)
         await conn.send_json({
             "type": "ready", "protocol": protocol.PROTOCOL_VERSION, "session_id": session_id,
             "params": info["params"], "state": info["state"], "frames_received": info["frames_received"],
@@ -308,6 +325,8 @@ class Ingress:
                 worker.listeners.remove(listener)
             sender.cancel()
             conn.closed = True
+            self.streams -= 1
+            self.metrics.active_sessions.set(self.streams)
             try:
                 await self.actor.detach.remote(session_id, conn.id)
             except Exception:  # noqa: BLE001 - actor restarting; attachment is advisory
@@ -342,7 +361,7 @@ class Ingress:
                 elif kind == "ping":
                     await conn.send_json({"type": "pong", "t": cmsg.t, "server_time": time.time()})
             except ServiceError as exc:
-                self.errors[exc.code.value] += 1
+                self._count_error(exc.code.value)
                 await conn.fail(exc, frame_id=getattr(exc, "frame_id", None))
                 if exc.fatal:
                     await conn.close(WS_CLOSE.get(exc.code, 4500), exc.code.value)
@@ -367,6 +386,7 @@ class Ingress:
             exc.frame_id = fid
             raise
         self.frames_in += 1
+        self.metrics.frames_in.inc()
         meta = frame.meta
         K = None
         if meta.intrinsics is not None:

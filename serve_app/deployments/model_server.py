@@ -13,6 +13,7 @@ from ray import serve
 
 from serve_app.backends import make_backend
 from serve_app.config import BatchConfig, ModelConfig
+from serve_app.metrics import ModelMetrics
 from serve_app.prediction import WindowPrediction, WindowRequest
 
 log = logging.getLogger("da3.model")
@@ -35,6 +36,7 @@ class DA3ModelServer:
         self.busy_s = 0.0
         self.last_error: str | None = None
         self.batching = BatchConfig()  # replaced by reconfigure(user_config)
+        self.metrics = ModelMetrics()
         self.backend.health_check()
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -59,6 +61,11 @@ class DA3ModelServer:
                     results.append({"ok": False, "error": self.last_error})
         elapsed = time.perf_counter() - t0
         self.busy_s += elapsed
+        self.metrics.batch_size.observe(len(requests))
+        self.metrics.forward_ms.observe(elapsed * 1000.0)
+        bad = sum(1 for r in results if not r["ok"])
+        if bad:
+            self.metrics.failures.inc(bad)
         for res in results:
             res["batch_size"] = len(requests)
             res["model_ms"] = elapsed * 1000.0

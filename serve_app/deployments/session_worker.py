@@ -23,7 +23,8 @@ log = logging.getLogger("da3.worker")
 
 class SessionWorker:
     def __init__(self, session_id: str, params: SessionParams, model, actor, limits: LimitsConfig,
-                 pool: Executor, on_gone: Callable[[str], None]):
+                 pool: Executor, on_gone: Callable[[str], None],
+                 on_window: Callable[[dict, int, str | None], None] | None = None):
         self.sid = session_id
         self.params = params
         self.model = model
@@ -31,6 +32,7 @@ class SessionWorker:
         self.limits = limits
         self.pool = pool
         self.on_gone = on_gone
+        self.on_window = on_window
         self.recon = StreamReconstructor(params)
         self.lock = asyncio.Lock()  # the reconstructor is only touched under this lock, in the pool
         self.wake = asyncio.Event()
@@ -149,6 +151,8 @@ class SessionWorker:
             seq = await call(self.actor.commit_window, self.sid, out.window, out.frames, out.points, out.colors,
                              None, not out.ok)
             self.processed += len(plan.new)
+            if self.on_window is not None:
+                self.on_window(out.window, len(plan.new), None if out.ok else code.value)
             if seq < 0:
                 self._gone()
                 return
