@@ -341,7 +341,8 @@ def msg_frame_result(seq: int, body: dict) -> dict:
 
 def export_paths(session_id: str) -> dict:
     base = f"/ws/session/{session_id}"
-    return {"ply": f"{base}/reconstruction.ply", "trajectory": f"{base}/trajectory.json"}
+    return {"ply": f"{base}/reconstruction.ply", "glb": f"{base}/reconstruction.glb",
+            "trajectory": f"{base}/trajectory.json", "tum": f"{base}/trajectory.txt"}
 
 
 def msg_summary(session_id: str, *, frames_received: int, frames_processed: int, points_total: int, windows: int,

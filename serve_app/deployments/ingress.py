@@ -32,6 +32,7 @@ from serve_app.metrics import IngressMetrics
 from serve_app.preprocess import resize_for_model
 from serve_app.reconstruction import FrameInput
 from serve_app.session_store import owner_of
+from serve_app.video import decode_video, is_video
 
 log = logging.getLogger("da3.ingress")
 
@@ -213,6 +214,71 @@ class Ingress:
         c2w = np.array([f["pose"] for f in frames], np.float64).reshape(-1, 4, 4)
         return Response(exports.trajectory_tum(ts, c2w), media_type="text/plain")
 
+    @api.post("/v1/reconstruct")
+    async def reconstruct_upload(self, request: Request) -> Response:
+        """One-shot: multipart `files` (images and/or videos) + optional `params` JSON field ->
+        the reconstruction (`?format=json|ply|glb`), through the same windows, batching and alignment."""
+        owner = self._owner(self._bearer(request))
+        lim = self.args.limits
+        fmt = request.query_params.get("format", "json")
+        if fmt not in ("json", "ply", "glb"):
+            raise ServiceError(ErrorCode.INVALID_PARAMS, "format must be json, ply or glb",
+                               details={"field": "format"})
+        if int(request.headers.get("content-length") or 0) > lim.max_upload_bytes:
+            raise ServiceError(ErrorCode.MESSAGE_TOO_LARGE, f"upload exceeds {lim.max_upload_bytes} bytes")
+        try:
+            every = max(1, int(request.query_params.get("every", "1")))
+        except ValueError:
+            raise ServiceError(ErrorCode.INVALID_PARAMS, "every must be an integer", details={"field": "every"})
+        form = await request.form(max_files=lim.max_upload_files, max_fields=16)
+        uploads = [v for _, v in form.multi_items() if hasattr(v, "read")]
+        if not uploads:
+            raise ServiceError(ErrorCode.INVALID_MESSAGE, "no files: send images or a video as multipart `files`")
+        try:
+            overrides = json.loads(form.get("params") or "{}")
+        except ValueError:
+            raise ServiceError(ErrorCode.INVALID_PARAMS, "params must be a JSON object", details={"field": "params"})
+        params = merge_session_params(self.args.session_defaults, overrides, lim.max_process_res)
+        info = await call(self.actor.create, params.model_dump(), owner)
+        sid = info["session_id"]
+        worker = self._worker(sid, params)
+        loop = asyncio.get_running_loop()
+        try:
+            taken = 0
+            for up in uploads:
+                data = await up.read()
+                if is_video(up.filename, up.content_type):
+                    images = await loop.run_in_executor(
+                        self.pool, lambda d=data: decode_video(d, max_frames=lim.max_upload_frames - taken,
+                                                               every=every, max_pixels=lim.max_image_pixels))
+                else:
+                    images = [data]
+                for img in images:
+                    if taken >= lim.max_upload_frames:
+                        break
+                    while worker.in_flight >= lim.max_in_flight:  # upload pacing: wait, never reject
+                        await asyncio.sleep(0.02)
+                    try:
+                        await self._admit(sid, owner, worker, img, protocol.FrameMeta(frame_id=taken))
+                    except ServiceError as exc:
+                        exc.message = f"{up.filename}: {exc.message}"
+                        raise
+                    taken += 1
+            await worker.finalize()
+            done = await call(self.actor.wait_finished, sid, lim.model_timeout_s * (1 + taken))
+        except BaseException:
+            await self.actor.delete.remote(sid, owner)
+            self._drop_worker(sid)
+            raise
+        if fmt == "ply":
+            return await self.export_ply(sid, request)
+        if fmt == "glb":
+            return await self.export_glb(sid, request)
+        traj = await self.export_trajectory(sid, request)
+        return JSONResponse({"session_id": sid, "state": done.get("state"), "frames": done.get("frames_processed"),
+                             "frames_failed": done.get("frames_failed"), "points_total": done.get("points_total"),
+                             "trajectory": traj["frames"], "exports": protocol.export_paths(sid)})
+
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:
         try:
@@ -369,36 +435,39 @@ class Ingress:
 
     async def _accept_frame(self, conn: Connection, sid: str, owner: str | None, worker: SessionWorker,
                             frame: protocol.IncomingFrame) -> None:
-        fid = frame.meta.frame_id
         try:
             self._rate_check(worker, len(frame.image))
             if worker.in_flight >= self.args.limits.max_in_flight:
                 raise ServiceError(ErrorCode.QUEUE_FULL,
                                    f"{worker.in_flight} frames in flight (max {self.args.limits.max_in_flight}); "
                                    "wait for results before sending more")
-            size = worker.recon.input_size
-            image, original, resized_size = await asyncio.get_running_loop().run_in_executor(
-                self.pool, self._decode, frame.image, worker.params.process_res, size)
-            if worker.recon.input_size is None:
-                worker.recon.input_size = resized_size
-            index = await call(self.actor.accept_frames, sid, owner, 1)
+            index, fid = await self._admit(sid, owner, worker, frame.image, frame.meta)
         except ServiceError as exc:
-            exc.frame_id = fid
+            exc.frame_id = frame.meta.frame_id
             raise
+        await conn.send_json({"type": "ack", "frame_id": fid, "index": index, "frames_received": index + 1,
+                              "in_flight": worker.in_flight, "max_in_flight": self.args.limits.max_in_flight})
+
+    async def _admit(self, sid: str, owner: str | None, worker: SessionWorker, image: bytes | np.ndarray,
+                     meta: protocol.FrameMeta) -> tuple[int, Any]:
+        """Decode/resize off the loop, reserve an index in the actor, queue the frame. Returns (index, frame_id)."""
+        rgb, resized = await asyncio.get_running_loop().run_in_executor(
+            self.pool, self._prepare, image, worker.params.process_res, worker.recon.input_size)
+        if worker.recon.input_size is None:
+            worker.recon.input_size = (int(resized.shape[1]), int(resized.shape[0]))
+        index = await call(self.actor.accept_frames, sid, owner, 1)
         self.frames_in += 1
         self.metrics.frames_in.inc()
-        meta = frame.meta
+        original = (int(rgb.shape[1]), int(rgb.shape[0]))
         K = None
         if meta.intrinsics is not None:
-            sx, sy = image.shape[1] / original[0], image.shape[0] / original[1]
+            sx, sy = resized.shape[1] / original[0], resized.shape[0] / original[1]
             K = np.asarray(meta.intrinsics, np.float32) * np.array([[sx], [sy], [1.0]], np.float32)
+        fid = meta.frame_id if meta.frame_id is not None else index
         worker.add_frame(FrameInput(
-            index=index, frame_id=fid if fid is not None else index, image=image, original_size=original,
-            timestamp=meta.timestamp, intrinsics=K,
-            pose=None if meta.pose is None else np.asarray(meta.pose, np.float32)))
-        await conn.send_json({"type": "ack", "frame_id": fid if fid is not None else index, "index": index,
-                              "frames_received": index + 1, "in_flight": worker.in_flight,
-                              "max_in_flight": self.args.limits.max_in_flight})
+            index=index, frame_id=fid, image=resized, original_size=original, timestamp=meta.timestamp,
+            intrinsics=K, pose=None if meta.pose is None else np.asarray(meta.pose, np.float32)))
+        return index, fid
 
     def _rate_check(self, worker: SessionWorker, nbytes: int) -> None:
         lim, now = self.args.limits, time.monotonic()
@@ -416,14 +485,13 @@ class Ingress:
                                f"{lim.bytes_per_s / 1e6:g} MB/s); retry in {wait:.2f}s",
                                details={"retry_after_s": round(wait, 3)})
 
-    def _decode(self, data: bytes, process_res: int, size: tuple[int, int] | None):
-        rgb = decode_image(data, self.image_limits)
-        original = (int(rgb.shape[1]), int(rgb.shape[0]))
+    def _prepare(self, image: bytes | np.ndarray, process_res: int, size: tuple[int, int] | None):
+        rgb = decode_image(image, self.image_limits) if isinstance(image, (bytes, bytearray)) else image
         resized = resize_for_model(rgb, process_res).image
         if size is not None and (resized.shape[1], resized.shape[0]) != size:
             # Mixed resolutions in one session: every window must stack, so follow the first frame's size.
             resized = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
-        return resized, original, (int(resized.shape[1]), int(resized.shape[0]))
+        return rgb, resized
 
     async def _send_results(self, conn: Connection, sid: str, after: int, encoding: str) -> None:
         """Stream result records from the session actor (long-poll), so a reconnect anywhere resumes."""
@@ -463,10 +531,7 @@ class Ingress:
                         "type": "summary", "state": info["state"], "frames_received": info["frames_received"],
                         "frames_processed": info["frames_processed"], "frames_failed": info["frames_failed"],
                         "points_total": info["points_total"], "windows": info["windows"], "duration_s": dur,
-                        "exports": {"ply": f"/ws/session/{sid}/reconstruction.ply",
-                                    "glb": f"/ws/session/{sid}/reconstruction.glb",
-                                    "trajectory": f"/ws/session/{sid}/trajectory.json",
-                                    "tum": f"/ws/session/{sid}/trajectory.txt"}})
+                        "exports": protocol.export_paths(sid)})
                     await conn.close(WS_CLOSE_NORMAL, "complete")
                     return
         except asyncio.CancelledError:

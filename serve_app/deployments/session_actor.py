@@ -134,6 +134,23 @@ class SessionActor:
                 pass
         return status() or {"records": [], "info": self.store.sessions[sid].info()}
 
+    async def wait_finished(self, sid: str, timeout: float) -> dict:
+        """Wait until the session is complete or failed (or gone); returns its info or {"gone": ...}."""
+        c = self._cond(sid)
+
+        def done() -> bool:
+            s = self.store.sessions.get(sid)
+            return s is None or s.state in ("complete", "failed")
+
+        if not done():
+            async with c:
+                try:
+                    await asyncio.wait_for(c.wait_for(done), timeout)
+                except asyncio.TimeoutError:
+                    pass
+        s = self.store.sessions.get(sid)
+        return {"gone": True} if s is None else s.info()
+
     async def point_cloud(self, sid: str, owner: str | None):
         return self.store.point_cloud(sid, owner)
 

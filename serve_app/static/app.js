@@ -398,12 +398,14 @@ function webcamSource(fps) {
 }
 
 // --- session lifecycle -------------------------------------------------------------------------------------
+/** Session params from the form; an empty field leaves the server's default. */
 function readParams() {
-  return {
-    process_res: Number($('process-res').value),
-    window_size: Number($('window-size').value),
-    overlap: Number($('overlap').value),
-  };
+  const params = {};
+  for (const [id, key] of [['process-res', 'process_res'], ['window-size', 'window_size'], ['overlap', 'overlap']]) {
+    const v = $(id).value.trim();
+    if (v !== '') params[key] = Number(v);
+  }
+  return params;
 }
 
 /** Create a session, connect, stream `source`; finalize at its end when autoFinalize. Resolves with the summary. */
