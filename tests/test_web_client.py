@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+import itertools
 import os
 from pathlib import Path
 
@@ -33,16 +34,21 @@ BACKGROUND = (16, 20, 26)  # the viewer's clear colour, #10141a
 
 
 @pytest.fixture(scope="module")
-def browser():
+def pw():
     if not os.path.exists(CHROMIUM):
         pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium with `apt-get install -y chromium` "
                     "(or run .ci/install-chromium)")
     from playwright.sync_api import sync_playwright
 
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
+    with sync_playwright() as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def browser(pw):
+    b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    yield b
+    b.close()
 
 
 @pytest.fixture
@@ -110,7 +116,7 @@ def test_client_streams_and_renders_point_cloud(streamed, serve_url):
     assert summary["frames_processed"] == N_FRAMES and summary["state"] == "complete"
     history = state["pointsHistory"]
     assert len(history) == state["windows"] == summary["windows"] >= 2
-    assert all(b > a for a, b in zip(history, history[1:])), history  # grows with every window
+    assert all(b > a for a, b in itertools.pairwise(history)), history  # grows with every window
     assert state["pointsRendered"] == history[-1] == summary["points_total"] > 0
     assert page.evaluate("() => window.da3.viewer.points.geometry.drawRange.count") == state["pointsRendered"]
     assert state["frustums"] == N_FRAMES
@@ -211,3 +217,24 @@ def test_create_error_is_shown_with_its_code(page, serve_url):
     assert state["status"] == "failed" and [e["code"] for e in state["errors"]] == ["INVALID_PARAMS"]
     assert "overlap" in state["errors"][0]["message"]
     assert "INVALID_PARAMS" in page.inner_text("#errors") and page.inner_text("#error-count") == "1"
+
+
+def test_webcam_source_streams_with_flow_control(pw, serve_url):
+    """getUserMedia with Chromium's fake camera: real-time capture drops frames instead of exceeding the limit."""
+    b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS + [
+        "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream"])
+    try:
+        page = b.new_page()
+        open_client(page, serve_url)
+        page.evaluate("(p) => { window.da3.start(window.da3.webcamSource(8), p, {autoFinalize: false, "
+                      "maxInFlight: 4}).catch(() => {}); }", PARAMS)
+        page.wait_for_function("() => window.da3.state.framesProcessed >= 4 || window.da3.state.status === "
+                               "'failed'", timeout=120_000)
+        page.evaluate("() => window.da3.finalize().catch(() => {})")
+        page.wait_for_function("() => ['complete', 'failed'].includes(window.da3.state.status)", timeout=120_000)
+        state = snapshot(page)
+    finally:
+        b.close()
+    assert state["status"] == "complete" and state["errors"] == [], state["errors"]
+    assert state["framesSent"] >= 4 and state["framesProcessed"] == state["framesAcked"] == state["framesSent"]
+    assert state["maxOutstanding"] <= 4 and state["pointsRendered"] == state["summary"]["points_total"] > 0
