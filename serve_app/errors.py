@@ -19,6 +19,7 @@ class ErrorCode(str, Enum):
     FRAME_LIMIT_EXCEEDED = "FRAME_LIMIT_EXCEEDED"  # session's max_frames reached
     SESSION_NOT_FOUND = "SESSION_NOT_FOUND"
     SESSION_EXPIRED = "SESSION_EXPIRED"
+    SESSION_LOST = "SESSION_LOST"  # the session store restarted without this session's state
     SESSION_FINALIZED = "SESSION_FINALIZED"  # frames after finalize
     SESSION_LIMIT = "SESSION_LIMIT"  # too many concurrent sessions
     SESSION_BUSY = "SESSION_BUSY"  # another connection holds the session
@@ -41,6 +42,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.FRAME_LIMIT_EXCEEDED: 409,
     ErrorCode.SESSION_NOT_FOUND: 404,
     ErrorCode.SESSION_EXPIRED: 410,
+    ErrorCode.SESSION_LOST: 410,
     ErrorCode.SESSION_FINALIZED: 409,
     ErrorCode.SESSION_LIMIT: 429,
     ErrorCode.SESSION_BUSY: 409,
@@ -56,6 +58,7 @@ WS_CLOSE: dict[ErrorCode, int] = {
     ErrorCode.UNAUTHORIZED: 4401,
     ErrorCode.SESSION_NOT_FOUND: 4404,
     ErrorCode.SESSION_EXPIRED: 4410,
+    ErrorCode.SESSION_LOST: 4412,
     ErrorCode.SESSION_BUSY: 4409,
     ErrorCode.RATE_LIMITED: 4429,
     ErrorCode.INTERNAL_ERROR: 4500,

@@ -110,6 +110,7 @@ class SessionStore:
         self.sessions: dict[str, Session] = {}
         self.expired: dict[str, float] = {}  # tombstones: id -> expired at
         self.create_buckets: dict[str | None, TokenBucket] = {}
+        self.deleted: dict[str, float] = {}  # tombstones, so streams can tell "deleted" from "lost"
 
     # --- lookup -------------------------------------------------------------------------------------
     def _get(self, session_id: str, owner: str | None) -> Session:
@@ -150,6 +151,7 @@ class SessionStore:
     def delete(self, session_id: str, owner: str | None) -> Session:
         s = self._get(session_id, owner)
         del self.sessions[session_id]
+        self.deleted[session_id] = s.updated_at
         return s
 
     def list(self, owner: str | None) -> list[Session]:
@@ -227,6 +229,20 @@ class SessionStore:
             s.points_total -= drop
             excess -= drop
 
+    def restore(self, sessions: list[Session]) -> None:
+        """Sessions reloaded after a crash: no connection or worker holds them any more."""
+        for s in sessions:
+            s.connection_id = s.worker_id = None
+            self.sessions[s.session_id] = s
+            self._enforce_budget(s)
+
+    def gone_reason(self, session_id: str) -> str:
+        if session_id in self.expired:
+            return ErrorCode.SESSION_EXPIRED.value
+        if session_id in self.deleted:
+            return "SESSION_DELETED"
+        return ErrorCode.SESSION_LOST.value
+
     def records_after(self, session_id: str, seq: int) -> list[ResultRecord]:
         s = self.sessions[session_id]
         return [r for r in s.records if r.seq > seq]
@@ -271,6 +287,7 @@ class SessionStore:
             self.expired[sid] = now
         keep = self.limits.expired_tombstone_s
         self.expired = {k: t for k, t in self.expired.items() if now - t < keep}
+        self.deleted = {k: t for k, t in self.deleted.items() if now - t < keep}
         return gone
 
     def counts(self) -> dict[str, int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import sys
 from pathlib import Path
@@ -31,6 +32,13 @@ def _kernel_in(prefix: Path) -> str:
     return name
 
 
+def _length(values) -> int:
+    """Length of a plotly JSON array: a list, or a typed array {"dtype", "bdata"} (plotly >= 6)."""
+    if isinstance(values, dict):
+        return len(np.frombuffer(base64.b64decode(values["bdata"]), dtype=np.dtype(values["dtype"])))
+    return len(values)
+
+
 def _outputs(nb) -> list[dict]:
     return [out for cell in nb.cells if cell.cell_type == "code" for out in cell.get("outputs", [])]
 
@@ -51,8 +59,11 @@ def test_notebook_runs_unattended(serve_url, tmp_path, monkeypatch):
     workdir.mkdir()
 
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    NotebookClient(nb, timeout=300, startup_timeout=120, kernel_name=kernel,
-                   resources={"metadata": {"path": str(workdir)}}).execute()
+    try:
+        NotebookClient(nb, timeout=300, startup_timeout=120, kernel_name=kernel,
+                       resources={"metadata": {"path": str(workdir)}}).execute()
+    finally:
+        nbformat.write(nb, workdir / "executed.ipynb")  # to inspect a failure
 
     errors = [out for out in _outputs(nb) if out.get("output_type") == "error"]
     assert not errors, errors
@@ -73,8 +84,8 @@ def test_notebook_runs_unattended(serve_url, tmp_path, monkeypatch):
     scenes = [f for f in figures if any(t.get("type") == "scatter3d" for t in f["data"])]
     assert scenes, "no 3D plotly figure in the outputs"
     traces = {t["name"].split(" (")[0]: t for t in scenes[0]["data"]}
-    assert 0 < len(traces["points"]["x"]) <= len(points)
-    assert len(traces["camera path"]["x"]) == len(traj["frames"])
+    assert 0 < _length(traces["points"]["x"]) <= len(points)
+    assert _length(traces["camera path"]["x"]) == len(traj["frames"])
     assert any(t.get("type") == "scatter" for f in figures for t in f["data"]), "no camera path / latency plot"
 
     text = _stream_text(nb)

@@ -501,9 +501,12 @@ class Ingress:
             while not conn.closed:
                 res = await self.actor.wait_records.remote(sid, seq, conn.id, 20.0)
                 if "gone" in res:
-                    if res["gone"] == "SESSION_EXPIRED":
-                        await conn.fail(ServiceError(ErrorCode.SESSION_EXPIRED, "session expired", fatal=True))
-                        await conn.close(WS_CLOSE[ErrorCode.SESSION_EXPIRED], "SESSION_EXPIRED")
+                    if res["gone"] in (ErrorCode.SESSION_EXPIRED.value, ErrorCode.SESSION_LOST.value):
+                        code = ErrorCode(res["gone"])
+                        msg = ("session expired" if code is ErrorCode.SESSION_EXPIRED else
+                               "the session store restarted without this session's state; start a new session")
+                        await conn.fail(ServiceError(code, msg, fatal=True))
+                        await conn.close(WS_CLOSE[code], code.value)
                     else:
                         await conn.fail(ServiceError(ErrorCode.SESSION_NOT_FOUND, "session was deleted",
                                                      fatal=True))

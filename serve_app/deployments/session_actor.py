@@ -15,16 +15,27 @@ import ray
 
 from serve_app.config import LimitsConfig, SessionActorConfig, SessionParams
 from serve_app.errors import ServiceError
+from serve_app.session_journal import SessionJournal
 from serve_app.session_store import SessionStore
 
 log = logging.getLogger("da3.sessions")
 
 
 class SessionActor:
-    def __init__(self, limits: dict[str, Any]):
+    def __init__(self, limits: dict[str, Any], state_dir: str | None = None):
         self.store = SessionStore(LimitsConfig.model_validate(limits))
         self._conds: dict[str, asyncio.Condition] = {}
         self._sweeper: asyncio.Task | None = None
+        self.journal = SessionJournal(state_dir) if state_dir else None
+        if self.journal is not None:
+            restored = self.journal.load_all()
+            self.store.restore(restored)
+            log.warning("session store started; restored %d sessions from %s", len(restored), state_dir)
+
+    def _save(self, sid: str) -> None:
+        s = self.store.sessions.get(sid)
+        if self.journal is not None and s is not None:
+            self.journal.save_meta(s)
 
     # Conditions are created lazily: __init__ runs before the actor's event loop exists.
     def _cond(self, sid: str) -> asyncio.Condition:
@@ -50,6 +61,8 @@ class SessionActor:
     async def sweep(self) -> list[str]:
         gone = self.store.sweep(time.time())
         for sid in gone:
+            if self.journal is not None:
+                self.journal.delete(sid)
             log.info("session expired", extra={"session_id": sid})
             await self._notify(sid)
             self._conds.pop(sid, None)
@@ -62,6 +75,7 @@ class SessionActor:
     async def create(self, params: dict, owner: str | None) -> dict:
         self._ensure_sweeper()
         s = self.store.create(SessionParams.model_validate(params), owner, time.time())
+        self._save(s.session_id)
         return s.info()
 
     async def info(self, sid: str, owner: str | None) -> dict:
@@ -69,6 +83,8 @@ class SessionActor:
 
     async def delete(self, sid: str, owner: str | None) -> dict:
         s = self.store.delete(sid, owner)
+        if self.journal is not None:
+            self.journal.delete(sid)
         await self._notify(sid)
         self._conds.pop(sid, None)
         return s.info()
@@ -79,7 +95,9 @@ class SessionActor:
 
     async def accept_frames(self, sid: str, owner: str | None, count: int) -> int:
         self.store.get(sid, owner)
-        return self.store.accept_frames(sid, count, time.time())
+        first = self.store.accept_frames(sid, count, time.time())
+        self._save(sid)
+        return first
 
     async def touch(self, sid: str) -> None:
         self.store.touch(sid, time.time())
@@ -88,6 +106,7 @@ class SessionActor:
         if sid not in self.store.sessions:
             return {}
         s = self.store.set_state(sid, state, time.time(), error)
+        self._save(sid)
         await self._notify(sid)
         return s.info()
 
@@ -96,6 +115,11 @@ class SessionActor:
         if sid not in self.store.sessions:
             return -1  # deleted or expired while the window was in flight
         rec = self.store.commit_window(sid, window, frames, points, colors, stream_state, time.time(), failed)
+        if self.journal is not None:
+            s = self.store.sessions[sid]
+            self.journal.append_record(s, rec)
+            if stream_state is not None:
+                self.journal.save_stream_state(s)
         await self._notify(sid)
         return rec.seq
 
@@ -116,7 +140,7 @@ class SessionActor:
         def status() -> dict | None:
             s = self.store.sessions.get(sid)
             if s is None:
-                return {"gone": "SESSION_EXPIRED" if sid in self.store.expired else "SESSION_DELETED"}
+                return {"gone": self.store.gone_reason(sid)}
             if s.connection_id != connection_id:
                 return {"displaced": True}
             recs = [r for r in s.records if r.seq > after_seq]
@@ -169,7 +193,7 @@ def get_session_actor(cfg: SessionActorConfig, limits: LimitsConfig):
         name=cfg.name, namespace=cfg.namespace, lifetime="detached", get_if_exists=True,
         max_restarts=cfg.max_restarts, max_task_retries=cfg.max_task_retries, num_cpus=0,
         max_concurrency=1000,
-    ).remote(limits.model_dump())
+    ).remote(limits.model_dump(), cfg.state_dir)
 
 
 async def call(actor_method, *args, **kwargs):

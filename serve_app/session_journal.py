@@ -1,0 +1,81 @@
+"""Crash recovery for the session actor: a per-session journal in `session_actor.state_dir`.
+
+Each session has `<id>.json` (metadata, rewritten atomically on every change; small) and `<id>.rec` (result
+records appended as pickles, one per window), so the cost of persisting a window does not grow with the stream.
+A restarted actor reloads every session and clients resume with `resume_from`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+from serve_app.config import SessionParams
+from serve_app.session_store import ResultRecord, Session
+
+META_FIELDS = ("session_id", "owner", "created_at", "updated_at", "state", "frames_received", "frames_processed",
+               "frames_failed", "windows", "last_seq", "points_total", "error", "finished_at")
+
+
+class SessionJournal:
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def save_meta(self, s: Session) -> None:
+        meta = {k: getattr(s, k) for k in META_FIELDS}
+        meta["params"] = s.params.model_dump()
+        meta["stream_state"] = None  # opaque worker state lives in the .state file
+        tmp = self.dir / f"{s.session_id}.json.tmp"
+        tmp.write_text(json.dumps(meta))
+        os.replace(tmp, self.dir / f"{s.session_id}.json")  # atomic: a crash leaves the old or the new file
+
+    def append_record(self, s: Session, rec: ResultRecord) -> None:
+        with open(self.dir / f"{s.session_id}.rec", "ab") as f:
+            pickle.dump(rec, f, protocol=pickle.HIGHEST_PROTOCOL)
+        self.save_meta(s)
+
+    def save_stream_state(self, s: Session) -> None:
+        tmp = self.dir / f"{s.session_id}.state.tmp"
+        tmp.write_bytes(pickle.dumps(s.stream_state, protocol=pickle.HIGHEST_PROTOCOL))
+        os.replace(tmp, self.dir / f"{s.session_id}.state")
+
+    def delete(self, session_id: str) -> None:
+        for suffix in (".json", ".rec", ".state", ".json.tmp", ".state.tmp"):
+            (self.dir / f"{session_id}{suffix}").unlink(missing_ok=True)
+
+    def load_all(self) -> list[Session]:
+        out = []
+        for meta_path in sorted(self.dir.glob("*.json")):
+            try:
+                meta = json.loads(meta_path.read_text())
+            except (OSError, ValueError):
+                continue  # a torn or foreign file: skip it, the session reports SESSION_LOST
+            s = Session(session_id=meta["session_id"], owner=meta["owner"],
+                        params=SessionParams.model_validate(meta["params"]),
+                        created_at=meta["created_at"], updated_at=meta["updated_at"])
+            for k in META_FIELDS[2:]:
+                setattr(s, k, meta[k])
+            rec_path = meta_path.with_suffix(".rec")
+            if rec_path.exists():
+                with open(rec_path, "rb") as f:
+                    while True:
+                        try:
+                            rec = pickle.load(f)
+                        except EOFError:
+                            break
+                        except Exception:  # noqa: BLE001 - a torn last record from a crash mid-write
+                            break
+                        if rec.seq <= s.last_seq:
+                            s.records.append(rec)
+                            s.frames.extend(rec.frames)
+            state_path = meta_path.with_suffix(".state")
+            if state_path.exists():
+                try:
+                    s.stream_state = pickle.loads(state_path.read_bytes())
+                except Exception:  # noqa: BLE001
+                    s.stream_state = None
+            out.append(s)
+        return out
