@@ -77,22 +77,14 @@ def serve_url():
 API_KEYS = ["key-alice", "key-bob"]
 
 
-@pytest.fixture(scope="session")
-def secure_url(serve_url):
-    """A second app in the same cluster: API keys on, CORS for one origin, tight limits, oracle backend
-    (cheap, so these tests spend their time on the rules, not on the network)."""
+def deploy(serve_url: str, name: str, args: dict) -> str:
+    """Run another app of this package in the same Serve instance under /<name>; wait until healthy."""
     from ray import serve
 
     from serve_app.app import build_app
 
-    args = app_args(
-        model={"backend": "oracle", "oracle_scene": SCENE},
-        auth={"mode": "api_key", "api_keys": API_KEYS},
-        cors_origins=["http://allowed.example"],
-        limits={"max_sessions_per_key": 3, "frames_per_s": 2.0, "max_in_flight": 12},
-    )
-    serve.run(build_app(args), name="secure", route_prefix="/secure", blocking=False)
-    url = serve_url + "/secure"
+    serve.run(build_app(args), name=name, route_prefix=f"/{name}", blocking=False)
+    url = f"{serve_url}/{name}"
     deadline = time.time() + 300
     while time.time() < deadline:
         try:
@@ -101,4 +93,25 @@ def secure_url(serve_url):
         except httpx.HTTPError:
             pass
         time.sleep(1)
-    raise RuntimeError("secure app did not become healthy")
+    raise RuntimeError(f"app {name} did not become healthy")
+
+
+@pytest.fixture(scope="session")
+def faults_app(serve_url, tmp_path_factory):
+    """Oracle backend with a persistent session journal: for killing actors and replicas."""
+    args = app_args(model={"backend": "oracle", "oracle_scene": SCENE},
+                    session_actor={"state_dir": str(tmp_path_factory.mktemp("da3-state"))})
+    return deploy(serve_url, "faults", args), args
+
+
+@pytest.fixture(scope="session")
+def secure_url(serve_url):
+    """A second app in the same cluster: API keys on, CORS for one origin, tight limits, oracle backend
+    (cheap, so these tests spend their time on the rules, not on the network)."""
+    args = app_args(
+        model={"backend": "oracle", "oracle_scene": SCENE},
+        auth={"mode": "api_key", "api_keys": API_KEYS},
+        cors_origins=["http://allowed.example"],
+        limits={"max_sessions_per_key": 3, "frames_per_s": 2.0, "max_in_flight": 12},
+    )
+    return deploy(serve_url, "secure", args)
