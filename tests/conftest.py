@@ -52,7 +52,7 @@ def serve_url():
     from serve_app.app import build_app
 
     # A logical GPU lets the model deployment's real `num_gpus: 1` schedule on this CPU machine.
-    ray.init(num_cpus=4, num_gpus=3, include_dashboard=False, namespace="da3-serve-tests",
+    ray.init(num_cpus=4, num_gpus=4, include_dashboard=False, namespace="da3-serve-tests",
              _system_config={"metrics_report_interval_ms": 1000},
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}})
     port = free_port()
@@ -102,6 +102,13 @@ def faults_app(serve_url, tmp_path_factory):
     args = app_args(model={"backend": "oracle", "oracle_scene": SCENE},
                     session_actor={"state_dir": str(tmp_path_factory.mktemp("da3-state"))})
     return deploy(serve_url, "faults", args), args
+
+
+@pytest.fixture(scope="session")
+def lossy_app(serve_url):
+    """Oracle backend whose session actor keeps no journal: a restart loses sessions."""
+    args = app_args(model={"backend": "oracle", "oracle_scene": SCENE})
+    return deploy(serve_url, "lossy", args), args
 
 
 @pytest.fixture(scope="session")

@@ -96,3 +96,19 @@ async def test_model_replica_killed_mid_stream(faults_app, synthetic_seq):
     assert placed, "the stream did not continue once a replica was back"
     info = httpx.get(f"{url}/ws/session/{sid}").json()
     assert info["frames_processed"] == 12
+
+
+async def test_session_actor_restart_without_journal_reports_session_lost(lossy_app):
+    url, args = lossy_app
+    sid = httpx.post(url + "/ws/session/create", json={}).json()["session_id"]
+    async with websockets.connect(wsurl(url, sid), max_size=None) as ws:
+        assert json.loads(await ws.recv())["type"] == "ready"
+        actor = ray.get_actor(args["session_actor"]["name"], namespace=args["session_actor"]["namespace"])
+        ray.kill(actor, no_restart=False)
+        m = json.loads(await asyncio.wait_for(ws.recv(), 60))  # never a hang
+        assert m["type"] == "error" and m["code"] == "SESSION_LOST" and m["fatal"] is True
+        with pytest.raises(websockets.ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), 30)
+    assert ws.close_code == 4412
+    # the restarted store serves new sessions
+    assert httpx.post(url + "/ws/session/create", json={}, timeout=30).status_code == 201

@@ -11,7 +11,8 @@ from serve_app.oracle import OracleModel
 from serve_app.reconstruction import FrameInput, StreamReconstructor
 from serve_app.synthetic import SceneSpec, render_sequence
 
-SPEC = SceneSpec(seed=5, num_frames=30, width=154, height=112, trajectory="orbit")
+W, H = 112, 84  # small frames: the oracle re-renders every view of every window
+SPEC = SceneSpec(seed=5, num_frames=30, width=W, height=H, trajectory="orbit")
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +24,7 @@ def run(seq, params, oracle, pipeline_depth=1, corrupt=None):
     rec = StreamReconstructor(params)
     outs, queue = [], []
     for i in range(len(seq.images)):
-        rec.add_frame(FrameInput(index=i, frame_id=i, image=seq.images[i], original_size=(154, 112)))
+        rec.add_frame(FrameInput(index=i, frame_id=i, image=seq.images[i], original_size=(W, H)))
         while (plan := rec.next_window(force=i == len(seq.images) - 1)) is not None:
             queue.append(plan)
             while len(queue) >= pipeline_depth:
@@ -44,7 +45,7 @@ def poses(outs):
 
 
 def test_noise_free_oracle_stream_is_globally_consistent(seq):
-    params = SessionParams(process_res=154, window_size=5, overlap=2)
+    params = SessionParams(process_res=140, window_size=5, overlap=2)
     rec, outs = run(seq, params, OracleModel(SPEC, scale_range=(0.3, 3.0), seed=1))
     idx, est = poses(outs)
     assert idx == list(range(len(seq.images)))
@@ -58,7 +59,7 @@ def test_noise_free_oracle_stream_is_globally_consistent(seq):
 
 
 def test_pipelined_planning_gives_the_same_map(seq):
-    params = SessionParams(process_res=154, window_size=4, overlap=2)
+    params = SessionParams(process_res=140, window_size=4, overlap=2)
     _, a = run(seq, params, OracleModel(SPEC, seed=2), pipeline_depth=1)
     _, b = run(seq, params, OracleModel(SPEC, seed=2), pipeline_depth=3)
     _, pa = poses(a)
@@ -67,7 +68,7 @@ def test_pipelined_planning_gives_the_same_map(seq):
 
 
 def test_noisy_oracle_stays_within_one_percent(seq):
-    params = SessionParams(process_res=154, window_size=6, overlap=3)
+    params = SessionParams(process_res=140, window_size=6, overlap=3)
     _, outs = run(seq, params, OracleModel(SPEC, depth_noise=0.02, seed=3))
     idx, est = poses(outs)
     rmse, _ = ate_rmse(est, seq.c2w[idx])
@@ -75,7 +76,7 @@ def test_noisy_oracle_stays_within_one_percent(seq):
 
 
 def test_failed_window_leaves_map_untouched_and_recovers(seq):
-    params = SessionParams(process_res=154, window_size=4, overlap=2)
+    params = SessionParams(process_res=140, window_size=4, overlap=2)
     rec, outs = run(seq, params, OracleModel(SPEC, seed=4), corrupt=2)
     bad = outs[2]
     assert not bad.ok and bad.reason and len(bad.points) == 0
@@ -90,24 +91,24 @@ def test_failed_window_leaves_map_untouched_and_recovers(seq):
 def test_flush_forces_partial_first_window(seq):
     rec = StreamReconstructor(SessionParams(window_size=6, overlap=2))
     for i in range(3):
-        rec.add_frame(FrameInput(index=i, frame_id=i, image=seq.images[i], original_size=(154, 112)))
+        rec.add_frame(FrameInput(index=i, frame_id=i, image=seq.images[i], original_size=(W, H)))
     assert rec.next_window() is None
     plan = rec.next_window(force=True)
     assert [f.index for f in plan.frames] == [0, 1, 2] and rec.next_window(force=True) is None
 
 
 def test_points_are_on_the_true_surface(seq):
-    params = SessionParams(process_res=154, window_size=5, overlap=2, conf_percentile=0)
+    params = SessionParams(process_res=140, window_size=5, overlap=2, conf_percentile=0)
     _, outs = run(seq, params, OracleModel(SPEC, scale_range=(1.0, 1.0), seed=0))
     # world = first window's gauge = GT expressed relative to frame 0 at scale 1
     pts = np.concatenate([o.points for o in outs])
     w2c0 = np.linalg.inv(seq.c2w[0])
     gt_world = np.concatenate([
-        ((seq.c2w[i] @ _homog(_unproject(seq.depths[i], seq.K)).T).T)[:, :3] for i in range(0, 30, 3)])
+        ((seq.c2w[i] @ _homog(_unproject(seq.depths[i], seq.K)).T).T)[:, :3] for i in range(0, SPEC.num_frames, 3)])
     gt_local = (w2c0[:3, :3] @ gt_world.T).T + w2c0[:3, 3]
     from serve_app.alignment import chamfer_distance
     extent = np.linalg.norm(gt_local.max(0) - gt_local.min(0))
-    assert chamfer_distance(pts, gt_local) / extent < 0.01
+    assert chamfer_distance(pts, gt_local, max_points=8000) / extent < 0.01
 
 
 def _unproject(depth, K):
