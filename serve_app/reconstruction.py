@@ -54,7 +54,7 @@ from serve_app.prediction import WindowPrediction, WindowRequest
 AUTO_VOXEL_PIXELS = 2.0  # auto voxel = footprint of this many pixels at the first window's median depth
 PRIOR_MIN_BASELINE = 0.01  # camera-centre spread / median depth below which priors cannot fix the scale
 PRIOR_MAX_REL_RMSE = 0.25  # centre residual / centre spread above which priors disagree with the prediction
-ALIGN_MAX_POINTS = 20000  # dense alignment subsample: plenty for 7 parameters, keeps geometry time flat
+ALIGN_MAX_POINTS = 8000  # dense alignment subsample: plenty for 7 parameters, keeps geometry time flat
 _KEY_BITS = 21  # per axis in a packed voxel key; coordinates wrap beyond +-2^20 voxels (rare false merges)
 
 

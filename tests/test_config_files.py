@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ray.serve.schema import ServeDeploySchema
 
 from serve_app.config import parse_args
 
@@ -16,6 +17,7 @@ DEPLOYMENTS = {"DA3ModelServer", "Ingress"}
 def test_config_file_is_valid(path, monkeypatch):
     monkeypatch.setenv("DA3_API_KEYS", "test-key")  # serve_config.yaml requires keys by default
     cfg = yaml.safe_load((ROOT / path).read_text())
+    ServeDeploySchema.model_validate(cfg)  # Ray's own schema for `serve run` / `serve deploy`
     assert "request_timeout_s" not in cfg.get("http_options", {})  # would kill WebSockets
     for app in cfg["applications"]:
         assert app["import_path"] == "serve_app.app:build_app"
@@ -44,4 +46,5 @@ def test_kuberay_manifest_embeds_a_valid_serve_config(monkeypatch):
     monkeypatch.setenv("DA3_API_KEYS", "k")
     doc = yaml.safe_load((ROOT / "configs/kuberay-rayservice.yaml").read_text())
     serve_cfg = yaml.safe_load(doc["spec"]["serveConfigV2"])
+    ServeDeploySchema.model_validate(serve_cfg)
     parse_args(serve_cfg["applications"][0]["args"])

@@ -116,7 +116,9 @@ class Ingress:
             api.add_middleware(CORSMiddleware, allow_origins=self.args.cors_origins, allow_methods=["*"],
                                allow_headers=["*"])
 
-    def _count_error(self, code: str) -> None:
+    def _count_error(self, code: str, session_id: str | None = None) -> None:
+        if session_id:
+            log.info("session %s: %s", session_id, code, extra={"session_id": session_id, "code": code})
         self.errors[code] += 1
         self.metrics.errors.inc(tags={"code": code})
 
@@ -159,7 +161,7 @@ class Ingress:
         root = request.scope.get("root_path", "").rstrip("/")  # the app's route_prefix
         info["websocket_path"] = f"{root}/ws/reconstruct/{sid}"
         info["websocket_url"] = f"{ws_scheme}://{request.url.netloc}{root}/ws/reconstruct/{sid}"
-        log.info("session created", extra={"session_id": sid})
+        log.info("session %s created", sid, extra={"session_id": sid})
         return JSONResponse(info, status_code=201)
 
     @api.get("/ws/session/{session_id}")
@@ -381,6 +383,8 @@ class Ingress:
             "frames_processed": info["frames_processed"], "points_total": info["points_total"],
             "last_seq": info["last_seq"], "max_in_flight": self.args.limits.max_in_flight,
             "in_flight": worker.in_flight})
+        log.info("session %s: stream connected (resume_from=%s)", session_id, resume_from,
+                 extra={"session_id": session_id, "connection_id": conn.id})
         sender = asyncio.create_task(self._send_results(conn, session_id, resume_from, params.point_encoding))
         try:
             await self._receive_loop(conn, websocket, session_id, owner, worker)
@@ -393,6 +397,8 @@ class Ingress:
             conn.closed = True
             self.streams -= 1
             self.metrics.active_sessions.set(self.streams)
+            log.info("session %s: stream closed (in flight %d)", session_id, worker.in_flight,
+                     extra={"session_id": session_id, "connection_id": conn.id})
             try:
                 await self.actor.detach.remote(session_id, conn.id)
             except Exception:  # noqa: BLE001 - actor restarting; attachment is advisory
@@ -427,7 +433,7 @@ class Ingress:
                 elif kind == "ping":
                     await conn.send_json({"type": "pong", "t": cmsg.t, "server_time": time.time()})
             except ServiceError as exc:
-                self._count_error(exc.code.value)
+                self._count_error(exc.code.value, sid)
                 await conn.fail(exc, frame_id=getattr(exc, "frame_id", None))
                 if exc.fatal:
                     await conn.close(WS_CLOSE.get(exc.code, 4500), exc.code.value)
