@@ -15,7 +15,8 @@ class WindowPrediction:
     conf:        (N, H, W) float32, larger is more confident
     extrinsics:  (N, 3, 4) float32 world-to-camera (OpenCV: x right, y down, z forward)
     intrinsics:  (N, 3, 3) float32 in processed-image pixels
-    images:      (N, H, W, 3) uint8, the processed RGB the model saw (for colouring points)
+    images:      (N, H, W, 3) uint8, the processed RGB the model saw; None once the model deployment has
+                 returned it (the ingress already holds the images, so they are not shipped back)
     is_metric:   depth is metric (metric/nested models, or scale fixed by client priors)
     """
 
@@ -23,7 +24,7 @@ class WindowPrediction:
     conf: np.ndarray
     extrinsics: np.ndarray
     intrinsics: np.ndarray
-    images: np.ndarray
+    images: np.ndarray | None
     is_metric: bool = False
     timings: dict[str, float] = field(default_factory=dict)
 

@@ -55,6 +55,7 @@ AUTO_VOXEL_PIXELS = 2.0  # auto voxel = footprint of this many pixels at the fir
 PRIOR_MIN_BASELINE = 0.01  # camera-centre spread / median depth below which priors cannot fix the scale
 PRIOR_MAX_REL_RMSE = 0.25  # centre residual / centre spread above which priors disagree with the prediction
 ALIGN_MAX_POINTS = 8000  # dense alignment subsample: plenty for 7 parameters, keeps geometry time flat
+MIN_WINDOW_POINTS = 50  # a window with fewer usable depth pixels is refused (it could anchor nothing)
 _KEY_BITS = 21  # per axis in a packed voxel key; coordinates wrap beyond +-2^20 voxels (rare false merges)
 
 
@@ -279,11 +280,11 @@ class StreamReconstructor:
     def _context(self) -> list[FrameInput]:
         """Last overlap-1 known keyframes + the most recent frame, filled up with recent frames (see module doc)."""
         k = self.params.overlap
-        if self.lost:
-            if not self.world:
-                return []  # nothing placed yet: the next window starts a new reference
+        if self.lost and self.world:
             pool = [self.world[i].as_input() for i in sorted(self.world)]
-        else:
+        elif self.lost and not self.outstanding:
+            return []  # nothing placed and nothing in flight: the next window starts a new reference
+        else:  # (a window in flight may still become the reference: chain to it)
             pool = list(self.last_planned)
         if not pool or k <= 0:
             return []
@@ -371,6 +372,10 @@ class StreamReconstructor:
         conf = pred.conf.astype(np.float32)
         keep = confidence_mask(conf, self.params.conf_percentile, depth=pred.depth)
 
+        keep &= np.isfinite(pts_win).all(-1)
+        if int(keep.sum()) < MIN_WINDOW_POINTS:
+            return self.fail(plan, f"window has {int(keep.sum())} confident finite depth pixels "
+                             f"(need {MIN_WINDOW_POINTS})", time.perf_counter() - t0)
         sim, align = self._place(plan, pred, c2w_win, pts_win, conf, keep)
         if sim is None:
             return self.fail(plan, align["reason"], time.perf_counter() - t0)
@@ -481,8 +486,9 @@ class StreamReconstructor:
 
     def memory_bytes(self) -> int:
         """Session geometry held here: world frames kept for context, the voxel occupancy, queued images."""
-        return (sum(wf.nbytes for wf in self.world.values()) + self.occupancy.nbytes
-                + sum(f.image.nbytes for f in self.pending))
+        # list() copies in one step, so a caller outside the worker's lock does not see a dict mid-change.
+        return (sum(wf.nbytes for wf in list(self.world.values())) + self.occupancy.nbytes
+                + sum(f.image.nbytes for f in list(self.pending)))
 
     @property
     def idle(self) -> bool:

@@ -52,7 +52,7 @@ def serve_url():
     from serve_app.app import build_app
 
     # A logical GPU lets the model deployment's real `num_gpus: 1` schedule on this CPU machine.
-    ray.init(num_cpus=4, num_gpus=4, include_dashboard=False, namespace="da3-serve-tests",
+    ray.init(num_cpus=16, num_gpus=4, include_dashboard=False, namespace="da3-serve-tests",
              _system_config={"metrics_report_interval_ms": 1000},
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}})
     port = free_port()

@@ -121,3 +121,15 @@ def _unproject(depth, K):
 
 def _homog(p):
     return np.concatenate([p, np.ones((len(p), 1))], 1)
+
+
+def test_failed_first_window_lets_the_next_one_become_the_reference(seq):
+    params = SessionParams(process_res=140, window_size=4, overlap=2)
+    rec, outs = run(seq, params, OracleModel(SPEC, seed=4), pipeline_depth=2, corrupt=0)
+    assert not outs[0].ok and all(o.ok for o in outs[1:])
+    # window 1 was planned (context: window 0's frames) before window 0 failed; it anchors the world instead
+    assert outs[1].window["alignment"]["mode"] == "reference" and len(outs[1].points) > 0
+    idx, est = poses(outs)
+    assert idx == list(range(4, len(seq.images)))
+    rmse, _ = ate_rmse(est, seq.c2w[idx])
+    assert rmse / trajectory_length(seq.c2w[idx]) < 1e-3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections import Counter
@@ -48,13 +49,13 @@ class DA3ModelServer:
         t0 = time.perf_counter()
         try:
             preds = self.backend.forward_windows(requests)
-            results = [{"ok": True, "prediction": p} for p in preds]
+            results = [{"ok": True, "prediction": _slim(p)} for p in preds]
         except Exception as exc:  # noqa: BLE001 - isolate the poisoned item below
             log.warning("batch of %d failed (%s); retrying items one by one", len(requests), exc)
             results = []
             for r in requests:
                 try:
-                    results.append({"ok": True, "prediction": self.backend.forward_windows([r])[0]})
+                    results.append({"ok": True, "prediction": _slim(self.backend.forward_windows([r])[0])})
                 except Exception as item_exc:  # noqa: BLE001
                     self.failures += 1
                     self.last_error = f"{type(item_exc).__name__}: {item_exc}"
@@ -97,6 +98,11 @@ class DA3ModelServer:
 
     async def check_health(self) -> None:
         await asyncio.to_thread(self.backend.health_check)
+
+
+def _slim(pred: WindowPrediction) -> WindowPrediction:
+    """Drop the input images from the reply: the caller has them (saves N*H*W*3 bytes per window)."""
+    return dataclasses.replace(pred, images=None)
 
 
 __all__ = ["DA3ModelServer", "WindowPrediction", "WindowRequest"]
