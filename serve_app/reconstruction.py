@@ -493,3 +493,34 @@ class StreamReconstructor:
     @property
     def idle(self) -> bool:
         return not self.pending and not self.outstanding
+
+    # --- snapshot / restore -------------------------------------------------------------------------------
+    _SNAPSHOT_FIELDS = ("voxel_size", "windows_planned", "windows_integrated", "lost", "input_size", "placed",
+                        "prior_world", "last_keyframe", "num_keyframes")
+
+    def snapshot(self) -> dict[str, Any]:
+        """What the next window needs, taken after an integration: the world frames that can serve as context
+        and the gauge/keyframe state. Pending and in-flight frames are not included; the occupancy is rebuilt
+        from the stored map on restore (it grows with the map, this stays small)."""
+        snap = {k: getattr(self, k) for k in self._SNAPSHOT_FIELDS}
+        snap["world"] = [WorldFrame(w.index, w.frame_id, w.image, w.points, w.conf, w.c2w, None, w.keyframe)
+                         for w in self.world.values()]
+        snap["keyframes"] = list(self.keyframes)
+        snap["last_planned"] = [f.index for f in self.last_planned]
+        return snap
+
+    @classmethod
+    def restore(cls, params: SessionParams, snap: dict[str, Any], map_points: np.ndarray | None = None
+                ) -> "StreamReconstructor":
+        """Continue a session elsewhere (another ingress replica, or after this one restarted)."""
+        rec = cls(params)
+        for k in cls._SNAPSHOT_FIELDS:
+            setattr(rec, k, snap[k])
+        rec.world = {w.index: w for w in snap["world"]}
+        rec.keyframes.extend(snap["keyframes"])
+        rec.last_planned = [rec.world[i].as_input() for i in snap["last_planned"] if i in rec.world]
+        rec.windows_planned = rec.windows_integrated  # outstanding windows died with their replica
+        if map_points is not None and len(map_points) and rec.voxel_size:
+            keys = np.unique(voxel_keys(map_points, rec.voxel_size))
+            rec.occupancy.add(keys)
+        return rec

@@ -112,3 +112,36 @@ async def test_session_actor_restart_without_journal_reports_session_lost(lossy_
     assert ws.close_code == 4412
     # the restarted store serves new sessions
     assert httpx.post(url + "/ws/session/create", json={}, timeout=30).status_code == 201
+
+
+async def test_ingress_replica_killed_session_continues_from_actor_snapshot(faults_app, synthetic_seq):
+    """The session actor holds what the next window needs: a new ingress replica continues the same world."""
+    import numpy as np
+
+    from serve_app.alignment import ate_rmse, trajectory_length
+
+    url, _ = faults_app
+    sid = httpx.post(url + "/ws/session/create", json={}).json()["session_id"]
+    async with websockets.connect(wsurl(url, sid), max_size=None) as ws:
+        await ws.recv()
+        first = await send_and_wait(ws, synthetic_seq, list(range(8)))
+    for a in replica_actors("faults", "Ingress"):
+        ray.kill(a, no_restart=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(url + "/healthz", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        await asyncio.sleep(1)
+    async with websockets.connect(wsurl(url, sid), max_size=None) as ws:
+        ready = json.loads(await ws.recv())
+        assert ready["frames_processed"] == 8
+        later = await send_and_wait(ws, synthetic_seq, list(range(8, 16)))
+    assert all(not r.get("failed") for r in later.values())
+    poses = {**first, **later}
+    idx = sorted(poses)
+    est = np.array([poses[i]["pose"] for i in idx])
+    rmse, _ = ate_rmse(est, synthetic_seq.c2w[idx])
+    assert rmse / trajectory_length(synthetic_seq.c2w[idx]) < 1e-3  # one consistent world across replicas

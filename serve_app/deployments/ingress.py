@@ -30,7 +30,7 @@ from serve_app.imaging import ImageLimits, decode_image
 from serve_app.limits import TokenBucket
 from serve_app.metrics import IngressMetrics
 from serve_app.preprocess import resize_for_model
-from serve_app.reconstruction import FrameInput
+from serve_app.reconstruction import FrameInput, StreamReconstructor
 from serve_app.session_store import owner_of
 from serve_app.video import decode_video, is_video
 
@@ -243,7 +243,7 @@ class Ingress:
         params = merge_session_params(self.args.session_defaults, overrides, lim.max_process_res)
         info = await call(self.actor.create, params.model_dump(), owner)
         sid = info["session_id"]
-        worker = self._worker(sid, params)
+        worker = await self._worker(sid, params)
         loop = asyncio.get_running_loop()
         try:
             taken = 0
@@ -334,12 +334,24 @@ class Ingress:
             self.processed_closed += w.processed
             w.close()
 
-    def _worker(self, sid: str, params: SessionParams) -> SessionWorker:
+    async def _worker(self, sid: str, params: SessionParams, info: dict | None = None) -> SessionWorker:
         w = self.workers.get(sid)
         if w is None or w.closed:
-            w = SessionWorker(sid, params, self.model, self.actor, self.args.limits, self.pool,
-                              on_gone=self._drop_worker, on_window=self._on_window)
-            self.workers[sid] = w
+            recon = None
+            if info and info.get("windows"):
+                # The session was processed elsewhere (another replica, or before a restart): continue from the
+                # snapshot the session actor holds. Frames that were only queued there are gone.
+                snap = await call(self.actor.stream_state, sid)
+                if snap is not None:
+                    pts, _ = await call(self.actor.point_cloud, sid, info.get("owner_fp"))
+                    recon = await asyncio.get_running_loop().run_in_executor(
+                        self.pool, StreamReconstructor.restore, params, snap, pts)
+            w = self.workers.get(sid)  # another coroutine may have created it meanwhile
+            if w is None or w.closed:
+                w = SessionWorker(sid, params, self.model, self.actor, self.args.limits, self.pool,
+                                  on_gone=self._drop_worker, on_window=self._on_window, recon=recon,
+                                  processed=(info or {}).get("frames_processed", 0))
+                self.workers[sid] = w
         return w
 
     def _on_window(self, window: dict, frames: int, error_code: str | None) -> None:
@@ -365,7 +377,7 @@ class Ingress:
             return
         info = att["info"]
         params = SessionParams.model_validate(info["params"])
-        worker = self._worker(session_id, params)
+        worker = await self._worker(session_id, params, {**info, "owner_fp": owner})
         try:
             resume_from = int(websocket.query_params.get("resume_from", info["last_seq"]))
         except ValueError:

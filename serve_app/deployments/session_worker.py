@@ -24,7 +24,8 @@ log = logging.getLogger("da3.worker")
 class SessionWorker:
     def __init__(self, session_id: str, params: SessionParams, model, actor, limits: LimitsConfig,
                  pool: Executor, on_gone: Callable[[str], None],
-                 on_window: Callable[[dict, int, str | None], None] | None = None):
+                 on_window: Callable[[dict, int, str | None], None] | None = None,
+                 recon: StreamReconstructor | None = None, processed: int = 0):
         self.sid = session_id
         self.params = params
         self.model = model
@@ -33,13 +34,13 @@ class SessionWorker:
         self.pool = pool
         self.on_gone = on_gone
         self.on_window = on_window
-        self.recon = StreamReconstructor(params)
+        self.recon = recon or StreamReconstructor(params)
         self.lock = asyncio.Lock()  # the reconstructor is only touched under this lock, in the pool
         self.wake = asyncio.Event()
         self.slots = asyncio.Semaphore(limits.max_windows_in_flight)
         self.order: asyncio.Queue = asyncio.Queue()
-        self.accepted = 0
-        self.processed = 0
+        self.accepted = processed  # a restored worker starts where the stored session left off
+        self.processed = processed
         self.flush_requested = False
         self.finalizing = False
         self.closed = False
@@ -133,10 +134,10 @@ class SessionWorker:
             plan, task = await self.order.get()
             res = await task
             if res["ok"]:
-                out = await self._run(self.recon.integrate, plan, res["prediction"])
+                out, snap = await self._run(self._integrate, plan, res["prediction"])
                 code = ErrorCode.ALIGNMENT_FAILED
             else:
-                out = await self._run(self.recon.fail, plan, f"model unavailable: {res['error']}")
+                out, snap = await self._run(self._fail, plan, f"model unavailable: {res['error']}")
                 code = ErrorCode.MODEL_UNAVAILABLE
             first_rx = min(f.received_at for f in plan.new)
             model_rt = (res["returned_at"] - res["sent_at"]) * 1000.0
@@ -149,7 +150,7 @@ class SessionWorker:
             }
             out.window["batch_size"] = res.get("batch_size")
             seq = await call(self.actor.commit_window, self.sid, out.window, out.frames, out.points, out.colors,
-                             None, not out.ok)
+                             snap, not out.ok)
             self.processed += len(plan.new)
             if self.on_window is not None:
                 self.on_window(out.window, len(plan.new), None if out.ok else code.value)
@@ -161,6 +162,15 @@ class SessionWorker:
                             "message": f"window {plan.window} frames {out.window['frame_ids']} not placed: "
                                        f"{out.reason}"})
             await self._maybe_complete()
+
+    # Both run in the pool under the lock; the snapshot lets another replica continue the session.
+    def _integrate(self, plan: WindowPlan, pred):
+        out = self.recon.integrate(plan, pred)
+        return out, self.recon.snapshot()
+
+    def _fail(self, plan: WindowPlan, reason: str):
+        out = self.recon.fail(plan, reason)
+        return out, self.recon.snapshot()
 
     async def _maybe_complete(self) -> None:
         if self.finalizing and not self.recon.pending and self.order.empty() and self.in_flight == 0:
