@@ -169,6 +169,8 @@ class Ingress:
         info = await call(self.actor.info, session_id, self._owner(self._bearer(request)))
         worker = self.workers.get(session_id)
         info["in_flight"] = worker.in_flight if worker else 0
+        # memory_bytes: the stored map (actor); worker_memory_bytes: context frames + voxel occupancy + queue
+        info["worker_memory_bytes"] = worker.recon.memory_bytes() if worker else 0
         return info
 
     @api.delete("/ws/session/{session_id}", status_code=204)
