@@ -20,10 +20,11 @@ from serve_app.synthetic import SceneSpec, render_sequence, write_sequence
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
+def wait_healthy(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    """Poll GET {url}/healthz until it answers 200 (used by the demo, the tests and the benchmarks' callers)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if proc.poll() is not None:
+        if proc is not None and proc.poll() is not None:
             raise SystemExit(f"serve run exited with code {proc.returncode}; see its log above")
         try:
             if httpx.get(url + "/healthz", timeout=5).status_code == 200:
@@ -31,7 +32,7 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
         except httpx.HTTPError:
             pass
         time.sleep(1)
-    raise SystemExit(f"server at {url} not healthy after {timeout:.0f}s")
+    raise RuntimeError(f"server at {url} not healthy after {timeout:.0f}s")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                                 cwd=ROOT, env=env, start_new_session=True)
     print(f"[demo] serve run {a.config} (log: {log_path}) ...")
     try:
-        wait_healthy(url, proc, a.timeout)
+        wait_healthy(url, a.timeout, proc)
         print(f"[demo] healthy at {url}: {httpx.get(url + '/healthz').json()['model']}")
         t0 = time.time()
         res = subprocess.run([sys.executable, str(ROOT / "clients" / "websocket_client.py"), "--url", url,

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 import uuid
 
-import httpx
 import pytest
+
+from serve_app.demo import wait_healthy
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -59,16 +59,7 @@ def serve_url():
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(app_args()), name="da3", route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        try:
-            if httpx.get(url + "/healthz", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    else:
-        raise RuntimeError("serve app did not become healthy")
+    wait_healthy(url, 300)
     yield url
     serve.shutdown()
     ray.shutdown()
@@ -85,15 +76,8 @@ def deploy(serve_url: str, name: str, args: dict) -> str:
 
     serve.run(build_app(args), name=name, route_prefix=f"/{name}", blocking=False)
     url = f"{serve_url}/{name}"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        try:
-            if httpx.get(url + "/healthz", timeout=5).status_code == 200:
-                return url
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise RuntimeError(f"app {name} did not become healthy")
+    wait_healthy(url, 300)
+    return url
 
 
 @pytest.fixture(scope="session")

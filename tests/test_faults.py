@@ -11,6 +11,7 @@ import pytest
 import ray
 import websockets
 
+from serve_app.demo import wait_healthy
 from serve_app.imaging import encode_image
 from serve_app.protocol import decode_points, encode_frame_message
 
@@ -127,14 +128,7 @@ async def test_ingress_replica_killed_session_continues_from_actor_snapshot(faul
         first = await send_and_wait(ws, synthetic_seq, list(range(8)))
     for a in replica_actors("faults", "Ingress"):
         ray.kill(a, no_restart=True)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if httpx.get(url + "/healthz", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        await asyncio.sleep(1)
+    await asyncio.to_thread(wait_healthy, url, 120)
     async with websockets.connect(wsurl(url, sid), max_size=None) as ws:
         ready = json.loads(await ws.recv())
         assert ready["frames_processed"] == 8
