@@ -115,6 +115,12 @@ class LimitsConfig(_Strict):
     expired_tombstone_s: float = Field(3600.0, ge=0, description="how long an expired id answers SESSION_EXPIRED")
     model_timeout_s: float = Field(120.0, gt=0)
     model_retries: int = Field(1, ge=0, le=5)
+    max_unacked_result_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="result bytes sent to a "
+                                          "connection beyond its last `received`; the sender pauses there")
+    slow_reader_timeout_s: float = Field(60.0, gt=0, description="a paused sender waits this long for a "
+                                         "`received` before closing with SLOW_CONSUMER (4408)")
+    drain_poll_s: float = Field(0.25, gt=0, le=10, description="how often an ingress replica checks whether "
+                                "Serve is draining it")
 
 
 class SessionActorConfig(_Strict):

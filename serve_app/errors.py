@@ -27,6 +27,7 @@ class ErrorCode(str, Enum):
     MODEL_UNAVAILABLE = "MODEL_UNAVAILABLE"
     UNAUTHORIZED = "UNAUTHORIZED"
     RATE_LIMITED = "RATE_LIMITED"
+    SLOW_CONSUMER = "SLOW_CONSUMER"  # results unacknowledged past the byte limit for slow_reader_timeout_s
     INTERNAL_ERROR = "INTERNAL_ERROR"
 
 
@@ -50,6 +51,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.MODEL_UNAVAILABLE: 503,
     ErrorCode.UNAUTHORIZED: 401,
     ErrorCode.RATE_LIMITED: 429,
+    ErrorCode.SLOW_CONSUMER: 429,
     ErrorCode.INTERNAL_ERROR: 500,
 }
 
@@ -61,11 +63,13 @@ WS_CLOSE: dict[ErrorCode, int] = {
     ErrorCode.SESSION_LOST: 4412,
     ErrorCode.SESSION_BUSY: 4409,
     ErrorCode.RATE_LIMITED: 4429,
+    ErrorCode.SLOW_CONSUMER: 4408,
     ErrorCode.INTERNAL_ERROR: 4500,
     ErrorCode.MODEL_UNAVAILABLE: 4503,
 }
 WS_CLOSE_NORMAL = 1000  # finalized or deleted by the client
-WS_CLOSE_GOING_AWAY = 1001  # server shutting down: clients reconnect
+WS_CLOSE_GOING_AWAY = 1001  # server going away: clients reconnect
+WS_CLOSE_SERVICE_RESTART = 1012  # this replica is draining (redeploy, downscale): clients reconnect
 WS_CLOSE_SESSION_DELETED = 4000  # deleted through DELETE /ws/session/{id}
 
 

@@ -106,9 +106,17 @@ class Ping(BaseModel):
     t: Any = None
 
 
-ClientMessage = Annotated[FrameJson | Flush | Finalize | Ping, Field(discriminator="type")]
+class Received(BaseModel):
+    """Result flow control: the client has taken every result record up to `seq` off the socket."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["received"]
+    seq: Annotated[StrictInt, Field(ge=0)]
+
+
+ClientMessage = Annotated[FrameJson | Flush | Finalize | Ping | Received, Field(discriminator="type")]
 _CLIENT_MESSAGE = TypeAdapter(ClientMessage)
-CLIENT_TYPES = ("frame", "flush", "finalize", "ping")
+CLIENT_TYPES = ("frame", "flush", "finalize", "ping", "received")
 
 
 def _validation_message(exc: ValidationError) -> str:
@@ -168,7 +176,7 @@ def parse_binary_message(data: bytes, *, max_header_bytes: int = 16384) -> Incom
     return IncomingFrame(meta, image)
 
 
-def parse_text_message(text: str | bytes, *, max_bytes: int) -> FrameJson | Flush | Finalize | Ping:
+def parse_text_message(text: str | bytes, *, max_bytes: int) -> FrameJson | Flush | Finalize | Ping | Received:
     """A JSON text client message; the result's `.type` is one of CLIENT_TYPES."""
     if isinstance(text, (bytes, bytearray, memoryview)):
         raw = bytes(text)

@@ -1,7 +1,8 @@
 """Crash recovery for the session actor: a per-session journal in `session_actor.state_dir`.
 
-Each session has `<id>.json` (metadata, rewritten atomically on every change; small) and `<id>.rec` (result
-records appended as pickles, one per window), so the cost of persisting a window does not grow with the stream.
+Each session has `<id>.json` (metadata, rewritten atomically on every change; small), `<id>.rec` (result
+records appended as pickles, one per window), so the cost of persisting a window does not grow with the stream,
+and `<id>.pending/<index>.pkl` (accepted frames not yet in a committed window, deleted when one commits them).
 A restarted actor reloads every session and clients resume with `resume_from`.
 """
 
@@ -16,7 +17,7 @@ from serve_app.config import SessionParams
 from serve_app.session_store import ResultRecord, Session
 
 META_FIELDS = ("session_id", "owner", "created_at", "updated_at", "state", "frames_received", "frames_processed",
-               "frames_failed", "windows", "last_seq", "points_total", "error", "finished_at")
+               "frames_failed", "windows", "last_seq", "points_total", "error", "finished_at", "worker_epoch")
 
 
 class SessionJournal:
@@ -42,9 +43,29 @@ class SessionJournal:
         tmp.write_bytes(pickle.dumps(s.stream_state, protocol=pickle.HIGHEST_PROTOCOL))
         os.replace(tmp, self.dir / f"{s.session_id}.state")
 
+    def _pending_dir(self, session_id: str) -> Path:
+        return self.dir / f"{session_id}.pending"
+
+    def save_pending(self, s: Session, index: int) -> None:
+        d = self._pending_dir(s.session_id)
+        d.mkdir(exist_ok=True)
+        tmp = d / f"{index}.tmp"
+        tmp.write_bytes(pickle.dumps(s.pending[index], protocol=pickle.HIGHEST_PROTOCOL))
+        os.replace(tmp, d / f"{index}.pkl")
+
+    def drop_pending(self, session_id: str, indices) -> None:
+        d = self._pending_dir(session_id)
+        for i in indices:
+            (d / f"{i}.pkl").unlink(missing_ok=True)
+
     def delete(self, session_id: str) -> None:
         for suffix in (".json", ".rec", ".state", ".json.tmp", ".state.tmp"):
             (self.dir / f"{session_id}{suffix}").unlink(missing_ok=True)
+        d = self._pending_dir(session_id)
+        if d.is_dir():
+            for f in d.iterdir():
+                f.unlink(missing_ok=True)
+            d.rmdir()
 
     def load_all(self) -> list[Session]:
         out = []
@@ -57,7 +78,8 @@ class SessionJournal:
                         params=SessionParams.model_validate(meta["params"]),
                         created_at=meta["created_at"], updated_at=meta["updated_at"])
             for k in META_FIELDS[2:]:
-                setattr(s, k, meta[k])
+                if k in meta:
+                    setattr(s, k, meta[k])
             rec_path = meta_path.with_suffix(".rec")
             if rec_path.exists():
                 with open(rec_path, "rb") as f:
@@ -71,6 +93,16 @@ class SessionJournal:
                         if rec.seq <= s.last_seq:
                             s.records.append(rec)
                             s.frames.extend(rec.frames)
+            committed = {f.get("index") for f in s.frames}
+            pending_dir = self._pending_dir(s.session_id)
+            for p in sorted(pending_dir.glob("*.pkl")) if pending_dir.is_dir() else []:
+                index = int(p.stem)
+                if index in committed or index >= s.frames_received:
+                    continue  # committed before the crash, or written for a frame whose acceptance was not saved
+                try:
+                    s.pending[index] = pickle.loads(p.read_bytes())
+                except Exception:  # noqa: BLE001 - torn write: that frame was never acknowledged
+                    continue
             state_path = meta_path.with_suffix(".state")
             if state_path.exists():
                 try:

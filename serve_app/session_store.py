@@ -76,7 +76,12 @@ class Session:
     # Opaque state the ingress needs to continue the stream (context frames etc.), replaced after each window.
     stream_state: Any = None
     connection_id: str | None = None  # the WebSocket that currently holds the session
-    worker_id: str | None = None  # the ingress replica currently processing its frames
+    # Accepted frames not yet in a committed window (opaque payloads by index), so any ingress replica can
+    # process them: an ack means the frame is stored here, and a drained or dead replica loses nothing.
+    pending: dict[int, Any] = field(default_factory=dict)
+    # Fencing token of the worker that processes the session; a takeover bumps it and the old worker's
+    # commits and frames are refused from then on.
+    worker_epoch: int = 0
 
     def expires_at(self) -> float:
         return min(self.created_at + self.params.ttl_s, self.updated_at + self.params.idle_ttl_s)
@@ -100,6 +105,8 @@ class Session:
             "expires_at": self.expires_at(),
             "memory_bytes": self.memory_bytes(),
             "connected": self.connection_id is not None,
+            "pending_frames": len(self.pending),
+            "worker_epoch": self.worker_epoch,
             "error": self.error,
         }
 
@@ -177,9 +184,12 @@ class SessionStore:
             s.updated_at = now
 
     # --- frames -------------------------------------------------------------------------------------
-    def accept_frames(self, session_id: str, count: int, now: float) -> int:
-        """Reserve `count` frame indices; returns the first index. Rejections carry their own codes."""
+    def accept_frames(self, session_id: str, count: int, now: float, payloads: list[Any] | None = None,
+                      epoch: int | None = None) -> int:
+        """Reserve `count` frame indices and keep their payloads until a window commits them; returns the first
+        index. Rejections carry their own codes; `epoch` (when given) must be the current worker's."""
         s = self.sessions[session_id]
+        self._check_epoch(s, epoch)
         if s.state in ("complete", "failed"):
             raise ServiceError(ErrorCode.SESSION_FINALIZED, f"session is {s.state}; no more frames accepted")
         if s.state == "finalizing":
@@ -187,18 +197,43 @@ class SessionStore:
         if s.frames_received + count > s.params.max_frames:
             raise ServiceError(ErrorCode.FRAME_LIMIT_EXCEEDED,
                                f"session frame limit of {s.params.max_frames} reached")
+        if payloads is not None and len(s.pending) + count > self.limits.max_in_flight:
+            raise ServiceError(ErrorCode.QUEUE_FULL,
+                               f"{len(s.pending)} frames in flight (max {self.limits.max_in_flight}); "
+                               "wait for results before sending more")
         first = s.frames_received
         s.frames_received += count
+        if payloads is not None:
+            for i, payload in enumerate(payloads):
+                s.pending[first + i] = payload
         if s.state == "created":
             s.state = "streaming"
         s.updated_at = now
         return first
+
+    @staticmethod
+    def _check_epoch(s: Session, epoch: int | None) -> None:
+        if epoch is not None and epoch != s.worker_epoch:
+            raise ServiceError(ErrorCode.SESSION_BUSY, "another server replica has taken this session over; "
+                               "reconnect to continue", fatal=True, details={"stale_worker": True})
+
+    def take_worker(self, session_id: str) -> int:
+        """A new worker takes the session over: returns its fencing epoch (older workers become stale)."""
+        s = self.sessions[session_id]
+        s.worker_epoch += 1
+        return s.worker_epoch
+
+    def is_current_worker(self, session_id: str, epoch: int) -> bool:
+        s = self.sessions.get(session_id)
+        return s is not None and s.worker_epoch == epoch
 
     def commit_window(self, session_id: str, window: dict, frames: list[dict], points: np.ndarray,
                       colors: np.ndarray, stream_state: Any, now: float, failed: bool = False) -> ResultRecord:
         """Store one processed window; enforces the session point budget by evicting the oldest points."""
         s = self.sessions[session_id]
         s.last_seq += 1
+        for f in frames:
+            s.pending.pop(f.get("index"), None)
         window = {**window, "seq": s.last_seq}
         frames = [{**f, "seq": s.last_seq} for f in frames]
         rec = ResultRecord(seq=s.last_seq, window=window, frames=frames,
@@ -232,7 +267,7 @@ class SessionStore:
     def restore(self, sessions: list[Session]) -> None:
         """Sessions reloaded after a crash: no connection or worker holds them any more."""
         for s in sessions:
-            s.connection_id = s.worker_id = None
+            s.connection_id = None
             self.sessions[s.session_id] = s
             self._enforce_budget(s)
 
@@ -265,18 +300,6 @@ class SessionStore:
         s = self.sessions.get(session_id)
         if s is not None and s.connection_id == connection_id:
             s.connection_id = None
-
-    def claim_worker(self, session_id: str, worker_id: str) -> bool:
-        s = self.sessions[session_id]
-        if s.worker_id in (None, worker_id):
-            s.worker_id = worker_id
-            return True
-        return False
-
-    def release_worker(self, session_id: str, worker_id: str) -> None:
-        s = self.sessions.get(session_id)
-        if s is not None and s.worker_id == worker_id:
-            s.worker_id = None
 
     # --- expiry -------------------------------------------------------------------------------------
     def sweep(self, now: float) -> list[str]:

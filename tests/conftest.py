@@ -90,8 +90,10 @@ def faults_app(serve_url, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def lossy_app(serve_url):
-    """Oracle backend whose session actor keeps no journal: a restart loses sessions."""
-    args = app_args(model={"backend": "oracle", "oracle_scene": SCENE})
+    """Oracle backend whose session actor keeps no journal: a restart loses sessions. Small result flow-control
+    limits, so a client that never sends `received` is paused after a record or two and closed after 3 s."""
+    args = app_args(model={"backend": "oracle", "oracle_scene": SCENE},
+                    limits={"max_unacked_result_bytes": 60_000, "slow_reader_timeout_s": 3.0})
     return deploy(serve_url, "lossy", args), args
 
 

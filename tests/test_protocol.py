@@ -277,3 +277,12 @@ def test_property_text_messages(text):
             P.frame_from_json(msg)
         except ServiceError as exc:
             assert exc.code == ErrorCode.INVALID_MESSAGE
+
+
+def test_received_message_for_result_flow_control():
+    assert P.parse_text_message('{"type":"received","seq":7}', max_bytes=1024).seq == 7
+    for bad in ('{"type":"received"}', '{"type":"received","seq":-1}', '{"type":"received","seq":"7"}',
+                '{"type":"received","seq":1.5}'):
+        with pytest.raises(ServiceError) as ei:
+            P.parse_text_message(bad, max_bytes=1024)
+        assert ei.value.code is ErrorCode.INVALID_MESSAGE and not ei.value.fatal

@@ -106,3 +106,33 @@ async def test_frame_rate_limit_is_non_fatal(secure_url, synthetic_seq):
                     codes.append((m["code"], m["fatal"]))
     assert acks == 4 and codes == [("RATE_LIMITED", False)] * 4
     httpx.delete(f"{secure_url}/ws/session/{sid}", headers=ALICE)
+
+
+async def test_api_keys_never_reach_the_logs(secure_url):
+    """Keys travel in headers, subprotocols and `?token=`; none of them (valid or not) may appear in any log file
+    Ray or Serve writes (access logs included)."""
+    import time
+    from pathlib import Path
+
+    import ray
+
+    wrong = "key-mallory-not-configured"
+    sid = httpx.post(secure_url + "/ws/session/create", headers=ALICE).json()["session_id"]
+    httpx.get(f"{secure_url}/ws/session/{sid}", headers={"Authorization": f"Bearer {wrong}"})
+    httpx.get(f"{secure_url}/ws/session/{sid}?token={wrong}")
+    for url, kwargs in ((ws(secure_url, sid, token="key-alice"), {}),
+                        (ws(secure_url, sid), {"subprotocols": ["da3.v1", "bearer.key-alice"]}),
+                        (ws(secure_url, sid, token=wrong), {})):
+        async with websockets.connect(url, **kwargs) as c:
+            assert json.loads(await c.recv())["type"] in ("ready", "error")
+    time.sleep(2)  # access logs are written when a request ends
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    files = [f for f in logs.rglob("*") if f.is_file()]
+    serve_logs = [f for f in files if "serve" in f.parts]
+    access = "".join(f.read_text(errors="ignore") for f in serve_logs if "secure_Ingress" in f.name)
+    assert " WS " in access and "/ws/session/" in access  # the access log lines were written
+    assert any(sid[:8] in f.read_text(errors="ignore") for f in files)  # and so were our session logs
+    for f in files:
+        data = f.read_bytes()
+        for secret in (b"key-alice", b"key-bob", wrong.encode()):
+            assert secret not in data, f"{secret!r} found in {f}"

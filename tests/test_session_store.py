@@ -148,3 +148,54 @@ def test_token_bucket():
     assert tb.take(5, 0) == pytest.approx(0.5)
     assert tb.take(5, 0.5) == 0
     assert tb.take(1000, 0.5) > 90
+
+
+def test_accepted_frames_are_kept_until_a_window_commits_them():
+    st = _store(max_in_flight=3)
+    sid = st.create(SessionParams(), None, 0).session_id
+    epoch = st.take_worker(sid)
+    assert [st.accept_frames(sid, 1, 1.0, payloads=[f"frame{i}"], epoch=epoch) for i in range(3)] == [0, 1, 2]
+    with pytest.raises(ServiceError) as ei:  # the store enforces the in-flight cap itself
+        st.accept_frames(sid, 1, 1.0, payloads=["frame3"], epoch=epoch)
+    assert ei.value.code is ErrorCode.QUEUE_FULL and st.sessions[sid].frames_received == 3
+    _commit(st, sid, 5, 2.0, frames=2)  # frames 0 and 1
+    assert st.sessions[sid].pending == {2: "frame2"}
+    assert st.sessions[sid].info()["pending_frames"] == 1
+
+
+def test_takeover_fences_the_previous_worker():
+    st = _store()
+    sid = st.create(SessionParams(), None, 0).session_id
+    old = st.take_worker(sid)
+    st.accept_frames(sid, 1, 1.0, payloads=["a"], epoch=old)
+    new = st.take_worker(sid)
+    assert new == old + 1 and st.is_current_worker(sid, new) and not st.is_current_worker(sid, old)
+    with pytest.raises(ServiceError) as ei:
+        st.accept_frames(sid, 1, 1.0, payloads=["b"], epoch=old)
+    assert ei.value.code is ErrorCode.SESSION_BUSY and ei.value.fatal
+    assert st.accept_frames(sid, 1, 1.0, payloads=["b"], epoch=new) == 1
+    assert st.sessions[sid].pending == {0: "a", 1: "b"}  # the new worker inherits everything accepted
+
+
+def test_journal_keeps_pending_frames_and_epoch(tmp_path):
+    from serve_app.session_journal import SessionJournal
+
+    st = _store()
+    j = SessionJournal(tmp_path)
+    s = st.create(SessionParams(), None, 0)
+    epoch = st.take_worker(s.session_id)
+    for i in range(3):
+        index = st.accept_frames(s.session_id, 1, 1.0, payloads=[{"frame": i}], epoch=epoch)
+        j.save_pending(s, index)
+        j.save_meta(s)
+    rec = _commit(st, s.session_id, 5, 2.0, frames=2)
+    j.append_record(s, rec)
+    j.drop_pending(s.session_id, [0, 1])
+    # a pending file whose acceptance never reached the metadata (crash in between) is ignored
+    s.pending[3] = {"frame": 3}
+    j.save_pending(s, 3)
+    (loaded,) = j.load_all()
+    assert loaded.pending == {2: {"frame": 2}} and loaded.worker_epoch == epoch
+    assert loaded.frames_processed == 2 and loaded.frames_received == 3
+    j.delete(s.session_id)
+    assert list(tmp_path.iterdir()) == []

@@ -2,8 +2,9 @@
 
 Flow control: at most `max_in_flight` frames (from `ready` / acks) may be accepted-but-unprocessed on the server;
 the client counts frames it sent but has no answer for, plus the server's last reported in-flight count, and
-waits before sending more. Reconnects (close 1001 or an abnormal drop) resume with `resume_from=last_seq` and
-resend frames the server never acknowledged; frames answered QUEUE_FULL are resent in their original order.
+waits before sending more. Reconnects (close 1001/1012 or an abnormal drop) resume with `resume_from=last_seq`
+and resend frames the server never acknowledged; frames answered QUEUE_FULL are resent in their original order.
+Each points message is answered with `received` (result flow control, docs/WEBSOCKET_API.md 3.7).
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ class StreamSession:
         self.frames_acked = 0
         self.frames_processed = 0  # frame_result messages received on this object
         self.reconnects = 0
+        self.reconnect_codes: list[int] = []  # close code of each drop that was followed by a reconnect
         self.rejected: list[dict] = []  # error messages of frames rejected for good
         self.errors: list[dict] = []  # every error message received
 
@@ -395,6 +397,7 @@ class StreamSession:
                 self._fatal = exc
                 return False
             log.info("reconnected to %s after close %s (resume_from=%d)", self.session_id, code, self.last_seq)
+            self.reconnect_codes.append(code)
             self._ws = ws
             self.reconnects += 1
             self._on_ready(ready, first=False)
@@ -420,6 +423,10 @@ class StreamSession:
             chunk = decode_points(raw)
             self.reconstruction.apply(chunk)
             await self._callback(chunk)
+            try:  # result flow control: the server pauses after max_unacked_result_bytes without this
+                await self._ws.send(json.dumps({"type": "received", "seq": chunk.seq}))
+            except ConnectionClosed:
+                pass  # the reconnect resumes from last_seq anyway
             await self._notify()
             return
         msg = json.loads(raw)

@@ -9,7 +9,7 @@ import logging
 import time
 import uuid
 from pathlib import Path
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -23,9 +23,11 @@ from ray import serve
 
 from serve_app import exports, protocol
 from serve_app.config import AppArgs, SessionParams, merge_session_params
+from serve_app.deployments.drain import replica_draining
 from serve_app.deployments.session_actor import call, get_session_actor
 from serve_app.deployments.session_worker import SessionWorker
-from serve_app.errors import WS_CLOSE, WS_CLOSE_NORMAL, WS_CLOSE_SESSION_DELETED, ErrorCode, ServiceError
+from serve_app.errors import (WS_CLOSE, WS_CLOSE_NORMAL, WS_CLOSE_SERVICE_RESTART, WS_CLOSE_SESSION_DELETED,
+                              ErrorCode, ServiceError)
 from serve_app.imaging import ImageLimits, decode_image
 from serve_app.limits import TokenBucket
 from serve_app.metrics import IngressMetrics
@@ -34,7 +36,7 @@ from serve_app.reconstruction import FrameInput, StreamReconstructor
 from serve_app.session_store import owner_of
 from serve_app.video import decode_video, is_video
 
-log = logging.getLogger("da3.ingress")
+log = logging.getLogger("ray.serve.da3.ingress")  # child of ray.serve: goes to the replica log files
 
 api = FastAPI(title="da3-serve", version="0.1.0",
               description="Real-time 3D reconstruction with Depth Anything 3. Protocol: docs/WEBSOCKET_API.md")
@@ -52,19 +54,42 @@ async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
 
 
 class Connection:
-    """One WebSocket; sends are serialised because the receive loop, the sender and workers all write."""
+    """One WebSocket; sends are serialised because the receive loop, the sender and workers all write.
 
-    def __init__(self, ws: WebSocket):
+    Result flow control: Serve queues whatever the replica sends without limit, so the result sender counts the
+    bytes of result records sent beyond the client's last `received` and pauses at max_unacked_result_bytes."""
+
+    def __init__(self, ws: WebSocket, acked_seq: int = 0):
         self.ws = ws
         self.id = uuid.uuid4().hex
         self.lock = asyncio.Lock()
         self.closed = False
+        self.acked_seq = acked_seq
+        self.unacked: deque[tuple[int, int]] = deque()  # (seq, bytes) of records sent, not yet `received`
+        self.unacked_bytes = 0
+        self.acked = asyncio.Event()
+
+    def on_received(self, seq: int) -> None:
+        self.acked_seq = max(self.acked_seq, seq)
+        while self.unacked and self.unacked[0][0] <= self.acked_seq:
+            self.unacked_bytes -= self.unacked.popleft()[1]
+        self.acked.set()
+
+    def record_sent(self, seq: int, nbytes: int) -> None:
+        self.unacked.append((seq, nbytes))
+        self.unacked_bytes += nbytes
 
     async def send_json(self, msg: dict) -> None:
         if self.closed:
             return
         async with self.lock:
             await self.ws.send_text(json.dumps(msg, separators=(",", ":")))
+
+    async def send_text(self, text: str) -> None:
+        if self.closed:
+            return
+        async with self.lock:
+            await self.ws.send_text(text)
 
     async def send_bytes(self, data: bytes) -> None:
         if self.closed:
@@ -101,6 +126,10 @@ class Ingress:
         self.actor = get_session_actor(self.args.session_actor, self.args.limits)
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="da3-cpu")
         self.workers: dict[str, SessionWorker] = {}
+        self.worker_locks: dict[str, asyncio.Lock] = {}
+        self.connections: set[Connection] = set()
+        self.draining = False
+        self.drain_watch: asyncio.Task | None = None
         self.errors: Counter[str] = Counter()
         self.frames_in = 0
         self.metrics = IngressMetrics()
@@ -245,7 +274,8 @@ class Ingress:
         params = merge_session_params(self.args.session_defaults, overrides, lim.max_process_res)
         info = await call(self.actor.create, params.model_dump(), owner)
         sid = info["session_id"]
-        worker = await self._worker(sid, params)
+        worker = await self._worker(sid, params, owner)
+        worker.oneshot = True
         loop = asyncio.get_running_loop()
         try:
             taken = 0
@@ -330,31 +360,77 @@ class Ingress:
         return FileResponse(STATIC_DIR / "dashboard.html")
 
     # --- WebSocket --------------------------------------------------------------------------------------
-    def _drop_worker(self, sid: str) -> None:
-        w = self.workers.pop(sid, None)
-        if w is not None:
-            self.processed_closed += w.processed
-            w.close()
-
-    async def _worker(self, sid: str, params: SessionParams, info: dict | None = None) -> SessionWorker:
+    def _drop_worker(self, sid: str, worker: SessionWorker | None = None) -> None:
+        """Stop this replica's worker for `sid` (only `worker`, if given: a newer one may have replaced it)."""
         w = self.workers.get(sid)
-        if w is None or w.closed:
+        if w is None or (worker is not None and w is not worker):
+            if worker is not None:
+                worker.close()
+            return
+        del self.workers[sid]
+        self.processed_closed += w.processed
+        w.close()
+
+    async def _worker(self, sid: str, params: SessionParams, owner: str | None,
+                      info: dict | None = None) -> SessionWorker:
+        """This replica's worker for the session. A new worker takes the session over in the actor (fencing any
+        worker elsewhere) and continues from the stored snapshot plus every accepted, uncommitted frame."""
+        lock = self.worker_locks.setdefault(sid, asyncio.Lock())
+        async with lock:
+            w = self.workers.get(sid)
+            if w is not None and not w.closed:
+                current = info if info is not None else await call(self.actor.info, sid, owner)
+                if current.get("worker_epoch") == w.epoch:
+                    return w
+                self._drop_worker(sid, w)  # superseded by a worker on another replica
+            took = await call(self.actor.take_worker, sid)
+            info, snap = took["info"], took["stream_state"]
             recon = None
-            if info and info.get("windows"):
-                # The session was processed elsewhere (another replica, or before a restart): continue from the
-                # snapshot the session actor holds. Frames that were only queued there are gone.
-                snap = await call(self.actor.stream_state, sid)
-                if snap is not None:
-                    pts, _ = await call(self.actor.point_cloud, sid, info.get("owner_fp"))
-                    recon = await asyncio.get_running_loop().run_in_executor(
-                        self.pool, StreamReconstructor.restore, params, snap, pts)
-            w = self.workers.get(sid)  # another coroutine may have created it meanwhile
-            if w is None or w.closed:
-                w = SessionWorker(sid, params, self.model, self.actor, self.args.limits, self.pool,
-                                  on_gone=self._drop_worker, on_window=self._on_window, recon=recon,
-                                  processed=(info or {}).get("frames_processed", 0))
-                self.workers[sid] = w
-        return w
+            if snap is not None:
+                pts, _ = await call(self.actor.point_cloud, sid, owner)
+                recon = await asyncio.get_running_loop().run_in_executor(
+                    self.pool, StreamReconstructor.restore, params, snap, pts)
+            w = SessionWorker(sid, params, self.model, self.actor, self.args.limits, self.pool,
+                              on_gone=self._drop_worker, on_window=self._on_window, recon=recon,
+                              processed=info["frames_processed"], epoch=took["epoch"])
+            for frame in took["pending"]:
+                if w.recon.input_size is None:
+                    w.recon.input_size = (int(frame.image.shape[1]), int(frame.image.shape[0]))
+                w.add_frame(frame)
+            if took["pending"]:
+                log.info("session %s: worker epoch %d resumes %d accepted frames", sid, w.epoch,
+                         len(took["pending"]), extra={"session_id": sid})
+            if info["state"] == "finalizing":
+                w.finalizing = True
+                w.flush()
+            self.workers[sid] = w
+            return w
+
+    # --- draining (redeploy, downscale) -----------------------------------------------------------------------
+    def _watch_drain(self) -> None:
+        if self.drain_watch is None:
+            self.drain_watch = asyncio.get_running_loop().create_task(self._drain_loop())
+
+    async def _drain_loop(self) -> None:
+        if replica_draining() is None:
+            log.warning("cannot observe Serve's drain flag in this Ray version: streams will see 1006 at "
+                        "shutdown instead of 1012 (no accepted frame is lost either way)")
+            return
+        while not replica_draining():
+            await asyncio.sleep(self.args.limits.drain_poll_s)
+        await self._drain()
+
+    async def _drain(self) -> None:
+        """Serve is stopping this replica: ask every stream to reconnect (1012) so the drain can finish. Accepted
+        frames stay in the session actor; whichever replica the client reconnects to takes the session over."""
+        self.draining = True
+        log.warning("replica draining: closing %d streams with 1012, stopping %d workers",
+                    len(self.connections), sum(1 for w in self.workers.values() if not w.oneshot))
+        await asyncio.gather(*(c.close(WS_CLOSE_SERVICE_RESTART, "server restarting; reconnect with resume_from")
+                               for c in list(self.connections)), return_exceptions=True)
+        for sid, w in list(self.workers.items()):
+            if not w.oneshot:  # an upload request is an ongoing request: Serve waits for it
+                self._drop_worker(sid, w)
 
     def _on_window(self, window: dict, frames: int, error_code: str | None) -> None:
         self.metrics.frames_out.inc(frames)
@@ -369,6 +445,10 @@ class Ingress:
         offered = [p.strip() for p in websocket.headers.get("sec-websocket-protocol", "").split(",")]
         await websocket.accept(subprotocol=WS_SUBPROTOCOL if WS_SUBPROTOCOL in offered else None)
         conn = Connection(websocket)
+        if self.draining:  # routed here just before Serve took this replica out of rotation
+            await conn.close(WS_CLOSE_SERVICE_RESTART, "server restarting; reconnect")
+            return
+        self._watch_drain()
         try:
             owner = self._owner(self._bearer(websocket))
             att = await call(self.actor.attach, session_id, owner, conn.id)
@@ -379,11 +459,18 @@ class Ingress:
             return
         info = att["info"]
         params = SessionParams.model_validate(info["params"])
-        worker = await self._worker(session_id, params, {**info, "owner_fp": owner})
+        try:
+            worker = await self._worker(session_id, params, owner, info)
+        except ServiceError as exc:  # deleted or expired between attach and takeover
+            await conn.fail(exc)
+            await conn.close(WS_CLOSE.get(exc.code, 4500), exc.code.value)
+            return
         try:
             resume_from = int(websocket.query_params.get("resume_from", info["last_seq"]))
         except ValueError:
             resume_from = info["last_seq"]
+        conn.acked_seq = resume_from
+        self.connections.add(conn)
 
         def listener(msg: dict) -> None:
             asyncio.ensure_future(conn.send_json(msg))
@@ -409,6 +496,7 @@ class Ingress:
                 worker.listeners.remove(listener)
             sender.cancel()
             conn.closed = True
+            self.connections.discard(conn)
             self.streams -= 1
             self.metrics.active_sessions.set(self.streams)
             log.info("session %s: stream closed (in flight %d)", session_id, worker.in_flight,
@@ -446,6 +534,8 @@ class Ingress:
                     await worker.finalize()
                 elif kind == "ping":
                     await conn.send_json({"type": "pong", "t": cmsg.t, "server_time": time.time()})
+                elif kind == "received":
+                    conn.on_received(cmsg.seq)
             except ServiceError as exc:
                 self._count_error(exc.code.value, sid)
                 await conn.fail(exc, frame_id=getattr(exc, "frame_id", None))
@@ -475,19 +565,23 @@ class Ingress:
             self.pool, self._prepare, image, worker.params.process_res, worker.recon.input_size)
         if worker.recon.input_size is None:
             worker.recon.input_size = (int(resized.shape[1]), int(resized.shape[0]))
-        index = await call(self.actor.accept_frames, sid, owner, 1)
-        self.frames_in += 1
-        self.metrics.frames_in.inc()
         original = (int(rgb.shape[1]), int(rgb.shape[0]))
         K = None
         if meta.intrinsics is not None:
             sx, sy = resized.shape[1] / original[0], resized.shape[0] / original[1]
             K = np.asarray(meta.intrinsics, np.float32) * np.array([[sx], [sy], [1.0]], np.float32)
-        fid = meta.frame_id if meta.frame_id is not None else index
-        worker.add_frame(FrameInput(
-            index=index, frame_id=fid, image=resized, original_size=original, timestamp=meta.timestamp,
-            intrinsics=K, pose=None if meta.pose is None else np.asarray(meta.pose, np.float32)))
-        return index, fid
+        frame = FrameInput(index=-1, frame_id=meta.frame_id, image=resized, original_size=original,
+                           timestamp=meta.timestamp, intrinsics=K,
+                           pose=None if meta.pose is None else np.asarray(meta.pose, np.float32))
+        # The actor stores the frame before we ack it: an acked frame survives this replica.
+        index = await call(self.actor.accept_frame, sid, owner, worker.epoch, frame)
+        frame.index = index
+        if frame.frame_id is None:
+            frame.frame_id = index
+        self.frames_in += 1
+        self.metrics.frames_in.inc()
+        worker.add_frame(frame)
+        return index, frame.frame_id
 
     def _rate_check(self, worker: SessionWorker, nbytes: int) -> None:
         lim, now = self.args.limits, time.monotonic()
@@ -512,6 +606,28 @@ class Ingress:
             # Mixed resolutions in one session: every window must stack, so follow the first frame's size.
             resized = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
         return rgb, resized
+
+    async def _wait_for_reader(self, conn: Connection, sid: str) -> bool:
+        """Pause while the client holds more than max_unacked_result_bytes of unacknowledged results (one record
+        always fits). False after slow_reader_timeout_s without progress: the stream is closed with
+        SLOW_CONSUMER and the results wait in the session for a reconnect with resume_from."""
+        lim = self.args.limits
+        while conn.unacked and conn.unacked_bytes >= lim.max_unacked_result_bytes:
+            conn.acked.clear()
+            try:
+                await asyncio.wait_for(conn.acked.wait(), lim.slow_reader_timeout_s)
+            except asyncio.TimeoutError:
+                self._count_error(ErrorCode.SLOW_CONSUMER.value, sid)
+                await conn.fail(ServiceError(
+                    ErrorCode.SLOW_CONSUMER,
+                    f"{conn.unacked_bytes} bytes of results unacknowledged for {lim.slow_reader_timeout_s:g}s "
+                    f"(limit {lim.max_unacked_result_bytes}); send `received` messages, reconnect with "
+                    f"resume_from={conn.acked_seq} to continue", fatal=True))
+                await conn.close(WS_CLOSE[ErrorCode.SLOW_CONSUMER], ErrorCode.SLOW_CONSUMER.value)
+                return False
+            if conn.closed:
+                return False
+        return not conn.closed
 
     async def _send_results(self, conn: Connection, sid: str, after: int, encoding: str) -> None:
         """Stream result records from the session actor (long-poll), so a reconnect anywhere resumes."""
@@ -538,14 +654,18 @@ class Ingress:
                     await conn.close(WS_CLOSE[ErrorCode.SESSION_BUSY], "SESSION_BUSY")
                     return
                 for rec in res["records"]:
-                    await conn.send_json({"type": "window", **rec.window})
-                    for fr in rec.frames:
-                        await conn.send_json({"type": "frame_result", **fr})
+                    if not await self._wait_for_reader(conn, sid):
+                        return
+                    texts = [json.dumps({"type": "window", **rec.window}, separators=(",", ":"))]
+                    texts += [json.dumps({"type": "frame_result", **fr}, separators=(",", ":")) for fr in rec.frames]
                     data = await loop.run_in_executor(
                         self.pool, lambda r=rec: protocol.encode_points(
                             r.points, r.colors, seq=r.seq, window=r.window.get("window", 0),
                             frame_ids=r.window.get("frame_ids", []), encoding=encoding))
+                    for t in texts:
+                        await conn.send_text(t)
                     await conn.send_bytes(data)
+                    conn.record_sent(rec.seq, len(data) + sum(len(t) for t in texts))
                     seq = rec.seq
                 info = res["info"]
                 if info["state"] in ("complete", "failed") and seq >= info["last_seq"]:

@@ -18,7 +18,7 @@ from serve_app.errors import ServiceError
 from serve_app.session_journal import SessionJournal
 from serve_app.session_store import SessionStore
 
-log = logging.getLogger("da3.sessions")
+log = logging.getLogger("ray.serve.da3.sessions")
 
 
 class SessionActor:
@@ -93,11 +93,40 @@ class SessionActor:
         return {"sessions": [s.info() for s in self.store.list(owner)], "counts": self.store.counts(),
                 "limits": {"max_sessions": self.store.limits.max_sessions}}
 
-    async def accept_frames(self, sid: str, owner: str | None, count: int) -> int:
+    async def accept_frame(self, sid: str, owner: str | None, epoch: int, frame: Any) -> int:
+        """Store one accepted frame (a FrameInput) until a window commits it; returns its index. The ingress
+        acks only after this returns, so an acked frame survives the replica that received it."""
         self.store.get(sid, owner)
-        first = self.store.accept_frames(sid, count, time.time())
+        index = self.store.accept_frames(sid, 1, time.time(), payloads=[frame], epoch=epoch)
+        frame.index = index
+        if frame.frame_id is None:
+            frame.frame_id = index
+        if self.journal is not None:
+            s = self.store.sessions[sid]
+            self.journal.save_pending(s, index)  # before the metadata: an unsaved acceptance ignores this file
+            self.journal.save_meta(s)
+        return index
+
+    async def take_worker(self, sid: str) -> dict:
+        """Fence out any earlier worker and hand over what the new one needs: the snapshot taken after the last
+        committed window, the accepted frames no window has committed yet (by index), and the session info."""
+        if sid not in self.store.sessions:
+            self.store.get(sid, None)  # raises SESSION_NOT_FOUND / SESSION_EXPIRED
+        epoch = self.store.take_worker(sid)
         self._save(sid)
-        return first
+        s = self.store.sessions[sid]
+        return {"epoch": epoch, "stream_state": s.stream_state, "info": s.info(),
+                "pending": [s.pending[i] for i in sorted(s.pending)]}
+
+    async def complete(self, sid: str, epoch: int) -> bool:
+        """Mark a finalizing session complete, only from the current worker and with nothing left pending."""
+        s = self.store.sessions.get(sid)
+        if s is None or s.worker_epoch != epoch or s.pending or s.state != "finalizing":
+            return False
+        self.store.set_state(sid, "complete", time.time())
+        self._save(sid)
+        await self._notify(sid)
+        return True
 
     async def touch(self, sid: str) -> None:
         self.store.touch(sid, time.time())
@@ -111,13 +140,17 @@ class SessionActor:
         return s.info()
 
     async def commit_window(self, sid: str, window: dict, frames: list[dict], points, colors,
-                            stream_state: Any = None, failed: bool = False) -> int:
+                            stream_state: Any = None, failed: bool = False, epoch: int | None = None) -> int:
+        """Returns the record's seq; -1 if the session is gone, -2 if the caller is a stale (fenced) worker."""
         if sid not in self.store.sessions:
             return -1  # deleted or expired while the window was in flight
+        if epoch is not None and not self.store.is_current_worker(sid, epoch):
+            return -2
         rec = self.store.commit_window(sid, window, frames, points, colors, stream_state, time.time(), failed)
         if self.journal is not None:
             s = self.store.sessions[sid]
-            self.journal.append_record(s, rec)
+            self.journal.append_record(s, rec)  # first: a crash in between keeps (and then skips) the files
+            self.journal.drop_pending(sid, [f.get("index") for f in frames])
             if stream_state is not None:
                 self.journal.save_stream_state(s)
         await self._notify(sid)

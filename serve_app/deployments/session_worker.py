@@ -3,6 +3,10 @@
 Windows of one session are pipelined: window k+1 goes to the model while window k is still being aligned; only
 integration is ordered. The worker outlives the WebSocket, so frames accepted before a disconnect are still
 processed and their results wait in the session actor for the reconnecting client.
+
+Accepted frames are also stored in the session actor until a window commits them, and every worker holds a
+fencing epoch from the actor: a worker on another replica (after a redeploy, a crash or a reconnect that landed
+elsewhere) takes over with the snapshot plus those frames, and the old worker's late commits are refused.
 """
 
 from __future__ import annotations
@@ -18,14 +22,14 @@ from serve_app.deployments.session_actor import call
 from serve_app.errors import ErrorCode
 from serve_app.reconstruction import FrameInput, StreamReconstructor, WindowPlan
 
-log = logging.getLogger("da3.worker")
+log = logging.getLogger("ray.serve.da3.worker")
 
 
 class SessionWorker:
     def __init__(self, session_id: str, params: SessionParams, model, actor, limits: LimitsConfig,
-                 pool: Executor, on_gone: Callable[[str], None],
+                 pool: Executor, on_gone: Callable[[str, "SessionWorker"], None],
                  on_window: Callable[[dict, int, str | None], None] | None = None,
-                 recon: StreamReconstructor | None = None, processed: int = 0):
+                 recon: StreamReconstructor | None = None, processed: int = 0, epoch: int = 0):
         self.sid = session_id
         self.params = params
         self.model = model
@@ -35,6 +39,8 @@ class SessionWorker:
         self.on_gone = on_gone
         self.on_window = on_window
         self.recon = recon or StreamReconstructor(params)
+        self.epoch = epoch  # fencing token from the session actor (take_worker)
+        self.oneshot = False  # serves a POST /v1/reconstruct request: kept running while the replica drains
         self.lock = asyncio.Lock()  # the reconstructor is only touched under this lock, in the pool
         self.wake = asyncio.Event()
         self.slots = asyncio.Semaphore(limits.max_windows_in_flight)
@@ -150,7 +156,12 @@ class SessionWorker:
             }
             out.window["batch_size"] = res.get("batch_size")
             seq = await call(self.actor.commit_window, self.sid, out.window, out.frames, out.points, out.colors,
-                             snap, not out.ok)
+                             snap, not out.ok, self.epoch)
+            if seq == -2:  # fenced: another worker owns the session now and redoes these frames
+                log.info("session %s: worker epoch %d superseded; stopping", self.sid, self.epoch,
+                         extra={"session_id": self.sid})
+                self._gone()
+                return
             self.processed += len(plan.new)
             if self.on_window is not None:
                 self.on_window(out.window, len(plan.new), None if out.ok else code.value)
@@ -175,8 +186,8 @@ class SessionWorker:
     async def _maybe_complete(self) -> None:
         if self.finalizing and not self.recon.pending and self.order.empty() and self.in_flight == 0:
             self.finalizing = False
-            await call(self.actor.set_state, self.sid, "complete")
+            await call(self.actor.complete, self.sid, self.epoch)
 
     def _gone(self) -> None:
         self.closed = True
-        self.on_gone(self.sid)
+        self.on_gone(self.sid, self)

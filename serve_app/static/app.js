@@ -238,6 +238,8 @@ function onPoints(buffer) {
     return;
   }
   viewer.addPoints(chunk.positions, chunk.colors);
+  // Result flow control: without `received` the server pauses after max_unacked_result_bytes.
+  if (Number.isInteger(chunk.header.seq)) send({ type: 'received', seq: chunk.header.seq });
   state.pointsReceived += chunk.count;
   state.pointsRendered = viewer.pointCount;
   state.pointsHistory.push(state.pointsRendered);
