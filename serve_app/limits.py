@@ -30,3 +30,28 @@ class TokenBucket:
         if self.rate <= 0:
             return float("inf")
         return (amount - self.tokens) / self.rate
+
+
+class FrameRateLimiter:
+    """Per-session upload limits: frames per second and bytes per second, each with a 2x burst. A frame is taken
+    or refused as a whole (a refusal by the byte bucket gives its frame token back)."""
+
+    def __init__(self, frames_per_s: float, bytes_per_s: float, now: float):
+        self.frames_per_s, self.bytes_per_s = frames_per_s, bytes_per_s
+        self.frames = TokenBucket(frames_per_s, 2 * frames_per_s, stamp=now)
+        self.bytes = TokenBucket(bytes_per_s, 2 * bytes_per_s, stamp=now)
+
+    def check(self, nbytes: int, now: float) -> None:
+        """Take one frame of `nbytes`, or raise RATE_LIMITED (not fatal) with `retry_after_s`."""
+        from serve_app.errors import ErrorCode, ServiceError
+
+        wait = self.frames.take(1, now)
+        if not wait:
+            wait = self.bytes.take(nbytes, now)
+            if wait:
+                self.frames.tokens += 1
+        if wait:
+            raise ServiceError(ErrorCode.RATE_LIMITED,
+                               f"session over its rate limit ({self.frames_per_s:g} frames/s, "
+                               f"{self.bytes_per_s / 1e6:g} MB/s); retry in {wait:.2f}s",
+                               details={"retry_after_s": round(wait, 3)})

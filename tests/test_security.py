@@ -136,3 +136,27 @@ async def test_api_keys_never_reach_the_logs(secure_url):
         data = f.read_bytes()
         for secret in (b"key-alice", b"key-bob", wrong.encode()):
             assert secret not in data, f"{secret!r} found in {f}"
+    httpx.delete(f"{secure_url}/ws/session/{sid}", headers=ALICE)
+
+
+async def test_frame_limit_is_not_fatal_and_the_session_finishes(secure_url, synthetic_seq):
+    sid = httpx.post(secure_url + "/ws/session/create", headers=ALICE, json={"max_frames": 2}).json()["session_id"]
+    acks, errors, summary = [], [], None
+    async with websockets.connect(ws(secure_url, sid, token="key-alice"), max_size=None) as c:
+        await c.recv()
+        for i in range(3):  # within the app's 2 frames/s burst of 4
+            await c.send(encode_frame_message(encode_image(synthetic_seq.images[i], "PNG"), {"frame_id": i}))
+        while len(acks) + len(errors) < 3:
+            m = json.loads(await asyncio.wait_for(c.recv(), 60))
+            if m["type"] == "ack":
+                acks.append(m["frame_id"])
+            elif m["type"] == "error":
+                errors.append(m)
+        await c.send(json.dumps({"type": "finalize"}))
+        async for raw in c:
+            if isinstance(raw, str) and json.loads(raw)["type"] == "summary":
+                summary = json.loads(raw)
+    assert acks == [0, 1]
+    assert [(e["code"], e["fatal"], e["frame_id"]) for e in errors] == [("FRAME_LIMIT_EXCEEDED", False, 2)]
+    assert summary["state"] == "complete" and summary["frames_processed"] == 2 and c.close_code == 1000
+    httpx.delete(f"{secure_url}/ws/session/{sid}", headers=ALICE)

@@ -199,3 +199,27 @@ def test_journal_keeps_pending_frames_and_epoch(tmp_path):
     assert loaded.frames_processed == 2 and loaded.frames_received == 3
     j.delete(s.session_id)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_frame_rate_limiter_frames_and_bytes():
+    from serve_app.limits import FrameRateLimiter
+
+    rl = FrameRateLimiter(frames_per_s=2, bytes_per_s=1000, now=0.0)
+    rl.check(100, 0.0)
+    rl.check(100, 0.0)
+    rl.check(100, 0.0)
+    rl.check(100, 0.0)  # burst: 2 x 2 frames/s
+    with pytest.raises(ServiceError) as ei:
+        rl.check(100, 0.0)
+    assert ei.value.code is ErrorCode.RATE_LIMITED and not ei.value.fatal
+    assert ei.value.details["retry_after_s"] == pytest.approx(0.5)
+    rl.check(100, 0.5)  # one frame token back after 1/2 s
+    # bytes: 2000-byte burst, 400 used; a 1700-byte frame waits (1700 - 1600) / 1000 s ...
+    rl2 = FrameRateLimiter(frames_per_s=100, bytes_per_s=1000, now=0.0)
+    rl2.check(400, 0.0)
+    frames_before = rl2.frames.tokens
+    with pytest.raises(ServiceError) as ei:
+        rl2.check(1700, 0.0)
+    assert ei.value.details["retry_after_s"] == pytest.approx(0.1)
+    assert rl2.frames.tokens == frames_before  # ... and its frame token is refunded
+    rl2.check(1700, 0.1)

@@ -29,7 +29,7 @@ from serve_app.deployments.session_worker import SessionWorker
 from serve_app.errors import (WS_CLOSE, WS_CLOSE_NORMAL, WS_CLOSE_SERVICE_RESTART, WS_CLOSE_SESSION_DELETED,
                               ErrorCode, ServiceError)
 from serve_app.imaging import ImageLimits, decode_image
-from serve_app.limits import TokenBucket
+from serve_app.limits import FrameRateLimiter
 from serve_app.metrics import IngressMetrics
 from serve_app.preprocess import resize_for_model
 from serve_app.reconstruction import FrameInput, StreamReconstructor
@@ -585,19 +585,9 @@ class Ingress:
 
     def _rate_check(self, worker: SessionWorker, nbytes: int) -> None:
         lim, now = self.args.limits, time.monotonic()
-        if worker.frame_bucket is None:
-            worker.frame_bucket = TokenBucket(lim.frames_per_s, 2 * lim.frames_per_s, stamp=now)
-            worker.byte_bucket = TokenBucket(lim.bytes_per_s, 2 * lim.bytes_per_s, stamp=now)
-        wait = worker.frame_bucket.take(1, now)
-        if not wait:
-            wait = worker.byte_bucket.take(nbytes, now)
-            if wait:
-                worker.frame_bucket.tokens += 1  # refund: the frame is rejected as a whole
-        if wait:
-            raise ServiceError(ErrorCode.RATE_LIMITED,
-                               f"session over its rate limit ({lim.frames_per_s:g} frames/s, "
-                               f"{lim.bytes_per_s / 1e6:g} MB/s); retry in {wait:.2f}s",
-                               details={"retry_after_s": round(wait, 3)})
+        if worker.rate is None:
+            worker.rate = FrameRateLimiter(lim.frames_per_s, lim.bytes_per_s, now)
+        worker.rate.check(nbytes, now)
 
     def _prepare(self, image: bytes | np.ndarray, process_res: int, size: tuple[int, int] | None):
         rgb = decode_image(image, self.image_limits) if isinstance(image, (bytes, bytearray)) else image

@@ -51,7 +51,7 @@ class SessionWorker:
         self.finalizing = False
         self.closed = False
         self.listeners: list[Callable[[dict], Any]] = []
-        self.frame_bucket = self.byte_bucket = None  # rate limits, created by the ingress
+        self.rate = None  # FrameRateLimiter, created by the ingress
         self.tasks = [asyncio.create_task(self._plan_loop()), asyncio.create_task(self._integrate_loop())]
 
     # --- called by the WebSocket handler ----------------------------------------------------------------
