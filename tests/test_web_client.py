@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import itertools
+import json
 import os
 from pathlib import Path
 
@@ -83,6 +84,9 @@ def streamed(browser, serve_url, synthetic_seq):
     page = ctx.new_page()
     page_errors: list[str] = []
     page.on("pageerror", lambda exc: page_errors.append(str(exc)))
+    sent_text: list[str] = []  # text messages the page sent on its stream
+    page.on("websocket", lambda sock: sock.on(
+        "framesent", lambda payload: sent_text.append(payload) if isinstance(payload, str) else None))
     open_client(page, serve_url)
     urls = [data_url(synthetic_seq.images[i]) for i in range(N_FRAMES)]
     page.evaluate("([urls, params, opts]) => { window.__run = window.da3.streamUrls(urls, params, opts)"
@@ -90,7 +94,7 @@ def streamed(browser, serve_url, synthetic_seq):
     page.wait_for_function("() => ['complete', 'failed'].includes(window.da3.state.status)", timeout=300_000)
     outcome = page.evaluate("() => window.__run")
     state = snapshot(page)
-    yield {"page": page, "state": state, "outcome": outcome, "page_errors": page_errors}
+    yield {"page": page, "state": state, "outcome": outcome, "page_errors": page_errors, "sent_text": sent_text}
     ctx.close()
 
 
@@ -108,6 +112,9 @@ def test_client_streams_and_renders_point_cloud(streamed, serve_url):
     assert state["status"] == "complete" and state["errors"] == [] and streamed["page_errors"] == []
     assert state["framesSent"] == state["framesAcked"] == state["framesProcessed"] == N_FRAMES
     assert state["framesRejected"] == state["framesLost"] == state["framesFailed"] == 0
+    # Result flow control: one `received` per points message, in seq order.
+    received = [json.loads(t)["seq"] for t in streamed["sent_text"] if '"received"' in t]
+    assert received == list(range(1, state["windows"] + 1)), received
     # Flow control: the first window needs window_size frames outstanding; never more than the limit.
     assert PARAMS["window_size"] <= state["maxOutstanding"] <= CLIENT_MAX_IN_FLIGHT
     assert page.evaluate("() => window.da3.pendingFrames") == 0
