@@ -1,6 +1,7 @@
 """Throughput of DA3Runtime.forward_windows against the batch size, on a random-init network.
 
     python bench/runtime.py --model da3-small --size 112x154 --views 4 --batches 1,2,4 --repeats 3
+    python bench/runtime.py --compile --compile-backend inductor   # eager vs torch.compile, same run and weights
 
 Random weights cost the same compute as trained ones, so the timings hold for real checkpoints.
 """
@@ -18,7 +19,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from serve_app.prediction import WindowRequest
-from serve_app.runtime import DA3Runtime
+from serve_app.runtime import COMPILE_BACKENDS, DA3Runtime, compiled_graph_count
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -35,12 +36,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default=None)
     ap.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
-    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--compile", action="store_true",
+                    help="also run a torch.compile'd runtime (same weights), warmed up like a replica, and "
+                         "report compiled vs eager views/s measured in this run")
+    ap.add_argument("--compile-backend", default="inductor", choices=list(COMPILE_BACKENDS))
     args = ap.parse_args(argv)
 
     h, w = parse_size(args.size)
     batches = [int(b) for b in args.batches.split(",")]
-    rt = DA3Runtime(f"random:{args.model}", device=args.device, amp=args.amp, compile=args.compile)
+    rt = DA3Runtime(f"random:{args.model}", device=args.device, amp=args.amp)
     info = rt.info()
     print(f"model={rt.model_name} device={info['device']} amp={info['amp']} any_view={rt.any_view} "
           f"size={h}x{w} views={args.views} repeats={args.repeats}")
@@ -48,23 +52,44 @@ def main(argv: list[str] | None = None) -> None:
     pool = [rng.integers(0, 256, (args.views, h, w, 3), dtype=np.uint8) for _ in range(max(batches))]
     rt.warmup([(h, w)], views=args.views, batch=1)
 
-    rows = []
-    for b in batches:
-        reqs = [WindowRequest(images=pool[i]) for i in range(b)]
-        rt.forward_windows(reqs)  # warm this batch shape
-        times = []
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            rt.forward_windows(reqs)
-            times.append(time.perf_counter() - t0)
-        t = statistics.median(times)
-        rows.append((b, b * args.views / t, 1000.0 * t / b))
+    def measure(runtime: DA3Runtime) -> list[tuple[int, float, float]]:
+        rows = []
+        for b in batches:
+            reqs = [WindowRequest(images=pool[i]) for i in range(b)]
+            runtime.forward_windows(reqs)  # warm this batch shape
+            times = []
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                runtime.forward_windows(reqs)
+                times.append(time.perf_counter() - t0)
+            t = statistics.median(times)
+            rows.append((b, b * args.views / t, 1000.0 * t / b))
+        return rows
+
+    rows = measure(rt)
+    compiled_rows = None
+    if args.compile:
+        crt = DA3Runtime(f"random:{args.model}", device=args.device, amp=args.amp, compile=True,
+                         compile_backend=args.compile_backend)
+        crt.net.load_state_dict(rt.net.state_dict())
+        warm = crt.warmup_shapes([(args.views, h, w)], batches)
+        graphs = compiled_graph_count()
+        compiled_rows = measure(crt)
+        print(f"compile ({args.compile_backend}): warm-up {warm:.1f}s for batch sizes {batches}; graphs compiled "
+              f"after warm-up: {compiled_graph_count() - graphs}")
+        rows_eager_again = measure(rt)  # the CPU may drift: eager again after the compiled run
+        rows = [(b, max(v0, v1), min(m0, m1)) for (b, v0, m0), (_, v1, m1) in zip(rows, rows_eager_again)]
 
     base = rows[0][1] if rows and rows[0][0] == 1 else None
-    print(f"{'batch':>5} {'views/s':>10} {'ms/window':>10} {'vs batch 1':>11}")
-    for b, vps, ms in rows:
+    print(f"{'batch':>5} {'views/s':>10} {'ms/window':>10} {'vs batch 1':>11}"
+          + (f" {'compiled views/s':>17} {'compiled/eager':>15}" if compiled_rows else ""))
+    for i, (b, vps, ms) in enumerate(rows):
         ratio = f"{vps / base:.2f}x" if base else "-"
-        print(f"{b:>5} {vps:>10.2f} {ms:>10.1f} {ratio:>11}")
+        extra = ""
+        if compiled_rows:
+            cvps = compiled_rows[i][1]
+            extra = f" {cvps:>17.2f} {cvps / vps:>14.2f}x"
+        print(f"{b:>5} {vps:>10.2f} {ms:>10.1f} {ratio:>11}{extra}")
 
 
 if __name__ == "__main__":

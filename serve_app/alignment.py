@@ -59,16 +59,61 @@ def _residuals(sim: Sim3, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     return np.linalg.norm(sim.s * (src @ sim.R.T) + sim.t - dst, axis=1)
 
 
+# robust_sim3 evaluates dozens of fits on the same (subsampled) points, so it keeps them transposed, (3, n)
+# C-contiguous: R @ srcT is a fast BLAS product (src @ R.T on (n, 3) is not) and every per-axis pass is
+# contiguous. Same arithmetic as umeyama_sim3 / _residuals above.
+
+def _median(r: np.ndarray) -> float:
+    """float(np.median(r)) for a 1-D array, bit for bit, without np.median's overhead (~5x slower here)."""
+    n = len(r)
+    if n == 0 or np.isnan(r).any():
+        return float(np.median(r))
+    k = n // 2
+    if n % 2:
+        return float(np.partition(r, k)[k])
+    part = np.partition(r, (k - 1, k))
+    return float((part[k - 1] + part[k]) / 2.0)
+
+
+def _residuals_t(sim: Sim3, srcT: np.ndarray, dstT: np.ndarray) -> np.ndarray:
+    d = sim.R @ srcT
+    d *= sim.s
+    d += sim.t[:, None]
+    d -= dstT
+    d *= d
+    return np.sqrt(d[0] + d[1] + d[2])
+
+
+def _umeyama_t(srcT: np.ndarray, dstT: np.ndarray, w: np.ndarray) -> Sim3:
+    """umeyama_sim3 on (3, n) points with weights (n,)."""
+    w = w / w.sum()
+    mu_s = srcT @ w
+    mu_d = dstT @ w
+    xs = srcT - mu_s[:, None]
+    xd = dstT - mu_d[:, None]
+    var_s = float(((xs * xs).sum(0)) @ w)
+    cov = (xd * w) @ xs.T
+    U, D, Vt = np.linalg.svd(cov)
+    S = np.ones(3)
+    if np.linalg.det(U) * np.linalg.det(Vt) < 0:
+        S[2] = -1.0
+    R = (U * S) @ Vt
+    s = float((D * S).sum() / var_s) if var_s > 1e-300 else 1.0
+    t = mu_d - s * (R @ mu_s)
+    return Sim3(s, R, t)
+
+
 def robust_sim3(src: np.ndarray, dst: np.ndarray, weights: np.ndarray | None = None, *, iters: int = 10,
                 huber_k: float = 1.345, min_points: int = 50, max_points: int = 50000,
                 scale_bounds: tuple[float, float] = (1e-4, 1e4), seed: int = 0,
-                degenerate_ratio: float = 1e-3, hypotheses: int = 32) -> AlignmentResult:
+                degenerate_ratio: float = 1e-3, hypotheses: int = 32, score_points: int = 2000) -> AlignmentResult:
     """Robust Sim(3) dst ≈ s R src + t: IRLS with Huber weights (threshold huber_k x a MAD residual scale)
     times the given confidence weights. Bad data gives ok=False and a reason; it never raises on bad data.
 
     Huber alone is biased by one-sided gross outliers and converges slowly from a contaminated start, so the
-    IRLS starts from the best of the plain fit and `hypotheses` 4-point fits (least median residual), and ends
-    with a refit on the points inside the final Huber threshold.
+    IRLS starts from the best of the plain fit and `hypotheses` 4-point fits (least median residual, scored on
+    `score_points` of the points: a median needs far fewer points than the fit), and ends with a refit on the
+    points inside the final Huber threshold.
 
     `degenerate_ratio`: the src (and dst) spread's second principal std over its first must exceed this,
     otherwise the points are (nearly) collinear and the rotation about that line is undetermined.
@@ -112,27 +157,32 @@ def robust_sim3(src: np.ndarray, dst: np.ndarray, weights: np.ndarray | None = N
             return _fail(f"{name} points nearly collinear (spread ratio {sv[1] / sv[0]:.2e})", n)
 
     rng = np.random.default_rng(seed)
-    sim = umeyama_sim3(src, dst, w0)
-    best = float(np.median(_residuals(sim, src, dst)))
-    p = w0 / w0.sum()
+    srcT, dstT = np.ascontiguousarray(src.T), np.ascontiguousarray(dst.T)
+    sim = _umeyama_t(srcT, dstT, w0)
+    # Hypotheses are ranked on a fixed subsample; the IRLS below uses every point.
+    sub = np.sort(rng.choice(n, size=score_points, replace=False)) if n > score_points else slice(None)
+    subS, subD = np.ascontiguousarray(srcT[:, sub]), np.ascontiguousarray(dstT[:, sub])
+    best = _median(_residuals_t(sim, subS, subD))
+    # All minimal sets in one draw (confidence-weighted, with replacement: a repeated point leaves 3, enough).
+    sets = rng.choice(n, size=(hypotheses, 4), replace=True, p=w0 / w0.sum())
     with np.errstate(all="ignore"):
-        for _ in range(hypotheses):
-            idx = rng.choice(n, size=4, replace=False, p=p)
+        for idx in sets:
             cand = umeyama_sim3(src[idx], dst[idx])
             if not (np.isfinite(cand.s) and np.isfinite(cand.t).all() and cand.s > 0):
                 continue
-            med = float(np.median(_residuals(cand, src, dst)))
+            med = _median(_residuals_t(cand, subS, subD))
             if med < best:
                 sim, best = cand, med
     thresh = np.inf
+    # Floor so exact data (sigma 0) keeps unit weights instead of dividing by zero.
+    floor = 1e-9 * (1.0 + float(np.abs(dst).max()))
     for _ in range(max(iters, 1)):
-        r = _residuals(sim, src, dst)
-        sigma = MAD_TO_SIGMA * float(np.median(r))
-        # Floor so exact data (sigma 0) keeps unit weights instead of dividing by zero.
-        thresh = max(huber_k * sigma, 1e-9 * (1.0 + float(np.abs(dst).max())))
+        r = _residuals_t(sim, srcT, dstT)
+        sigma = MAD_TO_SIGMA * _median(r)
+        thresh = max(huber_k * sigma, floor)
         hub = np.where(r <= thresh, 1.0, thresh / np.maximum(r, 1e-300))
         w = w0 * hub
-        new = umeyama_sim3(src, dst, w)
+        new = _umeyama_t(srcT, dstT, w)
         if not (np.isfinite(new.s) and np.isfinite(new.R).all() and np.isfinite(new.t).all()):
             return _fail("non-finite result", n)
         change = abs(new.s - sim.s) / max(abs(sim.s), 1e-300) + float(np.abs(new.t - sim.t).max()) / (
@@ -141,17 +191,17 @@ def robust_sim3(src: np.ndarray, dst: np.ndarray, weights: np.ndarray | None = N
         if change < 1e-10:
             break
     for _ in range(2):
-        inl = _residuals(sim, src, dst) <= thresh
+        inl = _residuals_t(sim, srcT, dstT) <= thresh
         if inl.sum() < max(min_points, 3):
             break
-        sim = umeyama_sim3(src[inl], dst[inl], w0[inl])
+        sim = _umeyama_t(srcT[:, inl], dstT[:, inl], w0[inl])
 
     if not (np.isfinite(sim.s) and np.isfinite(sim.R).all() and np.isfinite(sim.t).all()):
         return _fail("non-finite result", n)
     if not (scale_bounds[0] <= sim.s <= scale_bounds[1]):
         return AlignmentResult(sim, False, f"scale {sim.s:.3g} outside bounds {scale_bounds}", n, 0.0,
                                float("nan"), float(sim.s))
-    r = _residuals(sim, src, dst)
+    r = _residuals_t(sim, srcT, dstT)
     inl = r <= thresh
     inlier_ratio = float(w0[inl].sum() / w0.sum())
     rmse = float(np.sqrt(np.average(r[inl] ** 2, weights=w0[inl]))) if inl.any() else float("nan")

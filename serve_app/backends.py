@@ -10,7 +10,7 @@ import logging
 
 from serve_app.config import ModelConfig
 
-log = logging.getLogger("da3.model")
+log = logging.getLogger("ray.serve.da3.model")
 
 
 def make_backend(cfg: ModelConfig):
@@ -26,7 +26,8 @@ def make_backend(cfg: ModelConfig):
     from serve_app.runtime import DA3Runtime
 
     kwargs = dict(model_name=cfg.model_name, device=cfg.device, amp=cfg.amp,
-                  ref_view_strategy=cfg.ref_view_strategy, compile=cfg.compile)
+                  ref_view_strategy=cfg.ref_view_strategy, compile=cfg.compile,
+                  compile_backend=cfg.compile_backend)
     try:
         return DA3Runtime(cfg.checkpoint, **kwargs)
     except CheckpointError as exc:
@@ -37,3 +38,16 @@ def make_backend(cfg: ModelConfig):
                     cfg.checkpoint, exc, cfg.fallback_checkpoint)
         kwargs["model_name"] = None
         return DA3Runtime(cfg.fallback_checkpoint, **kwargs)
+
+
+def warm_up(backend, cfg: ModelConfig, max_batch_size: int) -> float:
+    """With `compile` on, run the configured window shapes at every batch size the replica may see (see
+    ModelConfig.compile_warmup_*); already warmed shapes are skipped. Returns the seconds spent."""
+    if not cfg.compile or not hasattr(backend, "warmup_shapes"):
+        return 0.0
+    sizes = cfg.compile_warmup_batch_sizes or list(range(1, int(max_batch_size) + 1))
+    spent = backend.warmup_shapes(cfg.compile_warmup_shapes, sizes, priors=cfg.compile_warmup_priors)
+    if spent:
+        log.info("compiled model warm-up: %.1fs (total %.1fs) for shapes %s at batch sizes %s", spent,
+                 backend.warmup_s, cfg.compile_warmup_shapes, sizes)
+    return spent

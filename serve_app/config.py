@@ -81,6 +81,16 @@ class ModelConfig(_Strict):
     device: str | None = None
     amp: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     compile: bool = False
+    # torch.compile backend ("inductor" needs a C compiler on CPU; "aot_eager" compiles nothing natively).
+    compile_backend: Literal["inductor", "aot_eager", "eager", "cudagraphs"] = "inductor"
+    # With `compile`, the replica runs these window shapes, (views, height, width) at the model's input size,
+    # at every batch size it may see before it reports healthy: graphs are static, so a shape not warmed here
+    # compiles on its first request. Default: 6 views of a 4:3 landscape frame at process_res 504.
+    compile_warmup_shapes: list[tuple[int, int, int]] = Field(default_factory=lambda: [(6, 378, 504)])
+    # Batch sizes to warm; null = 1..batching.max_batch_size (retuning it upwards warms the new sizes).
+    compile_warmup_batch_sizes: list[int] | None = None
+    # Also warm the variant with client pose priors (a different graph) when the network accepts them.
+    compile_warmup_priors: bool = False
     ref_view_strategy: str = "saddle_balanced"
     # Oracle backend (tests/benchmarks): the synthetic scene to answer for, and its gauge noise.
     oracle_scene: dict[str, Any] | None = None
@@ -88,6 +98,22 @@ class ModelConfig(_Strict):
     oracle_depth_noise: float = 0.0
     oracle_pose_noise: float = 0.0
     oracle_seed: int = 0
+
+    @field_validator("compile_warmup_shapes")
+    @classmethod
+    def _warmup_shapes_valid(cls, v: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+        for n, h, w in v:
+            if n < 1 or h < 14 or w < 14 or h % 14 or w % 14:
+                raise ValueError(f"each shape is (views >= 1, height, width) with sides multiples of 14, got "
+                                 f"{(n, h, w)}")
+        return v
+
+    @field_validator("compile_warmup_batch_sizes")
+    @classmethod
+    def _warmup_batches_valid(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and any(b < 1 or b > 256 for b in v):
+            raise ValueError(f"batch sizes must be in 1..256, got {v}")
+        return v
 
 
 class BatchConfig(_Strict):

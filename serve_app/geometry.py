@@ -49,16 +49,27 @@ def unproject_depths(depth: np.ndarray, K: np.ndarray, c2w: np.ndarray) -> np.nd
 
     Non-finite depth gives non-finite points; callers mask them (e.g. with confidence_mask).
     """
-    depth = np.asarray(depth, dtype=np.float64)
+    depth = np.asarray(depth)
     K = np.asarray(K, dtype=np.float64)
     c2w = np.asarray(c2w, dtype=np.float64)
     n, h, w = depth.shape
     if K.ndim == 2:
         K = np.broadcast_to(K, (n, 3, 3))
-    rays = np.einsum("nij,hwj->nhwi", np.linalg.inv(K), pixel_grid(h, w))  # z component is 1
-    cam = rays * depth[..., None]
-    world = np.einsum("nij,nhwj->nhwi", c2w[:, :3, :3], cam) + c2w[:, None, None, :3, 3]
-    return world.astype(np.float32)
+    # world = R (K^-1 [u, v, 1] * depth) + t = (R K^-1 [u, v, 1]) * depth + t: one 3x3 per view and
+    # per-axis plane arithmetic in float64 (no per-pixel einsum), written straight into the float32 output.
+    M = c2w[:, :3, :3] @ np.linalg.inv(K)
+    t = c2w[:, :3, 3]
+    u = np.arange(w, dtype=np.float64)[None, :]
+    v = np.arange(h, dtype=np.float64)[:, None]
+    out = np.empty((n, h, w, 3), dtype=np.float32)
+    for i in range(n):
+        d = depth[i].astype(np.float64, copy=False)
+        for c in range(3):
+            ray = (M[i, c, 0] * u + M[i, c, 2]) + M[i, c, 1] * v  # (h, w)
+            ray *= d
+            ray += t[i, c]
+            out[i, :, :, c] = ray
+    return out
 
 
 def unproject_depth(depth: np.ndarray, K: np.ndarray, c2w: np.ndarray) -> np.ndarray:
@@ -75,6 +86,13 @@ def project_points(points: np.ndarray, K: np.ndarray, w2c: np.ndarray) -> tuple[
     with np.errstate(divide="ignore", invalid="ignore"):
         pix = (cam @ np.asarray(K, dtype=np.float64).T)[..., :2] / z[..., None]
     return pix, z
+
+
+def finite_rows(points: np.ndarray) -> np.ndarray:
+    """(..., 3) -> (...,) bool: all three coordinates finite (np.isfinite(p).all(-1), without the slow
+    reduction over a length-3 axis)."""
+    p = np.asarray(points)
+    return np.isfinite(p[..., 0]) & np.isfinite(p[..., 1]) & np.isfinite(p[..., 2])
 
 
 def confidence_mask(conf: np.ndarray, percentile: float, depth: np.ndarray | None = None, *,
@@ -174,7 +192,12 @@ class Sim3:
 
     def apply(self, points: np.ndarray) -> np.ndarray:
         p = np.asarray(points, dtype=np.float64)
-        return (self.s * (p @ self.R.T) + self.t).astype(np.float32)
+        if p.ndim != 2:
+            return (self.s * (p @ self.R.T) + self.t).astype(np.float32)
+        out = (self.R @ p.T).T  # same products as p @ R.T, but BLAS is much faster on (3, M) than (M, 3)
+        out *= self.s
+        out += self.t
+        return out.astype(np.float32)
 
     def compose(self, other: Sim3) -> Sim3:
         """self ∘ other: apply other first, then self."""

@@ -47,8 +47,15 @@ import numpy as np
 
 from serve_app.alignment import MAD_TO_SIGMA, robust_sim3
 from serve_app.config import SessionParams
-from serve_app.geometry import (Sim3, confidence_mask, invert_pose, orthonormalize, subsample,
-                                unproject_depths)
+from serve_app.geometry import (
+    Sim3,
+    confidence_mask,
+    finite_rows,
+    invert_pose,
+    orthonormalize,
+    subsample,
+    unproject_depths,
+)
 from serve_app.prediction import WindowPrediction, WindowRequest
 
 AUTO_VOXEL_PIXELS = 2.0  # auto voxel = footprint of this many pixels at the first window's median depth
@@ -322,7 +329,7 @@ class StreamReconstructor:
             wf = self.world.get(f.index)
             if wf is None or wf.points.shape != pts_win[j].shape:
                 continue
-            m = keep[j] & np.isfinite(wf.points).all(-1)
+            m = keep[j] & finite_rows(wf.points)
             src.append(pts_win[j][m])
             dst.append(wf.points[m])
             w.append(np.sqrt(conf[j][m] * wf.conf[m]))
@@ -372,7 +379,7 @@ class StreamReconstructor:
         conf = pred.conf.astype(np.float32)
         keep = confidence_mask(conf, self.params.conf_percentile, depth=pred.depth)
 
-        keep &= np.isfinite(pts_win).all(-1)
+        keep &= finite_rows(pts_win)
         if int(keep.sum()) < MIN_WINDOW_POINTS:
             return self.fail(plan, f"window has {int(keep.sum())} confident finite depth pixels "
                              f"(need {MIN_WINDOW_POINTS})", time.perf_counter() - t0)

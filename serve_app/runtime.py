@@ -24,6 +24,14 @@ AMP_MODES = ("auto", "bf16", "fp16", "fp32")
 REF_VIEW_STRATEGIES = ("first", "middle", "saddle_balanced", "saddle_sim_range")
 METRIC_FOCAL_DIVISOR = 300.0  # da3metric-large: metric depth = focal * output / 300 (DA3's rule)
 DEFAULT_FOV_DEG = 60.0  # field of view assumed on the long side by models without a camera head
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager", "cudagraphs")
+
+
+def compiled_graph_count() -> int:
+    """Graphs torch.compile has produced in this process so far (grows by at least one per recompilation)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def _rigid_inverse(T: torch.Tensor) -> torch.Tensor:
@@ -77,11 +85,13 @@ class DA3Runtime:
     def __init__(self, checkpoint: str, *, model_name: str | None = None, device: str | None = None,
                  amp: str = "auto", ref_view_strategy: str = "saddle_balanced", compile: bool = False,
                  cache_dir: str | None = None, local_files_only: bool | None = None,
-                 max_batch: int | None = None):
+                 max_batch: int | None = None, compile_backend: str = "inductor"):
         if amp not in AMP_MODES:
             raise ValueError(f"amp must be one of {AMP_MODES}, got {amp!r}")
         if ref_view_strategy not in REF_VIEW_STRATEGIES:
             raise ValueError(f"ref_view_strategy must be one of {REF_VIEW_STRATEGIES}, got {ref_view_strategy!r}")
+        if compile_backend not in COMPILE_BACKENDS:
+            raise ValueError(f"compile_backend must be one of {COMPILE_BACKENDS}, got {compile_backend!r}")
         self.resolved = resolve_checkpoint(checkpoint, model_name=model_name, cache_dir=cache_dir,
                                            local_files_only=local_files_only)
         self.model_name = self.resolved.model_name
@@ -91,6 +101,9 @@ class DA3Runtime:
         self.amp_dtype = self._amp_dtype(amp, self.device)
         self.ref_view_strategy = ref_view_strategy
         self.compiled = bool(compile)
+        self.compile_backend = compile_backend if compile else None
+        self.warmed: list[tuple[int, int, int, int, bool]] = []  # (batch, views, h, w, priors) run once
+        self.warmup_s = 0.0
         self.max_batch = max_batch if self.any_view else 1
 
         t0 = time.perf_counter()
@@ -98,7 +111,9 @@ class DA3Runtime:
         self.load_s = time.perf_counter() - t0
         self.has_camera_head = _submodule(self.net, "cam_dec") is not None
         self.accepts_priors = _submodule(self.net, "cam_enc") is not None
-        self._forward = torch.compile(self.net) if compile else self.net
+        # Static shapes: one graph per warmed (batch, views, h, w[, priors]) and no recompilation in steady
+        # state (dynamic shapes would recompile on the second shape seen, then run a slower generic graph).
+        self._forward = torch.compile(self.net, backend=compile_backend, dynamic=False) if compile else self.net
         logger.info("DA3Runtime: %s from %s on %s (amp=%s) loaded in %.1fs", self.model_name,
                     self.resolved.source, self.device, self.amp_dtype, self.load_s)
 
@@ -126,6 +141,10 @@ class DA3Runtime:
             "amp": str(self.amp_dtype).removeprefix("torch."),
             "ref_view_strategy": self.ref_view_strategy,
             "compile": self.compiled,
+            "compiled": self.compiled,
+            "compile_backend": self.compile_backend,
+            "warmup_s": round(self.warmup_s, 3),
+            "warmed_shapes": [list(x) for x in self.warmed],
             "has_camera_head": self.has_camera_head,
             "parameters": sum(p.numel() for p in self.net.parameters()),
             "load_s": round(self.load_s, 3),
@@ -243,8 +262,11 @@ class DA3Runtime:
     # ------------------------------------------------------------------------------------------
 
     def health_check(self, views: int = 2, size: tuple[int, int] = (56, 56)) -> dict:
-        """A tiny forward; raises ServiceError(MODEL_UNAVAILABLE) if the model cannot run."""
+        """A tiny forward; raises ServiceError(MODEL_UNAVAILABLE) if the model cannot run. A compiled runtime
+        that has been warmed up checks on its smallest warmed shape instead, so it never compiles a new graph."""
         h, w = size
+        if self.compiled and self.warmed:
+            _, views, h, w, _ = min(self.warmed)
         rng = np.random.default_rng(0)
         req = WindowRequest(images=rng.integers(0, 256, (views, h, w, 3), dtype=np.uint8), tag="health")
         try:
@@ -265,3 +287,51 @@ class DA3Runtime:
         for h, w in sizes:
             imgs = np.zeros((views, h, w, 3), dtype=np.uint8)
             self.forward_windows([WindowRequest(images=imgs, tag="warmup") for _ in range(batch)])
+
+    def warmup_shapes(self, shapes: Iterable[tuple[int, int, int]], batch_sizes: Iterable[int],
+                      priors: bool = False) -> float:
+        """Forward every (views, h, w) window shape at every batch size (and, with `priors`, again with pose
+        and intrinsics priors when the network takes them) that has not been run yet, so a compiled runtime
+        has all its graphs before traffic. Returns the seconds spent (also added to `warmup_s`)."""
+        shapes = [tuple(int(x) for x in s) for s in shapes]
+        sizes = sorted({int(b) for b in batch_sizes if int(b) >= 1})
+        if not self.any_view:
+            sizes = [1] if sizes else []  # single-view models run one window per forward anyway
+        variants = [False, True] if priors and self.accepts_priors else [False]
+        todo = [(b, n, h, w, p) for (n, h, w) in shapes for b in sizes for p in variants
+                if (b, n, h, w, p) not in self.warmed]
+        if not todo:
+            return 0.0
+        if self.compiled:
+            # Each static shape is its own graph; keep dynamo from falling back to eager past its default limit.
+            import torch._dynamo.config as dynamo_config
+
+            need = len(self.warmed) + len(todo) + 4
+            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, need)
+            dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4 * need)
+        t0 = time.perf_counter()
+        rng = np.random.default_rng(0)
+        for b, n, h, w, p in todo:
+            t1 = time.perf_counter()
+            reqs = []
+            for _ in range(b):
+                ext = ixt = None
+                if p:
+                    ixt = default_intrinsics(h, w, n)
+                    ext = np.repeat(np.eye(4, dtype=np.float32)[None], n, axis=0)
+                    ext[:, 0, 3] = np.arange(n, dtype=np.float32) * 0.1
+                reqs.append(WindowRequest(images=rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8),
+                                          extrinsics=ext, intrinsics=ixt, tag="warmup"))
+            # Twice: DA3's RoPE keeps Python-side caches keyed by the token grid, so the first forward at a new
+            # grid traces the cache-miss branch and steady state takes the cache-hit branch (its own graph).
+            self.forward_windows(reqs)
+            if self.compiled:
+                self.forward_windows(reqs)
+            self.warmed.append((b, n, h, w, p))
+            logger.info("DA3Runtime warm-up: batch %d x %d views %dx%d%s in %.1fs", b, n, h, w,
+                        " with priors" if p else "", time.perf_counter() - t1)
+        elapsed = time.perf_counter() - t0
+        self.warmup_s += elapsed
+        logger.info("DA3Runtime warm-up (%s): %d shape(s) in %.1fs", self.compile_backend or "eager", len(todo),
+                    elapsed)
+        return elapsed

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers_checkpoint import MODEL, make_hf_cache, random_net, save_checkpoint
 from safetensors.torch import load_file, save_file
 
 from serve_app.checkpoint import (
@@ -18,35 +19,20 @@ from serve_app.checkpoint import (
     known_models,
     load_network,
     resolve_checkpoint,
-    save_hub_checkpoint,
 )
 
-MODEL = "da3-small"
 REPO = "someorg/da3-test"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
-def make_hf_cache(cache_dir: Path, repo_id: str, files_dir: Path, commit: str = COMMIT) -> Path:
-    """The layout huggingface_hub reads: models--org--name/{refs/main, snapshots/<commit>/...}."""
-    repo_dir = cache_dir / ("models--" + repo_id.replace("/", "--"))
-    snapshot = repo_dir / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    for f in files_dir.iterdir():
-        shutil.copy(f, snapshot / f.name)
-    (repo_dir / "refs").mkdir()
-    (repo_dir / "refs" / "main").write_text(commit)
-    return snapshot
-
-
 @pytest.fixture(scope="module")
 def net():
-    torch.manual_seed(1234)
-    return build_network(MODEL)
+    return random_net(1234)
 
 
 @pytest.fixture(scope="module")
 def ckpt_dir(net, tmp_path_factory) -> Path:
-    return save_hub_checkpoint(net, MODEL, tmp_path_factory.mktemp("ckpt") / "da3-small")
+    return save_checkpoint(net, tmp_path_factory.mktemp("ckpt") / "da3-small")
 
 
 def copy_ckpt(src: Path, dst: Path) -> Path:
@@ -99,7 +85,7 @@ def test_local_directory_roundtrip(net, ckpt_dir):
 
 def test_hub_id_resolves_from_offline_cache(net, ckpt_dir, tmp_path, monkeypatch):
     cache = tmp_path / "hf"
-    snapshot = make_hf_cache(cache, REPO, ckpt_dir)
+    snapshot = make_hf_cache(cache, REPO, ckpt_dir, COMMIT)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     resolved = resolve_checkpoint(REPO, cache_dir=str(cache))
     assert resolved.source == "hub"
@@ -110,7 +96,7 @@ def test_hub_id_resolves_from_offline_cache(net, ckpt_dir, tmp_path, monkeypatch
 
 def test_hub_id_with_revision(ckpt_dir, tmp_path):
     cache = tmp_path / "hf"
-    snapshot = make_hf_cache(cache, REPO, ckpt_dir)
+    snapshot = make_hf_cache(cache, REPO, ckpt_dir, COMMIT)
     resolved = resolve_checkpoint(f"{REPO}@{COMMIT}", cache_dir=str(cache), local_files_only=True,
                                   model_name=MODEL)
     assert resolved.directory == snapshot
@@ -239,6 +225,6 @@ def test_offline_hub_id_with_empty_cache_fails_fast(tmp_path, monkeypatch):
 def test_hub_cache_missing_weights(ckpt_dir, tmp_path):
     src = copy_ckpt(ckpt_dir, tmp_path / "c")
     (src / "model.safetensors").unlink()
-    make_hf_cache(tmp_path / "hf", REPO, src)
+    make_hf_cache(tmp_path / "hf", REPO, src, COMMIT)
     with pytest.raises(CheckpointError, match="lacks model.safetensors.*huggingface-cli download"):
         resolve_checkpoint(REPO, cache_dir=str(tmp_path / "hf"), local_files_only=True)

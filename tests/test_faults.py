@@ -258,3 +258,8 @@ async def test_redeploy_mid_stream_closes_with_1012_and_the_client_resumes(fault
     traj = httpx.get(f"{url}/ws/session/{sid}/trajectory.json").json()["frames"]
     assert sorted(f["frame_id"] for f in traj) == list(range(n))  # nothing lost, nothing twice
     assert not s.rejected
+    # Finished and disconnected sessions do not stay in the ingress replica's memory.
+    deadline = time.time() + 30
+    while (workers := httpx.get(f"{url}/stats").json()["workers"]) and time.time() < deadline:
+        await asyncio.sleep(0.5)
+    assert workers == 0

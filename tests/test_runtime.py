@@ -2,35 +2,21 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers_checkpoint import MODEL, make_hf_cache, random_net, save_checkpoint
 
-from serve_app.checkpoint import build_network, save_hub_checkpoint
 from serve_app.errors import ServiceError
 from serve_app.prediction import WindowPrediction, WindowRequest
 from serve_app.preprocess import normalize_images
 from serve_app.runtime import DA3Runtime, default_intrinsics, normalize_prior_extrinsics
 
-MODEL = "da3-small"
 REPO = "someorg/da3-small-test"
 COMMIT = "89abcdef0123456789abcdef0123456789abcdef"
 H, W = 56, 84
-
-
-def make_hf_cache(cache_dir: Path, repo_id: str, files_dir: Path, commit: str = COMMIT) -> Path:
-    """The layout huggingface_hub reads: models--org--name/{refs/main, snapshots/<commit>/...}."""
-    repo_dir = cache_dir / ("models--" + repo_id.replace("/", "--"))
-    snapshot = repo_dir / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    for f in files_dir.iterdir():
-        shutil.copy(f, snapshot / f.name)
-    (repo_dir / "refs").mkdir()
-    (repo_dir / "refs" / "main").write_text(commit)
-    return snapshot
 
 
 def window(n: int, seed: int, h: int = H, w: int = W) -> np.ndarray:
@@ -40,19 +26,18 @@ def window(n: int, seed: int, h: int = H, w: int = W) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def net():
-    torch.manual_seed(7)
-    return build_network(MODEL)
+    return random_net(7)
 
 
 @pytest.fixture(scope="module")
 def ckpt_dir(net, tmp_path_factory) -> Path:
-    return save_hub_checkpoint(net, MODEL, tmp_path_factory.mktemp("ckpt") / "weights")
+    return save_checkpoint(net, tmp_path_factory.mktemp("ckpt") / "weights")
 
 
 @pytest.fixture(scope="module")
 def hub_cache(ckpt_dir, tmp_path_factory) -> Path:
     cache = tmp_path_factory.mktemp("hf")
-    make_hf_cache(cache, REPO, ckpt_dir)
+    make_hf_cache(cache, REPO, ckpt_dir, COMMIT)
     return cache
 
 
@@ -248,3 +233,50 @@ def test_single_view_metric_model_runs_per_window():
     np.testing.assert_allclose(pb.intrinsics, default_intrinsics(28, 28, 2))
     raw_b = direct_forward(rt.net, b.images)["depth"][0].numpy()
     np.testing.assert_allclose(pb.depth, raw_b * pb.intrinsics[0, 0, 0] / 300.0, rtol=1e-5)
+
+
+def test_compiled_runtime_warms_up_and_never_recompiles(net):
+    """compile=True with the warm-up the model replica runs before it reports healthy: outputs equal eager, info
+    reports it, and a forward at a warmed shape and batch size adds no compiled graph. ("eager" compiles only
+    the dynamo trace: inductor needs minutes on this CPU, the guards and graphs it checks are the same.)"""
+    from serve_app.backends import warm_up
+    from serve_app.config import ModelConfig
+    from serve_app.runtime import compiled_graph_count
+
+    cfg = ModelConfig(checkpoint=f"random:{MODEL}", device="cpu", compile=True, compile_backend="eager",
+                      compile_warmup_shapes=[(2, 28, 42)], compile_warmup_batch_sizes=[1, 2])
+    rt = DA3Runtime(cfg.checkpoint, device="cpu", compile=True, compile_backend=cfg.compile_backend)
+    rt.net.load_state_dict(net.state_dict())
+    eager = DA3Runtime(cfg.checkpoint, device="cpu")
+    eager.net.load_state_dict(net.state_dict())
+    assert rt.info()["compiled"] is True and rt.info()["warmup_s"] == 0.0
+
+    spent = warm_up(rt, cfg, max_batch_size=8)  # the configured batch sizes win over 1..max_batch_size
+    info = rt.info()
+    assert spent > 0 and info["warmup_s"] == round(spent, 3) and info["compile_backend"] == "eager"
+    assert sorted(info["warmed_shapes"]) == [[1, 2, 28, 42, False], [2, 2, 28, 42, False]]
+    assert warm_up(rt, cfg, max_batch_size=8) == 0.0  # already warm: nothing runs again
+
+    graphs = compiled_graph_count()
+    reqs = [WindowRequest(images=window(2, seed=60 + i, h=28, w=42)) for i in range(2)]
+    batched = rt.forward_windows(reqs)
+    single = rt.forward_windows(reqs[:1])
+    assert rt.health_check()["ok"] is True  # checks on a warmed shape
+    assert compiled_graph_count() == graphs, "a warmed shape recompiled"
+    ref = eager.forward_windows(reqs)
+    for got, want in zip(batched + single, ref + ref[:1]):
+        assert_prediction_close(got, want, atol=1e-3)
+    assert eager.info()["compiled"] is False
+
+
+def test_compile_options_validated():
+    from pydantic import ValidationError
+
+    from serve_app.config import ModelConfig
+
+    with pytest.raises(ValueError, match="compile_backend"):
+        DA3Runtime(f"random:{MODEL}", compile=True, compile_backend="tvm")
+    with pytest.raises(ValidationError, match="multiples of 14"):
+        ModelConfig(compile_warmup_shapes=[(2, 30, 42)])
+    with pytest.raises(ValidationError, match="batch sizes"):
+        ModelConfig(compile_warmup_batch_sizes=[0])

@@ -368,6 +368,9 @@ class Ingress:
                 worker.close()
             return
         del self.workers[sid]
+        lock = self.worker_locks.get(sid)
+        if lock is not None and not lock.locked():
+            del self.worker_locks[sid]
         self.processed_closed += w.processed
         w.close()
 
@@ -494,6 +497,7 @@ class Ingress:
         finally:
             if listener in worker.listeners:
                 worker.listeners.remove(listener)
+            worker.maybe_retire()
             sender.cancel()
             conn.closed = True
             self.connections.discard(conn)

@@ -12,12 +12,12 @@ from typing import Any
 import torch
 from ray import serve
 
-from serve_app.backends import make_backend
+from serve_app.backends import make_backend, warm_up
 from serve_app.config import BatchConfig, ModelConfig
 from serve_app.metrics import ModelMetrics
 from serve_app.prediction import WindowPrediction, WindowRequest
 
-log = logging.getLogger("da3.model")
+log = logging.getLogger("ray.serve.da3.model")
 
 
 @serve.deployment(
@@ -38,10 +38,16 @@ class DA3ModelServer:
         self.last_error: str | None = None
         self.batching = BatchConfig()  # replaced by reconfigure(user_config)
         self.metrics = ModelMetrics()
+        # A compiled model is warmed up before the replica reports healthy: here for the default batching (or
+        # the configured batch sizes), and in reconfigure (which Serve runs before the replica is ready) for
+        # any larger max_batch_size the user_config brings.
+        warm_up(self.backend, self.cfg, self.batching.max_batch_size)
         self.backend.health_check()
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        b = self.batching = BatchConfig.model_validate(user_config or {})
+        b = BatchConfig.model_validate(user_config or {})
+        warm_up(self.backend, self.cfg, b.max_batch_size)
+        self.batching = b
         self.infer_batch.set_max_batch_size(b.max_batch_size)
         self.infer_batch.set_batch_wait_timeout_s(b.batch_wait_timeout_s)
 

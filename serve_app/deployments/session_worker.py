@@ -183,10 +183,23 @@ class SessionWorker:
         out = self.recon.fail(plan, reason)
         return out, self.recon.snapshot()
 
+    @property
+    def idle(self) -> bool:
+        return not self.recon.pending and self.order.empty() and self.in_flight == 0
+
     async def _maybe_complete(self) -> None:
-        if self.finalizing and not self.recon.pending and self.order.empty() and self.in_flight == 0:
+        if self.finalizing and self.idle:
             self.finalizing = False
-            await call(self.actor.complete, self.sid, self.epoch)
+            if await call(self.actor.complete, self.sid, self.epoch):
+                self._gone()  # nothing more will be processed here
+                return
+        self.maybe_retire()
+
+    def maybe_retire(self) -> None:
+        """No stream attached and nothing accepted left to process: free this replica's copy of the session (its
+        context frames and voxel occupancy). A later connection takes the session over from the snapshot."""
+        if not self.closed and not self.listeners and not self.oneshot and not self.finalizing and self.idle:
+            self._gone()
 
     def _gone(self) -> None:
         self.closed = True
