@@ -79,6 +79,17 @@ def synthetic_frames(num_frames: int = 48, width: int = 154, height: int = 112, 
 
 
 # --- app lifecycle ------------------------------------------------------------------------------------------
+def median_forward_s(forward, requests, repeats: int) -> float:
+    """Median wall time of forward(requests) over `repeats` runs, after one untimed run for this shape."""
+    forward(requests)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        forward(requests)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

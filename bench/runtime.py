@@ -9,14 +9,15 @@ Random weights cost the same compute as trained ones, so the timings hold for re
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import median_forward_s  # noqa: E402
 
 from serve_app.prediction import WindowRequest
 from serve_app.runtime import COMPILE_BACKENDS, DA3Runtime, compiled_graph_count
@@ -56,13 +57,7 @@ def main(argv: list[str] | None = None) -> None:
         rows = []
         for b in batches:
             reqs = [WindowRequest(images=pool[i]) for i in range(b)]
-            runtime.forward_windows(reqs)  # warm this batch shape
-            times = []
-            for _ in range(args.repeats):
-                t0 = time.perf_counter()
-                runtime.forward_windows(reqs)
-                times.append(time.perf_counter() - t0)
-            t = statistics.median(times)
+            t = median_forward_s(runtime.forward_windows, reqs, args.repeats)
             rows.append((b, b * args.views / t, 1000.0 * t / b))
         return rows
 

@@ -29,8 +29,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import (LocalApp, app_args, fmt, mean, pct, print_table, rss_mb, stats,  # noqa: E402
-                    stream_many, stream_session, synthetic_frames)
+from common import (LocalApp, app_args, fmt, mean, median_forward_s, pct, print_table, rss_mb,  # noqa: E402
+                    stats, stream_many, stream_session, synthetic_frames)
 
 from serve_app.backends import make_backend  # noqa: E402
 from serve_app.config import ModelConfig  # noqa: E402
@@ -64,13 +64,7 @@ def raw_runtime(a, frames: list[bytes]) -> dict:
     out = {"shape": tuple(wins[0].shape)}
     for b in sorted({1, a.max_batch}):
         reqs = [WindowRequest(images=wins[i % len(wins)], tag=f"b{i}") for i in range(b)]
-        be.forward_windows(reqs)  # warm this shape
-        times = []
-        for _ in range(a.repeats):
-            t0 = time.perf_counter()
-            be.forward_windows(reqs)
-            times.append(time.perf_counter() - t0)
-        t = statistics.median(times)
+        t = median_forward_s(be.forward_windows, reqs, a.repeats)
         out[b] = {"s_per_batch": t, "views_s": b * W / t, "windows_s": b / t, "new_frames_s": b * (W - a.overlap) / t}
     del be
     gc.collect()

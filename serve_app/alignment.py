@@ -19,21 +19,7 @@ def umeyama_sim3(src: np.ndarray, dst: np.ndarray, weights: np.ndarray | None = 
     src = np.asarray(src, dtype=np.float64).reshape(-1, 3)
     dst = np.asarray(dst, dtype=np.float64).reshape(-1, 3)
     w = np.ones(len(src)) if weights is None else np.asarray(weights, dtype=np.float64).reshape(-1)
-    w = w / w.sum()
-    mu_s = w @ src
-    mu_d = w @ dst
-    xs = src - mu_s
-    xd = dst - mu_d
-    var_s = float(w @ np.einsum("ij,ij->i", xs, xs))
-    cov = (xd * w[:, None]).T @ xs  # (3,3) sum w (dst-mu)(src-mu)^T
-    U, D, Vt = np.linalg.svd(cov)
-    S = np.ones(3)
-    if np.linalg.det(U) * np.linalg.det(Vt) < 0:
-        S[2] = -1.0
-    R = (U * S) @ Vt
-    s = float((D * S).sum() / var_s) if var_s > 1e-300 else 1.0
-    t = mu_d - s * (R @ mu_s)
-    return Sim3(s, R, t)
+    return _umeyama_t(np.ascontiguousarray(src.T), np.ascontiguousarray(dst.T), w)
 
 
 @dataclass
