@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 from collections import Counter
@@ -52,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--window", type=int, default=4)
     ap.add_argument("--overlap", type=int, default=2)
     ap.add_argument("--max-batch", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
+                    help="OMP_NUM_THREADS of the replicas (default: half the cores)")
     a = ap.parse_args(argv)
     w, _, h = a.size.lower().partition("x")
     width, height = int(w), int(h)

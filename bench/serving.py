@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import gc
 import json
+import os
 import statistics
 import sys
 import time
@@ -139,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overlap", type=int, default=2)
     ap.add_argument("--max-batch", type=int, default=8, help="the deployment's max_batch_size")
     ap.add_argument("--batch-wait", type=float, default=0.01, help="batch_wait_timeout_s")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads in (a) and OMP_NUM_THREADS in Ray")
+    ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
+                    help="torch threads in (a) and OMP_NUM_THREADS in Ray (default: half the cores, so the model "
+                         "replica's threads are not preempted by the serving processes)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--ks", default="1,4,16", help="concurrent sessions for (b)")
     ap.add_argument("--frames", default="24,16,6", help="frames per session for each K (same order)")

@@ -180,6 +180,27 @@ async def test_two_sessions_share_batches(serve_url, synthetic_seq):
     assert max(w["batch_size"] for w in a.of("window") + b.of("window")) > 1
 
 
+async def test_windows_arriving_during_a_forward_share_the_next_batch(serve_url, synthetic_seq):
+    """Windows that reach the model replica one by one while it runs a forward are held until it is free and then
+    go through as one batch (Serve's batcher alone would make each of them a batch of one)."""
+    from ray import serve
+
+    from serve_app.prediction import WindowRequest
+
+    model = serve.get_deployment_handle("DA3ModelServer", app_name="da3")
+    req = WindowRequest(images=np.ascontiguousarray(synthetic_seq.images[:4]))
+    first = model.infer.remote(req)
+    await asyncio.sleep(0.15)  # the first forward is running (da3-small takes several hundred ms here)
+    later = []
+    for _ in range(4):  # max_batch_size of this app
+        later.append(model.infer.remote(req))
+        await asyncio.sleep(0.03)  # each arrives after the 50 ms batch wait of the one before would have closed
+    res = [await r for r in (first, *later)]
+    assert all(r["ok"] for r in res)
+    assert res[0]["batch_size"] == 1
+    assert [r["batch_size"] for r in res[1:]] == [4, 4, 4, 4]
+
+
 async def test_bad_input_is_reported_and_stream_continues(serve_url, synthetic_seq):
     sid = create(serve_url)["session_id"]
     async with websockets.connect(ws_url(serve_url, sid), max_size=None) as ws:

@@ -15,6 +15,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+import torch
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -125,6 +126,10 @@ class Ingress:
         self.model = model
         self.actor = get_session_actor(self.args.session_actor, self.args.limits)
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="da3-cpu")
+        # Parallelism here comes from the pool; library thread pools on top would fight the model replica's
+        # threads for the same cores (on a CPU box the model's forward ran ~2x slower).
+        cv2.setNumThreads(1)
+        torch.set_num_threads(1)
         self.workers: dict[str, SessionWorker] = {}
         self.worker_locks: dict[str, asyncio.Lock] = {}
         self.connections: set[Connection] = set()

@@ -18,6 +18,7 @@ from serve_app.metrics import ModelMetrics
 from serve_app.prediction import WindowPrediction, WindowRequest
 
 log = logging.getLogger("ray.serve.da3.model")
+HEALTH_FORWARD_FRESH_S = 30.0  # a successful forward this recent makes the health check's own forward unneeded
 
 
 @serve.deployment(
@@ -38,6 +39,12 @@ class DA3ModelServer:
         self.last_error: str | None = None
         self.batching = BatchConfig()  # replaced by reconfigure(user_config)
         self.metrics = ModelMetrics()
+        # Set while no forward runs. @serve.batch forms the next batch as soon as a request arrives, even while
+        # the previous batch still holds the model, so windows trickling in during a forward would each become a
+        # batch of one. Holding them at this gate until the forward ends lets them form one full batch.
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.last_forward_ok = 0.0  # monotonic time of the last successful forward (health checks reuse it)
         # A compiled model is warmed up before the replica reports healthy: here for the default batching (or
         # the configured batch sizes), and in reconfigure (which Serve runs before the replica is ready) for
         # any larger max_batch_size the user_config brings.
@@ -56,6 +63,7 @@ class DA3ModelServer:
         try:
             preds = self.backend.forward_windows(requests)
             results = [{"ok": True, "prediction": _slim(p)} for p in preds]
+            self.last_forward_ok = time.monotonic()
         except Exception as exc:  # noqa: BLE001 - isolate the poisoned item below
             log.warning("batch of %d failed (%s); retrying items one by one", len(requests), exc)
             results = []
@@ -83,10 +91,15 @@ class DA3ModelServer:
         self.batch_sizes[len(requests)] += 1
         self.windows += len(requests)
         # The forward runs in a thread so health checks and queueing stay responsive.
-        return await asyncio.to_thread(self._run, requests)
+        self.idle.clear()
+        try:
+            return await asyncio.to_thread(self._run, requests)
+        finally:
+            self.idle.set()
 
     async def infer(self, request: WindowRequest) -> dict[str, Any]:
         """One window; returns {"ok", "prediction" | "error", "batch_size", "model_ms"}."""
+        await self.idle.wait()  # see __init__: arrivals during a forward batch together afterwards
         return await self.infer_batch(request)
 
     async def stats(self) -> dict[str, Any]:
@@ -103,6 +116,9 @@ class DA3ModelServer:
         return self.backend.info()
 
     async def check_health(self) -> None:
+        # Serving traffic proves health; only an idle replica spends a forward on it.
+        if time.monotonic() - self.last_forward_ok < HEALTH_FORWARD_FRESH_S:
+            return
         await asyncio.to_thread(self.backend.health_check)
 
 

@@ -62,13 +62,7 @@ export class Viewer {
     this.canvas = canvas;
     this.points = new GrowingGeometry(1 << 16);
     this.lines = new GrowingGeometry(1 << 10);
-    this.pointCount = 0;
-    this.frustumCount = 0;
-    this.sum = [0, 0, 0];
-    this.sumSq = 0;
-    this.firstCamera = null;
-    this.userMoved = false;
-    this.dirty = true;
+    this.clearCounters();
     this.webgl = false;
     this.error = null;
     try {
@@ -190,6 +184,11 @@ export class Viewer {
       this.cloud.geometry = this.points.geometry;
       this.frustums.geometry = this.lines.geometry;
     }
+    this.clearCounters();
+  }
+
+  /** Counters and camera state of an empty scene (constructor and reset). */
+  clearCounters() {
     this.pointCount = 0;
     this.frustumCount = 0;
     this.sum = [0, 0, 0];
