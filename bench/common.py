@@ -34,7 +34,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
-RETRY_CODES = {"QUEUE_FULL", "RATE_LIMITED"}  # the frame was not accepted; send it again later
+RETRY_CODES = {"QUEUE_FULL", "FRAME_RATE_LIMITED", "BYTE_RATE_LIMITED"}  # the frame was not accepted; send it again later
 
 
 # --- statistics ---------------------------------------------------------------------------------------------
@@ -361,7 +361,7 @@ async def stream_session(url: str, frames: list[bytes], num_frames: int, *, para
             while (i < num_frames or not retry.empty()) and not done.is_set():
                 if duration_s is not None and time.monotonic() - t0 > duration_s:
                     break
-                while not retry.empty():  # frames the server refused for now (QUEUE_FULL / RATE_LIMITED)
+                while not retry.empty():  # frames the server refused for now (QUEUE_FULL / *_RATE_LIMITED)
                     fid, code = retry.get_nowait()
                     if code in RETRY_CODES and attempts[fid] < 20:
                         attempts[fid] += 1

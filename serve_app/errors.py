@@ -13,7 +13,8 @@ class ErrorCode(str, Enum):
     MESSAGE_TOO_LARGE = "MESSAGE_TOO_LARGE"  # message over the configured byte limit
     INVALID_IMAGE = "INVALID_IMAGE"  # bytes that do not decode to an image
     UNSUPPORTED_FORMAT = "UNSUPPORTED_FORMAT"  # image format not in the allowed list
-    IMAGE_TOO_LARGE = "IMAGE_TOO_LARGE"  # image bytes or pixel count over the limit
+    IMAGE_TOO_LARGE = "IMAGE_TOO_LARGE"  # image bytes over max_image_bytes
+    TOO_MANY_PIXELS = "TOO_MANY_PIXELS"  # declared or decoded pixels over max_image_pixels (decompression bombs)
     INVALID_PARAMS = "INVALID_PARAMS"  # session parameters rejected
     QUEUE_FULL = "QUEUE_FULL"  # client sent more frames than the advertised in-flight window
     FRAME_LIMIT_EXCEEDED = "FRAME_LIMIT_EXCEEDED"  # session's max_frames reached
@@ -21,12 +22,15 @@ class ErrorCode(str, Enum):
     SESSION_EXPIRED = "SESSION_EXPIRED"
     SESSION_LOST = "SESSION_LOST"  # the session store restarted without this session's state
     SESSION_FINALIZED = "SESSION_FINALIZED"  # frames after finalize
-    SESSION_LIMIT = "SESSION_LIMIT"  # too many concurrent sessions
+    SESSION_LIMIT = "SESSION_LIMIT"  # the server is at max_sessions
+    KEY_SESSION_LIMIT = "KEY_SESSION_LIMIT"  # this API key is at max_sessions_per_key
     SESSION_BUSY = "SESSION_BUSY"  # another connection holds the session
     ALIGNMENT_FAILED = "ALIGNMENT_FAILED"  # a window could not be placed in the world (map left untouched)
     MODEL_UNAVAILABLE = "MODEL_UNAVAILABLE"
     UNAUTHORIZED = "UNAUTHORIZED"
-    RATE_LIMITED = "RATE_LIMITED"
+    RATE_LIMITED = "RATE_LIMITED"  # session creations per key per minute
+    FRAME_RATE_LIMITED = "FRAME_RATE_LIMITED"  # frames per second of one session
+    BYTE_RATE_LIMITED = "BYTE_RATE_LIMITED"  # upload bytes per second of one session
     SLOW_CONSUMER = "SLOW_CONSUMER"  # results unacknowledged past the byte limit for slow_reader_timeout_s
     INTERNAL_ERROR = "INTERNAL_ERROR"
 
@@ -38,6 +42,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.INVALID_IMAGE: 400,
     ErrorCode.UNSUPPORTED_FORMAT: 415,
     ErrorCode.IMAGE_TOO_LARGE: 413,
+    ErrorCode.TOO_MANY_PIXELS: 413,
     ErrorCode.INVALID_PARAMS: 422,
     ErrorCode.QUEUE_FULL: 429,
     ErrorCode.FRAME_LIMIT_EXCEEDED: 409,
@@ -46,11 +51,14 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.SESSION_LOST: 410,
     ErrorCode.SESSION_FINALIZED: 409,
     ErrorCode.SESSION_LIMIT: 429,
+    ErrorCode.KEY_SESSION_LIMIT: 429,
     ErrorCode.SESSION_BUSY: 409,
     ErrorCode.ALIGNMENT_FAILED: 422,
     ErrorCode.MODEL_UNAVAILABLE: 503,
     ErrorCode.UNAUTHORIZED: 401,
     ErrorCode.RATE_LIMITED: 429,
+    ErrorCode.FRAME_RATE_LIMITED: 429,
+    ErrorCode.BYTE_RATE_LIMITED: 429,
     ErrorCode.SLOW_CONSUMER: 429,
     ErrorCode.INTERNAL_ERROR: 500,
 }

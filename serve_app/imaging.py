@@ -1,6 +1,6 @@
 """Untrusted image bytes -> RGB uint8 array, with limits checked before any pixel is decoded.
 
-Only `ServiceError` leaves `decode_image` (INVALID_IMAGE, IMAGE_TOO_LARGE or UNSUPPORTED_FORMAT): Pillow's own
+Only `ServiceError` leaves `decode_image` (INVALID_IMAGE, IMAGE_TOO_LARGE, TOO_MANY_PIXELS or UNSUPPORTED_FORMAT): Pillow's own
 errors, including its DecompressionBombError/Warning, are translated.
 """
 
@@ -34,7 +34,7 @@ def _open(data: bytes, limits: ImageLimits) -> Image.Image:
         # Only the allowed plugins parse the data for real; others are tried below just to name the format.
         return Image.open(io.BytesIO(data), formats=allowed)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise _err(ErrorCode.IMAGE_TOO_LARGE, f"image declares too many pixels ({exc})") from None
+        raise _err(ErrorCode.TOO_MANY_PIXELS, f"image declares too many pixels ({exc})") from None
     except UnidentifiedImageError:
         pass
     except Exception as exc:  # noqa: BLE001 - a plugin choking on a corrupt header
@@ -78,13 +78,13 @@ def decode_image(data: bytes, limits: ImageLimits | None = None) -> np.ndarray:
         if w <= 0 or h <= 0:
             raise _err(ErrorCode.INVALID_IMAGE, f"image declares size {w}x{h}")
         if w * h > limits.max_pixels:  # from the header, before decoding: decompression bombs stop here
-            raise _err(ErrorCode.IMAGE_TOO_LARGE, f"image of {w}x{h} pixels exceeds {limits.max_pixels}")
+            raise _err(ErrorCode.TOO_MANY_PIXELS, f"image of {w}x{h} pixels exceeds {limits.max_pixels}")
         try:
             img.load()
         except ServiceError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise _err(ErrorCode.IMAGE_TOO_LARGE, "image expands to too many pixels") from None
+            raise _err(ErrorCode.TOO_MANY_PIXELS, "image expands to too many pixels") from None
         except MemoryError:
             raise _err(ErrorCode.IMAGE_TOO_LARGE, "image too large to decode") from None
         except Exception as exc:  # noqa: BLE001 - truncated / corrupt data, any plugin error

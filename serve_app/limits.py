@@ -42,16 +42,18 @@ class FrameRateLimiter:
         self.bytes = TokenBucket(bytes_per_s, 2 * bytes_per_s, stamp=now)
 
     def check(self, nbytes: int, now: float) -> None:
-        """Take one frame of `nbytes`, or raise RATE_LIMITED (not fatal) with `retry_after_s`."""
+        """Take one frame of `nbytes`, or raise FRAME_RATE_LIMITED / BYTE_RATE_LIMITED (not fatal) with
+        `retry_after_s`."""
         from serve_app.errors import ErrorCode, ServiceError
 
         wait = self.frames.take(1, now)
-        if not wait:
-            wait = self.bytes.take(nbytes, now)
-            if wait:
-                self.frames.tokens += 1
         if wait:
-            raise ServiceError(ErrorCode.RATE_LIMITED,
-                               f"session over its rate limit ({self.frames_per_s:g} frames/s, "
-                               f"{self.bytes_per_s / 1e6:g} MB/s); retry in {wait:.2f}s",
+            raise ServiceError(ErrorCode.FRAME_RATE_LIMITED,
+                               f"session over {self.frames_per_s:g} frames/s; retry in {wait:.2f}s",
+                               details={"retry_after_s": round(wait, 3)})
+        wait = self.bytes.take(nbytes, now)
+        if wait:
+            self.frames.tokens += 1
+            raise ServiceError(ErrorCode.BYTE_RATE_LIMITED,
+                               f"session over {self.bytes_per_s / 1e6:g} MB/s; retry in {wait:.2f}s",
                                details={"retry_after_s": round(wait, 3)})

@@ -326,10 +326,13 @@ def msg_ack(frame_id: Any, index: int, *, in_flight: int, max_in_flight: int) ->
             "in_flight": in_flight, "max_in_flight": max_in_flight}
 
 
-def msg_error(code: ErrorCode | str, message: str, fatal: bool = False, frame_id: Any = None) -> dict:
+def msg_error(code: ErrorCode | str, message: str, fatal: bool = False, frame_id: Any = None,
+              details: dict | None = None) -> dict:
     msg = {"type": "error", "code": ErrorCode(code).value, "message": message, "fatal": bool(fatal)}
     if frame_id is not None:
         msg["frame_id"] = frame_id
+    if details:
+        msg["details"] = details
     return msg
 
 

@@ -139,7 +139,7 @@ class SessionStore:
                                f"server is at its limit of {self.limits.max_sessions} sessions; retry later")
         mine = sum(1 for s in self.sessions.values() if s.owner == owner)
         if mine >= self.limits.max_sessions_per_key:
-            raise ServiceError(ErrorCode.SESSION_LIMIT,
+            raise ServiceError(ErrorCode.KEY_SESSION_LIMIT,
                                f"this key has {mine} open sessions (limit {self.limits.max_sessions_per_key}); "
                                "delete or finish one first")
         per_min = self.limits.sessions_per_minute

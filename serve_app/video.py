@@ -27,7 +27,7 @@ def decode_video(data: bytes, *, max_frames: int, every: int = 1, max_pixels: in
                 raise ServiceError(ErrorCode.INVALID_IMAGE, "upload has no video stream")
             stream = container.streams.video[0]
             if stream.width * stream.height > max_pixels:
-                raise ServiceError(ErrorCode.IMAGE_TOO_LARGE,
+                raise ServiceError(ErrorCode.TOO_MANY_PIXELS,
                                    f"video frames of {stream.width}x{stream.height} exceed {max_pixels} pixels")
             for i, frame in enumerate(container.decode(stream)):
                 if i % every:

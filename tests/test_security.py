@@ -81,7 +81,7 @@ def test_per_key_session_cap(secure_url):
             assert r.status_code == 201
             made.append(r.json()["session_id"])
         r = httpx.post(secure_url + "/ws/session/create", headers=BOB)
-        assert r.status_code == 429 and r.json()["error"]["code"] == "SESSION_LIMIT"
+        assert r.status_code == 429 and r.json()["error"]["code"] == "KEY_SESSION_LIMIT"
         assert httpx.post(secure_url + "/ws/session/create", headers=ALICE).status_code == 201
     finally:
         for sid in made:
@@ -104,7 +104,7 @@ async def test_frame_rate_limit_is_non_fatal(secure_url, synthetic_seq):
                     acks += 1
                 elif m["type"] == "error":
                     codes.append((m["code"], m["fatal"]))
-    assert acks == 4 and codes == [("RATE_LIMITED", False)] * 4
+    assert acks == 4 and codes == [("FRAME_RATE_LIMITED", False)] * 4
     httpx.delete(f"{secure_url}/ws/session/{sid}", headers=ALICE)
 
 
@@ -160,3 +160,19 @@ async def test_frame_limit_is_not_fatal_and_the_session_finishes(secure_url, syn
     assert [(e["code"], e["fatal"], e["frame_id"]) for e in errors] == [("FRAME_LIMIT_EXCEEDED", False, 2)]
     assert summary["state"] == "complete" and summary["frames_processed"] == 2 and c.close_code == 1000
     httpx.delete(f"{secure_url}/ws/session/{sid}", headers=ALICE)
+
+
+async def test_python_client_waits_out_the_frame_rate_limit(secure_url, synthetic_seq):
+    """FRAME_RATE_LIMITED carries details.retry_after_s; the client library resends after it: nothing is lost."""
+    from da3_client import Da3Client
+
+    async with Da3Client(secure_url, token="key-bob") as client:
+        sid = (await client.create_session())["session_id"]
+        async with client.stream(sid) as s:
+            for i in range(8):  # 2 frames/s with a burst of 4 on this app
+                await s.send_frame(encode_image(synthetic_seq.images[i], "PNG"), frame_id=i)
+            summary = await s.finalize(timeout=120)
+        await client.delete_session(sid)
+    limited = [e for e in s.errors if e["code"] == "FRAME_RATE_LIMITED"]
+    assert limited and all(0 < e["details"]["retry_after_s"] <= 1.0 and not e["fatal"] for e in limited)
+    assert summary["frames_received"] == summary["frames_processed"] == 8 and not s.rejected

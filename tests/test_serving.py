@@ -355,7 +355,7 @@ async def test_hostile_and_odd_images(serve_url, synthetic_seq):
         "webp": pil_bytes(base, "WEBP"),
     }
     hostile = {
-        "bomb": (png_bomb(), "IMAGE_TOO_LARGE"),
+        "bomb": (png_bomb(), "TOO_MANY_PIXELS"),
         "empty": (b"", "INVALID_MESSAGE"),
         "gif": (pil_bytes(base.convert("P"), "GIF"), "UNSUPPORTED_FORMAT"),
         "huge": (b"\xff" * 2_100_000, "MESSAGE_TOO_LARGE"),

@@ -128,7 +128,7 @@ def test_per_key_session_cap_and_creation_rate():
     st.create(SessionParams(), a, 0)
     with pytest.raises(ServiceError) as ei:
         st.create(SessionParams(), a, 0)
-    assert ei.value.code is ErrorCode.SESSION_LIMIT
+    assert ei.value.code is ErrorCode.KEY_SESSION_LIMIT
     st.create(SessionParams(), b, 0)  # another key is unaffected
     for sid in [s.session_id for s in st.list(a)]:
         st.delete(sid, a)
@@ -211,7 +211,7 @@ def test_frame_rate_limiter_frames_and_bytes():
     rl.check(100, 0.0)  # burst: 2 x 2 frames/s
     with pytest.raises(ServiceError) as ei:
         rl.check(100, 0.0)
-    assert ei.value.code is ErrorCode.RATE_LIMITED and not ei.value.fatal
+    assert ei.value.code is ErrorCode.FRAME_RATE_LIMITED and not ei.value.fatal
     assert ei.value.details["retry_after_s"] == pytest.approx(0.5)
     rl.check(100, 0.5)  # one frame token back after 1/2 s
     # bytes: 2000-byte burst, 400 used; a 1700-byte frame waits (1700 - 1600) / 1000 s ...
@@ -220,6 +220,7 @@ def test_frame_rate_limiter_frames_and_bytes():
     frames_before = rl2.frames.tokens
     with pytest.raises(ServiceError) as ei:
         rl2.check(1700, 0.0)
+    assert ei.value.code is ErrorCode.BYTE_RATE_LIMITED
     assert ei.value.details["retry_after_s"] == pytest.approx(0.1)
     assert rl2.frames.tokens == frames_before  # ... and its frame token is refunded
     rl2.check(1700, 0.1)

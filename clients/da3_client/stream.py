@@ -3,7 +3,8 @@
 Flow control: at most `max_in_flight` frames (from `ready` / acks) may be accepted-but-unprocessed on the server;
 the client counts frames it sent but has no answer for, plus the server's last reported in-flight count, and
 waits before sending more. Reconnects (close 1001/1012 or an abnormal drop) resume with `resume_from=last_seq`
-and resend frames the server never acknowledged; frames answered QUEUE_FULL are resent in their original order.
+and resend frames the server never acknowledged; frames answered QUEUE_FULL (or a rate limit, after its
+retry_after_s) are resent in their original order.
 Each points message is answered with `received` (result flow control, docs/WEBSOCKET_API.md 3.7).
 """
 
@@ -38,8 +39,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("da3_client")
 
 # Error codes that answer one frame message (the frame was not accepted).
-FRAME_ERRORS = {"QUEUE_FULL", "INVALID_IMAGE", "IMAGE_TOO_LARGE", "UNSUPPORTED_FORMAT", "FRAME_LIMIT_EXCEEDED",
+FRAME_ERRORS = {"QUEUE_FULL", "FRAME_RATE_LIMITED", "BYTE_RATE_LIMITED", "INVALID_IMAGE", "IMAGE_TOO_LARGE",
+                "TOO_MANY_PIXELS", "UNSUPPORTED_FORMAT", "FRAME_LIMIT_EXCEEDED",
                 "SESSION_FINALIZED", "INVALID_MESSAGE", "MESSAGE_TOO_LARGE"}
+# The frame was refused for now: it is sent again (after details.retry_after_s for the rate limits).
+RETRY_LATER = {"QUEUE_FULL", "FRAME_RATE_LIMITED", "BYTE_RATE_LIMITED"}
 # After these the session takes no more frames: send_frame raises.
 NO_MORE_FRAMES = {"FRAME_LIMIT_EXCEEDED", "SESSION_FINALIZED"}
 # Handshake refusals worth retrying during a reconnect (our own stale connection may still hold the session).
@@ -111,6 +115,7 @@ class StreamSession:
         self._done = False
         self._finalize_sent = False
         self._probe_s = 1.0
+        self._hold_until = 0.0  # loop time before which no frame is sent (rate limited)
         self._pongs: dict[str, asyncio.Future] = {}
 
     # --- context manager ------------------------------------------------------------------------------------
@@ -270,6 +275,10 @@ class StreamSession:
                         continue
                 if not self._outbox:
                     break
+                hold = self._hold_until - asyncio.get_running_loop().time()
+                if hold > 0:  # the server asked us to slow down (frames or bytes per second)
+                    await asyncio.sleep(hold)
+                    continue
                 p = self._outbox.popleft()
                 p.attempts += 1
                 self._unacked.append(p)
@@ -446,9 +455,13 @@ class StreamSession:
                 self._fatal = Da3Error(code, str(msg.get("message", "")), fatal=True)
             elif code in FRAME_ERRORS:
                 p = self._take(msg.get("frame_id"), fallback_oldest="frame_id" not in msg)
-                if p is not None and code == "QUEUE_FULL":
+                if p is not None and code in RETRY_LATER:
                     self._requeue([p])
-                    self._probe_s = min(MAX_PROBE_S, self._probe_s * 2)
+                    if code == "QUEUE_FULL":
+                        self._probe_s = min(MAX_PROBE_S, self._probe_s * 2)
+                    else:
+                        wait = float((msg.get("details") or {}).get("retry_after_s", 0.5))
+                        self._hold_until = max(self._hold_until, asyncio.get_running_loop().time() + wait)
                 elif p is not None:
                     self.rejected.append(msg)
                 if code in NO_MORE_FRAMES:

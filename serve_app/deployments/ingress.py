@@ -109,7 +109,8 @@ class Connection:
             pass
 
     async def fail(self, exc: ServiceError, frame_id: Any = None) -> None:
-        msg = protocol.msg_error(exc.code.value, exc.message, fatal=exc.fatal, frame_id=frame_id)
+        msg = protocol.msg_error(exc.code.value, exc.message, fatal=exc.fatal, frame_id=frame_id,
+                                 details=exc.details)
         await self.send_json(msg)
 
 
