@@ -3,6 +3,7 @@ image decoding, resizing, geometry and export encoding run in a thread pool."""
 
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -402,7 +403,9 @@ class Ingress:
             w = SessionWorker(sid, params, self.model, self.actor, self.args.limits, self.pool,
                               on_gone=self._drop_worker, on_window=self._on_window, recon=recon,
                               processed=info["frames_processed"], epoch=took["epoch"])
-            for frame in took["pending"]:
+            pending = await asyncio.get_running_loop().run_in_executor(
+                self.pool, self._decode_stored, took["pending"], params.process_res, w.recon.input_size)
+            for frame in pending:
                 if w.recon.input_size is None:
                     w.recon.input_size = (int(frame.image.shape[1]), int(frame.image.shape[0]))
                 w.add_frame(frame)
@@ -583,8 +586,11 @@ class Ingress:
         frame = FrameInput(index=-1, frame_id=meta.frame_id, image=resized, original_size=original,
                            timestamp=meta.timestamp, intrinsics=K,
                            pose=None if meta.pose is None else np.asarray(meta.pose, np.float32))
-        # The actor stores the frame before we ack it: an acked frame survives this replica.
-        index = await call(self.actor.accept_frame, sid, owner, worker.epoch, frame)
+        # The actor stores the frame before we ack it: an acked frame survives this replica. It keeps the client's
+        # encoded bytes when there are some (decoded again only on a takeover), else the resized array.
+        stored = dataclasses.replace(frame, image=None, encoded=bytes(image)) if isinstance(
+            image, (bytes, bytearray)) else frame
+        index = await call(self.actor.accept_frame, sid, owner, worker.epoch, stored)
         frame.index = index
         if frame.frame_id is None:
             frame.frame_id = index
@@ -598,6 +604,18 @@ class Ingress:
         if worker.rate is None:
             worker.rate = FrameRateLimiter(lim.frames_per_s, lim.bytes_per_s, now)
         worker.rate.check(nbytes, now)
+
+    def _decode_stored(self, frames: list[FrameInput], process_res: int, size: tuple[int, int] | None
+                       ) -> list[FrameInput]:
+        """Frames from the session store back to model input (the ones stored as the client's encoded bytes)."""
+        out = []
+        for f in frames:
+            if f.image is None and f.encoded is not None:
+                _, resized = self._prepare(f.encoded, process_res, size)
+                size = size or (int(resized.shape[1]), int(resized.shape[0]))
+                f = dataclasses.replace(f, image=resized, encoded=None)
+            out.append(f)
+        return out
 
     def _prepare(self, image: bytes | np.ndarray, process_res: int, size: tuple[int, int] | None):
         rgb = decode_image(image, self.image_limits) if isinstance(image, (bytes, bytearray)) else image

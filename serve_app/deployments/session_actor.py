@@ -119,10 +119,13 @@ class SessionActor:
                 "pending": [s.pending[i] for i in sorted(s.pending)]}
 
     async def complete(self, sid: str, epoch: int) -> bool:
-        """Mark a finalizing session complete, only from the current worker and with nothing left pending."""
+        """Mark the session complete (the client finalized it), only from the current worker and with nothing left
+        pending. The state may still read "streaming": the worker can get here before set_state("finalizing")."""
         s = self.store.sessions.get(sid)
-        if s is None or s.worker_epoch != epoch or s.pending or s.state != "finalizing":
+        if s is None or s.worker_epoch != epoch or s.pending or s.state == "failed":
             return False
+        if s.state == "complete":
+            return True
         self.store.set_state(sid, "complete", time.time())
         self._save(sid)
         await self._notify(sid)

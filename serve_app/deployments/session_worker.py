@@ -49,6 +49,7 @@ class SessionWorker:
         self.processed = processed
         self.flush_requested = False
         self.finalizing = False
+        self.completing = False
         self.closed = False
         self.listeners: list[Callable[[dict], Any]] = []
         self.rate = None  # FrameRateLimiter, created by the ingress
@@ -188,9 +189,16 @@ class SessionWorker:
         return not self.recon.pending and self.order.empty() and self.in_flight == 0
 
     async def _maybe_complete(self) -> None:
-        if self.finalizing and self.idle:
-            self.finalizing = False
-            if await call(self.actor.complete, self.sid, self.epoch):
+        # The plan loop and finalize() both get here; `completing` keeps it to one actor call at a time, and
+        # `finalizing` stays set until the actor has really marked the session complete.
+        if self.finalizing and self.idle and not self.completing:
+            self.completing = True
+            try:
+                done = await call(self.actor.complete, self.sid, self.epoch)
+            finally:
+                self.completing = False
+            if done:
+                self.finalizing = False
                 self._gone()  # nothing more will be processed here
                 return
         self.maybe_retire()
