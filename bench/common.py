@@ -309,7 +309,10 @@ async def stream_session(url: str, frames: list[bytes], num_frames: int, *, para
                                 if fid in res.send_t:
                                     res.frame_latency_ms[fid] = (now - res.send_t[fid]) * 1000.0
                         res.t_last_points = now
-                        await ws.send(json.dumps({"type": "received", "seq": chunk.seq}))  # result flow control
+                        try:  # result flow control
+                            await ws.send(json.dumps({"type": "received", "seq": chunk.seq}))
+                        except websockets.ConnectionClosed:
+                            pass  # closing after the summary: keep reading what is already queued
                         if keep_points:
                             res.chunks.append(chunk)
                         continue
