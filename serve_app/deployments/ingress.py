@@ -339,7 +339,8 @@ class Ingress:
         owner = self._owner(self._bearer(request))
         model, sessions = await asyncio.gather(self.model.stats.remote(), call(self.actor.list, owner))
         now = time.time()
-        self.rate.append((now, sum(w.processed for w in self.workers.values()) + self.processed_closed))
+        self.rate.append((now, sum(w.processed - w.processed_at_start for w in self.workers.values())
+                          + self.processed_closed))
         self.rate = [(t, n) for t, n in self.rate if now - t <= 30]
         (t0, n0), (t1, n1) = self.rate[0], self.rate[-1]
         try:
@@ -378,7 +379,7 @@ class Ingress:
         lock = self.worker_locks.get(sid)
         if lock is not None and not lock.locked():
             del self.worker_locks[sid]
-        self.processed_closed += w.processed
+        self.processed_closed += w.processed - w.processed_at_start  # frames this replica processed
         w.close()
 
     async def _worker(self, sid: str, params: SessionParams, owner: str | None,

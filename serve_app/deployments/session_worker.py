@@ -47,6 +47,7 @@ class SessionWorker:
         self.order: asyncio.Queue = asyncio.Queue()
         self.accepted = processed  # a restored worker starts where the stored session left off
         self.processed = processed
+        self.processed_at_start = processed
         self.flush_requested = False
         self.finalizing = False
         self.completing = False
