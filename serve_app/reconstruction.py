@@ -77,7 +77,7 @@ class FrameInput:
     intrinsics: np.ndarray | None = None  # prior, processed pixels
     pose: np.ndarray | None = None  # prior c2w
     # The image as the client encoded it; set (with image=None) only on the copy kept in the session store,
-    # which is 5-10x smaller than the decoded array and is decoded again only if another replica takes over.
+    # 2-8x smaller than the decoded array for JPEGs; decoded again only if another replica takes over.
     encoded: bytes | None = None
 
 
