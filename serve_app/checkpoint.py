@@ -27,6 +27,9 @@ WEIGHTS_FILE = "model.safetensors"
 HUB_KEY_PREFIX = "model."  # DA3's hub wrapper holds the network as `self.model`
 RANDOM_PREFIX = "random:"
 RANDOM_SEED = 0  # random checkpoints are seeded so every replica holds the same weights
+# Submodules the service never runs: da3-giant's 3D-Gaussian head and adapter (also inside the nested model). They are left out of the
+# network (the adapter imports `evo`, which depth-anything-3 does not declare) and their weights are skipped.
+UNUSED_BRANCHES = frozenset({"gs_head", "gs_adapter"})
 
 # These take B>1 windows in one forward with results equal to B single forwards.
 ANY_VIEW_MODELS = frozenset({"da3-small", "da3-base", "da3-large", "da3-giant"})
@@ -64,12 +67,29 @@ def _check_model_name(model_name: str) -> None:
 
 def build_network(model_name: str) -> nn.Module:
     """A randomly initialised network for `model_name`, in eval mode, on the CPU."""
+    from depth_anything_3.cfg import create_object
+
+    return create_object(network_config(model_name)).eval()
+
+
+def network_config(model_name: str):
+    """DA3's config for `model_name` without the UNUSED_BRANCHES (an omegaconf DictConfig)."""
     _check_model_name(model_name)
-    from depth_anything_3.cfg import create_object, load_config
+    from depth_anything_3.cfg import load_config
     from depth_anything_3.registry import MODEL_REGISTRY
 
-    net = create_object(load_config(MODEL_REGISTRY[model_name]))
-    return net.eval()
+    from omegaconf import DictConfig
+
+    def prune(node) -> None:  # also inside nested models (da3nested-giant-large holds a da3-giant)
+        for key in list(node.keys()):
+            if key in UNUSED_BRANCHES:
+                node.pop(key)
+            elif isinstance(node[key], DictConfig):
+                prune(node[key])
+
+    config = load_config(MODEL_REGISTRY[model_name])
+    prune(config)
+    return config
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,6 +247,11 @@ def load_network(resolved: ResolvedCheckpoint) -> nn.Module:
         raise CheckpointError(f"{where}: cannot read weights: {exc}; re-download the checkpoint") from exc
 
     state = {(k.removeprefix(HUB_KEY_PREFIX)): v for k, v in raw.items()}
+    dropped = [k for k in state if UNUSED_BRANCHES & set(k.split("."))]
+    if dropped:
+        logger.info("%s: ignoring %d weights of the unused Gaussian-splatting branch", where, len(dropped))
+        for k in dropped:
+            del state[k]
     expected = net.state_dict()
     aliases = _alias_groups(net)
     # A shared tensor is saved once under any one of its names; fill the others from it.

@@ -72,6 +72,21 @@ def unproject_depths(depth: np.ndarray, K: np.ndarray, c2w: np.ndarray) -> np.nd
     return out
 
 
+def unproject_pixels(depth: np.ndarray, K: np.ndarray, c2w: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """World points (k, 3) float32 at the flat (row-major) pixel indices `idx` of one (H, W) z-depth map:
+    unproject_depth(depth, K, c2w).reshape(-1, 3)[idx] without unprojecting every other pixel."""
+    depth = np.asarray(depth)
+    idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+    c2w = np.asarray(c2w, dtype=np.float64)
+    M = c2w[:3, :3] @ np.linalg.inv(np.asarray(K, dtype=np.float64))
+    v, u = np.divmod(idx, depth.shape[1])
+    d = depth.reshape(-1)[idx].astype(np.float64)
+    rays = M[:, :2] @ np.stack([u, v]).astype(np.float64) + M[:, 2:3]  # (3, k)
+    rays *= d
+    rays += c2w[:3, 3:4]
+    return rays.T.astype(np.float32)
+
+
 def unproject_depth(depth: np.ndarray, K: np.ndarray, c2w: np.ndarray) -> np.ndarray:
     """z-depth (H, W), K (3, 3), c2w (4, 4) or (3, 4) -> world points (H, W, 3) float32."""
     return unproject_depths(np.asarray(depth)[None], np.asarray(K)[None], np.asarray(c2w)[None])[0]

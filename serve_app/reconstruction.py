@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -53,8 +53,7 @@ from serve_app.geometry import (
     finite_rows,
     invert_pose,
     orthonormalize,
-    subsample,
-    unproject_depths,
+    unproject_pixels,
 )
 from serve_app.prediction import WindowPrediction, WindowRequest
 
@@ -62,6 +61,7 @@ AUTO_VOXEL_PIXELS = 2.0  # auto voxel = footprint of this many pixels at the fir
 PRIOR_MIN_BASELINE = 0.01  # camera-centre spread / median depth below which priors cannot fix the scale
 PRIOR_MAX_REL_RMSE = 0.25  # centre residual / centre spread above which priors disagree with the prediction
 ALIGN_MAX_POINTS = 8000  # dense alignment subsample: plenty for 7 parameters, keeps geometry time flat
+ALIGN_POINTS_PER_FRAME = 8000  # world samples a frame keeps for aligning later windows (not its whole depth map)
 MIN_WINDOW_POINTS = 50  # a window with fewer usable depth pixels is refused (it could anchor nothing)
 _KEY_BITS = 21  # per axis in a packed voxel key; coordinates wrap beyond +-2^20 voxels (rare false merges)
 
@@ -83,20 +83,32 @@ class FrameInput:
 
 @dataclass
 class WorldFrame:
-    """A processed frame that later windows may use as context."""
+    """A processed frame that later windows may use as context. Of its depth map only a sample of confident
+    pixels is kept, in world coordinates: aligning a window needs thousands of correspondences, not 190k per
+    frame, and the session snapshot carries these after every window."""
 
     index: int
     frame_id: Any
     image: np.ndarray
-    points: np.ndarray  # (h, w, 3) float32 world
-    conf: np.ndarray  # (h, w) float32
+    pix: np.ndarray  # (k,) int64 flat row-major pixel indices into the model-size image
+    points: np.ndarray  # (k, 3) float32 world points at pix
+    conf: np.ndarray  # (k,) float32 confidence at pix
     c2w: np.ndarray  # (4, 4)
     source: FrameInput | None = None  # the input (priors included), to send again as context
     keyframe: bool = True
 
     @property
     def nbytes(self) -> int:
-        return int(self.image.nbytes + self.points.nbytes + self.conf.nbytes + np.asarray(self.c2w).nbytes)
+        return int(self.image.nbytes + self.pix.nbytes + self.points.nbytes + self.conf.nbytes
+                   + np.asarray(self.c2w).nbytes)
+
+    @classmethod
+    def from_dense(cls, old: Any, rng: np.random.Generator) -> "WorldFrame":
+        """A frame from a snapshot written before frames were sampled ((h, w, 3) points, (h, w) conf)."""
+        pts = np.asarray(old.points, np.float32).reshape(-1, 3)
+        pix = sample_indices(np.flatnonzero(finite_rows(pts)), ALIGN_POINTS_PER_FRAME, rng)
+        return cls(old.index, old.frame_id, old.image, pix, pts[pix], np.asarray(old.conf, np.float32).reshape(-1)[pix],
+                   old.c2w, None, getattr(old, "keyframe", True))
 
     def as_input(self) -> FrameInput:
         if self.source is not None:
@@ -142,6 +154,13 @@ class WindowOutput:
 
 
 # --- pure helpers ---------------------------------------------------------------------------------------------
+
+def sample_indices(candidates: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """At most k of `candidates`, uniformly without replacement, in their original order."""
+    if len(candidates) <= k:
+        return candidates
+    return np.sort(rng.choice(candidates, size=int(k), replace=False))
+
 
 def voxel_keys(points: np.ndarray, voxel: float) -> np.ndarray:
     """(M, 3) finite points -> (M,) int64 keys of their voxels (21 bits per axis, wrapping far away)."""
@@ -326,16 +345,18 @@ class StreamReconstructor:
         return plan
 
     # --- integration --------------------------------------------------------------------------------
-    def _dense_alignment(self, plan: WindowPlan, pts_win, conf, keep) -> tuple[Sim3 | None, dict]:
+    def _dense_alignment(self, plan: WindowPlan, pred: WindowPrediction, c2w_win, conf, keep
+                         ) -> tuple[Sim3 | None, dict]:
         src, dst, w = [], [], []
         for j, f in enumerate(plan.context):
             wf = self.world.get(f.index)
-            if wf is None or wf.points.shape != pts_win[j].shape:
+            if wf is None or wf.image.shape[:2] != pred.depth.shape[1:]:
                 continue
-            m = keep[j] & finite_rows(wf.points)
-            src.append(pts_win[j][m])
+            m = keep[j].reshape(-1)[wf.pix]  # the frame's stored samples this window is also confident about
+            pix = wf.pix[m]
+            src.append(unproject_pixels(pred.depth[j], pred.intrinsics[j], c2w_win[j], pix))
             dst.append(wf.points[m])
-            w.append(np.sqrt(conf[j][m] * wf.conf[m]))
+            w.append(np.sqrt(conf[j].reshape(-1)[pix] * wf.conf[m]))
         if not src:
             return None, {"reason": "no context frame has world geometry"}
         res = robust_sim3(np.concatenate(src), np.concatenate(dst), np.concatenate(w),
@@ -345,7 +366,7 @@ class StreamReconstructor:
         return res.sim3, {"ok": True, "mode": "dense", "scale": float(res.scale), "rmse": float(res.rmse),
                           "inlier_ratio": float(res.inlier_ratio), "num_points": int(res.num_points)}
 
-    def _place(self, plan: WindowPlan, pred: WindowPrediction, c2w_win, pts_win, conf, keep
+    def _place(self, plan: WindowPlan, pred: WindowPrediction, c2w_win, conf, keep
                ) -> tuple[Sim3 | None, dict]:
         """The window's Sim(3) onto the world and the "alignment" report; (None, {"reason"}) if it cannot."""
         reason = None
@@ -368,7 +389,7 @@ class StreamReconstructor:
         if not self.placed:
             return Sim3.identity(), {"ok": True, "mode": "reference", "scale": 1.0, "rmse": 0.0,
                                      "inlier_ratio": 1.0, "num_points": 0, "reference": True}
-        sim, align = self._dense_alignment(plan, pts_win, conf, keep)
+        sim, align = self._dense_alignment(plan, pred, c2w_win, conf, keep)
         if sim is not None and reason:
             align["prior_fallback"] = reason
         return sim, align
@@ -378,15 +399,16 @@ class StreamReconstructor:
         t0 = time.perf_counter()
         n_ctx = len(plan.context)
         c2w_win = invert_pose(pred.extrinsics)  # (N, 4, 4) in the window's gauge
-        pts_win = unproject_depths(pred.depth, pred.intrinsics, c2w_win)
         conf = pred.conf.astype(np.float32)
         keep = confidence_mask(conf, self.params.conf_percentile, depth=pred.depth)
-
-        keep &= finite_rows(pts_win)
+        # Finite positive depth (in the mask) through a finite camera gives a finite point; only the pixels
+        # used below are unprojected.
+        cams_ok = np.isfinite(c2w_win).all(axis=(1, 2)) & np.isfinite(pred.intrinsics).all(axis=(1, 2))
+        keep[~cams_ok] = False
         if int(keep.sum()) < MIN_WINDOW_POINTS:
             return self.fail(plan, f"window has {int(keep.sum())} confident finite depth pixels "
                              f"(need {MIN_WINDOW_POINTS})", time.perf_counter() - t0)
-        sim, align = self._place(plan, pred, c2w_win, pts_win, conf, keep)
+        sim, align = self._place(plan, pred, c2w_win, conf, keep)
         if sim is None:
             return self.fail(plan, align["reason"], time.perf_counter() - t0)
         if self.voxel_size is None:
@@ -403,7 +425,9 @@ class StreamReconstructor:
         for j in range(n_ctx, len(plan.frames)):
             f = plan.frames[j]
             c2w = sim.transform_c2w(c2w_win[j])
-            world_pts = sim.apply(pts_win[j].reshape(-1, 3)).reshape(pts_win[j].shape).astype(np.float32)
+            confident = np.flatnonzero(keep[j])
+            pix = sample_indices(confident, ALIGN_POINTS_PER_FRAME, self.rng)
+            world_pts = sim.apply(unproject_pixels(pred.depth[j], pred.intrinsics[j], c2w_win[j], pix))
             d = pred.depth[j][np.isfinite(pred.depth[j]) & (pred.depth[j] > 0)] * sim.s
             med = float(np.median(d)) if d.size else None
             ref_c2w, ref_depth = self.last_keyframe if self.last_keyframe else (None, 0.0)
@@ -412,13 +436,12 @@ class StreamReconstructor:
                 self.last_keyframe = (c2w, med if med is not None else ref_depth)
                 self.keyframes.append(f.index)
                 self.num_keyframes += 1
-                m = keep[j]
-                pts_j, cols_j = subsample(world_pts[m], f.image[m], p.max_points_per_frame, self.rng)
-                all_pts.append(pts_j)
-                all_cols.append(cols_j)
-                owner.append(np.full(len(pts_j), len(frames)))
-            self.world[f.index] = WorldFrame(f.index, f.frame_id, f.image, world_pts, conf[j], c2w, source=f,
-                                             keyframe=kf)
+                idx = sample_indices(confident, p.max_points_per_frame, self.rng)
+                all_pts.append(sim.apply(unproject_pixels(pred.depth[j], pred.intrinsics[j], c2w_win[j], idx)))
+                all_cols.append(f.image.reshape(-1, 3)[idx])
+                owner.append(np.full(len(idx), len(frames)))
+            self.world[f.index] = WorldFrame(f.index, f.frame_id, f.image, pix, world_pts,
+                                             conf[j].reshape(-1)[pix], c2w, source=f, keyframe=kf)
             frames.append({
                 "frame_id": f.frame_id, "index": f.index, "window": plan.window,
                 "timestamp": f.timestamp,
@@ -513,8 +536,7 @@ class StreamReconstructor:
         and the gauge/keyframe state. Pending and in-flight frames are not included; the occupancy is rebuilt
         from the stored map on restore (it grows with the map, this stays small)."""
         snap = {k: getattr(self, k) for k in self._SNAPSHOT_FIELDS}
-        snap["world"] = [WorldFrame(w.index, w.frame_id, w.image, w.points, w.conf, w.c2w, None, w.keyframe)
-                         for w in self.world.values()]
+        snap["world"] = [replace(w, source=None) for w in self.world.values()]
         snap["keyframes"] = list(self.keyframes)
         snap["last_planned"] = [f.index for f in self.last_planned]
         return snap
@@ -526,7 +548,8 @@ class StreamReconstructor:
         rec = cls(params)
         for k in cls._SNAPSHOT_FIELDS:
             setattr(rec, k, snap[k])
-        rec.world = {w.index: w for w in snap["world"]}
+        rec.world = {w.index: (w if getattr(w, "pix", None) is not None else WorldFrame.from_dense(w, rec.rng))
+                     for w in snap["world"]}
         rec.keyframes.extend(snap["keyframes"])
         rec.last_planned = [rec.world[i].as_input() for i in snap["last_planned"] if i in rec.world]
         rec.windows_planned = rec.windows_integrated  # outstanding windows died with their replica

@@ -18,6 +18,7 @@ from serve_app.checkpoint import (
     build_network,
     known_models,
     load_network,
+    network_config,
     resolve_checkpoint,
 )
 
@@ -185,6 +186,43 @@ def test_extra_key_reported(ckpt_dir, tmp_path):
     _rewrite_weights(d, lambda t: t.update({"model.head.bogus": torch.zeros(3)}))
     with pytest.raises(CheckpointError, match=r"1 unexpected keys \(head\.bogus\)"):
         load_network(resolve_checkpoint(str(d)))
+
+
+def test_gaussian_branch_weights_are_skipped(net, ckpt_dir, tmp_path, caplog):
+    # da3-giant's hub weights carry a 3D-Gaussian head the service never builds; they load without it.
+    d = copy_ckpt(ckpt_dir, tmp_path / "c")
+    _rewrite_weights(d, lambda t: t.update({"model.gs_head.scratch.w": torch.zeros(2), "model.anyview.gs_adapter.b":
+                                             torch.zeros(1)}))
+    with caplog.at_level(logging.INFO, logger="serve_app.checkpoint"):
+        loaded = load_network(resolve_checkpoint(str(d)))
+    assert_same_weights(loaded, net)
+    assert "ignoring 2 weights of the unused Gaussian-splatting branch" in caplog.text
+
+
+def _object_paths(node) -> list[str]:
+    from omegaconf import DictConfig, ListConfig
+
+    if isinstance(node, DictConfig):
+        own = [node["__object__"]["path"]] if "__object__" in node else []
+        return own + [p for v in node.values() for p in _object_paths(v)]
+    if isinstance(node, ListConfig):
+        return [p for v in node for p in _object_paths(v)]
+    return []
+
+
+@pytest.mark.parametrize("name", ["da3-small", "da3-base", "da3-large", "da3-giant", "da3mono-large",
+                                  "da3metric-large", "da3nested-giant-large"])
+def test_every_module_a_network_needs_imports(name):
+    # Building the big networks takes minutes and GBs; importing every module their config names catches what
+    # would fail at build time with only the declared dependencies (da3-giant's Gaussian adapter needs `evo`).
+    import importlib
+
+    config = network_config(name)
+    paths = set(_object_paths(config))
+    assert paths, f"no __object__ paths found in {name}'s config"
+    for path in paths:
+        importlib.import_module(path)
+    assert not [p for p in paths if "gs_" in p]
 
 
 def test_shape_mismatch_reported(ckpt_dir, tmp_path):

@@ -11,6 +11,7 @@ from serve_app.geometry import (
     to_homogeneous,
     unproject_depth,
     unproject_depths,
+    unproject_pixels,
     voxel_downsample,
 )
 
@@ -68,6 +69,23 @@ def test_unproject_project_round_trip():
         np.testing.assert_allclose(pix[..., 0], u, atol=1e-3)
         np.testing.assert_allclose(pix[..., 1], v, atol=1e-3)
         np.testing.assert_allclose(unproject_depth(depth[i], Ks[i], c2w[i]), pts[i], atol=1e-5)
+
+
+def test_unproject_pixels_matches_the_dense_unprojection():
+    rng = np.random.default_rng(2)
+    depth = rng.uniform(0.5, 10, size=(37, 53)).astype(np.float32)
+    depth[3, 4] = np.nan
+    c2w = random_pose(rng)
+    Kr = np.array([[61.0, 0, 25.0], [0, 59.0, 18.0], [0, 0, 1]])
+    dense = unproject_depth(depth, Kr, c2w).reshape(-1, 3)
+    idx = np.sort(rng.choice(depth.size, size=300, replace=False))
+    got = unproject_pixels(depth, Kr, c2w, idx)
+    assert got.shape == (300, 3) and got.dtype == np.float32
+    np.testing.assert_allclose(got, dense[idx], rtol=1e-6, atol=1e-5)
+    # row-major indexing: index 3 * 53 + 4 is the NaN pixel (3, 4); corners map to their own rays
+    assert np.isnan(unproject_pixels(depth, Kr, c2w, [3 * 53 + 4])).all()
+    np.testing.assert_allclose(unproject_pixels(depth, Kr, c2w, [0, depth.size - 1]), dense[[0, -1]], atol=1e-5)
+    assert unproject_pixels(depth, Kr, c2w, np.zeros(0, np.int64)).shape == (0, 3)
 
 
 def test_confidence_mask_percentile_and_depth():

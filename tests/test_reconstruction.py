@@ -133,3 +133,48 @@ def test_failed_first_window_lets_the_next_one_become_the_reference(seq):
     assert idx == list(range(4, len(seq.images)))
     rmse, _ = ate_rmse(est, seq.c2w[idx])
     assert rmse / trajectory_length(seq.c2w[idx]) < 1e-3
+
+
+@pytest.mark.parametrize("old_format", [False, True])
+def test_restored_reconstructor_continues_the_map(seq, old_format):
+    # Snapshot mid-stream (what the session actor holds), restore elsewhere, stream the rest: one consistent map.
+    # old_format: a snapshot written before world frames were sampled (dense (h, w, 3) points) still restores.
+    from types import SimpleNamespace
+
+    from serve_app.reconstruction import ALIGN_POINTS_PER_FRAME
+
+    params = SessionParams(process_res=140, window_size=5, overlap=2)
+    oracle = OracleModel(SPEC, scale_range=(0.3, 3.0), seed=1)
+    rec = StreamReconstructor(params)
+    outs, cut = [], 14
+    for i in range(cut):
+        rec.add_frame(FrameInput(index=i, frame_id=i, image=seq.images[i], original_size=(W, H)))
+        while (plan := rec.next_window()) is not None:
+            outs.append(rec.integrate(plan, oracle.forward_windows([plan.request()])[0]))
+    snap = rec.snapshot()
+    assert snap["world"] and all(len(w.points) <= ALIGN_POINTS_PER_FRAME and w.points.shape == (len(w.pix), 3)
+                                 for w in snap["world"])
+    if old_format:
+        dense = []
+        for w in snap["world"]:
+            h, wd = w.image.shape[:2]
+            pts = np.full((h * wd, 3), np.nan, np.float32)
+            conf = np.zeros(h * wd, np.float32)
+            pts[w.pix], conf[w.pix] = w.points, w.conf
+            dense.append(SimpleNamespace(index=w.index, frame_id=w.frame_id, image=w.image,
+                                         points=pts.reshape(h, wd, 3), conf=conf.reshape(h, wd), c2w=w.c2w,
+                                         source=None, keyframe=w.keyframe))
+        snap["world"] = dense
+    pending = list(rec.pending)
+    rec2 = StreamReconstructor.restore(params, snap, map_points=np.concatenate([o.points for o in outs]))
+    for f in pending:
+        rec2.add_frame(f)
+    for i in range(cut, len(seq.images)):
+        rec2.add_frame(FrameInput(index=i, frame_id=i, image=seq.images[i], original_size=(W, H)))
+        while (plan := rec2.next_window(force=i == len(seq.images) - 1)) is not None:
+            outs.append(rec2.integrate(plan, oracle.forward_windows([plan.request()])[0]))
+    assert all(o.ok for o in outs)
+    idx, est = poses(outs)
+    assert idx == list(range(len(seq.images)))
+    rmse, _ = ate_rmse(est, seq.c2w[idx])
+    assert rmse / trajectory_length(seq.c2w) < 1e-3

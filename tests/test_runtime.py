@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -91,7 +92,9 @@ def test_runtime_from_local_directory(ckpt_dir, runtime):
 
 def test_prediction_shapes_and_dtypes(runtime):
     imgs = window(3, seed=4)
+    t0 = time.perf_counter()
     pred = runtime.forward_windows([WindowRequest(images=imgs, tag="t")])[0]
+    elapsed = time.perf_counter() - t0
     assert isinstance(pred, WindowPrediction)
     assert pred.depth.shape == (3, H, W) and pred.depth.dtype == np.float32
     assert pred.conf.shape == (3, H, W) and pred.conf.dtype == np.float32
@@ -100,6 +103,8 @@ def test_prediction_shapes_and_dtypes(runtime):
     assert pred.images is imgs
     assert pred.is_metric is False
     assert pred.timings["model_ms"] > 0
+    stages = [pred.timings[k] for k in ("prep_ms", "model_ms", "fetch_ms", "post_ms")]
+    assert all(t >= 0 for t in stages) and sum(stages) < 1000.0 * elapsed
     assert np.isfinite(pred.depth).all() and (pred.depth > 0).all()
 
 
