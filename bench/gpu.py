@@ -39,15 +39,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from serve_app.config import SessionParams  # noqa: E402
-from serve_app.imaging import decode_image, encode_image  # noqa: E402
-from serve_app.oracle import OracleModel  # noqa: E402
-from serve_app.prediction import WindowRequest  # noqa: E402
-from serve_app.preprocess import resize_for_model  # noqa: E402
-from serve_app.protocol import encode_points  # noqa: E402
-from serve_app.reconstruction import FrameInput, StreamReconstructor  # noqa: E402
-from serve_app.runtime import DA3Runtime  # noqa: E402
-from serve_app.synthetic import SceneSpec, render_sequence  # noqa: E402
+from serve_app.config import SessionParams
+from serve_app.imaging import decode_image, encode_image
+from serve_app.oracle import OracleModel
+from serve_app.prediction import WindowRequest
+from serve_app.preprocess import resize_for_model
+from serve_app.protocol import encode_points
+from serve_app.reconstruction import FrameInput, StreamReconstructor
+from serve_app.runtime import DA3Runtime
+from serve_app.synthetic import SceneSpec, render_sequence
 
 
 def parse_hw(text: str) -> tuple[int, int]:
@@ -102,7 +102,7 @@ def throughput(rt: DA3Runtime, pool, batches, repeats) -> list[dict]:
     views = pool[0].shape[0]
     for b in batches:
         reqs = [WindowRequest(images=pool[i]) for i in range(b)]
-        t = median_s(lambda: rt.forward_windows(reqs), repeats)
+        t = median_s(lambda reqs=reqs: rt.forward_windows(reqs), repeats)
         stages = [rt.forward_windows(reqs)[0].timings for _ in range(3)]
         med = {k: statistics.median(s[k] for s in stages) for k in ("prep_ms", "model_ms", "fetch_ms", "post_ms")}
         rows.append({"batch": b, "views_per_s": b * views / t, "ms_per_window": 1000 * t / b,
@@ -250,8 +250,8 @@ def section_service_cpu(rep: Report, args, model_results: dict) -> dict:
         per["integrate"], per["encode"] = t1 - t0, t2 - t1
         points += len(out.points)
         processed_windows += 1
-        for k in times:
-            times[k].append(1000 * per[k])
+        for k, v in times.items():
+            v.append(1000 * per[k])
     skip = 1 if len(times["decode"]) > 2 else 0  # the first window anchors the map: not steady state
     med = {k: statistics.median(v[skip:]) for k, v in times.items()}
     cpu_ms = sum(med.values())
@@ -336,7 +336,7 @@ def section_copies_ab(rep: Report, args, pool) -> dict:
                 for tag, rt in (("new", new), ("old", old)):
                     runs[tag].append(throughput(rt, pool, [b], args.repeats)[0])
             best = {k: max(v, key=lambda r: r["views_per_s"]) for k, v in runs.items()}
-            rows.append({"batch": b, **{f"{k}_{f}": best[k][f] for k in best
+            rows.append({"batch": b, **{f"{k}_{f}": row[f] for k, row in best.items()
                                        for f in ("views_per_s", "prep_ms", "fetch_ms", "model_ms")}})
         result[name] = rows
         rep.table(f"7 copies A/B ({name}): pinned staging + pinned fetch (new) vs pin_memory() + .cpu() (old)",

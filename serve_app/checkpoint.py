@@ -77,7 +77,6 @@ def network_config(model_name: str):
     _check_model_name(model_name)
     from depth_anything_3.cfg import load_config
     from depth_anything_3.registry import MODEL_REGISTRY
-
     from omegaconf import DictConfig
 
     def prune(node) -> None:  # also inside nested models (da3nested-giant-large holds a da3-giant)

@@ -103,7 +103,7 @@ class WorldFrame:
                    + np.asarray(self.c2w).nbytes)
 
     @classmethod
-    def from_dense(cls, old: Any, rng: np.random.Generator) -> "WorldFrame":
+    def from_dense(cls, old: Any, rng: np.random.Generator) -> WorldFrame:
         """A frame from a snapshot written before frames were sampled ((h, w, 3) points, (h, w) conf)."""
         pts = np.asarray(old.points, np.float32).reshape(-1, 3)
         pix = sample_indices(np.flatnonzero(finite_rows(pts)), ALIGN_POINTS_PER_FRAME, rng)
@@ -543,7 +543,7 @@ class StreamReconstructor:
 
     @classmethod
     def restore(cls, params: SessionParams, snap: dict[str, Any], map_points: np.ndarray | None = None
-                ) -> "StreamReconstructor":
+                ) -> StreamReconstructor:
         """Continue a session elsewhere (another ingress replica, or after this one restarted)."""
         rec = cls(params)
         for k in cls._SNAPSHOT_FIELDS:

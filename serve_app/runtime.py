@@ -284,8 +284,9 @@ class DA3Runtime:
                 is_metric=self.is_metric,
             ))
         # Stages of this forward call (shared by its windows): host->device, network, device->host, numpy.
-        timings = dict(prep_ms=(t0 - t_start) * 1000.0, model_ms=(t1 - t0) * 1000.0, fetch_ms=(t2 - t1) * 1000.0,
-                       post_ms=(time.perf_counter() - t2) * 1000.0, batch_size=float(B))
+        timings = {"prep_ms": (t0 - t_start) * 1000.0, "model_ms": (t1 - t0) * 1000.0,
+                   "fetch_ms": (t2 - t1) * 1000.0, "post_ms": (time.perf_counter() - t2) * 1000.0,
+                   "batch_size": float(B)}
         for pred in preds:
             pred.timings = dict(timings)
         return preds
