@@ -89,6 +89,22 @@ def _umeyama_t(srcT: np.ndarray, dstT: np.ndarray, w: np.ndarray) -> Sim3:
     return Sim3(s, R, t)
 
 
+def _umeyama_batch(S: np.ndarray, D: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Unweighted umeyama_sim3 of h point sets at once: S, D (h, m, 3) -> s (h,), R (h, 3, 3), t (h, 3)."""
+    mu_s, mu_d = S.mean(1), D.mean(1)
+    xs, xd = S - mu_s[:, None], D - mu_d[:, None]
+    var_s = (xs * xs).sum((1, 2)) / S.shape[1]
+    cov = np.einsum("hki,hkj->hij", xd, xs) / S.shape[1]
+    U, Dg, Vt = np.linalg.svd(cov)
+    sign = np.ones((len(S), 3))
+    sign[np.linalg.det(U) * np.linalg.det(Vt) < 0, 2] = -1.0
+    R = (U * sign[:, None, :]) @ Vt
+    with np.errstate(all="ignore"):
+        s = np.where(var_s > 1e-300, (Dg * sign).sum(1) / var_s, 1.0)
+    t = mu_d - s[:, None] * np.einsum("hij,hj->hi", R, mu_s)
+    return s, R, t
+
+
 def robust_sim3(src: np.ndarray, dst: np.ndarray, weights: np.ndarray | None = None, *, iters: int = 10,
                 huber_k: float = 1.345, min_points: int = 50, max_points: int = 50000,
                 scale_bounds: tuple[float, float] = (1e-4, 1e4), seed: int = 0,
@@ -152,13 +168,18 @@ def robust_sim3(src: np.ndarray, dst: np.ndarray, weights: np.ndarray | None = N
     # All minimal sets in one draw (confidence-weighted, with replacement: a repeated point leaves 3, enough).
     sets = rng.choice(n, size=(hypotheses, 4), replace=True, p=w0 / w0.sum())
     with np.errstate(all="ignore"):
-        for idx in sets:
-            cand = umeyama_sim3(src[idx], dst[idx])
-            if not (np.isfinite(cand.s) and np.isfinite(cand.t).all() and cand.s > 0):
-                continue
-            med = _median(_residuals_t(cand, subS, subD))
-            if med < best:
-                sim, best = cand, med
+        # Fitted and scored together: (h, 3, n) residuals, one median per hypothesis.
+        hs, hR, ht = _umeyama_batch(src[sets], dst[sets])
+        d = hR @ subS
+        d *= hs[:, None, None]
+        d += ht[:, :, None]
+        d -= subD
+        meds = np.median(np.sqrt((d * d).sum(1)), axis=1)
+        usable = np.isfinite(hs) & np.isfinite(ht).all(1) & (hs > 0) & ~np.isnan(meds)
+        if usable.any():
+            i = int(np.flatnonzero(usable)[np.argmin(meds[usable])])
+            if meds[i] < best:
+                sim, best = Sim3(hs[i], hR[i], ht[i]), float(meds[i])
     thresh = np.inf
     # Floor so exact data (sigma 0) keeps unit weights instead of dividing by zero.
     floor = 1e-9 * (1.0 + float(np.abs(dst).max()))

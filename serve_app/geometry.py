@@ -110,9 +110,13 @@ def finite_rows(points: np.ndarray) -> np.ndarray:
     return np.isfinite(p[..., 0]) & np.isfinite(p[..., 1]) & np.isfinite(p[..., 2])
 
 
+PERCENTILE_SAMPLE = 1 << 17  # confidence values a threshold percentile is taken over, at most
+
+
 def confidence_mask(conf: np.ndarray, percentile: float, depth: np.ndarray | None = None, *,
                     base_thresh: float | None = None, upper_percentile: float = 90.0) -> np.ndarray:
-    """Keep pixels with conf >= the `percentile`-th percentile of `conf` (over the whole array passed).
+    """Keep pixels with conf >= the `percentile`-th percentile of `conf` (over the whole array passed; over a
+    fixed-seed random sample of PERCENTILE_SAMPLE of its finite values when it has more).
 
     DA3's export (utils/export/glb.py get_conf_thresh) uses thr = clamp(base, pct(conf, lower), pct(conf, upper))
     with base 1.05, lower 40, upper 90, and keeps conf >= thr plus finite positive depth. With base_thresh=None
@@ -124,6 +128,8 @@ def confidence_mask(conf: np.ndarray, percentile: float, depth: np.ndarray | Non
     if not finite.any():
         return np.zeros(conf.shape, dtype=bool)
     vals = conf[finite]
+    if vals.size > PERCENTILE_SAMPLE:  # a random sample fixes a percentile as well (a strided one can alias)
+        vals = vals[np.random.default_rng(0).integers(0, vals.size, PERCENTILE_SAMPLE)]
     thr = float(np.percentile(vals, percentile))
     if base_thresh is not None:
         thr = min(max(float(base_thresh), thr), float(np.percentile(vals, upper_percentile)))
