@@ -207,6 +207,7 @@ class StreamResult:
     chunks: list = field(default_factory=list)  # decoded PointChunks (keep_points only)
     frame_latency_ms: dict = field(default_factory=dict)  # frame_id -> client send -> its points message
     send_t: dict = field(default_factory=dict)  # frame_id -> first send time (monotonic)
+    ack_ms: dict = field(default_factory=dict)  # frame_id -> client send -> its ack (upload, decode, store)
     errors: Counter = field(default_factory=Counter)
     summary: dict | None = None
     close_code: int | None = None
@@ -237,12 +238,17 @@ class StreamResult:
             if not sends or "t_points" not in w:
                 continue
             first, last = min(sends), max(sends)
+            first_id = min((f for f in ids if f in self.send_t), key=lambda f: self.send_t[f])
             client_first = (w["t_points"] - first) * 1000.0
+            ack_first = self.ack_ms.get(first_id, 0.0)
             rows.append({
                 "queue": t.get("queue"), "model": t.get("model"), "model_roundtrip": t.get("model_roundtrip"),
                 "geometry": t.get("geometry"), "total": t.get("total"), "batch_size": w.get("batch_size"),
                 "client_last": (w["t_points"] - last) * 1000.0, "client_first": client_first,
                 "network": client_first - (t.get("total") or 0.0), "new_frames": len(ids),
+                # delivery split: before the server's clock starts (upload, decode, store, ack) and after it
+                # stops (commit to the session actor, long-poll, encode, send, client decode)
+                "ack": ack_first, "after_commit": client_first - (t.get("total") or 0.0) - ack_first,
                 # everything but queueing and the forward: Ray round trip extra, geometry, delivery
                 "overhead": client_first - (t.get("queue") or 0.0) - (t.get("model") or 0.0),
                 "rt_extra": (t.get("model_roundtrip") or 0.0) - (t.get("model") or 0.0),
@@ -320,6 +326,8 @@ async def stream_session(url: str, frames: list[bytes], num_frames: int, *, para
                     kind = m.get("type")
                     if kind == "ack":
                         res.acked.add(m["frame_id"])
+                        if m["frame_id"] in res.send_t:
+                            res.ack_ms.setdefault(m["frame_id"], (now - res.send_t[m["frame_id"]]) * 1000.0)
                     elif kind == "window":
                         res.json_bytes += len(msg)
                         m["t_recv"] = now

@@ -228,10 +228,12 @@ def main(argv: list[str] | None = None) -> int:
             print_table(f"(f) one session paced at {a.fps:g} fps, {a.single_frames} frames (ms, p50 over "
                         f"frames / windows)",
                         ["sustained fps", "frame->points", "model/window", "raw b1 (a)", "queue",
-                         "ray rt extra", "geometry", "delivery", "lat - model", "overhead excl. queue"],
+                         "ray rt extra", "geometry", "delivery", "(ack", "after commit)", "lat - model",
+                         "overhead excl. queue"],
                         [[fmt(sustained, ".2f"), fmt(lat50, ".0f"), fmt(model50, ".0f"), fmt(raw_b1_ms, ".0f"),
                           fmt(p50("queue"), ".0f"), fmt(p50("rt_extra"), ".0f"), fmt(p50("geometry"), ".0f"),
-                          fmt(p50("network"), ".0f"), fmt(literal, ".0f"), fmt(p50("overhead"), ".0f")]])
+                          fmt(p50("network"), ".0f"), fmt(p50("ack"), ".0f"), fmt(p50("after_commit"), ".0f"),
+                          fmt(literal, ".0f"), fmt(p50("overhead"), ".0f")]])
             targets.append(("serving overhead: p50 frame->points minus model < 30 ms", f"{literal:.0f} ms",
                             literal < 30))
             targets.append(("  same, excluding queueing (ray rt extra + geometry + delivery) < 30 ms",
