@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -76,8 +77,9 @@ class FrameInput:
     timestamp: float | None = None
     intrinsics: np.ndarray | None = None  # prior, processed pixels
     pose: np.ndarray | None = None  # prior c2w
-    # The image as the client encoded it; set (with image=None) only on the copy kept in the session store,
-    # 2-8x smaller than the decoded array for JPEGs; decoded again only if another replica takes over.
+    # The image as the client encoded it (2-8x smaller than the decoded array for JPEGs). The copy kept in the
+    # session store and the world frames of a snapshot carry only this (image=None); another replica taking the
+    # session over decodes it again.
     encoded: bytes | None = None
 
 
@@ -90,30 +92,32 @@ class WorldFrame:
     index: int
     frame_id: Any
     image: np.ndarray
-    pix: np.ndarray  # (k,) int64 flat row-major pixel indices into the model-size image
+    pix: np.ndarray  # (k,) int32 flat row-major pixel indices into the model-size image
     points: np.ndarray  # (k, 3) float32 world points at pix
     conf: np.ndarray  # (k,) float32 confidence at pix
     c2w: np.ndarray  # (4, 4)
     source: FrameInput | None = None  # the input (priors included), to send again as context
     keyframe: bool = True
+    encoded: bytes | None = None  # the client's encoding of image, when it sent one (see FrameInput.encoded)
 
     @property
     def nbytes(self) -> int:
-        return int(self.image.nbytes + self.pix.nbytes + self.points.nbytes + self.conf.nbytes
-                   + np.asarray(self.c2w).nbytes)
+        image = self.image.nbytes if self.image is not None else len(self.encoded or b"")
+        return int(image + self.pix.nbytes + self.points.nbytes + self.conf.nbytes + np.asarray(self.c2w).nbytes)
 
     @classmethod
     def from_dense(cls, old: Any, rng: np.random.Generator) -> WorldFrame:
         """A frame from a snapshot written before frames were sampled ((h, w, 3) points, (h, w) conf)."""
         pts = np.asarray(old.points, np.float32).reshape(-1, 3)
-        pix = sample_indices(np.flatnonzero(finite_rows(pts)), ALIGN_POINTS_PER_FRAME, rng)
+        pix = sample_indices(np.flatnonzero(finite_rows(pts)), ALIGN_POINTS_PER_FRAME, rng).astype(np.int32)
         return cls(old.index, old.frame_id, old.image, pix, pts[pix], np.asarray(old.conf, np.float32).reshape(-1)[pix],
                    old.c2w, None, getattr(old, "keyframe", True))
 
     def as_input(self) -> FrameInput:
         if self.source is not None:
             return self.source
-        return FrameInput(index=self.index, frame_id=self.frame_id, image=self.image, original_size=(0, 0))
+        return FrameInput(index=self.index, frame_id=self.frame_id, image=self.image, original_size=(0, 0),
+                          encoded=self.encoded)
 
 
 @dataclass
@@ -426,7 +430,7 @@ class StreamReconstructor:
             f = plan.frames[j]
             c2w = sim.transform_c2w(c2w_win[j])
             confident = np.flatnonzero(keep[j])
-            pix = sample_indices(confident, ALIGN_POINTS_PER_FRAME, self.rng)
+            pix = sample_indices(confident, ALIGN_POINTS_PER_FRAME, self.rng).astype(np.int32)
             world_pts = sim.apply(unproject_pixels(pred.depth[j], pred.intrinsics[j], c2w_win[j], pix))
             d = pred.depth[j][np.isfinite(pred.depth[j]) & (pred.depth[j] > 0)] * sim.s
             med = float(np.median(d)) if d.size else None
@@ -441,7 +445,8 @@ class StreamReconstructor:
                 all_cols.append(f.image.reshape(-1, 3)[idx])
                 owner.append(np.full(len(idx), len(frames)))
             self.world[f.index] = WorldFrame(f.index, f.frame_id, f.image, pix, world_pts,
-                                             conf[j].reshape(-1)[pix], c2w, source=f, keyframe=kf)
+                                             conf[j].reshape(-1)[pix], c2w, source=f, keyframe=kf,
+                                             encoded=f.encoded)
             frames.append({
                 "frame_id": f.frame_id, "index": f.index, "window": plan.window,
                 "timestamp": f.timestamp,
@@ -536,20 +541,29 @@ class StreamReconstructor:
         and the gauge/keyframe state. Pending and in-flight frames are not included; the occupancy is rebuilt
         from the stored map on restore (it grows with the map, this stays small)."""
         snap = {k: getattr(self, k) for k in self._SNAPSHOT_FIELDS}
-        snap["world"] = [replace(w, source=None) for w in self.world.values()]
+        # Images travel as the client's encoding where there is one (a JPEG is 8x smaller at 504x378).
+        snap["world"] = [replace(w, source=None, image=None if w.encoded is not None else w.image)
+                         for w in self.world.values()]
         snap["keyframes"] = list(self.keyframes)
         snap["last_planned"] = [f.index for f in self.last_planned]
         return snap
 
     @classmethod
-    def restore(cls, params: SessionParams, snap: dict[str, Any], map_points: np.ndarray | None = None
-                ) -> StreamReconstructor:
-        """Continue a session elsewhere (another ingress replica, or after this one restarted)."""
+    def restore(cls, params: SessionParams, snap: dict[str, Any], map_points: np.ndarray | None = None,
+                decode: Callable[[bytes], np.ndarray] | None = None) -> StreamReconstructor:
+        """Continue a session elsewhere (another ingress replica, or after this one restarted). `decode` turns a
+        world frame's client encoding back into the model-size image (the snapshot carries only the encoding)."""
         rec = cls(params)
         for k in cls._SNAPSHOT_FIELDS:
             setattr(rec, k, snap[k])
-        rec.world = {w.index: (w if getattr(w, "pix", None) is not None else WorldFrame.from_dense(w, rec.rng))
-                     for w in snap["world"]}
+        world = [w if getattr(w, "pix", None) is not None else WorldFrame.from_dense(w, rec.rng)
+                 for w in snap["world"]]
+        for i, w in enumerate(world):
+            if w.image is None:
+                if decode is None or w.encoded is None:
+                    raise ValueError(f"snapshot frame {w.index} has no image and nothing to decode it with")
+                world[i] = replace(w, image=decode(w.encoded))
+        rec.world = {w.index: w for w in world}
         rec.keyframes.extend(snap["keyframes"])
         rec.last_planned = [rec.world[i].as_input() for i in snap["last_planned"] if i in rec.world]
         rec.windows_planned = rec.windows_integrated  # outstanding windows died with their replica

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -135,26 +137,41 @@ def test_failed_first_window_lets_the_next_one_become_the_reference(seq):
     assert rmse / trajectory_length(seq.c2w[idx]) < 1e-3
 
 
-@pytest.mark.parametrize("old_format", [False, True])
-def test_restored_reconstructor_continues_the_map(seq, old_format):
+@pytest.mark.parametrize("variant", ["arrays", "encoded", "old_format"])
+def test_restored_reconstructor_continues_the_map(seq, variant):
     # Snapshot mid-stream (what the session actor holds), restore elsewhere, stream the rest: one consistent map.
-    # old_format: a snapshot written before world frames were sampled (dense (h, w, 3) points) still restores.
+    # encoded: frames carry the client's encoding, the snapshot sends that instead of the image and the restore
+    # decodes it. old_format: a snapshot written before world frames were sampled (dense points) still restores.
+    import pickle
     from types import SimpleNamespace
 
+    from serve_app.imaging import decode_image, encode_image
     from serve_app.reconstruction import ALIGN_POINTS_PER_FRAME
 
     params = SessionParams(process_res=140, window_size=5, overlap=2)
     oracle = OracleModel(SPEC, scale_range=(0.3, 3.0), seed=1)
+
+    def frame(i):
+        enc = encode_image(seq.images[i], "PNG") if variant == "encoded" else None
+        return FrameInput(index=i, frame_id=i, image=seq.images[i], original_size=(W, H), encoded=enc)
+
     rec = StreamReconstructor(params)
     outs, cut = [], 14
     for i in range(cut):
-        rec.add_frame(FrameInput(index=i, frame_id=i, image=seq.images[i], original_size=(W, H)))
+        rec.add_frame(frame(i))
         while (plan := rec.next_window()) is not None:
             outs.append(rec.integrate(plan, oracle.forward_windows([plan.request()])[0]))
     snap = rec.snapshot()
     assert snap["world"] and all(len(w.points) <= ALIGN_POINTS_PER_FRAME and w.points.shape == (len(w.pix), 3)
                                  for w in snap["world"])
-    if old_format:
+    if variant == "encoded":
+        assert all(w.image is None and w.encoded for w in snap["world"])
+        with pytest.raises(ValueError, match="nothing to decode it with"):
+            StreamReconstructor.restore(params, snap)
+        as_arrays = {**snap, "world": [dataclasses.replace(w, image=decode_image(w.encoded), encoded=None)
+                                      for w in snap["world"]]}
+        assert len(pickle.dumps(snap)) < len(pickle.dumps(as_arrays))
+    if variant == "old_format":
         dense = []
         for w in snap["world"]:
             h, wd = w.image.shape[:2]
@@ -166,11 +183,12 @@ def test_restored_reconstructor_continues_the_map(seq, old_format):
                                          source=None, keyframe=w.keyframe))
         snap["world"] = dense
     pending = list(rec.pending)
-    rec2 = StreamReconstructor.restore(params, snap, map_points=np.concatenate([o.points for o in outs]))
+    rec2 = StreamReconstructor.restore(params, snap, map_points=np.concatenate([o.points for o in outs]),
+                                       decode=decode_image)
     for f in pending:
         rec2.add_frame(f)
     for i in range(cut, len(seq.images)):
-        rec2.add_frame(FrameInput(index=i, frame_id=i, image=seq.images[i], original_size=(W, H)))
+        rec2.add_frame(frame(i))
         while (plan := rec2.next_window(force=i == len(seq.images) - 1)) is not None:
             outs.append(rec2.integrate(plan, oracle.forward_windows([plan.request()])[0]))
     assert all(o.ok for o in outs)

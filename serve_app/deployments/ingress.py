@@ -399,8 +399,10 @@ class Ingress:
             recon = None
             if snap is not None:
                 pts, _ = await call(self.actor.point_cloud, sid, owner)
+                size = snap.get("input_size")
                 recon = await asyncio.get_running_loop().run_in_executor(
-                    self.pool, StreamReconstructor.restore, params, snap, pts)
+                    self.pool, StreamReconstructor.restore, params, snap, pts,
+                    lambda data: self._prepare(data, params.process_res, size)[1])
             w = SessionWorker(sid, params, self.model, self.actor, self.args.limits, self.pool,
                               on_gone=self._drop_worker, on_window=self._on_window, recon=recon,
                               processed=info["frames_processed"], epoch=took["epoch"])
@@ -584,13 +586,13 @@ class Ingress:
         if meta.intrinsics is not None:
             sx, sy = resized.shape[1] / original[0], resized.shape[0] / original[1]
             K = np.asarray(meta.intrinsics, np.float32) * np.array([[sx], [sy], [1.0]], np.float32)
+        encoded = bytes(image) if isinstance(image, (bytes, bytearray)) else None
         frame = FrameInput(index=-1, frame_id=meta.frame_id, image=resized, original_size=original,
                            timestamp=meta.timestamp, intrinsics=K,
-                           pose=None if meta.pose is None else np.asarray(meta.pose, np.float32))
+                           pose=None if meta.pose is None else np.asarray(meta.pose, np.float32), encoded=encoded)
         # The actor stores the frame before we ack it: an acked frame survives this replica. It keeps the client's
         # encoded bytes when there are some (decoded again only on a takeover), else the resized array.
-        stored = dataclasses.replace(frame, image=None, encoded=bytes(image)) if isinstance(
-            image, (bytes, bytearray)) else frame
+        stored = dataclasses.replace(frame, image=None) if encoded is not None else frame
         index = await call(self.actor.accept_frame, sid, owner, worker.epoch, stored)
         frame.index = index
         if frame.frame_id is None:
@@ -614,7 +616,7 @@ class Ingress:
             if f.image is None and f.encoded is not None:
                 _, resized = self._prepare(f.encoded, process_res, size)
                 size = size or (int(resized.shape[1]), int(resized.shape[0]))
-                f = dataclasses.replace(f, image=resized, encoded=None)
+                f = dataclasses.replace(f, image=resized)
             out.append(f)
         return out
 
