@@ -13,7 +13,8 @@ trained ones):
   3 host<->device: pinned vs pageable copies of the largest batch (uint8 views in, float32 depth+conf out)
   4 service CPU per window (one core, as an ingress thread does it): decode the client's JPEGs, resize, plan,
     integrate (on oracle predictions of the same size: random weights give no geometry), encode DA3P; against
-    the GPU's time per window, i.e. how many ingress cores keep one GPU busy
+    the GPU's time per window, i.e. how many ingress cores keep one GPU busy; and the size of the session
+    snapshot committed after each window
   5 torch.compile (inductor): warm-up seconds and compiled/eager views/s at the compile batch sizes
     (--compile-model, default da3-small; --compile-variants default,scalars)
   0 check: forward_windows equals a plain forward with ordinary copies (with and without pose priors)
@@ -25,8 +26,10 @@ Each section is appended to OUT/gpu_bench.json when it ends, so a run that is cu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import pickle
 import platform
 import statistics
 import sys
@@ -232,7 +235,7 @@ def section_service_cpu(rep: Report, args, model_results: dict) -> dict:
             t1 = time.perf_counter()
             img = resize_for_model(rgb, params.process_res).image
             t2 = time.perf_counter()
-            recon.add_frame(FrameInput(index=i, frame_id=i, image=img, original_size=(fw, fh)))
+            recon.add_frame(FrameInput(index=i, frame_id=i, image=img, original_size=(fw, fh), encoded=data))
             plan = recon.next_window()
             t3 = time.perf_counter()
             per["decode"] += t1 - t0
@@ -252,6 +255,13 @@ def section_service_cpu(rep: Report, args, model_results: dict) -> dict:
         processed_windows += 1
         for k, v in times.items():
             v.append(1000 * per[k])
+    # What the worker commits to the session actor after each window besides the points: the snapshot.
+    snap = recon.snapshot()
+    snap_bytes = len(pickle.dumps(snap))
+    raw = {**snap, "world": [dataclasses.replace(w, image=resize_for_model(decode_image(w.encoded),
+                                                                         params.process_res).image)
+                             for w in snap["world"]]}
+    snap_raw_bytes = len(pickle.dumps(raw))
     skip = 1 if len(times["decode"]) > 2 else 0  # the first window anchors the map: not steady state
     med = {k: statistics.median(v[skip:]) for k, v in times.items()}
     cpu_ms = sum(med.values())
@@ -267,7 +277,9 @@ def section_service_cpu(rep: Report, args, model_results: dict) -> dict:
               f"JPEG -> {params.process_res}), medians over {len(times['decode']) - skip} windows, ms: "
               + ", ".join(f"{k} {v:.1f}" for k, v in med.items()),
               ["model", "batch", "GPU ms/window", "CPU ms/window", "cores to feed GPU"], rows)
-    return {"stage_ms": med, "cpu_ms_per_window": cpu_ms, "points_per_window": points / max(1, processed_windows),
+    print(f"  session snapshot per window: {snap_bytes / 1e6:.2f} MB for {len(snap['world'])} world frames "
+          f"({snap_raw_bytes / 1e6:.2f} MB with raw images instead of the client's JPEGs)")
+    return {"snapshot_bytes": snap_bytes, "snapshot_raw_image_bytes": snap_raw_bytes, "stage_ms": med, "cpu_ms_per_window": cpu_ms, "points_per_window": points / max(1, processed_windows),
             "new_frames_per_window": params.new_per_window, "vs_gpu": gpu}
 
 
