@@ -97,7 +97,7 @@ def free_port() -> int:
 
 
 def app_args(*, model: str = "random:da3-small", backend: str = "da3", process_res: int = 154,
-             window_size: int = 4, overlap: int = 2, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01,
+             window_size: int = 4, overlap: int = 2, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.002,
              max_in_flight: int = 32, max_sessions: int = 64, oracle_scene: dict | None = None,
              actor_name: str | None = None) -> dict:
     """build_app args for a benchmark app (limits loose enough that only flow control shapes the load)."""

@@ -86,7 +86,7 @@ class DA3ModelServer:
             res["model_ms"] = elapsed * 1000.0
         return results
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)  # both replaced by reconfigure()
     async def infer_batch(self, requests: list[WindowRequest]) -> list[dict[str, Any]]:
         self.batch_sizes[len(requests)] += 1
         self.windows += len(requests)
