@@ -10,7 +10,6 @@ import asyncio
 import json
 import os
 import socket
-import statistics
 import sys
 import time
 import uuid
@@ -21,7 +20,6 @@ from typing import Any
 from urllib.parse import urlparse
 
 import httpx
-import numpy as np
 import websockets
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -35,32 +33,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 RETRY_CODES = {"QUEUE_FULL", "FRAME_RATE_LIMITED", "BYTE_RATE_LIMITED"}  # the frame was not accepted; send it again later
-
-
-# --- statistics ---------------------------------------------------------------------------------------------
-def pct(values, q: float) -> float:
-    """q-th percentile (0..100), NaN for no data."""
-    v = [x for x in values if x is not None]
-    return float(np.percentile(v, q)) if v else float("nan")
-
-
-def mean(values) -> float:
-    v = [x for x in values if x is not None]
-    return float(statistics.fmean(v)) if v else float("nan")
-
-
-def fmt(x: float, spec: str = ".1f") -> str:
-    return "-" if x is None or (isinstance(x, float) and not np.isfinite(x)) else format(x, spec)
-
-
-def print_table(title: str, header: list[str], rows: list[list[Any]]) -> None:
-    cells = [[str(c) for c in r] for r in [header, *rows]]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    print(f"\n## {title}")
-    for n, r in enumerate(cells):
-        print("  " + "  ".join(c.rjust(w) for c, w in zip(r, widths)))
-        if n == 0:
-            print("  " + "  ".join("-" * w for w in widths))
 
 
 def check_loopback(url: str) -> None:
@@ -79,17 +51,6 @@ def synthetic_frames(num_frames: int = 48, width: int = 154, height: int = 112, 
 
 
 # --- app lifecycle ------------------------------------------------------------------------------------------
-def median_forward_s(forward, requests, repeats: int) -> float:
-    """Median wall time of forward(requests) over `repeats` runs, after one untimed run for this shape."""
-    forward(requests)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        forward(requests)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -40,7 +40,10 @@ import cv2
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from measure import fmt, median_time_s, parse_pair, print_table
 
 from serve_app.config import SessionParams
 from serve_app.imaging import decode_image, encode_image
@@ -51,11 +54,6 @@ from serve_app.protocol import encode_points
 from serve_app.reconstruction import FrameInput, StreamReconstructor
 from serve_app.runtime import DA3Runtime
 from serve_app.synthetic import SceneSpec, render_sequence
-
-
-def parse_hw(text: str) -> tuple[int, int]:
-    a, _, b = text.lower().partition("x")
-    return int(a), int(b)
 
 
 class Report:
@@ -76,23 +74,8 @@ class Report:
             (self.out / "gpu_bench.json").write_text(json.dumps(self.data, indent=1, default=float))
 
     def table(self, title: str, header: list[str], rows: list[list]) -> None:
-        cells = [header] + [[x if isinstance(x, str) else f"{x:.2f}" if isinstance(x, float) else str(x)
-                             for x in r] for r in rows]
-        widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-        print(f"\n{title}  [{time.perf_counter() - self.started:.0f}s]")
-        for r in cells:
-            print("  " + "  ".join(c.rjust(w) for c, w in zip(r, widths)))
-        sys.stdout.flush()
-
-
-def median_s(fn, repeats: int) -> float:
-    fn()  # untimed: first run of this shape
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        print_table(f"{title}  [{time.perf_counter() - self.started:.0f}s]", header,
+                    [[fmt(x, ".2f") if isinstance(x, float) else x for x in r] for r in rows])
 
 
 def window_pool(views: int, h: int, w: int, n: int) -> list[np.ndarray]:
@@ -105,7 +88,7 @@ def throughput(rt: DA3Runtime, pool, batches, repeats) -> list[dict]:
     views = pool[0].shape[0]
     for b in batches:
         reqs = [WindowRequest(images=pool[i]) for i in range(b)]
-        t = median_s(lambda reqs=reqs: rt.forward_windows(reqs), repeats)
+        t = median_time_s(lambda reqs=reqs: rt.forward_windows(reqs), repeats)
         stages = [rt.forward_windows(reqs)[0].timings for _ in range(3)]
         med = {k: statistics.median(s[k] for s in stages) for k in ("prep_ms", "model_ms", "fetch_ms", "post_ms")}
         rows.append({"batch": b, "views_per_s": b * views / t, "ms_per_window": 1000 * t / b,
@@ -195,8 +178,8 @@ def section_h2d(rep: Report, args, pool) -> dict:
         torch.cuda.synchronize()
         [hst.numpy().copy() for hst in hosts]
 
-    tp, tq = median_s(pinned, 20), median_s(pageable, 20)
-    fq, fp, fc = median_s(fetch_pageable, 20), median_s(fetch_pinned, 20), median_s(fetch_pinned_copied, 20)
+    tp, tq = median_time_s(pinned, 20), median_time_s(pageable, 20)
+    fq, fp, fc = median_time_s(fetch_pageable, 20), median_time_s(fetch_pinned, 20), median_time_s(fetch_pinned_copied, 20)
     mb = batch.nbytes / 1e6
     ob = sum(o.numel() * 4 for o in outs) / 1e6
     rep.table("3 host<->device copies of the largest batch (ms)", ["direction", "MB", "pageable", "pinned",
@@ -425,8 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-compile-s", type=float, default=150.0)
     ap.add_argument("--skip", default="", help="comma separated section numbers to skip")
     args = ap.parse_args(argv)
-    args.size = parse_hw(args.size)
-    args.frames = parse_hw(args.frames)
+    args.size = parse_pair(args.size)
+    args.frames = parse_pair(args.frames)
     args.batches = sorted(int(b) for b in args.batches.split(","))
     args.compile_batches = sorted(int(b) for b in args.compile_batches.split(","))
     args.compile_variants = [v for v in args.compile_variants.split(",") if v]

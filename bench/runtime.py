@@ -17,15 +17,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import median_forward_s  # noqa: E402
+from measure import median_time_s, parse_pair  # noqa: E402
 
 from serve_app.prediction import WindowRequest
 from serve_app.runtime import COMPILE_BACKENDS, DA3Runtime, compiled_graph_count
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    h, _, w = text.lower().partition("x")
-    return int(h), int(w)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -43,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--compile-backend", default="inductor", choices=list(COMPILE_BACKENDS))
     args = ap.parse_args(argv)
 
-    h, w = parse_size(args.size)
+    h, w = parse_pair(args.size)
     batches = [int(b) for b in args.batches.split(",")]
     rt = DA3Runtime(f"random:{args.model}", device=args.device, amp=args.amp)
     info = rt.info()
@@ -57,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
         rows = []
         for b in batches:
             reqs = [WindowRequest(images=pool[i]) for i in range(b)]
-            t = median_forward_s(runtime.forward_windows, reqs, args.repeats)
+            t = median_time_s(lambda reqs=reqs: runtime.forward_windows(reqs), args.repeats)
             rows.append((b, b * args.views / t, 1000.0 * t / b))
         return rows
 

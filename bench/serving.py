@@ -30,8 +30,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import (LocalApp, app_args, fmt, mean, median_forward_s, pct, print_table, rss_mb,  # noqa: E402
-                    stats, stream_many, stream_session, synthetic_frames)
+from common import LocalApp, app_args, rss_mb, stats, stream_many, stream_session, synthetic_frames  # noqa: E402
+from measure import fmt, mean, median_time_s, parse_pair, pct, print_table  # noqa: E402
 
 from serve_app.backends import make_backend  # noqa: E402
 from serve_app.config import ModelConfig  # noqa: E402
@@ -39,11 +39,6 @@ from serve_app.exports import glb_bytes  # noqa: E402
 from serve_app.imaging import decode_image  # noqa: E402
 from serve_app.prediction import WindowRequest  # noqa: E402
 from serve_app.preprocess import resize_for_model  # noqa: E402
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    w, _, h = text.lower().partition("x")
-    return int(w), int(h)
 
 
 def verdict(ok: bool | None) -> str:
@@ -65,7 +60,7 @@ def raw_runtime(a, frames: list[bytes]) -> dict:
     out = {"shape": tuple(wins[0].shape)}
     for b in sorted({1, a.max_batch}):
         reqs = [WindowRequest(images=wins[i % len(wins)], tag=f"b{i}") for i in range(b)]
-        t = median_forward_s(be.forward_windows, reqs, a.repeats)
+        t = median_time_s(lambda reqs=reqs, fw=be.forward_windows: fw(reqs), a.repeats)
         out[b] = {"s_per_batch": t, "views_s": b * W / t, "windows_s": b / t, "new_frames_s": b * (W - a.overlap) / t}
     del be
     gc.collect()
@@ -151,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--single-frames", type=int, default=60, help="(f) frames")
     ap.add_argument("--skip", default="", help="sections to skip, e.g. 'c,d'")
     a = ap.parse_args(argv)
-    a.width, a.height = parse_size(a.size)
+    a.width, a.height = parse_pair(a.size)  # WxH here
     skip = set(a.skip.replace(" ", "").split(",")) - {""}
     ks = [int(x) for x in a.ks.split(",")]
     ns = [int(x) for x in a.frames.split(",")]

@@ -167,16 +167,11 @@ def voxel_downsample(points: np.ndarray, colors: np.ndarray, voxel_size: float,
     return pts.astype(np.float32), cols.astype(np.uint8), counts.astype(np.int64)
 
 
-def subsample(points: np.ndarray, colors: np.ndarray, max_points: int,
-              rng: np.random.Generator | int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """At most max_points (points, colors) drawn uniformly without replacement; order preserved."""
-    points = np.asarray(points)
-    colors = np.asarray(colors)
-    if len(points) <= max_points:
-        return points, colors
-    rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-    idx = np.sort(rng.choice(len(points), size=int(max_points), replace=False))
-    return points[idx], colors[idx]
+def sample_indices(candidates: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """At most k of `candidates`, uniformly without replacement, in their original order."""
+    if len(candidates) <= k:
+        return candidates
+    return np.sort(rng.choice(candidates, size=int(k), replace=False))
 
 
 def orthonormalize(R: np.ndarray) -> np.ndarray:

@@ -54,6 +54,7 @@ from serve_app.geometry import (
     finite_rows,
     invert_pose,
     orthonormalize,
+    sample_indices,
     unproject_pixels,
 )
 from serve_app.prediction import WindowPrediction, WindowRequest
@@ -158,13 +159,6 @@ class WindowOutput:
 
 
 # --- pure helpers ---------------------------------------------------------------------------------------------
-
-def sample_indices(candidates: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """At most k of `candidates`, uniformly without replacement, in their original order."""
-    if len(candidates) <= k:
-        return candidates
-    return np.sort(rng.choice(candidates, size=int(k), replace=False))
-
 
 def voxel_keys(points: np.ndarray, voxel: float) -> np.ndarray:
     """(M, 3) finite points -> (M,) int64 keys of their voxels (21 bits per axis, wrapping far away)."""

@@ -7,7 +7,7 @@ from serve_app.geometry import (
     invert_pose,
     orthonormalize,
     project_points,
-    subsample,
+    sample_indices,
     to_homogeneous,
     unproject_depth,
     unproject_depths,
@@ -132,15 +132,17 @@ def test_voxel_downsample():
     assert len(np.unique(np.floor(p / 0.5), axis=0)) == 64
 
 
-def test_subsample():
+def test_sample_indices():
     rng = np.random.default_rng(0)
     pts = np.arange(300, dtype=np.float32).reshape(100, 3)
     cols = pts.astype(np.uint8)
-    p, c = subsample(pts, cols, 10, rng)
+    cand = np.flatnonzero(pts[:, 0] % 2 == 0)  # e.g. the confident pixels
+    idx = sample_indices(cand, 10, rng)
+    p, c = pts[idx], cols[idx]
     assert len(p) == 10 and np.array_equal(p.astype(np.uint8), c)
-    assert len(np.unique(p[:, 0])) == 10
-    p2, _ = subsample(pts, cols, 1000, rng)
-    assert p2 is pts
+    assert len(np.unique(p[:, 0])) == 10 and np.isin(idx, cand).all()
+    assert (np.diff(idx) > 0).all()  # original order kept
+    assert sample_indices(cand, 1000, rng) is cand
 
 
 def test_sim3_identities():
