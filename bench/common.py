@@ -130,6 +130,29 @@ class LocalApp:
                     out[key] = p.pid
         return out
 
+    def pin_model_core(self) -> dict[str, list[int]]:
+        """Give the model replica the last core to itself and every other process of the app (the driver and
+        benchmark client included) the rest, thread by thread: on a GPU host the forward has its own device,
+        while on a shared CPU the serving processes preempt it. Linux only; returns {what: cpus}."""
+        import psutil
+
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            raise RuntimeError("--pin-model-core needs at least 2 cores")
+        model, rest = [cpus[-1]], cpus[:-1]
+        model_pid = self.replica_pids().get("DA3ModelServer")
+        if model_pid is None:
+            raise RuntimeError("model replica process not found")
+        me = psutil.Process()
+        for p in [me, *me.children(recursive=True)]:
+            want = model if p.pid == model_pid else rest
+            try:
+                for t in p.threads():  # affinity is per thread on Linux
+                    os.sched_setaffinity(t.id, want)
+            except (psutil.Error, OSError):
+                continue  # a process or thread that just ended
+        return {"model replica": model, "everything else": rest}
+
     def close(self) -> None:
         import ray
         from ray import serve
@@ -178,6 +201,7 @@ class StreamResult:
     json_bytes: int = 0  # window + frame_result JSON bytes received
     fatal: str | None = None
     rejected_final: int = 0  # frames refused for good (not retried)
+    clock_offset: float = 0.0  # time.time() - time.monotonic() here: server_time on the client's clock (loopback)
 
     @property
     def lost(self) -> list:
@@ -202,10 +226,19 @@ class StreamResult:
             first_id = min((f for f in ids if f in self.send_t), key=lambda f: self.send_t[f])
             client_first = (w["t_points"] - first) * 1000.0
             ack_first = self.ack_ms.get(first_id, 0.0)
+            client_last = (w["t_points"] - last) * 1000.0
+            # On one clock (loopback): the server's results-ready time and its last-frame arrival
+            ready = w["server_time"] - self.clock_offset if "server_time" in w else None
+            last_rx = ready - t.get("last_frame", 0.0) / 1000.0 if ready is not None else None
             rows.append({
                 "queue": t.get("queue"), "model": t.get("model"), "model_roundtrip": t.get("model_roundtrip"),
                 "geometry": t.get("geometry"), "total": t.get("total"), "batch_size": w.get("batch_size"),
-                "client_last": (w["t_points"] - last) * 1000.0, "client_first": client_first,
+                "client_last": client_last, "client_first": client_first,
+                # last frame sent -> its points received, minus the forward: what serving adds to the model
+                "overhead_last": client_last - (t.get("model") or 0.0),
+                "upload_decode": (last_rx - last) * 1000.0 if last_rx is not None else None,
+                "ready_to_client": (w["t_points"] - ready) * 1000.0 if ready is not None else None,
+                **{k: t.get(k) for k in ("ingest", "batch_wait", "transfer", "geometry_wait", "last_frame")},
                 "network": client_first - (t.get("total") or 0.0), "new_frames": len(ids),
                 # delivery split: before the server's clock starts (upload, decode, store, ack) and after it
                 # stops (commit to the session actor, long-poll, encode, send, client decode)
@@ -245,14 +278,16 @@ async def stream_session(url: str, frames: list[bytes], num_frames: int, *, para
     res = StreamResult()
     info = await create_session(url, params)
     res.session_id = sid = info["session_id"]
+    res.clock_offset = time.time() - time.monotonic()
     ws_url = url.replace("http://", "ws://", 1).rstrip("/") + info["websocket_path"]
     credit = asyncio.Condition()
     retry: asyncio.Queue = asyncio.Queue()
     done = asyncio.Event()
     pending_chunk: dict[int, dict] = {}
 
+    # No permessage-deflate (like the Python client's default): see WEBSOCKET_API.md 3.1
     async with websockets.connect(ws_url, max_size=64 * 2**20, open_timeout=60, ping_interval=None,
-                                  close_timeout=10) as ws:
+                                  close_timeout=10, compression=None) as ws:
         ready = json.loads(await asyncio.wait_for(ws.recv(), 60))
         if ready.get("type") != "ready":
             raise RuntimeError(f"expected ready, got {ready}")

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from serve_app.geometry import Sim3
+from serve_app.geometry import Sim3, finite_rows
 
 MAD_TO_SIGMA = 1.4826
 
@@ -59,6 +59,15 @@ def _median(r: np.ndarray) -> float:
         return float(np.partition(r, k)[k])
     part = np.partition(r, (k - 1, k))
     return float((part[k - 1] + part[k]) / 2.0)
+
+
+def _row_medians(x: np.ndarray) -> np.ndarray:
+    """np.median(x, axis=1) for a 2-D array without NaNs, by partition (np.median along an axis is ~5x slower)."""
+    k = x.shape[1] // 2
+    part = np.partition(x, k, axis=1)  # one kth: partitioning at two is ~5x slower along an axis
+    if x.shape[1] % 2:
+        return part[:, k]
+    return (part[:, :k].max(1) + part[:, k]) / 2.0
 
 
 def _residuals_t(sim: Sim3, srcT: np.ndarray, dstT: np.ndarray) -> np.ndarray:
@@ -134,7 +143,7 @@ def robust_sim3(src: np.ndarray, dst: np.ndarray, weights: np.ndarray | None = N
         w0 = np.asarray(weights, dtype=np.float64).reshape(-1)
         if len(w0) != n_in:
             return _fail(f"weights length {len(w0)} != {n_in} points")
-    finite = np.isfinite(src).all(1) & np.isfinite(dst).all(1) & np.isfinite(w0)
+    finite = finite_rows(src) & finite_rows(dst) & np.isfinite(w0)
     valid = finite & (w0 > 0)
     n_valid = int(valid.sum())
     if n_valid < max(min_points, 3):
@@ -142,10 +151,10 @@ def robust_sim3(src: np.ndarray, dst: np.ndarray, weights: np.ndarray | None = N
             return _fail(f"non-finite input: {n_in - int(finite.sum())} of {n_in} points are NaN/inf, "
                          f"{n_valid} valid left (need {min_points})", n_valid)
         return _fail(f"too few valid points: {n_valid} (need {min_points})", n_valid)
-    src, dst, w0 = src[valid], dst[valid], w0[valid]
+    keep = np.flatnonzero(valid)
     if n_valid > max_points:
-        idx = np.random.default_rng(seed).choice(n_valid, size=max_points, replace=False)
-        src, dst, w0 = src[idx], dst[idx], w0[idx]
+        keep = keep[np.random.default_rng(seed).choice(n_valid, size=max_points, replace=False)]
+    src, dst, w0 = src[keep], dst[keep], w0[keep]
     n = len(src)
 
     for name, pts in (("src", src), ("dst", dst)):
@@ -174,8 +183,13 @@ def robust_sim3(src: np.ndarray, dst: np.ndarray, weights: np.ndarray | None = N
         d *= hs[:, None, None]
         d += ht[:, :, None]
         d -= subD
-        meds = np.median(np.sqrt((d * d).sum(1)), axis=1)
-        usable = np.isfinite(hs) & np.isfinite(ht).all(1) & (hs > 0) & ~np.isnan(meds)
+        d *= d
+        r = np.sqrt(d[:, 0] + d[:, 1] + d[:, 2])  # (h, m); summing the axes by hand beats .sum(1) ~5x
+        bad = np.isnan(r).any(1)
+        r[bad] = np.inf
+        meds = _row_medians(r)
+        meds[bad] = np.nan
+        usable = np.isfinite(hs) & finite_rows(ht) & (hs > 0) & ~np.isnan(meds)
         if usable.any():
             i = int(np.flatnonzero(usable)[np.argmin(meds[usable])])
             if meds[i] < best:

@@ -62,8 +62,8 @@ from serve_app.prediction import WindowPrediction, WindowRequest
 AUTO_VOXEL_PIXELS = 2.0  # auto voxel = footprint of this many pixels at the first window's median depth
 PRIOR_MIN_BASELINE = 0.01  # camera-centre spread / median depth below which priors cannot fix the scale
 PRIOR_MAX_REL_RMSE = 0.25  # centre residual / centre spread above which priors disagree with the prediction
-ALIGN_MAX_POINTS = 8000  # dense alignment subsample: plenty for 7 parameters, keeps geometry time flat
-ALIGN_POINTS_PER_FRAME = 8000  # world samples a frame keeps for aligning later windows (not its whole depth map)
+ALIGN_MAX_POINTS = 4000  # dense alignment subsample: plenty for 7 parameters, keeps geometry time flat
+ALIGN_POINTS_PER_FRAME = 4000  # world samples a frame keeps for aligning later windows (not its whole depth map)
 MIN_WINDOW_POINTS = 50  # a window with fewer usable depth pixels is refused (it could anchor nothing)
 _KEY_BITS = 21  # per axis in a packed voxel key; coordinates wrap beyond +-2^20 voxels (rare false merges)
 
@@ -193,12 +193,15 @@ class VoxelOccupancy:
     def add(self, keys: np.ndarray) -> None:
         """Insert new keys (unique, not present), in the order given."""
         keys = np.asarray(keys, np.int64)
-        order = np.arange(self.inserted, self.inserted + len(keys), dtype=np.int64)
-        self.inserted += len(keys)
         s = np.argsort(keys, kind="stable")
-        pos = np.searchsorted(self.keys, keys[s])
-        self.keys = np.insert(self.keys, pos, keys[s])
-        self.order = np.insert(self.order, pos, order[s])
+        self.add_sorted(keys[s], s)
+
+    def add_sorted(self, keys: np.ndarray, rank: np.ndarray) -> None:
+        """add() for keys already sorted; rank[i] = position of keys[i] in the insertion order."""
+        pos = np.searchsorted(self.keys, keys)
+        self.keys = np.insert(self.keys, pos, keys)
+        self.order = np.insert(self.order, pos, self.inserted + np.asarray(rank, np.int64))
+        self.inserted += len(keys)
         if len(self.keys) > self.capacity:
             keep = self.order >= self.inserted - self.capacity
             self.keys, self.order = self.keys[keep], self.order[keep]
@@ -469,21 +472,35 @@ class StreamReconstructor:
         pts = np.concatenate(all_pts).astype(np.float64)
         cols = np.concatenate(all_cols).astype(np.float64)
         own = np.concatenate(owner)
-        ok = np.isfinite(pts).all(1)
-        pts, cols, own = pts[ok], cols[ok], own[ok]
+        fin = finite_rows(pts)
+        pts, cols, own = pts[fin], cols[fin], own[fin]
         keys = voxel_keys(pts, self.voxel_size)
-        uniq, first, inv, cnt = np.unique(keys, return_index=True, return_inverse=True, return_counts=True)
-        inv = inv.reshape(-1)
-        new = ~self.occupancy.contains(uniq)
-        sel = np.flatnonzero(new)
-        sel = sel[np.argsort(first[sel], kind="stable")]  # emission order = first sight, as the store evicts
-        nv = len(uniq)
-        mean_p = np.stack([np.bincount(inv, weights=pts[:, k], minlength=nv) for k in range(3)], 1)
-        mean_c = np.stack([np.bincount(inv, weights=cols[:, k], minlength=nv) for k in range(3)], 1)
-        out_p = (mean_p[sel] / cnt[sel, None]).astype(np.float32)
-        out_c = np.clip(np.rint(mean_c[sel] / cnt[sel, None]), 0, 255).astype(np.uint8)
-        self.occupancy.add(uniq[sel])
-        counts = np.bincount(own[first[sel]], minlength=n_frames)
+        # One stable sort gives the voxels (sorted, for the occupancy) and each voxel's first sight (the earliest
+        # point, for the emission order, which the store's eviction follows); the rest are linear passes.
+        order = np.argsort(keys, kind="stable")
+        ks = keys[order]
+        start = np.ones(len(ks), bool)
+        start[1:] = ks[1:] != ks[:-1]
+        gid = np.empty(len(ks), np.int64)
+        gid[order] = np.cumsum(start) - 1  # voxel of each point, numbered in key order
+        ukeys, first = ks[start], order[start]
+        nv = len(ukeys)
+        sighted = np.zeros(len(ks), bool)
+        sighted[first] = True
+        emit = gid[np.flatnonzero(sighted)]  # voxels in first-sight order
+        emit = emit[~self.occupancy.contains(ukeys)[emit]]  # only voxels the map does not have yet
+        cnt = np.bincount(gid, minlength=nv)[emit, None]
+        out_p = (np.stack([np.bincount(gid, weights=pts[:, k], minlength=nv) for k in range(3)], 1)[emit]
+                 / cnt).astype(np.float32)
+        out_c = np.clip(np.rint(np.stack([np.bincount(gid, weights=cols[:, k], minlength=nv) for k in range(3)],
+                                         1)[emit] / cnt), 0, 255).astype(np.uint8)
+        rank = np.empty(nv, np.int64)
+        rank[emit] = np.arange(len(emit))
+        new = np.zeros(nv, bool)
+        new[emit] = True
+        new = np.flatnonzero(new)  # the same voxels in key order
+        self.occupancy.add_sorted(ukeys[new], rank[new])
+        counts = np.bincount(own[first[emit]], minlength=n_frames)
         return out_p, out_c, counts
 
     def fail(self, plan: WindowPlan, reason: str | None, elapsed: float = 0.0) -> WindowOutput:

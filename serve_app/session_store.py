@@ -49,6 +49,7 @@ class ResultRecord:
     frames: list[dict[str, Any]]
     points: np.ndarray  # (M, 3) float32 world
     colors: np.ndarray  # (M, 3) uint8
+    epoch: int | None = None  # the committing worker's fencing epoch (its replica's streams got it directly)
 
     @property
     def nbytes(self) -> int:
@@ -228,7 +229,8 @@ class SessionStore:
         return s is not None and s.worker_epoch == epoch
 
     def commit_window(self, session_id: str, window: dict, frames: list[dict], points: np.ndarray,
-                      colors: np.ndarray, stream_state: Any, now: float, failed: bool = False) -> ResultRecord:
+                      colors: np.ndarray, stream_state: Any, now: float, failed: bool = False,
+                      epoch: int | None = None) -> ResultRecord:
         """Store one processed window; enforces the session point budget by evicting the oldest points."""
         s = self.sessions[session_id]
         s.last_seq += 1
@@ -238,7 +240,7 @@ class SessionStore:
         frames = [{**f, "seq": s.last_seq} for f in frames]
         rec = ResultRecord(seq=s.last_seq, window=window, frames=frames,
                            points=np.ascontiguousarray(points, np.float32),
-                           colors=np.ascontiguousarray(colors, np.uint8))
+                           colors=np.ascontiguousarray(colors, np.uint8), epoch=epoch)
         s.records.append(rec)
         s.frames.extend(frames)
         s.windows += 1

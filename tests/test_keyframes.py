@@ -145,6 +145,11 @@ def test_voxel_occupancy_keeps_the_newest_within_capacity():
     occ.add(np.array([5, 50, 40]))  # six keys: the oldest (30) is forgotten
     assert len(occ) == 5 and occ.contains(np.array([30, 10, 5, 40])).tolist() == [False, True, True, True]
     assert np.all(np.diff(occ.keys) > 0)
+    # add_sorted (keys in key order + their insertion rank) is add() without the sort: same state
+    other = VoxelOccupancy(capacity=5)
+    other.add_sorted(np.array([10, 20, 30]), np.array([1, 2, 0]))
+    other.add_sorted(np.array([5, 40, 50]), np.array([0, 2, 1]))
+    assert other.keys.tolist() == occ.keys.tolist() and other.order.tolist() == occ.order.tolist()
     k = voxel_keys(np.array([[0.05, 0.05, 0.05], [0.09, 0.01, 0.0], [-0.01, 0.0, 0.0], [0.0, 0.1, 0.0]]), 0.1)
     assert k[0] == k[1] and len(set(k.tolist())) == 3
 

@@ -26,6 +26,7 @@ def test_poisoned_item_fails_alone(server):
     assert [r["ok"] for r in res] == [True, False, True]
     assert "ValueError" in res[1]["error"]
     assert all(r["batch_size"] == 3 for r in res)
+    assert len({r["started"] for r in res}) == 1  # one forward start, which infer() turns into batch_wait_ms
     assert res[0]["prediction"].images is None  # inputs are not shipped back to the ingress
     np.testing.assert_allclose(res[0]["prediction"].extrinsics[0], np.eye(4)[:3], atol=1e-6)
     assert server.failures == 1 and server.last_error == res[1]["error"]

@@ -137,6 +137,14 @@ async def test_full_stream_results_for_every_frame_and_ply(serve_url, synthetic_
     assert results[0]["timestamp"] == 0.0
     windows = col.of("window")
     assert [w["seq"] for w in windows] == list(range(1, len(windows) + 1))
+    for w in windows:  # the latency split (WEBSOCKET_API.md 3.5): parts of the round trip and of the total
+        t = w["timings_ms"]
+        assert all(t[k] >= 0 for k in ("queue", "ingest", "model", "batch_wait", "transfer", "geometry_wait",
+                                        "geometry", "last_frame", "total")), t
+        assert t["model_roundtrip"] == pytest.approx(t["model"] + t["batch_wait"] + t["transfer"], abs=0.05)
+        assert t["ingest"] <= t["queue"] and t["last_frame"] <= t["total"]
+        assert t["last_frame"] >= t["ingest"] + t["model_roundtrip"] + t["geometry"] - 0.05
+        assert abs(w["server_time"] - time.time()) < 300
     assert windows[0]["alignment"]["ok"] and windows[0]["context_frame_ids"] == []
     assert all(w["context_frame_ids"] for w in windows[1:])  # later windows carry overlap context
     assert len(col.chunks) == len(windows)
@@ -203,6 +211,10 @@ async def test_windows_arriving_during_a_forward_share_the_next_batch(serve_url,
         if sizes == [1, 4, 4, 4, 4]:
             break
     assert sizes == [1, 4, 4, 4, 4]  # without the gate: [1, 2, 2, 2, 2] every time
+    # The held windows report their wait at the gate: at least until the first forward ended
+    waits = [r["batch_wait_ms"] for r in res]
+    assert all(w >= 0 for w in waits) and min(waits[1:]) > waits[0]
+    assert waits[1] > waits[4] > 0  # the earliest arrival waited longest
 
 
 async def test_bad_input_is_reported_and_stream_continues(serve_url, synthetic_seq):
@@ -393,3 +405,64 @@ async def test_hostile_and_odd_images(serve_url, synthetic_seq):
     sizes = {r["frame_id"]: r["original_size"] for r in col.of("frame_result")}
     assert sizes["big"] == [320, 240] and all(r["image_size"] == [154, 112] for r in col.of("frame_result"))
     assert col.close_code == 1000
+
+
+def _extensions(ws) -> str:
+    response = getattr(ws, "response", None)  # websockets.asyncio client; the legacy one has response_headers
+    headers = response.headers if response is not None else ws.response_headers
+    return headers.get("Sec-WebSocket-Extensions", "") or ""
+
+
+async def test_python_client_skips_permessage_deflate_unless_asked(serve_url, synthetic_seq):
+    """The proxy would deflate every points message for a client that offers it (~10 ms a window for ~10% fewer
+    bytes): the Python client does not offer it unless compression=True, and both ways give the same records."""
+    from da3_client import Da3Client
+
+    clouds = {}
+    async with Da3Client(serve_url) as client:
+        for compression in (False, True):
+            sid = (await client.create_session(window_size=4, overlap=2))["session_id"]
+            async with client.stream(sid, compression=compression) as s:
+                assert ("permessage-deflate" in _extensions(s._ws)) is compression
+                for i in range(6):
+                    await s.send_frame(encode_image(synthetic_seq.images[i], "PNG"), frame_id=i)
+                summary = await s.finalize(timeout=120)
+                assert summary["frames_processed"] == 6
+                clouds[compression] = s.reconstruction.points()
+            await client.delete_session(sid)  # the shared app caps open sessions per key
+    # same model, same frames: the same cloud (the float16 wire encoding is exact either way)
+    np.testing.assert_array_equal(clouds[False], clouds[True])
+    assert len(clouds[False]) > 0
+
+
+async def test_committed_records_go_straight_to_the_stream_and_match_the_store(serve_url, synthetic_seq):
+    """Records the local worker commits are sent without waiting for the session actor's long-poll, exactly as the
+    actor stored them: with a point budget smaller than a window, the budget trims each new record's oldest
+    points at commit, and the streamed chunks are trimmed the same way (the export is the stream's newest
+    max_points points)."""
+    async with httpx.AsyncClient(base_url=serve_url, timeout=30) as http:
+        before = (await http.get("/stats")).json()["records_sent"]
+    info = create(serve_url, window_size=4, overlap=2, max_points=1000)
+    sid, n = info["session_id"], 8
+    async with websockets.connect(ws_url(serve_url, sid), max_size=None) as ws:
+        assert json.loads(await ws.recv())["type"] == "ready"
+        for i in range(n):
+            await ws.send(encode_frame_message(frame_bytes(synthetic_seq, i), {"frame_id": i}))
+        await ws.send(json.dumps({"type": "finalize"}))
+        col = Collector()
+        await col.read_until_closed(ws)
+    assert col.close_code == 1000 and not col.of("error")
+    windows = col.of("window")
+    assert len(windows) == len(col.chunks) == 3
+    assert all(0 < c.count <= 1000 for c in col.chunks)
+    async with httpx.AsyncClient(base_url=serve_url, timeout=30) as http:
+        after = (await http.get("/stats")).json()["records_sent"]
+        ply = (await http.get(f"/ws/session/{sid}/reconstruction.ply")).content
+        assert (await http.delete(f"/ws/session/{sid}")).status_code == 204  # the shared app caps open sessions
+    local = after.get("local", 0) - before.get("local", 0)
+    # each record is sent once; the commit reply normally beats the long-poll's answer (which carries the points)
+    assert local + after.get("long_poll", 0) - before.get("long_poll", 0) == 3 and local >= 2
+    pts, _ = read_ply(ply)
+    streamed = np.concatenate([c.points for c in col.chunks])
+    assert len(pts) == 1000 < len(streamed)
+    np.testing.assert_allclose(pts, streamed[-1000:], atol=0.05 * (1 + np.abs(pts).max()))  # float16 on the wire

@@ -139,6 +139,7 @@ class Ingress:
         self.drain_watch: asyncio.Task | None = None
         self.errors: Counter[str] = Counter()
         self.frames_in = 0
+        self.records_sent: Counter[str] = Counter()  # "local" (from this replica's worker) or "long_poll"
         self.metrics = IngressMetrics()
         self.streams = 0
         self.processed_closed = 0  # frames processed by workers that have since gone
@@ -352,7 +353,7 @@ class Ingress:
         return {
             "time": now, "uptime_s": now - self.started, "deployments": replicas, "model": model,
             "frames_in": self.frames_in, "frames_per_s": (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0,
-            "errors": dict(self.errors), "workers": len(self.workers),
+            "errors": dict(self.errors), "workers": len(self.workers), "records_sent": dict(self.records_sent),
             "sessions": [{k: x[k] for k in ("session_id", "state", "frames_received", "frames_processed",
                                             "points_total", "windows", "created_at", "updated_at", "connected")}
                          | {"age_s": now - x["created_at"]} for x in sessions["sessions"]],
@@ -490,7 +491,9 @@ class Ingress:
         def listener(msg: dict) -> None:
             asyncio.ensure_future(conn.send_json(msg))
 
+        local: asyncio.Queue = asyncio.Queue()  # records this replica's worker commits, straight to the sender
         worker.listeners.append(listener)
+        worker.record_listeners.append(local.put_nowait)
         self.streams += 1
         self.metrics.active_sessions.set(self.streams)
         await conn.send_json({
@@ -501,7 +504,8 @@ class Ingress:
             "in_flight": worker.in_flight})
         log.info("session %s: stream connected (resume_from=%s)", session_id, resume_from,
                  extra={"session_id": session_id, "connection_id": conn.id})
-        sender = asyncio.create_task(self._send_results(conn, session_id, resume_from, params.point_encoding))
+        sender = asyncio.create_task(self._send_results(conn, session_id, resume_from, params.point_encoding,
+                                                        local, worker.epoch))
         try:
             await self._receive_loop(conn, websocket, session_id, owner, worker)
         except WebSocketDisconnect:
@@ -509,6 +513,8 @@ class Ingress:
         finally:
             if listener in worker.listeners:
                 worker.listeners.remove(listener)
+            if local.put_nowait in worker.record_listeners:
+                worker.record_listeners.remove(local.put_nowait)
             worker.maybe_retire()
             sender.cancel()
             conn.closed = True
@@ -650,13 +656,44 @@ class Ingress:
                 return False
         return not conn.closed
 
-    async def _send_results(self, conn: Connection, sid: str, after: int, encoding: str) -> None:
-        """Stream result records from the session actor (long-poll), so a reconnect anywhere resumes."""
+    async def _send_results(self, conn: Connection, sid: str, after: int, encoding: str,
+                            local: asyncio.Queue, epoch: int) -> None:
+        """Stream result records in seq order. Records this replica's worker (fencing epoch `epoch`) commits arrive
+        on `local` right after the commit; the session actor's long-poll brings the rest (a resume, records of
+        another worker) and status changes. The first poll and any poll after a gap in the local records ask
+        for everything, later ones leave the local worker's records out; a record both bring is sent once."""
         seq = after
         loop = asyncio.get_running_loop()
+        poll = None
+        full = True
         try:
             while not conn.closed:
-                res = await self.actor.wait_records.remote(sid, seq, conn.id, 20.0)
+                if poll is None:
+                    poll = asyncio.ensure_future(self.actor.wait_records.remote(
+                        sid, seq, conn.id, 20.0, None if full else epoch))
+                if local.empty():
+                    got = asyncio.ensure_future(local.get())
+                    await asyncio.wait({poll, got}, return_when=asyncio.FIRST_COMPLETED)
+                    if not got.done():
+                        got.cancel()
+                    elif not got.cancelled():
+                        local.put_nowait(got.result())  # handled below, in order with the rest
+                while not local.empty():  # local records first: a poll answer may already say "complete"
+                    rec = local.get_nowait()
+                    if rec.seq == seq + 1:
+                        if not await self._send_record(conn, sid, rec, encoding, loop):
+                            return
+                        seq = rec.seq
+                        self.records_sent["local"] += 1
+                    elif rec.seq > seq + 1 and not full:  # a gap: ask the actor for everything after seq
+                        full = True
+                        poll.cancel()
+                        poll = None
+                if poll is None:
+                    continue
+                if not poll.done():
+                    continue
+                res, poll = poll.result(), None
                 if "gone" in res:
                     if res["gone"] in (ErrorCode.SESSION_EXPIRED.value, ErrorCode.SESSION_LOST.value):
                         code = ErrorCode(res["gone"])
@@ -675,20 +712,14 @@ class Ingress:
                     await conn.close(WS_CLOSE[ErrorCode.SESSION_BUSY], "SESSION_BUSY")
                     return
                 for rec in res["records"]:
-                    if not await self._wait_for_reader(conn, sid):
+                    if rec.seq <= seq:
+                        continue  # already sent from the local queue
+                    if not await self._send_record(conn, sid, rec, encoding, loop):
                         return
-                    texts = [json.dumps({"type": "window", **rec.window}, separators=(",", ":"))]
-                    texts += [json.dumps({"type": "frame_result", **fr}, separators=(",", ":")) for fr in rec.frames]
-                    data = await loop.run_in_executor(
-                        self.pool, lambda r=rec: protocol.encode_points(
-                            r.points, r.colors, seq=r.seq, window=r.window.get("window", 0),
-                            frame_ids=r.window.get("frame_ids", []), encoding=encoding))
-                    for t in texts:
-                        await conn.send_text(t)
-                    await conn.send_bytes(data)
-                    conn.record_sent(rec.seq, len(data) + sum(len(t) for t in texts))
                     seq = rec.seq
+                    self.records_sent["long_poll"] += 1
                 info = res["info"]
+                full = seq < info["last_seq"]  # the actor has a record this stream lacks: fetch it
                 if info["state"] in ("complete", "failed") and seq >= info["last_seq"]:
                     dur = (info.get("updated_at") or time.time()) - info["created_at"]
                     await conn.send_json({
@@ -699,8 +730,26 @@ class Ingress:
                     await conn.close(WS_CLOSE_NORMAL, "complete")
                     return
         except asyncio.CancelledError:
+            if poll is not None:
+                poll.cancel()
             raise
         except Exception:  # noqa: BLE001
             log.exception("result sender failed for %s", sid)
             await conn.fail(ServiceError(ErrorCode.INTERNAL_ERROR, "result stream failed", fatal=True))
             await conn.close(4500, "INTERNAL_ERROR")
+
+    async def _send_record(self, conn: Connection, sid: str, rec, encoding: str, loop) -> bool:
+        """One result record: window JSON, frame_results, points. False if the stream closed meanwhile."""
+        if not await self._wait_for_reader(conn, sid):
+            return False
+        texts = [json.dumps({"type": "window", **rec.window}, separators=(",", ":"))]
+        texts += [json.dumps({"type": "frame_result", **fr}, separators=(",", ":")) for fr in rec.frames]
+        data = await loop.run_in_executor(
+            self.pool, lambda: protocol.encode_points(rec.points, rec.colors, seq=rec.seq,
+                                                      window=rec.window.get("window", 0),
+                                                      frame_ids=rec.window.get("frame_ids", []), encoding=encoding))
+        for t in texts:
+            await conn.send_text(t)
+        await conn.send_bytes(data)
+        conn.record_sent(rec.seq, len(data) + sum(len(t) for t in texts))
+        return True

@@ -60,6 +60,7 @@ class DA3ModelServer:
 
     def _run(self, requests: list[WindowRequest]) -> list[dict[str, Any]]:
         t0 = time.perf_counter()
+        started = time.monotonic()
         try:
             preds = self.backend.forward_windows(requests)
             results = [{"ok": True, "prediction": _slim(p)} for p in preds]
@@ -84,6 +85,7 @@ class DA3ModelServer:
         for res in results:
             res["batch_size"] = len(requests)
             res["model_ms"] = elapsed * 1000.0
+            res["started"] = started  # this replica's monotonic clock; infer() turns it into batch_wait_ms
         return results
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)  # both replaced by reconfigure()
@@ -98,9 +100,15 @@ class DA3ModelServer:
             self.idle.set()
 
     async def infer(self, request: WindowRequest) -> dict[str, Any]:
-        """One window; returns {"ok", "prediction" | "error", "batch_size", "model_ms"}."""
+        """One window; returns {"ok", "prediction" | "error", "batch_size", "model_ms", "batch_wait_ms"}."""
+        arrived = time.monotonic()
         await self.idle.wait()  # see __init__: arrivals during a forward batch together afterwards
-        return await self.infer_batch(request)
+        res = await self.infer_batch(request)
+        # Arrival -> forward start (idle gate, batch wait, thread hop), on this replica's clock only, so the
+        # caller can split its round trip without comparing clocks across machines.
+        res = dict(res)
+        res["batch_wait_ms"] = (res.pop("started", arrived) - arrived) * 1000.0
+        return res
 
     async def stats(self) -> dict[str, Any]:
         gpu = None

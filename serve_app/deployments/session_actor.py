@@ -143,13 +143,16 @@ class SessionActor:
         return s.info()
 
     async def commit_window(self, sid: str, window: dict, frames: list[dict], points, colors,
-                            stream_state: Any = None, failed: bool = False, epoch: int | None = None) -> int:
-        """Returns the record's seq; -1 if the session is gone, -2 if the caller is a stale (fenced) worker."""
+                            stream_state: Any = None, failed: bool = False, epoch: int | None = None
+                            ) -> tuple[int, int]:
+        """(seq, points kept) of the stored record: the session's point budget may drop the oldest of its points.
+        seq is -1 if the session is gone, -2 if the caller is a stale (fenced) worker."""
         if sid not in self.store.sessions:
-            return -1  # deleted or expired while the window was in flight
+            return -1, 0  # deleted or expired while the window was in flight
         if epoch is not None and not self.store.is_current_worker(sid, epoch):
-            return -2
-        rec = self.store.commit_window(sid, window, frames, points, colors, stream_state, time.time(), failed)
+            return -2, 0
+        rec = self.store.commit_window(sid, window, frames, points, colors, stream_state, time.time(), failed,
+                                       epoch)
         if self.journal is not None:
             s = self.store.sessions[sid]
             self.journal.append_record(s, rec)  # first: a crash in between keeps (and then skips) the files
@@ -157,7 +160,7 @@ class SessionActor:
             if stream_state is not None:
                 self.journal.save_stream_state(s)
         await self._notify(sid)
-        return rec.seq
+        return rec.seq, len(rec.points)
 
     async def attach(self, sid: str, owner: str | None, connection_id: str) -> dict:
         self.store.get(sid, owner)
@@ -169,8 +172,10 @@ class SessionActor:
     async def detach(self, sid: str, connection_id: str) -> None:
         self.store.detach(sid, connection_id)
 
-    async def wait_records(self, sid: str, after_seq: int, connection_id: str, timeout: float) -> dict:
-        """Long-poll: records after `after_seq`, or a status change (gone, displaced, finished)."""
+    async def wait_records(self, sid: str, after_seq: int, connection_id: str, timeout: float,
+                           skip_epoch: int | None = None) -> dict:
+        """Long-poll: records after `after_seq`, or a status change (gone, displaced, finished). Records committed
+        by the worker of epoch `skip_epoch` are left out: that worker hands them to the caller directly."""
         c = self._cond(sid)
 
         def status() -> dict | None:
@@ -179,7 +184,7 @@ class SessionActor:
                 return {"gone": self.store.gone_reason(sid)}
             if s.connection_id != connection_id:
                 return {"displaced": True}
-            recs = [r for r in s.records if r.seq > after_seq]
+            recs = [r for r in s.records if r.seq > after_seq and (skip_epoch is None or r.epoch != skip_epoch)]
             if recs or s.state in ("complete", "failed"):
                 return {"records": recs, "info": s.info()}
             return None

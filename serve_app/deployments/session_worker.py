@@ -21,8 +21,36 @@ from serve_app.config import LimitsConfig, SessionParams
 from serve_app.deployments.session_actor import call
 from serve_app.errors import ErrorCode
 from serve_app.reconstruction import FrameInput, StreamReconstructor, WindowPlan
+from serve_app.session_store import ResultRecord
 
 log = logging.getLogger("ray.serve.da3.worker")
+
+
+def window_timings(plan: WindowPlan, res: dict, geometry_started: float, geometry_ms: float, now: float
+                   ) -> dict[str, float]:
+    """The window message's `timings_ms` (docs/WEBSOCKET_API.md). Each value is a difference on one clock: the
+    model replica reports its forward and its batch wait itself, so a cluster's clock skew never enters."""
+    first_rx = min(f.received_at for f in plan.new)
+    last_rx = max(f.received_at for f in plan.new)
+    model_rt = (res["returned_at"] - res["sent_at"]) * 1000.0
+    model = res.get("model_ms", model_rt)
+    batch_wait = res.get("batch_wait_ms", 0.0)
+
+    def ms(a: float, b: float) -> float:
+        return round((b - a) * 1000.0, 2)
+
+    return {
+        "queue": ms(first_rx, res["sent_at"]),
+        "ingest": ms(last_rx, res["sent_at"]),
+        "model": round(model, 2),
+        "model_roundtrip": round(model_rt, 2),
+        "batch_wait": round(batch_wait, 2),
+        "transfer": round(max(model_rt - model - batch_wait, 0.0), 2),
+        "geometry_wait": ms(res["returned_at"], geometry_started),
+        "geometry": geometry_ms,
+        "last_frame": ms(last_rx, now),
+        "total": ms(first_rx, now),
+    }
 
 
 class SessionWorker:
@@ -53,6 +81,7 @@ class SessionWorker:
         self.completing = False
         self.closed = False
         self.listeners: list[Callable[[dict], Any]] = []
+        self.record_listeners: list[Callable[[ResultRecord], Any]] = []  # get each record once it is committed
         self.rate = None  # FrameRateLimiter, created by the ingress
         self.tasks = [asyncio.create_task(self._plan_loop()), asyncio.create_task(self._integrate_loop())]
 
@@ -142,28 +171,24 @@ class SessionWorker:
             plan, task = await self.order.get()
             res = await task
             if res["ok"]:
-                out, snap = await self._run(self._integrate, plan, res["prediction"])
+                out, snap, started = await self._run(self._integrate, plan, res["prediction"])
                 code = ErrorCode.ALIGNMENT_FAILED
             else:
-                out, snap = await self._run(self._fail, plan, f"model unavailable: {res['error']}")
+                out, snap, started = await self._run(self._fail, plan, f"model unavailable: {res['error']}")
                 code = ErrorCode.MODEL_UNAVAILABLE
-            first_rx = min(f.received_at for f in plan.new)
-            model_rt = (res["returned_at"] - res["sent_at"]) * 1000.0
-            out.window["timings_ms"] = {
-                "queue": round((res["sent_at"] - first_rx) * 1000.0, 2),
-                "model": round(res.get("model_ms", model_rt), 2),
-                "model_roundtrip": round(model_rt, 2),
-                "geometry": out.window.pop("geometry_ms", 0.0),
-                "total": round((time.time() - first_rx) * 1000.0, 2),
-            }
+            now = time.time()
+            out.window["timings_ms"] = window_timings(plan, res, started, out.window.pop("geometry_ms", 0.0), now)
+            out.window["server_time"] = round(now, 4)
             out.window["batch_size"] = res.get("batch_size")
-            seq = await call(self.actor.commit_window, self.sid, out.window, out.frames, out.points, out.colors,
-                             snap, not out.ok, self.epoch)
+            seq, kept = await call(self.actor.commit_window, self.sid, out.window, out.frames, out.points,
+                                   out.colors, snap, not out.ok, self.epoch)
             if seq == -2:  # fenced: another worker owns the session now and redoes these frames
                 log.info("session %s: worker epoch %d superseded; stopping", self.sid, self.epoch,
                          extra={"session_id": self.sid})
                 self._gone()
                 return
+            if seq > 0:
+                self._deliver(seq, kept, out)
             self.processed += len(plan.new)
             if self.on_window is not None:
                 self.on_window(out.window, len(plan.new), None if out.ok else code.value)
@@ -176,14 +201,27 @@ class SessionWorker:
                                        f"{out.reason}"})
             await self._maybe_complete()
 
+    def _deliver(self, seq: int, kept: int, out) -> None:
+        """The committed record, as the session actor stored it (seq added; the point budget may have dropped
+        the oldest of its points), to the streams on this replica: they need not wait for the actor's long-poll."""
+        if not self.record_listeners:
+            return
+        n = len(out.points)
+        rec = ResultRecord(seq=seq, window={**out.window, "seq": seq}, frames=[{**f, "seq": seq} for f in out.frames],
+                           points=out.points[n - kept:], colors=out.colors[n - kept:])
+        for fn in list(self.record_listeners):
+            fn(rec)
+
     # Both run in the pool under the lock; the snapshot lets another replica continue the session.
     def _integrate(self, plan: WindowPlan, pred):
+        started = time.time()
         out = self.recon.integrate(plan, pred)
-        return out, self.recon.snapshot()
+        return out, self.recon.snapshot(), started
 
     def _fail(self, plan: WindowPlan, reason: str):
+        started = time.time()
         out = self.recon.fail(plan, reason)
-        return out, self.recon.snapshot()
+        return out, self.recon.snapshot(), started
 
     @property
     def idle(self) -> bool:

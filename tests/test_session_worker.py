@@ -1,0 +1,33 @@
+"""The worker's pure helpers (no Ray): the latency split each window message carries."""
+
+import numpy as np
+import pytest
+
+from serve_app.deployments.session_worker import window_timings
+from serve_app.reconstruction import FrameInput, WindowPlan
+
+
+def frame(i: int, received_at: float) -> FrameInput:
+    return FrameInput(index=i, frame_id=i, image=np.zeros((14, 14, 3), np.uint8), original_size=(14, 14),
+                      received_at=received_at)
+
+
+def test_window_timings_split_the_latency_on_one_clock_each():
+    plan = WindowPlan(window=3, context=[frame(0, 50.0)], new=[frame(1, 100.0), frame(2, 100.5)])
+    # ingress clock: sent 100.52, back 101.02 (500 ms round trip); the replica reports 430 ms forward, 20 ms wait
+    res = {"sent_at": 100.52, "returned_at": 101.02, "model_ms": 430.0, "batch_wait_ms": 20.0}
+    t = window_timings(plan, res, geometry_started=101.03, geometry_ms=25.0, now=101.06)
+    assert t["queue"] == pytest.approx(520.0)  # first new frame (the context frame is not counted)
+    assert t["ingest"] == pytest.approx(20.0)  # last new frame -> sent
+    assert t["model_roundtrip"] == pytest.approx(500.0)
+    assert (t["model"], t["batch_wait"]) == (430.0, 20.0)
+    assert t["transfer"] == pytest.approx(50.0)  # the rest of the round trip
+    assert t["geometry_wait"] == pytest.approx(10.0) and t["geometry"] == 25.0
+    assert t["last_frame"] == pytest.approx(560.0) and t["total"] == pytest.approx(1060.0)
+
+
+def test_window_timings_of_a_failed_model_call():
+    plan = WindowPlan(window=0, context=[], new=[frame(0, 10.0)])
+    res = {"ok": False, "error": "replica died", "sent_at": 10.0, "returned_at": 12.0}  # no replica timings
+    t = window_timings(plan, res, geometry_started=12.0, geometry_ms=0.0, now=12.0)
+    assert t["model"] == pytest.approx(2000.0) and t["batch_wait"] == 0.0 and t["transfer"] == 0.0
