@@ -1,4 +1,4 @@
-"""The worker's pure helpers (no Ray): the latency split each window message carries."""
+"""Pure helpers of the streaming path (no Ray): the latency split of each window, the local record queue."""
 
 import numpy as np
 import pytest
@@ -31,3 +31,23 @@ def test_window_timings_of_a_failed_model_call():
     res = {"ok": False, "error": "replica died", "sent_at": 10.0, "returned_at": 12.0}  # no replica timings
     t = window_timings(plan, res, geometry_started=12.0, geometry_ms=0.0, now=12.0)
     assert t["model"] == pytest.approx(2000.0) and t["batch_wait"] == 0.0 and t["transfer"] == 0.0
+
+
+def test_local_records_are_bounded_by_bytes_and_flag_what_they_drop():
+    from serve_app.deployments.ingress import LocalRecords
+    from serve_app.session_store import ResultRecord
+
+    def rec(seq: int, n: int) -> ResultRecord:  # n points = 15 n bytes
+        return ResultRecord(seq=seq, window={}, frames=[], points=np.zeros((n, 3), np.float32),
+                            colors=np.zeros((n, 3), np.uint8))
+
+    q = LocalRecords(max_bytes=1000)
+    q.put(rec(1, 100))  # 1500 bytes: one record is always queued, however large
+    assert q.queue.qsize() == 1 and not q.missed
+    q.put(rec(2, 10))  # the stream is behind: left to the session actor, and the sender is told
+    assert q.queue.qsize() == 1 and q.missed
+    assert q.get_nowait().seq == 1 and q.nbytes == 0
+    q.missed = False
+    q.put(rec(3, 30))
+    q.put(rec(4, 30))  # 900 bytes together
+    assert [q.get_nowait().seq for _ in range(2)] == [3, 4] and not q.missed

@@ -35,7 +35,7 @@ from serve_app.limits import FrameRateLimiter
 from serve_app.metrics import IngressMetrics
 from serve_app.preprocess import resize_for_model
 from serve_app.reconstruction import FrameInput, StreamReconstructor
-from serve_app.session_store import owner_of
+from serve_app.session_store import ResultRecord, owner_of
 from serve_app.video import decode_video, is_video
 
 log = logging.getLogger("ray.serve.da3.ingress")  # child of ray.serve: goes to the replica log files
@@ -53,6 +53,29 @@ api.mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="s
 @api.exception_handler(ServiceError)
 async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
     return JSONResponse({"error": exc.to_dict()}, status_code=exc.http_status)
+
+
+class LocalRecords:
+    """Records this replica's session worker committed, waiting for one stream's sender. Bounded by bytes: a stream
+    that falls behind (a slow reader) leaves the rest in the session actor, and its sender fetches them there."""
+
+    def __init__(self, max_bytes: int):
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self.missed = False  # a record was not queued: the sender must ask the actor for everything
+
+    def put(self, rec: ResultRecord) -> None:
+        if self.nbytes and self.nbytes + rec.nbytes > self.max_bytes:
+            self.missed = True
+            return
+        self.nbytes += rec.nbytes
+        self.queue.put_nowait(rec)
+
+    def get_nowait(self) -> ResultRecord:
+        rec = self.queue.get_nowait()
+        self.nbytes -= rec.nbytes
+        return rec
 
 
 class Connection:
@@ -491,9 +514,9 @@ class Ingress:
         def listener(msg: dict) -> None:
             asyncio.ensure_future(conn.send_json(msg))
 
-        local: asyncio.Queue = asyncio.Queue()  # records this replica's worker commits, straight to the sender
+        local = LocalRecords(self.args.limits.max_unacked_result_bytes)
         worker.listeners.append(listener)
-        worker.record_listeners.append(local.put_nowait)
+        worker.record_listeners.append(local.put)
         self.streams += 1
         self.metrics.active_sessions.set(self.streams)
         await conn.send_json({
@@ -513,8 +536,8 @@ class Ingress:
         finally:
             if listener in worker.listeners:
                 worker.listeners.remove(listener)
-            if local.put_nowait in worker.record_listeners:
-                worker.record_listeners.remove(local.put_nowait)
+            if local.put in worker.record_listeners:
+                worker.record_listeners.remove(local.put)
             worker.maybe_retire()
             sender.cancel()
             conn.closed = True
@@ -657,7 +680,7 @@ class Ingress:
         return not conn.closed
 
     async def _send_results(self, conn: Connection, sid: str, after: int, encoding: str,
-                            local: asyncio.Queue, epoch: int) -> None:
+                            local: LocalRecords, epoch: int) -> None:
         """Stream result records in seq order. Records this replica's worker (fencing epoch `epoch`) commits arrive
         on `local` right after the commit; the session actor's long-poll brings the rest (a resume, records of
         another worker) and status changes. The first poll and any poll after a gap in the local records ask
@@ -671,14 +694,14 @@ class Ingress:
                 if poll is None:
                     poll = asyncio.ensure_future(self.actor.wait_records.remote(
                         sid, seq, conn.id, 20.0, None if full else epoch))
-                if local.empty():
-                    got = asyncio.ensure_future(local.get())
+                if local.queue.empty():
+                    got = asyncio.ensure_future(local.queue.get())
                     await asyncio.wait({poll, got}, return_when=asyncio.FIRST_COMPLETED)
                     if not got.done():
                         got.cancel()
                     elif not got.cancelled():
-                        local.put_nowait(got.result())  # handled below, in order with the rest
-                while not local.empty():  # local records first: a poll answer may already say "complete"
+                        local.queue.put_nowait(got.result())  # handled below, in order with the rest
+                while not local.queue.empty():  # local records first: a poll answer may already say "complete"
                     rec = local.get_nowait()
                     if rec.seq == seq + 1:
                         if not await self._send_record(conn, sid, rec, encoding, loop):
@@ -686,9 +709,11 @@ class Ingress:
                         seq = rec.seq
                         self.records_sent["local"] += 1
                     elif rec.seq > seq + 1 and not full:  # a gap: ask the actor for everything after seq
-                        full = True
-                        poll.cancel()
-                        poll = None
+                        local.missed = True
+                if local.missed and not full:
+                    full, local.missed = True, False
+                    poll.cancel()
+                    poll = None
                 if poll is None:
                     continue
                 if not poll.done():
