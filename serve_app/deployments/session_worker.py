@@ -208,7 +208,7 @@ class SessionWorker:
             return
         n = len(out.points)
         rec = ResultRecord(seq=seq, window={**out.window, "seq": seq}, frames=[{**f, "seq": seq} for f in out.frames],
-                           points=out.points[n - kept:], colors=out.colors[n - kept:])
+                           points=out.points[n - kept:], colors=out.colors[n - kept:], epoch=self.epoch)
         for fn in list(self.record_listeners):
             fn(rec)
 
