@@ -130,29 +130,6 @@ class LocalApp:
                     out[key] = p.pid
         return out
 
-    def pin_model_core(self) -> dict[str, list[int]]:
-        """Give the model replica the last core to itself and every other process of the app (the driver and
-        benchmark client included) the rest, thread by thread: on a GPU host the forward has its own device,
-        while on a shared CPU the serving processes preempt it. Linux only; returns {what: cpus}."""
-        import psutil
-
-        cpus = sorted(os.sched_getaffinity(0))
-        if len(cpus) < 2:
-            raise RuntimeError("--pin-model-core needs at least 2 cores")
-        model, rest = [cpus[-1]], cpus[:-1]
-        model_pid = self.replica_pids().get("DA3ModelServer")
-        if model_pid is None:
-            raise RuntimeError("model replica process not found")
-        me = psutil.Process()
-        for p in [me, *me.children(recursive=True)]:
-            want = model if p.pid == model_pid else rest
-            try:
-                for t in p.threads():  # affinity is per thread on Linux
-                    os.sched_setaffinity(t.id, want)
-            except (psutil.Error, OSError):
-                continue  # a process or thread that just ended
-        return {"model replica": model, "everything else": rest}
-
     def close(self) -> None:
         import ray
         from ray import serve
@@ -191,7 +168,6 @@ class StreamResult:
     chunks: list = field(default_factory=list)  # decoded PointChunks (keep_points only)
     frame_latency_ms: dict = field(default_factory=dict)  # frame_id -> client send -> its points message
     send_t: dict = field(default_factory=dict)  # frame_id -> first send time (monotonic)
-    ack_ms: dict = field(default_factory=dict)  # frame_id -> client send -> its ack (upload, decode, store)
     errors: Counter = field(default_factory=Counter)
     summary: dict | None = None
     close_code: int | None = None
@@ -223,9 +199,7 @@ class StreamResult:
             if not sends or "t_points" not in w:
                 continue
             first, last = min(sends), max(sends)
-            first_id = min((f for f in ids if f in self.send_t), key=lambda f: self.send_t[f])
             client_first = (w["t_points"] - first) * 1000.0
-            ack_first = self.ack_ms.get(first_id, 0.0)
             client_last = (w["t_points"] - last) * 1000.0
             # On one clock (loopback): the server's results-ready time and its last-frame arrival
             ready = w["server_time"] - self.clock_offset if "server_time" in w else None
@@ -240,12 +214,8 @@ class StreamResult:
                 "ready_to_client": (w["t_points"] - ready) * 1000.0 if ready is not None else None,
                 **{k: t.get(k) for k in ("ingest", "batch_wait", "transfer", "geometry_wait", "last_frame")},
                 "network": client_first - (t.get("total") or 0.0), "new_frames": len(ids),
-                # delivery split: before the server's clock starts (upload, decode, store, ack) and after it
-                # stops (commit to the session actor, long-poll, encode, send, client decode)
-                "ack": ack_first, "after_commit": client_first - (t.get("total") or 0.0) - ack_first,
-                # everything but queueing and the forward: Ray round trip extra, geometry, delivery
+                # (b)'s "overhead": everything but queueing and the forward
                 "overhead": client_first - (t.get("queue") or 0.0) - (t.get("model") or 0.0),
-                "rt_extra": (t.get("model_roundtrip") or 0.0) - (t.get("model") or 0.0),
                 "points": w.get("points_count", 0), "ok": bool(w.get("alignment", {}).get("ok")),
             })
         return rows
@@ -322,8 +292,6 @@ async def stream_session(url: str, frames: list[bytes], num_frames: int, *, para
                     kind = m.get("type")
                     if kind == "ack":
                         res.acked.add(m["frame_id"])
-                        if m["frame_id"] in res.send_t:
-                            res.ack_ms.setdefault(m["frame_id"], (now - res.send_t[m["frame_id"]]) * 1000.0)
                     elif kind == "window":
                         res.json_bytes += len(msg)
                         m["t_recv"] = now

@@ -78,7 +78,7 @@ def summarize(results, wall: float) -> dict:
         "frames": frames, "windows": windows, "wall": wall, "fps": frames / wall, "wps": windows / wall,
         "mean_batch": mean([w["batch_size"] for w in rows]), "lat50": pct(lat, 50), "lat95": pct(lat, 95),
         **{f"{k}{q}": g(k, q) for k in ("queue", "model", "geometry", "network", "total", "client_last",
-                                         "overhead", "rt_extra")
+                                         "overhead")
            for q in (50, 95)},
         "lost": sum(len(r.lost) for r in results), "errors": sum((r.errors for r in results), start=__import__(
             "collections").Counter()), "failed": sum(r.failed_frames for r in results),
@@ -144,9 +144,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--long-frames", type=int, default=400, help="(d) frames in the long session")
     ap.add_argument("--fps", type=float, default=30.0, help="(f) target pacing")
     ap.add_argument("--single-frames", type=int, default=60, help="(f) frames")
-    ap.add_argument("--pin-model-core", action="store_true",
-                    help="after the app starts, give the model replica one core to itself and everything else the "
-                         "others (what a GPU gives the model; see bench/README.md)")
     ap.add_argument("--skip", default="", help="sections to skip, e.g. 'c,d'")
     a = ap.parse_args(argv)
     a.width, a.height = parse_pair(a.size)  # WxH here
@@ -182,8 +179,6 @@ def main(argv: list[str] | None = None) -> int:
         url = app.deploy(app_args(max_batch_size=a.max_batch, actor_name=actor, **base))
         pids = app.replica_pids()
         print(f"\napp up at {url}; pids {pids}")
-        if a.pin_model_core:
-            print(f"  pinned: {app.pin_model_core()}")
         asyncio.run(stream_session(url, frames, a.window + new_per_window))  # warm the deployment
 
         # (b)
