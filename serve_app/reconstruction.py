@@ -496,10 +496,10 @@ class StreamReconstructor:
                                          1)[emit] / cnt), 0, 255).astype(np.uint8)
         rank = np.empty(nv, np.int64)
         rank[emit] = np.arange(len(emit))
-        new = np.zeros(nv, bool)
-        new[emit] = True
-        new = np.flatnonzero(new)  # the same voxels in key order
-        self.occupancy.add_sorted(ukeys[new], rank[new])
+        is_new = np.zeros(nv, bool)
+        is_new[emit] = True
+        by_key = np.flatnonzero(is_new)  # the same voxels in key order
+        self.occupancy.add_sorted(ukeys[by_key], rank[by_key])
         counts = np.bincount(own[first[emit]], minlength=n_frames)
         return out_p, out_c, counts
 
