@@ -177,7 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     from serve_app.app import build_app
 
     # A logical GPU lets the model deployment's `num_gpus: 1` schedule on a CPU-only machine.
-    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, namespace="da3-bench", log_to_driver=False)
+    from serve_app.ray_env import RAY_ENV_VARS
+
+    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, namespace="da3-bench", log_to_driver=False,
+             runtime_env={"env_vars": RAY_ENV_VARS})
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     base = f"http://127.0.0.1:{port}"

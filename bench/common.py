@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from serve_app.imaging import encode_image  # noqa: E402
 from serve_app.protocol import decode_points, encode_frame_message  # noqa: E402
+from serve_app.ray_env import RAY_ENV_VARS  # noqa: E402
 from serve_app.synthetic import SceneSpec, render_sequence  # noqa: E402
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -58,7 +59,7 @@ def free_port() -> int:
 
 
 def app_args(*, model: str = "random:da3-small", backend: str = "da3", process_res: int = 154,
-             window_size: int = 4, overlap: int = 2, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.002,
+             window_size: int = 4, overlap: int = 2, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.0,
              max_in_flight: int = 32, max_sessions: int = 64, oracle_scene: dict | None = None,
              actor_name: str | None = None) -> dict:
     """build_app args for a benchmark app (limits loose enough that only flow control shapes the load)."""
@@ -86,7 +87,8 @@ class LocalApp:
 
         ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, namespace="da3-serve-bench",
                  log_to_driver=False,
-                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(omp_threads)}})
+                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(omp_threads),
+                                           **RAY_ENV_VARS}})
         self.port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": self.port})
         self.url = f"http://127.0.0.1:{self.port}"

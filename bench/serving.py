@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--window", type=int, default=4)
     ap.add_argument("--overlap", type=int, default=2)
     ap.add_argument("--max-batch", type=int, default=8, help="the deployment's max_batch_size")
-    ap.add_argument("--batch-wait", type=float, default=0.002, help="batch_wait_timeout_s")
+    ap.add_argument("--batch-wait", type=float, default=0.0, help="batch_wait_timeout_s")
     ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
                     help="torch threads in (a) and OMP_NUM_THREADS in Ray (default: half the cores, so the model "
                          "replica's threads are not preempted by the serving processes)")

@@ -119,9 +119,9 @@ class ModelConfig(_Strict):
 class BatchConfig(_Strict):
     max_batch_size: int = Field(8, ge=1, le=256)
     # Only an idle model waits this long for company: windows arriving during a forward are held by the model
-    # server's batch gate and go together into the next batch whatever this is (bench/README.md: same mean
-    # batch at 2 ms as at 10 ms, and 6 ms less latency per window at low load).
-    batch_wait_timeout_s: float = Field(0.002, ge=0.0, le=5.0)
+    # server's batch gate and go together into the next batch whatever this is (bench/README.md: the same batch
+    # sizes at 0, 2 and 10 ms under K=4 and K=16 load, and 2 ms less latency per window than 2 ms at low load).
+    batch_wait_timeout_s: float = Field(0.0, ge=0.0, le=5.0)
 
 
 class LimitsConfig(_Strict):

@@ -255,10 +255,21 @@ class PointChunk:
         return int(self.points.shape[0])
 
 
-def encode_points(points: np.ndarray, colors: np.ndarray, *, seq: int, window: int, frame_ids: list,
-                  encoding: str | int = "float16") -> bytes:
-    """A DA3P binary points message. Positions are sent relative to `origin` (the chunk's mean); a float16 chunk
-    whose offsets would overflow float16 is sent as float32 (the encoding byte says which)."""
+@dataclass(frozen=True)
+class PointBody:
+    """A DA3P message's positions and colours, encoded once; `frame_points` adds the header (which carries the
+    record's seq), so the body can be encoded before the seq is known."""
+
+    requested: str | int  # the encoding asked for; `encoding` is what was used (float16 may fall back)
+    encoding: int
+    origin: tuple[float, float, float]
+    count: int
+    data: bytes
+
+
+def encode_point_body(points: np.ndarray, colors: np.ndarray, encoding: str | int = "float16") -> PointBody:
+    """Positions relative to `origin` (the chunk's mean); a float16 chunk whose offsets would overflow float16
+    is sent as float32 (the encoding byte says which)."""
     enc = ENCODINGS.get(encoding, encoding) if isinstance(encoding, str) else int(encoding)
     if enc not in _ENC_DTYPE:
         raise ValueError(f"unknown point encoding {encoding!r}")
@@ -274,12 +285,22 @@ def encode_points(points: np.ndarray, colors: np.ndarray, *, seq: int, window: i
     offsets = pts - origin
     if enc == ENC_FLOAT16 and len(pts) and not (np.abs(offsets) <= _F16_MAX).all():
         enc = ENC_FLOAT32
+    return PointBody(encoding, enc, tuple(float(v) for v in origin), len(pts),
+                     offsets.astype(_ENC_DTYPE[enc]).tobytes() + cols.tobytes())
+
+
+def frame_points(body: PointBody, *, seq: int, window: int, frame_ids: list) -> bytes:
+    """The DA3P message: prefix, JSON header, then the body."""
     header = json.dumps({"seq": int(seq), "window": int(window), "frame_ids": list(frame_ids),
-                         "count": len(pts), "origin": [float(v) for v in origin]},
-                        separators=(",", ":")).encode()
+                         "count": body.count, "origin": list(body.origin)}, separators=(",", ":")).encode()
     header += b" " * (-(PREFIX_BYTES + len(header)) % 4)  # typed arrays in browsers need 4-byte alignment
-    return b"".join((_PREFIX.pack(POINTS_MAGIC, PROTOCOL_VERSION, enc, len(header)), header,
-                     offsets.astype(_ENC_DTYPE[enc]).tobytes(), cols.tobytes()))
+    return b"".join((_PREFIX.pack(POINTS_MAGIC, PROTOCOL_VERSION, body.encoding, len(header)), header, body.data))
+
+
+def encode_points(points: np.ndarray, colors: np.ndarray, *, seq: int, window: int, frame_ids: list,
+                  encoding: str | int = "float16") -> bytes:
+    """A DA3P binary points message (docs/WEBSOCKET_API.md)."""
+    return frame_points(encode_point_body(points, colors, encoding), seq=seq, window=window, frame_ids=frame_ids)
 
 
 def decode_points(data: bytes) -> PointChunk:

@@ -50,6 +50,7 @@ class ResultRecord:
     points: np.ndarray  # (M, 3) float32 world
     colors: np.ndarray  # (M, 3) uint8
     epoch: int | None = None  # the committing worker's fencing epoch (its replica's streams got it directly)
+    body: Any = None  # protocol.PointBody of points/colors, encoded by that worker during the commit (never stored)
 
     @property
     def nbytes(self) -> int:

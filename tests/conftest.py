@@ -9,6 +9,7 @@ import uuid
 import pytest
 
 from serve_app.demo import wait_healthy
+from serve_app.ray_env import RAY_ENV_VARS
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -54,7 +55,7 @@ def serve_url():
     # A logical GPU lets the model deployment's real `num_gpus: 1` schedule on this CPU machine.
     ray.init(num_cpus=16, num_gpus=4, include_dashboard=False, namespace="da3-serve-tests",
              _system_config={"metrics_report_interval_ms": 1000},
-             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}})
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2", **RAY_ENV_VARS}})
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(app_args()), name="da3", route_prefix="/", blocking=False)

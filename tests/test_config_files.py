@@ -8,6 +8,7 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from serve_app.config import parse_args
+from serve_app.ray_env import RAY_ENV_VARS
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOYMENTS = {"DA3ModelServer", "Ingress"}
@@ -21,6 +22,7 @@ def test_config_file_is_valid(path, monkeypatch):
     assert "request_timeout_s" not in cfg.get("http_options", {})  # would kill WebSockets
     for app in cfg["applications"]:
         assert app["import_path"] == "serve_app.app:build_app"
+        assert app["runtime_env"]["env_vars"] == RAY_ENV_VARS  # the Ray settings the service is tuned for
         args = parse_args(app["args"])
         names = {d["name"] for d in app.get("deployments", [])}
         assert names <= DEPLOYMENTS
@@ -48,3 +50,4 @@ def test_kuberay_manifest_embeds_a_valid_serve_config(monkeypatch):
     serve_cfg = yaml.safe_load(doc["spec"]["serveConfigV2"])
     ServeDeploySchema.model_validate(serve_cfg)
     parse_args(serve_cfg["applications"][0]["args"])
+    assert serve_cfg["applications"][0]["runtime_env"]["env_vars"] == RAY_ENV_VARS

@@ -160,6 +160,21 @@ def test_points_round_trip(encoding, tol, count):
         assert chunk.origin == (0.0, 0.0, 0.0)
 
 
+def test_point_body_encoded_once_framed_per_record():
+    """The worker encodes a record's points before the session actor assigns its seq; framing adds the header."""
+    rng = np.random.default_rng(0)
+    pts = rng.normal(size=(50, 3)).astype(np.float32)
+    cols = rng.integers(0, 256, size=(50, 3), dtype=np.uint8)
+    body = P.encode_point_body(pts, cols, "float16")
+    assert (body.requested, body.encoding, body.count) == ("float16", P.ENC_FLOAT16, 50)
+    for seq in (1, 12345):
+        data = P.frame_points(body, seq=seq, window=7, frame_ids=[1, 2])
+        assert data == P.encode_points(pts, cols, seq=seq, window=7, frame_ids=[1, 2], encoding="float16")
+        assert P.decode_points(data).seq == seq
+    far = P.encode_point_body(np.array([[0, 0, 0], [2e5, 0, 0]], np.float32), np.zeros((2, 3), np.uint8))
+    assert (far.requested, far.encoding) == ("float16", P.ENC_FLOAT32)  # asked float16, fell back
+
+
 def test_float16_origin_keeps_precision_far_from_zero():
     pts = np.array([[1000.0, 2000.0, -3000.0], [1000.5, 2000.25, -3000.125]], np.float32)
     chunk = P.decode_points(P.encode_points(pts, np.zeros((2, 3), np.uint8), seq=1, window=0, frame_ids=[]))

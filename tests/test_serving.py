@@ -14,6 +14,7 @@ import websockets
 from serve_app.exports import read_ply
 from serve_app.imaging import encode_image
 from serve_app.protocol import decode_points, encode_frame_message
+from serve_app.ray_env import RAY_ENV_VARS
 
 pytestmark = pytest.mark.ray
 
@@ -174,6 +175,12 @@ async def test_json_base64_frames(serve_url, synthetic_seq):
     sid, col = await stream_all(serve_url, synthetic_seq, 5, binary=False)
     assert col.close_code == 1000 and not col.of("error")
     assert sorted(r["frame_id"] for r in col.of("frame_result")) == [f"f{i}" for i in range(5)]
+
+
+def test_stats_reports_the_ray_settings_of_each_process(serve_url):
+    """The ingress, the model replica and the session actor each report the Ray settings they run with."""
+    env = httpx.get(serve_url + "/stats", timeout=30).json()["ray_env"]
+    assert env == {"ingress": RAY_ENV_VARS, "model": RAY_ENV_VARS, "session_actor": RAY_ENV_VARS}
 
 
 async def test_two_sessions_share_batches(serve_url, synthetic_seq):

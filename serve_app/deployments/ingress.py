@@ -23,7 +23,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from ray import serve
 
-from serve_app import exports, protocol
+from serve_app import exports, protocol, ray_env
 from serve_app.config import AppArgs, SessionParams, merge_session_params
 from serve_app.deployments.drain import replica_draining
 from serve_app.deployments.session_actor import call, get_session_actor
@@ -381,6 +381,8 @@ class Ingress:
                                             "points_total", "windows", "created_at", "updated_at", "connected")}
                          | {"age_s": now - x["created_at"]} for x in sessions["sessions"]],
             "counts": sessions["counts"], "limits": sessions["limits"],
+            "ray_env": {"ingress": ray_env.in_effect(), "model": model.get("ray_env"),
+                        "session_actor": sessions.get("ray_env")},
         }
 
     @api.get("/")
@@ -769,10 +771,12 @@ class Ingress:
             return False
         texts = [json.dumps({"type": "window", **rec.window}, separators=(",", ":"))]
         texts += [json.dumps({"type": "frame_result", **fr}, separators=(",", ":")) for fr in rec.frames]
-        data = await loop.run_in_executor(
-            self.pool, lambda: protocol.encode_points(rec.points, rec.colors, seq=rec.seq,
-                                                      window=rec.window.get("window", 0),
-                                                      frame_ids=rec.window.get("frame_ids", []), encoding=encoding))
+        body = rec.body
+        if body is None or body.requested != encoding:  # from the long-poll: encode here
+            body = await loop.run_in_executor(self.pool, protocol.encode_point_body, rec.points, rec.colors,
+                                              encoding)
+        data = protocol.frame_points(body, seq=rec.seq, window=rec.window.get("window", 0),
+                                     frame_ids=rec.window.get("frame_ids", []))
         for t in texts:
             await conn.send_text(t)
         await conn.send_bytes(data)

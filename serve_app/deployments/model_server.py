@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from ray import serve
 
+from serve_app import ray_env
 from serve_app.backends import make_backend, warm_up
 from serve_app.config import BatchConfig, ModelConfig
 from serve_app.metrics import ModelMetrics
@@ -88,7 +89,7 @@ class DA3ModelServer:
             res["started"] = started  # this replica's monotonic clock; infer() turns it into batch_wait_ms
         return results
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)  # both replaced by reconfigure()
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)  # both replaced by reconfigure()
     async def infer_batch(self, requests: list[WindowRequest]) -> list[dict[str, Any]]:
         self.batch_sizes[len(requests)] += 1
         self.windows += len(requests)
@@ -118,7 +119,7 @@ class DA3ModelServer:
         return {"replica": serve.get_replica_context().replica_id.unique_id, "info": self.backend.info(),
                 "batch_sizes": dict(self.batch_sizes), "windows": self.windows, "failures": self.failures,
                 "busy_s": self.busy_s, "last_error": self.last_error, "gpu_memory": gpu,
-                "batching": self.batching.model_dump()}
+                "batching": self.batching.model_dump(), "ray_env": ray_env.in_effect()}
 
     async def info(self) -> dict[str, Any]:
         return self.backend.info()

@@ -15,6 +15,7 @@ import ray
 
 from serve_app.config import LimitsConfig, SessionActorConfig, SessionParams
 from serve_app.errors import ServiceError
+from serve_app.ray_env import in_effect
 from serve_app.session_journal import SessionJournal
 from serve_app.session_store import SessionStore
 
@@ -91,7 +92,7 @@ class SessionActor:
 
     async def list(self, owner: str | None) -> dict:
         return {"sessions": [s.info() for s in self.store.list(owner)], "counts": self.store.counts(),
-                "limits": {"max_sessions": self.store.limits.max_sessions}}
+                "limits": {"max_sessions": self.store.limits.max_sessions}, "ray_env": in_effect()}
 
     async def accept_frame(self, sid: str, owner: str | None, epoch: int, frame: Any) -> int:
         """Store one accepted frame (a FrameInput) until a window commits it; returns its index. The ingress
@@ -234,6 +235,8 @@ def get_session_actor(cfg: SessionActorConfig, limits: LimitsConfig):
         name=cfg.name, namespace=cfg.namespace, lifetime="detached", get_if_exists=True,
         max_restarts=cfg.max_restarts, max_task_retries=cfg.max_task_retries, num_cpus=0,
         max_concurrency=1000,
+        # the creating ingress's values (its app's runtime_env), so the records it returns travel the same way
+        runtime_env={"env_vars": {k: v for k, v in in_effect().items() if v is not None}},
     ).remote(limits.model_dump(), cfg.state_dir)
 
 

@@ -20,6 +20,7 @@ from typing import Any, Callable
 from serve_app.config import LimitsConfig, SessionParams
 from serve_app.deployments.session_actor import call
 from serve_app.errors import ErrorCode
+from serve_app.protocol import PointBody, encode_point_body
 from serve_app.reconstruction import FrameInput, StreamReconstructor, WindowPlan
 from serve_app.session_store import ResultRecord
 
@@ -180,15 +181,17 @@ class SessionWorker:
             out.window["timings_ms"] = window_timings(plan, res, started, out.window.pop("geometry_ms", 0.0), now)
             out.window["server_time"] = round(now, 4)
             out.window["batch_size"] = res.get("batch_size")
-            seq, kept = await call(self.actor.commit_window, self.sid, out.window, out.frames, out.points,
-                                   out.colors, snap, not out.ok, self.epoch)
+            commit = asyncio.ensure_future(call(self.actor.commit_window, self.sid, out.window, out.frames,
+                                                out.points, out.colors, snap, not out.ok, self.epoch))
+            body = await self._encode_for_streams(out)  # while the commit travels
+            seq, kept = await commit
             if seq == -2:  # fenced: another worker owns the session now and redoes these frames
                 log.info("session %s: worker epoch %d superseded; stopping", self.sid, self.epoch,
                          extra={"session_id": self.sid})
                 self._gone()
                 return
             if seq > 0:
-                self._deliver(seq, kept, out)
+                self._deliver(seq, kept, out, body)
             self.processed += len(plan.new)
             if self.on_window is not None:
                 self.on_window(out.window, len(plan.new), None if out.ok else code.value)
@@ -201,14 +204,27 @@ class SessionWorker:
                                        f"{out.reason}"})
             await self._maybe_complete()
 
-    def _deliver(self, seq: int, kept: int, out) -> None:
+    async def _encode_for_streams(self, out) -> PointBody | None:
+        """The points message body for this replica's streams; None if none is attached (or encoding failed:
+        the stream then encodes it itself)."""
+        if not self.record_listeners:
+            return None
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self.pool, encode_point_body, out.points, out.colors, self.params.point_encoding)
+        except Exception:  # noqa: BLE001 - never lose the commit over it
+            log.warning("session %s: encoding points for the stream failed", self.sid, exc_info=True)
+            return None
+
+    def _deliver(self, seq: int, kept: int, out, body: PointBody | None = None) -> None:
         """The committed record, as the session actor stored it (seq added; the point budget may have dropped
         the oldest of its points), to the streams on this replica: they need not wait for the actor's long-poll."""
         if not self.record_listeners:
             return
         n = len(out.points)
         rec = ResultRecord(seq=seq, window={**out.window, "seq": seq}, frames=[{**f, "seq": seq} for f in out.frames],
-                           points=out.points[n - kept:], colors=out.colors[n - kept:], epoch=self.epoch)
+                           points=out.points[n - kept:], colors=out.colors[n - kept:], epoch=self.epoch,
+                           body=body if kept == n else None)  # a trimmed record is encoded again
         for fn in list(self.record_listeners):
             fn(rec)
 
