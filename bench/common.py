@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from serve_app.imaging import encode_image  # noqa: E402
 from serve_app.protocol import decode_points, encode_frame_message  # noqa: E402
-from serve_app.ray_env import RAY_ENV_VARS  # noqa: E402
+from serve_app.ray_env import RAY_ENV_VARS
 from serve_app.synthetic import SceneSpec, render_sequence  # noqa: E402
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")

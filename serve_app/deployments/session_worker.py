@@ -212,7 +212,7 @@ class SessionWorker:
         try:
             return await asyncio.get_running_loop().run_in_executor(
                 self.pool, encode_point_body, out.points, out.colors, self.params.point_encoding)
-        except Exception:  # noqa: BLE001 - never lose the commit over it
+        except Exception:  # never lose the commit over it
             log.warning("session %s: encoding points for the stream failed", self.sid, exc_info=True)
             return None
 
