@@ -54,7 +54,7 @@ class ResultRecord:
 
     @property
     def nbytes(self) -> int:
-        return int(self.points.nbytes + self.colors.nbytes)
+        return int(self.points.nbytes + self.colors.nbytes + (len(self.body.data) if self.body is not None else 0))
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Pure helpers of the streaming path (no Ray): the latency split of each window, the local record queue."""
+"""Pure helpers of the streaming path (no Ray): the latency split of each window, the local record queue, the
+record a worker hands to its streams."""
 
 import numpy as np
 import pytest
@@ -51,3 +52,28 @@ def test_local_records_are_bounded_by_bytes_and_flag_what_they_drop():
     q.put(rec(3, 30))
     q.put(rec(4, 30))  # 900 bytes together
     assert [q.get_nowait().seq for _ in range(2)] == [3, 4] and not q.missed
+
+
+def test_a_delivered_record_carries_its_encoded_points_unless_the_budget_trimmed_it():
+    """The worker encodes the points message body during the commit; the stream frames it with the record's seq.
+    A record the point budget trimmed at commit is sent trimmed, so its body must not be reused."""
+    from serve_app.deployments.session_worker import SessionWorker
+    from serve_app.protocol import decode_points, encode_point_body, frame_points
+    from serve_app.reconstruction import WindowOutput
+
+    got = []
+    w = SessionWorker.__new__(SessionWorker)  # only _deliver's state: no event loop, actor or model needed
+    w.record_listeners, w.epoch = [got.append], 3
+    rng = np.random.default_rng(0)
+    pts = rng.normal(size=(40, 3)).astype(np.float32)
+    cols = rng.integers(0, 256, size=(40, 3), dtype=np.uint8)
+    out = WindowOutput(window={"window": 2, "frame_ids": [7]}, frames=[{"frame_id": 7}], points=pts, colors=cols,
+                       ok=True)
+    body = encode_point_body(pts, cols, "float16")
+    w._deliver(5, 40, out, body)
+    w._deliver(6, 10, out, body)  # the budget kept only the newest 10 points
+    full, trimmed = got
+    assert full.body is body and full.epoch == 3 and full.nbytes == pts.nbytes + cols.nbytes + len(body.data)
+    chunk = decode_points(frame_points(full.body, seq=full.seq, window=2, frame_ids=[7]))
+    assert chunk.seq == 5 and np.allclose(chunk.points, pts, atol=0.01) and np.array_equal(chunk.colors, cols)
+    assert trimmed.body is None and np.array_equal(trimmed.points, pts[30:]) and trimmed.window["seq"] == 6
