@@ -9,6 +9,8 @@ RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0 were measured too and changed nothing th
 
 from __future__ import annotations
 
+import os
+
 # Objects up to this size travel inside the task RPC instead of through the shared-memory object store (Ray's
 # default cut is 100 KiB). Measured here (bare actor calls, p50): a 0.3 MB argument 5.1 -> 3.6 ms, a 0.6 MB one
 # 5.0 -> 4.5 ms and its return 4.9 -> 3.3 ms; at 1.2 MB the two paths are even and at 2.4 MB the store is faster
@@ -25,6 +27,4 @@ RAY_ENV_VARS: dict[str, str] = {
 def in_effect() -> dict[str, str | None]:
     """This process's values of the settings above (None: unset, Ray's default). `/stats` reports them per
     process kind, so an operator sees whether a cluster runs with them."""
-    import os
-
     return {k: os.environ.get(k) for k in RAY_ENV_VARS}
