@@ -168,27 +168,44 @@ def voxel_keys(points: np.ndarray, voxel: float) -> np.ndarray:
 
 
 class VoxelOccupancy:
-    """A set of voxel keys (sorted int64) remembering insertion order; at most `capacity`, oldest out first."""
+    """A set of voxel keys remembering insertion order; at most `capacity`, oldest out first.
+
+    Two sorted (key, insertion counter) levels, so a window's insert costs O(window + recent), not O(map): new
+    keys go into the small `recent` level, which compact() merges into `main` (the session worker calls it after
+    a window is delivered, off the latency path; add_sorted itself only once recent outgrows a hard bound).
+    Forgetting is by counter: a key whose counter is not among the newest `capacity` is absent, and is dropped
+    from the arrays at the next compaction (recent drops its own at every insert, so no level holds a key twice).
+    """
+
+    RECENT_MIN = 1 << 16  # recent is due for compaction at max(this, len(main) // 8) keys...
+    HARD_FACTOR = 4  # ...and add_sorted compacts by itself at this many times that
 
     def __init__(self, capacity: int):
         self.capacity = int(capacity)
-        self.keys = np.zeros(0, np.int64)
-        self.order = np.zeros(0, np.int64)  # insertion counter of each key
+        empty = np.zeros(0, np.int64)
+        self.main_keys, self.main_order = empty, empty
+        self.recent_keys, self.recent_order = empty, empty
         self.inserted = 0
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return min(self.inserted, self.capacity)  # every counter value belongs to one key while it is kept
 
     @property
     def nbytes(self) -> int:
-        return int(self.keys.nbytes + self.order.nbytes)
+        return int(sum(a.nbytes for a in (self.main_keys, self.main_order, self.recent_keys, self.recent_order)))
+
+    @property
+    def _oldest_kept(self) -> int:
+        return self.inserted - self.capacity
 
     def contains(self, keys: np.ndarray) -> np.ndarray:
         keys = np.asarray(keys, np.int64)
-        if not len(self.keys):
-            return np.zeros(len(keys), bool)
-        pos = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
-        return self.keys[pos] == keys
+        out = np.zeros(len(keys), bool)
+        for lk, lo in ((self.main_keys, self.main_order), (self.recent_keys, self.recent_order)):
+            if len(lk):
+                pos = np.minimum(np.searchsorted(lk, keys), len(lk) - 1)
+                out |= (lk[pos] == keys) & (lo[pos] >= self._oldest_kept)
+        return out
 
     def add(self, keys: np.ndarray) -> None:
         """Insert new keys (unique, not present), in the order given."""
@@ -198,13 +215,42 @@ class VoxelOccupancy:
 
     def add_sorted(self, keys: np.ndarray, rank: np.ndarray) -> None:
         """add() for keys already sorted; rank[i] = position of keys[i] in the insertion order."""
-        pos = np.searchsorted(self.keys, keys)
-        self.keys = np.insert(self.keys, pos, keys)
-        self.order = np.insert(self.order, pos, self.inserted + np.asarray(rank, np.int64))
+        order = self.inserted + np.asarray(rank, np.int64)
         self.inserted += len(keys)
-        if len(self.keys) > self.capacity:
-            keep = self.order >= self.inserted - self.capacity
-            self.keys, self.order = self.keys[keep], self.order[keep]
+        rk, ro = self.recent_keys, self.recent_order
+        alive = ro >= self._oldest_kept
+        if not alive.all():
+            rk, ro = rk[alive], ro[alive]
+        pos = np.searchsorted(rk, keys)
+        self.recent_keys, self.recent_order = np.insert(rk, pos, keys), np.insert(ro, pos, order)
+        if len(self.recent_keys) >= self.HARD_FACTOR * self._recent_limit:
+            self.compact()
+
+    @property
+    def _recent_limit(self) -> int:
+        return max(self.RECENT_MIN, len(self.main_keys) // 8)
+
+    @property
+    def compaction_due(self) -> bool:
+        return len(self.recent_keys) >= self._recent_limit
+
+    def compact(self) -> None:
+        """Merge recent into main, dropping forgotten keys: O(map), so callers run it off the latency path."""
+        mk, mo = self.main_keys, self.main_order
+        alive = mo >= self._oldest_kept
+        if not alive.all():
+            mk, mo = mk[alive], mo[alive]
+        rk, ro = self.recent_keys, self.recent_order
+        alive = ro >= self._oldest_kept
+        rk, ro = rk[alive], ro[alive]
+        pos = np.searchsorted(mk, rk)
+        self.main_keys, self.main_order = np.insert(mk, pos, rk), np.insert(mo, pos, ro)
+        self.recent_keys, self.recent_order = rk[:0], ro[:0]
+
+    def kept(self) -> tuple[np.ndarray, np.ndarray]:
+        """(keys, insertion counters) of the keys held, in key order."""
+        self.compact()
+        return self.main_keys, self.main_order
 
 
 def rotation_angle_deg(R: np.ndarray) -> np.ndarray:
@@ -469,11 +515,12 @@ class StreamReconstructor:
         and how many each frame added (a voxel belongs to the frame that saw it first)."""
         if not all_pts or not sum(len(x) for x in all_pts):
             return np.zeros((0, 3), np.float32), np.zeros((0, 3), np.uint8), np.zeros(n_frames, np.int64)
-        pts = np.concatenate(all_pts).astype(np.float64)
-        cols = np.concatenate(all_cols).astype(np.float64)
+        pts = np.concatenate(all_pts)
+        cols = np.concatenate(all_cols)
         own = np.concatenate(owner)
         fin = finite_rows(pts)
-        pts, cols, own = pts[fin], cols[fin], own[fin]
+        if not fin.all():  # (unprojected confident pixels always are; row masks of (n, 3) arrays are slow)
+            pts, cols, own = pts[fin], cols[fin], own[fin]
         keys = voxel_keys(pts, self.voxel_size)
         # One stable sort gives the voxels (sorted, for the occupancy) and each voxel's first sight (the earliest
         # point, for the emission order, which the store's eviction follows); the rest are linear passes.
@@ -489,11 +536,13 @@ class StreamReconstructor:
         sighted[first] = True
         emit = gid[np.flatnonzero(sighted)]  # voxels in first-sight order
         emit = emit[~self.occupancy.contains(ukeys)[emit]]  # only voxels the map does not have yet
-        cnt = np.bincount(gid, minlength=nv)[emit, None]
-        out_p = (np.stack([np.bincount(gid, weights=pts[:, k], minlength=nv) for k in range(3)], 1)[emit]
-                 / cnt).astype(np.float32)
-        out_c = np.clip(np.rint(np.stack([np.bincount(gid, weights=cols[:, k], minlength=nv) for k in range(3)],
-                                         1)[emit] / cnt), 0, 255).astype(np.uint8)
+        # Per-axis 1-D passes: gathering rows of (n, 3) arrays costs several times more.
+        cnt = np.bincount(gid, minlength=nv)[emit]
+        out_p = np.empty((len(emit), 3), np.float32)
+        out_c = np.empty((len(emit), 3), np.uint8)
+        for k in range(3):
+            out_p[:, k] = np.bincount(gid, weights=pts[:, k], minlength=nv)[emit] / cnt
+            out_c[:, k] = np.clip(np.rint(np.bincount(gid, weights=cols[:, k], minlength=nv)[emit] / cnt), 0, 255)
         rank = np.empty(nv, np.int64)
         rank[emit] = np.arange(len(emit))
         is_new = np.zeros(nv, bool)
@@ -543,6 +592,14 @@ class StreamReconstructor:
     def idle(self) -> bool:
         return not self.pending and not self.outstanding
 
+    @property
+    def maintenance_due(self) -> bool:
+        return self.occupancy.compaction_due
+
+    def maintain(self) -> None:
+        """Upkeep kept off integrate()'s latency path (the voxel occupancy's O(map) merge); call between windows."""
+        self.occupancy.compact()
+
     # --- snapshot / restore -------------------------------------------------------------------------------
     _SNAPSHOT_FIELDS = ("voxel_size", "windows_planned", "windows_integrated", "lost", "input_size", "placed",
                         "prior_world", "last_keyframe", "num_keyframes")
@@ -581,4 +638,5 @@ class StreamReconstructor:
         if map_points is not None and len(map_points) and rec.voxel_size:
             keys = np.unique(voxel_keys(map_points, rec.voxel_size))
             rec.occupancy.add(keys)
+            rec.occupancy.compact()
         return rec

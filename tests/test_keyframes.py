@@ -144,14 +144,55 @@ def test_voxel_occupancy_keeps_the_newest_within_capacity():
     assert occ.contains(np.array([10, 20, 30, 40])).tolist() == [True, True, True, False]
     occ.add(np.array([5, 50, 40]))  # six keys: the oldest (30) is forgotten
     assert len(occ) == 5 and occ.contains(np.array([30, 10, 5, 40])).tolist() == [False, True, True, True]
-    assert np.all(np.diff(occ.keys) > 0)
+    keys, order = occ.kept()
+    assert keys.tolist() == [5, 10, 20, 40, 50] and order.tolist() == [3, 1, 2, 5, 4]
     # add_sorted (keys in key order + their insertion rank) is add() without the sort: same state
     other = VoxelOccupancy(capacity=5)
     other.add_sorted(np.array([10, 20, 30]), np.array([1, 2, 0]))
     other.add_sorted(np.array([5, 40, 50]), np.array([0, 2, 1]))
-    assert other.keys.tolist() == occ.keys.tolist() and other.order.tolist() == occ.order.tolist()
+    assert [a.tolist() for a in other.kept()] == [keys.tolist(), order.tolist()]
     k = voxel_keys(np.array([[0.05, 0.05, 0.05], [0.09, 0.01, 0.0], [-0.01, 0.0, 0.0], [0.0, 0.1, 0.0]]), 0.1)
     assert k[0] == k[1] and len(set(k.tolist())) == 3
+
+
+@pytest.mark.parametrize("capacity", [40, 700, 100_000])
+def test_voxel_occupancy_levels_match_a_plain_newest_n_set(capacity):
+    """Recent/main levels, compaction at any time, forgetting and re-adding forgotten keys: always the same set
+    as 'the newest `capacity` keys inserted', and the arrays stay bounded."""
+    rng = np.random.default_rng(capacity)
+    occ = VoxelOccupancy(capacity)
+    occ.RECENT_MIN = 32  # levels and compactions at test sizes
+    history: list[int] = []  # keys in insertion order
+    for step in range(400):
+        keys = np.unique(rng.integers(0, 2000, size=int(rng.integers(1, 120))))
+        newest = set(history[-capacity:])
+        got = occ.contains(keys)
+        assert got.tolist() == [int(k) in newest for k in keys], step
+        new = keys[~got]
+        rank = rng.permutation(len(new))
+        occ.add_sorted(new, rank)
+        history += new[np.argsort(rank)].tolist()
+        assert len(occ) == min(len(history), capacity)
+        if step % 7 == 0 and occ.compaction_due:
+            occ.compact()
+        held = len(occ.main_keys) + len(occ.recent_keys)
+        assert held <= len(occ) + occ.HARD_FACTOR * max(occ.RECENT_MIN, len(occ.main_keys) // 8) + len(new)
+    keys, order = occ.kept()
+    newest = history[-capacity:]
+    assert keys.tolist() == sorted(newest) and len(occ.recent_keys) == 0
+    assert keys[np.argsort(order)].tolist() == newest  # counters give the insertion order back
+
+
+def test_integrate_leaves_the_occupancy_merge_to_maintain(orbit):
+    """integrate() inserts into the small recent level only; maintain() (run by the session worker after a
+    window is delivered) merges it into the map-sized level, with the same voxel set either way."""
+    p = params()
+    lazy, outs = stream(orbit, p, OracleModel(ORBIT, seed=2))
+    eager, outs2 = stream(orbit, p, OracleModel(ORBIT, seed=2), each=lambda n, rec: rec.maintain())
+    assert len(lazy.occupancy.main_keys) == 0 < len(lazy.occupancy.recent_keys)  # below RECENT_MIN
+    assert len(eager.occupancy.recent_keys) == 0 < len(eager.occupancy.main_keys)
+    assert [a.tolist() for a in lazy.occupancy.kept()] == [a.tolist() for a in eager.occupancy.kept()]
+    assert all(np.array_equal(a.points, b.points) for a, b in zip(outs, outs2))
 
 
 def test_revisiting_the_orbit_does_not_duplicate_points(orbit):

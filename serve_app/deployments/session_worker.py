@@ -202,6 +202,8 @@ class SessionWorker:
                 self._emit({"type": "error", "code": code.value, "fatal": False,
                             "message": f"window {plan.window} frames {out.window['frame_ids']} not placed: "
                                        f"{out.reason}"})
+            if self.recon.maintenance_due:  # now that the window's points are out
+                await self._run(self.recon.maintain)
             await self._maybe_complete()
 
     async def _encode_for_streams(self, out) -> PointBody | None:
