@@ -187,9 +187,10 @@ class SessionStore:
 
     # --- frames -------------------------------------------------------------------------------------
     def accept_frames(self, session_id: str, count: int, now: float, payloads: list[Any] | None = None,
-                      epoch: int | None = None) -> int:
+                      epoch: int | None = None, index: int | None = None) -> int:
         """Reserve `count` frame indices and keep their payloads until a window commits them; returns the first
-        index. Rejections carry their own codes; `epoch` (when given) must be the current worker's."""
+        index. Rejections carry their own codes; `epoch` (when given) must be the current worker's, and `index`
+        (when given: the worker numbered the frames itself) must be the next one."""
         s = self.sessions[session_id]
         self._check_epoch(s, epoch)
         if s.state in ("complete", "failed"):
@@ -203,6 +204,10 @@ class SessionStore:
             raise ServiceError(ErrorCode.QUEUE_FULL,
                                f"{len(s.pending)} frames in flight (max {self.limits.max_in_flight}); "
                                "wait for results before sending more")
+        if index is not None and index != s.frames_received:
+            raise ServiceError(ErrorCode.SESSION_BUSY, f"frame index {index} is out of step with the session "
+                               f"({s.frames_received} frames received): another writer; reconnect to continue",
+                               fatal=True)
         first = s.frames_received
         s.frames_received += count
         if payloads is not None:

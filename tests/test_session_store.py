@@ -177,6 +177,24 @@ def test_takeover_fences_the_previous_worker():
     assert st.sessions[sid].pending == {0: "a", 1: "b"}  # the new worker inherits everything accepted
 
 
+def test_a_worker_numbered_frame_must_be_the_next_index():
+    """The worker numbers frames itself (so it can plan before the store answers); the store checks the number,
+    and a state or limit refusal is reported as itself, not as an index mismatch."""
+    st = _store()
+    sid = st.create(SessionParams(max_frames=3), None, 0).session_id
+    epoch = st.take_worker(sid)
+    assert st.accept_frames(sid, 1, 1.0, payloads=["a"], epoch=epoch, index=0) == 0
+    with pytest.raises(ServiceError) as ei:  # another writer got there first
+        st.accept_frames(sid, 1, 1.0, payloads=["b"], epoch=epoch, index=0)
+    assert ei.value.code is ErrorCode.SESSION_BUSY and ei.value.fatal and "out of step" in ei.value.message
+    assert st.sessions[sid].frames_received == 1 and st.sessions[sid].pending == {0: "a"}
+    assert st.accept_frames(sid, 1, 1.0, payloads=["b"], epoch=epoch, index=1) == 1
+    st.accept_frames(sid, 1, 1.0, payloads=["c"], epoch=epoch, index=2)
+    with pytest.raises(ServiceError) as ei:
+        st.accept_frames(sid, 1, 1.0, payloads=["d"], epoch=epoch, index=7)
+    assert ei.value.code is ErrorCode.FRAME_LIMIT_EXCEEDED
+
+
 def test_journal_keeps_pending_frames_and_epoch(tmp_path):
     from serve_app.session_journal import SessionJournal
 

@@ -77,3 +77,47 @@ def test_a_delivered_record_carries_its_encoded_points_unless_the_budget_trimmed
     chunk = decode_points(frame_points(full.body, seq=full.seq, window=2, frame_ids=[7]))
     assert chunk.seq == 5 and np.allclose(chunk.points, pts, atol=0.01) and np.array_equal(chunk.colors, cols)
     assert trimmed.body is None and np.array_equal(trimmed.points, pts[30:]) and trimmed.window["seq"] == 6
+
+
+def test_a_worker_numbers_frames_like_the_store_and_takes_back_a_refused_newest_one():
+    """next_index() is the store's next index (acceptance order) and refuses what the store would; retract()
+    takes back the newest frame while no window has it, and nothing else."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serve_app.config import LimitsConfig, SessionParams
+    from serve_app.deployments.session_worker import SessionWorker
+    from serve_app.errors import ErrorCode, ServiceError
+
+    async def run():
+        # Fewer frames than a window: the worker plans nothing, so it needs no model or actor here.
+        params = SessionParams(window_size=4, overlap=2, max_frames=3)
+        w = SessionWorker("s", params.model_copy(update={"max_frames": 10}), None, None, LimitsConfig(), ThreadPoolExecutor(1), on_gone=lambda *a: None,
+                          processed=5)  # a restored worker: the store has 5 frames already
+        try:
+            frames = []
+            for _ in range(2):
+                f = frame(w.next_index(), 0.0)
+                w.add_frame(f, asyncio.get_running_loop().create_future())
+                frames.append(f)
+            assert [f.index for f in frames] == [5, 6] and w.accepted == 7 and set(w.storing) == {5, 6}
+            assert not await w.retract(frames[0])  # not the newest: frame 6 already has the next index
+            assert await w.retract(frames[1]) and w.accepted == 6 and list(w.recon.pending) == [frames[0]]
+            assert w.next_index() == 6 and 6 not in w.storing
+            w.finalizing = True
+            with pytest.raises(ServiceError) as ei:
+                w.next_index()
+            assert ei.value.code is ErrorCode.SESSION_FINALIZED
+        finally:
+            w.close()
+        w2 = SessionWorker("t", params, None, None, LimitsConfig(), ThreadPoolExecutor(1), on_gone=lambda *a: None)
+        try:
+            for _ in range(3):
+                w2.add_frame(frame(w2.next_index(), 0.0))
+            with pytest.raises(ServiceError) as ei:
+                w2.next_index()
+            assert ei.value.code is ErrorCode.FRAME_LIMIT_EXCEEDED
+        finally:
+            w2.close()
+
+    asyncio.run(run())

@@ -621,16 +621,23 @@ class Ingress:
         frame = FrameInput(index=-1, frame_id=meta.frame_id, image=resized, original_size=original,
                            timestamp=meta.timestamp, intrinsics=K,
                            pose=None if meta.pose is None else np.asarray(meta.pose, np.float32), encoded=encoded)
-        # The actor stores the frame before we ack it: an acked frame survives this replica. It keeps the client's
-        # encoded bytes when there are some (decoded again only on a takeover), else the resized array.
-        stored = dataclasses.replace(frame, image=None) if encoded is not None else frame
-        index = await call(self.actor.accept_frame, sid, owner, worker.epoch, stored)
-        frame.index = index
+        # The worker numbers the frame (the store checks the number) and plans with it at once; the actor stores
+        # it meanwhile, and we ack only once it has: an acked frame survives this replica. The actor keeps the
+        # client's encoded bytes when there are some (decoded again only on a takeover), else the resized array.
+        index = frame.index = worker.next_index()
         if frame.frame_id is None:
             frame.frame_id = index
+        stored = dataclasses.replace(frame, image=None) if encoded is not None else frame
+        storing = asyncio.ensure_future(call(self.actor.accept_frame, sid, owner, worker.epoch, stored, index))
+        worker.add_frame(frame, storing)
+        try:
+            # shield: a client leaving mid-call does not cancel the store, and the frame then stays queued
+            await asyncio.shield(storing)
+        except ServiceError:
+            await worker.retract(frame)
+            raise
         self.frames_in += 1
         self.metrics.frames_in.inc()
-        worker.add_frame(frame)
         return index, frame.frame_id
 
     def _rate_check(self, worker: SessionWorker, nbytes: int) -> None:

@@ -94,11 +94,13 @@ class SessionActor:
         return {"sessions": [s.info() for s in self.store.list(owner)], "counts": self.store.counts(),
                 "limits": {"max_sessions": self.store.limits.max_sessions}, "ray_env": in_effect()}
 
-    async def accept_frame(self, sid: str, owner: str | None, epoch: int, frame: Any) -> int:
-        """Store one accepted frame (a FrameInput) until a window commits it; returns its index. The ingress
-        acks only after this returns, so an acked frame survives the replica that received it."""
+    async def accept_frame(self, sid: str, owner: str | None, epoch: int, frame: Any, index: int | None = None
+                           ) -> int:
+        """Store one accepted frame (a FrameInput) until a window commits it; returns its index (`index`: the one
+        the worker gave it, checked). The ingress acks only after this returns, so an acked frame survives the
+        replica that received it."""
         self.store.get(sid, owner)
-        index = self.store.accept_frames(sid, 1, time.time(), payloads=[frame], epoch=epoch)
+        index = self.store.accept_frames(sid, 1, time.time(), payloads=[frame], epoch=epoch, index=index)
         frame.index = index
         if frame.frame_id is None:
             frame.frame_id = index

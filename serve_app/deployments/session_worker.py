@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from serve_app.config import LimitsConfig, SessionParams
 from serve_app.deployments.session_actor import call
-from serve_app.errors import ErrorCode
+from serve_app.errors import ErrorCode, ServiceError
 from serve_app.protocol import PointBody, encode_point_body
 from serve_app.reconstruction import FrameInput, StreamReconstructor, WindowPlan
 from serve_app.session_store import ResultRecord
@@ -70,7 +70,7 @@ class SessionWorker:
         self.recon = recon or StreamReconstructor(params)
         self.epoch = epoch  # fencing token from the session actor (take_worker)
         self.oneshot = False  # serves a POST /v1/reconstruct request: kept running while the replica drains
-        self.lock = asyncio.Lock()  # the reconstructor is only touched under this lock, in the pool
+        self.lock = asyncio.Lock()  # the reconstructor is only touched under this lock (integration in the pool)
         self.wake = asyncio.Event()
         self.slots = asyncio.Semaphore(limits.max_windows_in_flight)
         self.order: asyncio.Queue = asyncio.Queue()
@@ -84,6 +84,7 @@ class SessionWorker:
         self.listeners: list[Callable[[dict], Any]] = []
         self.record_listeners: list[Callable[[ResultRecord], Any]] = []  # get each record once it is committed
         self.rate = None  # FrameRateLimiter, created by the ingress
+        self.storing: dict[int, asyncio.Future] = {}  # frame index -> the session actor's accept_frame call
         self.tasks = [asyncio.create_task(self._plan_loop()), asyncio.create_task(self._integrate_loop())]
 
     # --- called by the WebSocket handler ----------------------------------------------------------------
@@ -91,10 +92,37 @@ class SessionWorker:
     def in_flight(self) -> int:
         return self.accepted - self.processed
 
-    def add_frame(self, frame: FrameInput) -> None:
+    def next_index(self) -> int:
+        """The index the session store will give the next frame: this worker is the session's only writer
+        (fenced by its epoch) and numbers frames in acceptance order. Raises what the store would for a frame
+        past max_frames or after a finalize seen here."""
+        if self.finalizing:
+            raise ServiceError(ErrorCode.SESSION_FINALIZED, "session is finalizing; no more frames accepted")
+        if self.accepted >= self.params.max_frames:
+            raise ServiceError(ErrorCode.FRAME_LIMIT_EXCEEDED,
+                               f"session frame limit of {self.params.max_frames} reached")
+        return self.accepted
+
+    def add_frame(self, frame: FrameInput, storing: asyncio.Future | None = None) -> None:
+        """Queue a frame for planning. `storing`: the store call still in flight for it; its window is planned
+        and sent to the model meanwhile, but not committed before the store holds the frame."""
         self.recon.add_frame(frame)  # deque append is atomic; planning happens under the lock
         self.accepted += 1
+        if storing is not None:
+            self.storing[frame.index] = storing
         self.wake.set()
+
+    async def retract(self, frame: FrameInput) -> bool:
+        """Take back the newest frame after the store refused it, if no window has taken it yet (else that
+        window goes on: the store refused the frame because the session left this worker, or was finalized
+        from elsewhere at that moment)."""
+        async with self.lock:
+            self.storing.pop(frame.index, None)
+            if frame.index != self.accepted - 1 or not self.recon.pending or self.recon.pending[-1] is not frame:
+                return False
+            self.recon.pending.pop()
+            self.accepted -= 1
+            return True
 
     def flush(self) -> None:
         self.flush_requested = True
@@ -129,7 +157,8 @@ class SessionWorker:
             self.wake.clear()
             while True:
                 force = self.flush_requested
-                plan = await self._run(self.recon.next_window, force)
+                async with self.lock:  # planning is a few list operations: not worth a hop to the pool
+                    plan = self.recon.next_window(force)
                 if plan is None:
                     if force and not self.recon.pending:
                         self.flush_requested = False
@@ -181,6 +210,9 @@ class SessionWorker:
             out.window["timings_ms"] = window_timings(plan, res, started, out.window.pop("geometry_ms", 0.0), now)
             out.window["server_time"] = round(now, 4)
             out.window["batch_size"] = res.get("batch_size")
+            stores = [self.storing.pop(f.index) for f in plan.new if f.index in self.storing]
+            if stores:  # long done in practice: the forward alone takes longer
+                await asyncio.gather(*stores, return_exceptions=True)
             commit = asyncio.ensure_future(call(self.actor.commit_window, self.sid, out.window, out.frames,
                                                 out.points, out.colors, snap, not out.ok, self.epoch))
             body = await self._encode_for_streams(out)  # while the commit travels
