@@ -248,7 +248,7 @@ class VoxelOccupancy:
         self.recent_keys, self.recent_order = rk[:0], ro[:0]
 
     def kept(self) -> tuple[np.ndarray, np.ndarray]:
-        """(keys, insertion counters) of the keys held, in key order."""
+        """(keys, insertion counters) of the keys held, in key order (merges the levels first)."""
         self.compact()
         return self.main_keys, self.main_order
 
