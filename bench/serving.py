@@ -6,7 +6,8 @@
 Sections (all ratios use numbers measured in this same run):
   (a) raw runtime: backend.forward_windows in-process at batch 1 and at max_batch_size -> views/s, new-frames/s
   (b) end to end: K concurrent sessions at full speed with flow control -> frames/s, (b)/(a), batch size,
-      p50/p95 frame latency and window split queue / model / geometry / delivery
+      p50/p95 frame latency and window split queue / model / geometry / delivery; then --pairs back-to-back
+      (a)+(b) pairs at K=4, whose median ratio is the one judged against the target
   (c) batching gain: K=4 with max_batch_size=1 vs the default
   (d) long stream: first 10 vs last 10 windows of one long session, ingress / session-actor RSS
   (e) wire efficiency: DA3P float16 vs float32 JSON vs a full GLB after each window
@@ -144,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
                          "replica's threads are not preempted by the serving processes)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--ks", default="1,4,16", help="concurrent sessions for (b)")
+    ap.add_argument("--pairs", type=int, default=3,
+                    help="(b) K=4: this many extra back-to-back (a)+(b) pairs for the target's ratio (0: the ratio "
+                         "against the (a) measured before the app started)")
     ap.add_argument("--frames", default="24,16,6", help="frames per session for each K (same order)")
     ap.add_argument("--long-frames", type=int, default=400, help="(d) frames in the long session")
     ap.add_argument("--fps", type=float, default=30.0, help="(f) target pacing")
@@ -208,10 +212,29 @@ def main(argv: list[str] | None = None) -> int:
                         ["K", "frames/sess", "frames", "wall s", "frames/s", "(b)/(a) fr", "(b)/(a) win",
                          "batch", "model busy", "frame lat", "queue", "model", "geometry", "delivery",
                          "overhead", "lost", "errors"], rows)
-            if 4 in bres:
+            if 4 in bres and not a.pairs:
                 r4 = bres[4]["wps"] / raw_wps
                 targets.append((f"(b)/(a) >= 0.9 at K=4 (windows basis), max_batch_size={a.max_batch}", f"{r4:.2f}",
                                 r4 >= 0.9))
+            if 4 in bres and a.pairs:
+                # This box's speed drifts 10-20 % within minutes, as much as the ratio's margin: measure (a) right
+                # before each K=4 run, with the app deployed and idle, and judge the median of the pairs.
+                n4, rows, ratios = bres[4]["n"], [], []
+                for i in range(a.pairs):
+                    ra = raw_runtime(a, frames)
+                    wa = max(r["windows_s"] for b, r in ra.items() if b != "shape")
+                    rb = run_k(url, frames, 4, n4)
+                    ratios.append((rb["fps"] / max(r["new_frames_s"] for b, r in ra.items() if b != "shape"),
+                                   rb["wps"] / wa))
+                    rows.append([i + 1, fmt(wa, ".2f"), fmt(rb["wps"], ".2f"), fmt(ratios[-1][0], ".2f"),
+                                 fmt(ratios[-1][1], ".2f"), fmt(rb["mean_batch"], ".2f"), fmt(rb["busy"], ".2f")])
+                med = [statistics.median(r[j] for r in ratios) for j in (0, 1)]
+                rows.append(["median", "", "", fmt(med[0], ".2f"), fmt(med[1], ".2f"), "", ""])
+                print_table(f"(b)/(a) at K=4 in {a.pairs} back-to-back pairs ((a) just before each (b), app idle)",
+                            ["pair", "(a) windows/s", "(b) windows/s", "(b)/(a) fr", "(b)/(a) win", "batch",
+                             "model busy"], rows)
+                targets.append((f"(b)/(a) >= 0.9 at K=4 (windows basis, median of {a.pairs} pairs), "
+                                f"max_batch_size={a.max_batch}", f"{med[1]:.2f}", med[1] >= 0.9))
         st = stats(url)
         print(f"  /stats model batch_sizes: {st['model']['batch_sizes']}  frames_per_s(30s): "
               f"{st['frames_per_s']:.2f}  errors: {st['errors']}")
