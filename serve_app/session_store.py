@@ -113,6 +113,15 @@ class Session:
         }
 
 
+def finalized_error(state: str) -> ServiceError:
+    """A frame for a session that takes no more (the store's check, and the worker's own before it asks)."""
+    return ServiceError(ErrorCode.SESSION_FINALIZED, f"session is {state}; no more frames accepted")
+
+
+def frame_limit_error(max_frames: int) -> ServiceError:
+    return ServiceError(ErrorCode.FRAME_LIMIT_EXCEEDED, f"session frame limit of {max_frames} reached")
+
+
 class SessionStore:
     def __init__(self, limits: LimitsConfig | None = None):
         self.limits = limits or LimitsConfig()
@@ -193,13 +202,10 @@ class SessionStore:
         (when given: the worker numbered the frames itself) must be the next one."""
         s = self.sessions[session_id]
         self._check_epoch(s, epoch)
-        if s.state in ("complete", "failed"):
-            raise ServiceError(ErrorCode.SESSION_FINALIZED, f"session is {s.state}; no more frames accepted")
-        if s.state == "finalizing":
-            raise ServiceError(ErrorCode.SESSION_FINALIZED, "session is finalizing; no more frames accepted")
+        if s.state in ("complete", "failed", "finalizing"):
+            raise finalized_error(s.state)
         if s.frames_received + count > s.params.max_frames:
-            raise ServiceError(ErrorCode.FRAME_LIMIT_EXCEEDED,
-                               f"session frame limit of {s.params.max_frames} reached")
+            raise frame_limit_error(s.params.max_frames)
         if payloads is not None and len(s.pending) + count > self.limits.max_in_flight:
             raise ServiceError(ErrorCode.QUEUE_FULL,
                                f"{len(s.pending)} frames in flight (max {self.limits.max_in_flight}); "

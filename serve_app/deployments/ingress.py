@@ -633,7 +633,7 @@ class Ingress:
         try:
             # shield: a client leaving mid-call does not cancel the store, and the frame then stays queued
             await asyncio.shield(storing)
-        except ServiceError:
+        except Exception:  # refused, or the actor call failed: not acked, so not kept either (if still possible)
             await worker.retract(frame)
             raise
         self.frames_in += 1

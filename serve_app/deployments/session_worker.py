@@ -19,10 +19,10 @@ from typing import Any, Callable
 
 from serve_app.config import LimitsConfig, SessionParams
 from serve_app.deployments.session_actor import call
-from serve_app.errors import ErrorCode, ServiceError
+from serve_app.errors import ErrorCode
 from serve_app.protocol import PointBody, encode_point_body
 from serve_app.reconstruction import FrameInput, StreamReconstructor, WindowPlan
-from serve_app.session_store import ResultRecord
+from serve_app.session_store import ResultRecord, finalized_error, frame_limit_error
 
 log = logging.getLogger("ray.serve.da3.worker")
 
@@ -97,10 +97,9 @@ class SessionWorker:
         (fenced by its epoch) and numbers frames in acceptance order. Raises what the store would for a frame
         past max_frames or after a finalize seen here."""
         if self.finalizing:
-            raise ServiceError(ErrorCode.SESSION_FINALIZED, "session is finalizing; no more frames accepted")
+            raise finalized_error("finalizing")
         if self.accepted >= self.params.max_frames:
-            raise ServiceError(ErrorCode.FRAME_LIMIT_EXCEEDED,
-                               f"session frame limit of {self.params.max_frames} reached")
+            raise frame_limit_error(self.params.max_frames)
         return self.accepted
 
     def add_frame(self, frame: FrameInput, storing: asyncio.Future | None = None) -> None:
@@ -113,7 +112,7 @@ class SessionWorker:
         self.wake.set()
 
     async def retract(self, frame: FrameInput) -> bool:
-        """Take back the newest frame after the store refused it, if no window has taken it yet (else that
+        """Take back the newest frame after its store call failed, if no window has taken it yet (else that
         window goes on: the store refused the frame because the session left this worker, or was finalized
         from elsewhere at that moment)."""
         async with self.lock:
