@@ -92,20 +92,22 @@ async def test_frame_rate_limit_is_non_fatal(secure_url, synthetic_seq):
     sid = httpx.post(secure_url + "/ws/session/create", headers=ALICE).json()["session_id"]
     frame = encode_image(synthetic_seq.images[0], "PNG")
     codes, acks = [], 0
-    async with websockets.connect(ws(secure_url, sid, token="key-alice"), max_size=None) as c:
-        await c.recv()
-        for i in range(8):  # limit is 2 frames/s with a burst of 4
-            await c.send(encode_frame_message(frame, {"frame_id": i}))
-        while acks + len(codes) < 8:
-            m = await asyncio.wait_for(c.recv(), 30)
-            if isinstance(m, str):
-                m = json.loads(m)
-                if m["type"] == "ack":
-                    acks += 1
-                elif m["type"] == "error":
-                    codes.append((m["code"], m["fatal"]))
-    assert acks == 4 and codes == [("FRAME_RATE_LIMITED", False)] * 4
-    httpx.delete(f"{secure_url}/ws/session/{sid}", headers=ALICE)
+    try:  # the session is deleted either way: a leftover would count against ALICE's session limit in later tests
+        async with websockets.connect(ws(secure_url, sid, token="key-alice"), max_size=None) as c:
+            await c.recv()
+            for i in range(8):  # limit is 2 frames/s with a burst of 4
+                await c.send(encode_frame_message(frame, {"frame_id": i}))
+            while acks + len(codes) < 8:
+                m = await asyncio.wait_for(c.recv(), 30)
+                if isinstance(m, str):
+                    m = json.loads(m)
+                    if m["type"] == "ack":
+                        acks += 1
+                    elif m["type"] == "error":
+                        codes.append((m["code"], m["fatal"]))
+        assert acks == 4 and codes == [("FRAME_RATE_LIMITED", False)] * 4
+    finally:
+        httpx.delete(f"{secure_url}/ws/session/{sid}", headers=ALICE)
 
 
 async def test_api_keys_never_reach_the_logs(secure_url):

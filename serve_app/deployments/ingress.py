@@ -696,7 +696,7 @@ class Ingress:
         for everything, later ones leave the local worker's records out; a record both bring is sent once."""
         seq = after
         loop = asyncio.get_running_loop()
-        poll = None
+        poll = got = None
         full = True
         try:
             while not conn.closed:
@@ -764,8 +764,9 @@ class Ingress:
                     await conn.close(WS_CLOSE_NORMAL, "complete")
                     return
         except asyncio.CancelledError:
-            if poll is not None:
-                poll.cancel()
+            for fut in (poll, got):  # neither may outlive the stream (a pending queue.get would be left behind)
+                if fut is not None:
+                    fut.cancel()
             raise
         except Exception:  # noqa: BLE001
             log.exception("result sender failed for %s", sid)
