@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from serve_app.geometry import Sim3, finite_rows
+from serve_app.geometry import Sim3, finite_rows, median
 
 MAD_TO_SIGMA = 1.4826
 
@@ -48,18 +48,6 @@ def _residuals(sim: Sim3, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
 # robust_sim3 evaluates dozens of fits on the same (subsampled) points, so it keeps them transposed, (3, n)
 # C-contiguous: R @ srcT is a fast BLAS product (src @ R.T on (n, 3) is not) and every per-axis pass is
 # contiguous. Same arithmetic as umeyama_sim3 / _residuals above.
-
-def _median(r: np.ndarray) -> float:
-    """float(np.median(r)) for a 1-D array, bit for bit, without np.median's overhead (~5x slower here)."""
-    n = len(r)
-    if n == 0 or np.isnan(r).any():
-        return float(np.median(r))
-    k = n // 2
-    if n % 2:
-        return float(np.partition(r, k)[k])
-    part = np.partition(r, (k - 1, k))
-    return float((part[k - 1] + part[k]) / 2.0)
-
 
 def _row_medians(x: np.ndarray) -> np.ndarray:
     """np.median(x, axis=1) for a 2-D array without NaNs, by partition (np.median along an axis is ~5x slower)."""
@@ -177,7 +165,7 @@ def robust_sim3(src: np.ndarray, dst: np.ndarray, weights: np.ndarray | None = N
     # Hypotheses are ranked on a fixed subsample; the IRLS below uses every point.
     sub = np.sort(rng.choice(n, size=score_points, replace=False)) if n > score_points else slice(None)
     subS, subD = np.ascontiguousarray(srcT[:, sub]), np.ascontiguousarray(dstT[:, sub])
-    best = _median(_residuals_t(sim, subS, subD))
+    best = median(_residuals_t(sim, subS, subD))
     # All minimal sets in one draw (confidence-weighted, with replacement: a repeated point leaves 3, enough).
     sets = rng.choice(n, size=(hypotheses, 4), replace=True, p=w0 / w0.sum())
     with np.errstate(all="ignore"):
@@ -203,7 +191,7 @@ def robust_sim3(src: np.ndarray, dst: np.ndarray, weights: np.ndarray | None = N
     floor = 1e-9 * (1.0 + float(np.abs(dst).max()))
     for _ in range(max(iters, 1)):
         r = _residuals_t(sim, srcT, dstT)
-        sigma = MAD_TO_SIGMA * _median(r)
+        sigma = MAD_TO_SIGMA * median(r)
         thresh = max(huber_k * sigma, floor)
         hub = np.where(r <= thresh, 1.0, thresh / np.maximum(r, 1e-300))
         w = w0 * hub

@@ -7,6 +7,7 @@ pixel (u, v) is K^-1 [u, v, 1]^T; this is what depth_anything_3.utils.export.glb
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -113,6 +114,35 @@ def finite_rows(points: np.ndarray) -> np.ndarray:
 PERCENTILE_SAMPLE = 1 << 17  # confidence values a threshold percentile is taken over, at most
 
 
+def median(x: np.ndarray) -> float:
+    """float(np.median(x)) over all of x, bit for bit, ~5x faster on large arrays: np.median partitions at the
+    middle pair and at the last element (to find NaNs), and numpy's partition at several kth is slow; one kth plus
+    the maximum below it gives the same pair. Input with NaNs goes to np.median."""
+    x = np.asarray(x).reshape(-1)
+    n = len(x)
+    if n == 0 or (x.dtype.kind in "fc" and np.isnan(x).any()):
+        return float(np.median(x))
+    k = n // 2
+    part = np.partition(x, k)
+    if n % 2:
+        return float(part[k])
+    return float((part[:k].max() + part[k]) / 2)
+
+
+def positive_depths(depth: np.ndarray) -> np.ndarray:
+    """The finite positive values of a depth array, flat and in order (a view, not a copy, when all are)."""
+    depth = np.asarray(depth)
+    ok = np.isfinite(depth) & (depth > 0)
+    return depth.reshape(-1) if ok.all() else depth[ok]
+
+
+@functools.lru_cache(maxsize=8)
+def _percentile_sample(size: int) -> np.ndarray:
+    idx = np.random.default_rng(0).integers(0, size, PERCENTILE_SAMPLE)
+    idx.setflags(write=False)  # shared by every call with this size
+    return idx
+
+
 def confidence_mask(conf: np.ndarray, percentile: float, depth: np.ndarray | None = None, *,
                     base_thresh: float | None = None, upper_percentile: float = 90.0) -> np.ndarray:
     """Keep pixels with conf >= the `percentile`-th percentile of `conf` (over the whole array passed; over a
@@ -125,16 +155,19 @@ def confidence_mask(conf: np.ndarray, percentile: float, depth: np.ndarray | Non
     """
     conf = np.asarray(conf)
     finite = np.isfinite(conf)
-    if not finite.any():
+    all_finite = bool(finite.all())
+    if not all_finite and not finite.any():
         return np.zeros(conf.shape, dtype=bool)
-    vals = conf[finite]
+    vals = conf.reshape(-1) if all_finite else conf[finite]  # the usual case needs no copy
     if vals.size > PERCENTILE_SAMPLE:  # a random sample fixes a percentile as well (a strided one can alias)
-        vals = vals[np.random.default_rng(0).integers(0, vals.size, PERCENTILE_SAMPLE)]
+        vals = vals[_percentile_sample(vals.size)]
     thr = float(np.percentile(vals, percentile))
     if base_thresh is not None:
         thr = min(max(float(base_thresh), thr), float(np.percentile(vals, upper_percentile)))
     with np.errstate(invalid="ignore"):
-        mask = finite & (conf >= thr)
+        mask = conf >= thr  # False where conf is NaN; +-inf are the non-finite values it could keep
+        if not all_finite:
+            mask &= finite
         if depth is not None:
             depth = np.asarray(depth)
             mask &= np.isfinite(depth) & (depth > 0)

@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 
@@ -5,7 +7,9 @@ from serve_app.geometry import (
     Sim3,
     confidence_mask,
     invert_pose,
+    median,
     orthonormalize,
+    positive_depths,
     project_points,
     sample_indices,
     to_homogeneous,
@@ -196,3 +200,50 @@ def test_confidence_mask_on_large_maps_keeps_the_requested_share():
         for pct in (10.0, 40.0, 90.0):
             kept = confidence_mask(conf, pct).mean()
             assert abs(kept - (1 - pct / 100)) < 0.005, (pct, kept)
+
+
+def test_median_is_numpy_median_bit_for_bit():
+    rng = np.random.default_rng(5)
+    cases = [np.zeros(0), np.array([3.0]), np.array([np.nan, 1.0]), np.arange(7), np.arange(8).reshape(2, 4)]
+    for _ in range(400):
+        n = int(rng.integers(1, 3000))
+        x = rng.gamma(2.0, 1.0, n) * 10 ** rng.uniform(-3, 3)
+        if rng.random() < 0.3:
+            x = np.round(x, 1)  # ties
+        cases.append(x.astype(np.float32 if rng.random() < 0.5 else np.float64))
+    cases.append(rng.random(190512).astype(np.float32))  # a 504x378 depth map
+    for x in cases:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the empty array's "mean of empty slice"
+            want, got = float(np.median(x)), median(x)
+        assert (got == want) or (np.isnan(got) and np.isnan(want)), (x.dtype, x.size, got, want)
+
+
+def test_positive_depths_keeps_order_and_skips_the_copy_when_it_can():
+    d = np.linspace(0.5, 3.0, 12, dtype=np.float32).reshape(3, 4)
+    out = positive_depths(d)
+    assert np.shares_memory(out, d) and np.array_equal(out, d.reshape(-1))
+    d[0, 1], d[1, 2], d[2, 3] = np.nan, 0.0, np.inf
+    out = positive_depths(d)
+    assert not np.shares_memory(out, d) and np.array_equal(out, d[np.isfinite(d) & (d > 0)])
+
+
+@pytest.mark.parametrize("holes", [False, True])
+def test_confidence_mask_equals_its_definition_on_large_maps(holes):
+    """The mask is conf >= the percentile of (a fixed sample of) the finite confidences, with finite positive
+    depth; the all-finite case (no copies) and the case with holes give exactly that."""
+    from serve_app.geometry import PERCENTILE_SAMPLE
+
+    rng = np.random.default_rng(11)
+    conf = rng.gamma(2.0, 1.0, size=(6, 378, 504)).astype(np.float32)
+    depth = rng.uniform(0.5, 4.0, size=conf.shape).astype(np.float32)
+    if holes:
+        conf.reshape(-1)[rng.integers(0, conf.size, 5000)] = np.nan
+        conf.reshape(-1)[rng.integers(0, conf.size, 50)] = np.inf
+        depth.reshape(-1)[rng.integers(0, depth.size, 5000)] = 0.0
+    finite = np.isfinite(conf)
+    vals = conf[finite]
+    vals = vals[np.random.default_rng(0).integers(0, vals.size, PERCENTILE_SAMPLE)]
+    want = finite & (conf >= np.percentile(vals, 40.0)) & np.isfinite(depth) & (depth > 0)
+    for _ in range(2):  # the second call reuses the cached sample positions
+        assert np.array_equal(confidence_mask(conf, 40.0, depth=depth), want)
