@@ -302,10 +302,11 @@ def prior_sim3(pred_c2w: np.ndarray, prior_c2w: np.ndarray, depth: float, *,
     b = Q[:, :3, 3]
     base_pred = float(np.linalg.norm(a - a.mean(0), axis=1).max()) if n else 0.0
     base_prior = float(np.linalg.norm(b - b.mean(0), axis=1).max()) if n else 0.0
-    info = {"num_cameras": n, "rotation_rmse_deg": rot_err}
+    # Every refusal carries "rigid" (the priors' rotation and mean centre at the model's scale): a first window
+    # has no world to align to densely, so it is placed with that.
+    info = {"num_cameras": n, "rotation_rmse_deg": rot_err, "rigid": Sim3(1.0, R, b.mean(0) - a.mean(0))}
     if n < 2 or base_pred < min_baseline * depth or base_prior <= 1e-9 * (1.0 + float(np.abs(b).max())):
         info["reason"] = "pose priors have no baseline (fewer than 2 distinct camera centres)"
-        info["rigid"] = Sim3(1.0, R, b.mean(0) - a.mean(0))
         return None, info
     w = np.ones(n)
     s, t = 1.0, np.zeros(3)

@@ -33,8 +33,10 @@ def params(**kw) -> SessionParams:
     return SessionParams(**{"process_res": 140, "window_size": 5, "overlap": 2, **kw})
 
 
-def stream(seq, p, oracle, order=None, depth=1, priors=False, each=None):
-    """Feed frames seq[order] (repeats allowed) with `depth` windows in flight, like the ingress does."""
+def stream(seq, p, oracle, order=None, depth=1, priors=False, each=None, prior_c2w=None):
+    """Feed frames seq[order] (repeats allowed) with `depth` windows in flight, like the ingress does.
+    `priors`: every frame carries its true pose and intrinsics as client priors (or `prior_c2w[i]` as its pose)."""
+    prior_c2w = seq.c2w if prior_c2w is None else prior_c2w
     rec = StreamReconstructor(p)
     order = list(range(len(seq.images))) if order is None else list(order)
     outs, queue = [], []
@@ -44,7 +46,7 @@ def stream(seq, p, oracle, order=None, depth=1, priors=False, each=None):
 
     for n, i in enumerate(order):
         rec.add_frame(FrameInput(index=n, frame_id=i, image=seq.images[i], original_size=(W, H),
-                                 pose=seq.c2w[i] if priors else None, intrinsics=seq.K if priors else None))
+                                 pose=prior_c2w[i] if priors else None, intrinsics=seq.K if priors else None))
         while (plan := rec.next_window(force=n == len(order) - 1)) is not None:
             queue.append(plan)
             while len(queue) >= depth:
@@ -261,6 +263,26 @@ def test_priors_without_baseline_fall_back(orbit):
     bad = pred.copy()
     bad[:, :3, 3] = bad[::-1, :3, 3]
     assert prior_sim3(pred, bad, depth=3.0)[0] is None
+
+
+@pytest.mark.parametrize("corrupt", ["reversed", "scattered"])
+def test_priors_the_fit_refuses_on_the_first_window_place_it_rigidly(orbit, corrupt):
+    """Priors the fit refuses on the very first window (a negative scale, or centres that disagree with the
+    cameras): there is no world to align to, so the window goes into the client's world at the model's scale and
+    the stream goes on (this raised a KeyError before)."""
+    p = params()
+    wrong = orbit.c2w.astype(np.float64).copy()
+    first = wrong[:p.window_size, :3, 3]
+    if corrupt == "reversed":
+        first[:] = first[::-1]
+    else:
+        first += np.random.default_rng(0).normal(scale=2.0, size=first.shape)
+    _, outs = stream(orbit, p, OracleModel(ORBIT, seed=3), priors=True, prior_c2w=wrong)
+    align = outs[0].window["alignment"]
+    assert align["mode"] == "priors_rigid" and align["prior_fallback"].startswith("pose priors")
+    assert "baseline" not in align["prior_fallback"]
+    assert all(o.ok for o in outs) and len(results(outs)) == ORBIT.num_frames
+    assert {o.window["alignment"]["mode"] for o in outs[1:]} <= {"priors", "dense"}
 
 
 # --- memory -------------------------------------------------------------------------------------------------

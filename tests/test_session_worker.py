@@ -121,3 +121,39 @@ def test_a_worker_numbers_frames_like_the_store_and_takes_back_a_refused_newest_
             w2.close()
 
     asyncio.run(run())
+
+
+def test_a_window_whose_placement_raises_fails_alone_and_the_session_goes_on():
+    """A bug or a malformed model output (here a depth map of the wrong size) raising inside integrate fails that
+    window with INTERNAL_ERROR (its frames pose: null), instead of killing the worker's integration loop; the next
+    window is placed as usual."""
+    import dataclasses
+
+    from serve_app.config import SessionParams
+    from serve_app.deployments.session_worker import SessionWorker
+    from serve_app.errors import ErrorCode
+    from serve_app.oracle import OracleModel
+    from serve_app.reconstruction import StreamReconstructor
+    from serve_app.synthetic import SceneSpec, render_sequence
+
+    spec = SceneSpec(seed=2, num_frames=8, width=140, height=98, trajectory="orbit")
+    seq = render_sequence(spec)
+    oracle = OracleModel(spec, seed=1)
+    w = SessionWorker.__new__(SessionWorker)  # only _integrate's state: no event loop, actor or model needed
+    w.sid = "s"
+    w.recon = StreamReconstructor(SessionParams(process_res=140, window_size=4, overlap=2))
+    for i in range(8):
+        w.recon.add_frame(FrameInput(index=i, frame_id=i, image=seq.images[i], original_size=(140, 98)))
+    def window(corrupt=False):
+        plan = w.recon.next_window()
+        pred = oracle.forward_windows([plan.request()])[0]
+        return w._integrate(plan, dataclasses.replace(pred, depth=pred.depth[:, :-1]) if corrupt else pred)
+
+    out, _, _, code = window()
+    assert out.ok and code is ErrorCode.ALIGNMENT_FAILED  # the code a not-placed window would get
+    out, snap, _, code = window(corrupt=True)
+    assert not out.ok and code is ErrorCode.INTERNAL_ERROR and "internal error" in out.reason
+    assert [f["pose"] for f in out.frames] == [None, None] and all(f["failed"] for f in out.frames)
+    assert snap is not None
+    out, _, _, code = window()
+    assert out.ok and len(out.points) > 0 and [f["frame_id"] for f in out.frames] == [6, 7]

@@ -200,8 +200,7 @@ class SessionWorker:
             plan, task = await self.order.get()
             res = await task
             if res["ok"]:
-                out, snap, started = await self._run(self._integrate, plan, res["prediction"])
-                code = ErrorCode.ALIGNMENT_FAILED
+                out, snap, started, code = await self._run(self._integrate, plan, res["prediction"])
             else:
                 out, snap, started = await self._run(self._fail, plan, f"model unavailable: {res['error']}")
                 code = ErrorCode.MODEL_UNAVAILABLE
@@ -263,9 +262,16 @@ class SessionWorker:
 
     # Both run in the pool under the lock; the snapshot lets another replica continue the session.
     def _integrate(self, plan: WindowPlan, pred):
+        """(output, snapshot, start time, the error code if the window is not placed)."""
         started = time.time()
-        out = self.recon.integrate(plan, pred)
-        return out, self.recon.snapshot(), started
+        try:
+            out = self.recon.integrate(plan, pred)
+        except Exception as exc:  # a bug or a malformed prediction fails this window, not the session
+            log.exception("session %s: placing window %d raised", self.sid, plan.window,
+                          extra={"session_id": self.sid})
+            out = self.recon.fail(plan, f"internal error ({type(exc).__name__}); details in the server log")
+            return out, self.recon.snapshot(), started, ErrorCode.INTERNAL_ERROR
+        return out, self.recon.snapshot(), started, ErrorCode.ALIGNMENT_FAILED
 
     def _fail(self, plan: WindowPlan, reason: str):
         started = time.time()
