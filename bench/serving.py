@@ -12,6 +12,9 @@ Sections (all ratios use numbers measured in this same run):
   (d) long stream: first 10 vs last 10 windows of one long session, ingress / session-actor RSS
   (e) wire efficiency: DA3P float16 vs float32 JSON vs a full GLB after each window
   (f) single stream paced at --fps: sustained frames/s and latency vs model time
+  (g) the shape's floor: the same hops as (f)'s last frame (proxy, model deployment, session-store commit, proxy)
+      with window-sized payloads and no work, so (f)'s overhead splits into what Ray Serve costs on this machine
+      and what the app's own code adds
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import asyncio
 import gc
 import json
 import os
+import pickle
 import statistics
 import sys
 import time
@@ -35,12 +39,13 @@ from common import LocalApp, app_args, rss_mb, stats, stream_many, stream_sessio
 from measure import fmt, mean, median_time_s, parse_pair, pct, print_table  # noqa: E402
 
 from serve_app.backends import make_backend  # noqa: E402
-from serve_app.config import ModelConfig  # noqa: E402
+from serve_app.config import ModelConfig, SessionParams  # noqa: E402
 from serve_app.exports import glb_bytes  # noqa: E402
 from serve_app.imaging import decode_image  # noqa: E402
 from serve_app.prediction import WindowRequest  # noqa: E402
 from serve_app.preprocess import resize_for_model  # noqa: E402
 from serve_app.protocol import ENC_FLOAT16
+from serve_app.reconstruction import FrameInput, StreamReconstructor  # noqa: E402
 
 
 def verdict(ok: bool | None) -> str:
@@ -64,9 +69,26 @@ def raw_runtime(a, frames: list[bytes]) -> dict:
         reqs = [WindowRequest(images=wins[i % len(wins)], tag=f"b{i}") for i in range(b)]
         t = median_time_s(lambda reqs=reqs, fw=be.forward_windows: fw(reqs), a.repeats)
         out[b] = {"s_per_batch": t, "views_s": b * W / t, "windows_s": b / t, "new_frames_s": b * (W - a.overlap) / t}
+    out["record"] = record_sizes(a, be, frames, imgs)
     del be
     gc.collect()
     return out
+
+
+def record_sizes(a, be, frames: list[bytes], imgs: list[np.ndarray], windows: int = 3) -> dict:
+    """Points per window and the pickled session snapshot a commit carries, from a few windows integrated
+    in-process (section (g) sends payloads of these sizes)."""
+    rec = StreamReconstructor(SessionParams(process_res=a.process_res, window_size=a.window, overlap=a.overlap))
+    for i, (f, im) in enumerate(zip(frames, imgs)):
+        rec.add_frame(FrameInput(index=i, frame_id=i, image=im, original_size=(a.width, a.height), encoded=f))
+    points, snap = [], 0
+    for _ in range(windows):
+        plan = rec.next_window()
+        if plan is None:
+            break
+        points.append(len(rec.integrate(plan, be.forward_windows([plan.request()])[0]).points))
+        snap = len(pickle.dumps(rec.snapshot(), protocol=5))
+    return {"points": int(statistics.median(points)), "snapshot_bytes": snap}
 
 
 # --- (b) helpers --------------------------------------------------------------------------------------------
@@ -171,9 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     print_table(f"(a) raw runtime, in-process, window shape {raw['shape']}",
                 ["batch", "s/forward", "views/s", "windows/s", "new-frames/s"],
                 [[b, fmt(r["s_per_batch"], ".2f"), fmt(r["views_s"], ".2f"), fmt(r["windows_s"], ".2f"),
-                  fmt(r["new_frames_s"], ".2f")] for b, r in raw.items() if b != "shape"])
-    raw_best = max(r["new_frames_s"] for b, r in raw.items() if b != "shape")
-    raw_wps = max(r["windows_s"] for b, r in raw.items() if b != "shape")
+                  fmt(r["new_frames_s"], ".2f")] for b, r in raw.items() if isinstance(b, int)])
+    raw_best = max(r["new_frames_s"] for b, r in raw.items() if isinstance(b, int))
+    raw_wps = max(r["windows_s"] for b, r in raw.items() if isinstance(b, int))
     raw_b1_ms = raw[1]["s_per_batch"] * 1000.0
 
     app = LocalApp(omp_threads=a.threads)
@@ -222,9 +244,9 @@ def main(argv: list[str] | None = None) -> int:
                 n4, rows, ratios = bres[4]["n"], [], []
                 for i in range(a.pairs):
                     ra = raw_runtime(a, frames)
-                    wa = max(r["windows_s"] for b, r in ra.items() if b != "shape")
+                    wa = max(r["windows_s"] for b, r in ra.items() if isinstance(b, int))
                     rb = run_k(url, frames, 4, n4)
-                    ratios.append((rb["fps"] / max(r["new_frames_s"] for b, r in ra.items() if b != "shape"),
+                    ratios.append((rb["fps"] / max(r["new_frames_s"] for b, r in ra.items() if isinstance(b, int)),
                                    rb["wps"] / wa))
                     rows.append([i + 1, fmt(wa, ".2f"), fmt(rb["wps"], ".2f"), fmt(ratios[-1][0], ".2f"),
                                  fmt(ratios[-1][1], ".2f"), fmt(rb["mean_batch"], ".2f"), fmt(rb["busy"], ".2f")])
@@ -266,6 +288,28 @@ def main(argv: list[str] | None = None) -> int:
                       f"queueing for the model; measure the overhead with --fps below the model's speed")
             targets.append(("serving overhead: p50 (last frame sent -> points) - forward < 30 ms",
                             f"{over:.0f} ms" + ("" if paced else " (queued)"), over < 30 if paced else None))
+
+        # (g) the floor of the shape on this machine
+        if "g" not in skip:
+            import floor
+
+            rs = raw["record"]
+            floor.deploy(raw["shape"], rs["points"], rs["snapshot_bytes"])
+            try:
+                fl = asyncio.run(floor.measure(url, frames[0]))
+            finally:
+                floor.remove()
+            print_table(f"(g) the shape's floor: (f)'s hops with no work in them, p50 over {fl['rounds']} paced rounds "
+                        f"(ms); window {raw['shape']} uint8 in, depth + confidence float32 out, commit of "
+                        f"{rs['points']} points + a {rs['snapshot_bytes'] / 1e3:.0f} kB snapshot, "
+                        f"{9 * rs['points'] / 1e3:.0f} kB points message",
+                        ["frame -> points", "model hop", "commit hop", "proxy in + out, sends"],
+                        [[fmt(fl["total"], ".1f"), fmt(fl["model"], ".1f"), fmt(fl["commit"], ".1f"),
+                          fmt(fl["proxy"], ".1f")]])
+            if "f" not in skip:
+                print(f"  (f)'s overhead {over:.0f} ms = this floor {fl['total']:.0f} ms + {over - fl['total']:.0f} ms "
+                      f"of the app's own work (decode, planning, geometry {p50('geometry'):.0f} ms, encoding, "
+                      f"bookkeeping, and the hops' extra time when they carry real work)")
 
         # (d) long stream, keeping points for (e)
         longres = None
@@ -349,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         raw2 = raw_runtime(a, frames)
         print_table("(a) again after the app run (drift check)", ["batch", "s/forward", "new-frames/s", "vs first"],
                     [[b, fmt(r["s_per_batch"], ".2f"), fmt(r["new_frames_s"], ".2f"),
-                      fmt(r["new_frames_s"] / raw[b]["new_frames_s"], ".2f")] for b, r in raw2.items() if b != "shape"])
+                      fmt(r["new_frames_s"] / raw[b]["new_frames_s"], ".2f")] for b, r in raw2.items() if isinstance(b, int)])
 
     print_table("targets", ["target", "measured", "verdict"], [[t, m, verdict(ok)] for t, m, ok in targets])
     print(f"\n(total {time.time() - t_start:.0f}s)")
