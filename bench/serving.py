@@ -53,7 +53,7 @@ def verdict(ok: bool | None) -> str:
 
 
 # --- (a) ----------------------------------------------------------------------------------------------------
-def raw_runtime(a, frames: list[bytes]) -> dict:
+def raw_runtime(a, frames: list[bytes], record: bool = False) -> dict:
     import torch
 
     torch.set_num_threads(a.threads)  # the model replica gets OMP_NUM_THREADS=a.threads too
@@ -69,7 +69,8 @@ def raw_runtime(a, frames: list[bytes]) -> dict:
         reqs = [WindowRequest(images=wins[i % len(wins)], tag=f"b{i}") for i in range(b)]
         t = median_time_s(lambda reqs=reqs, fw=be.forward_windows: fw(reqs), a.repeats)
         out[b] = {"s_per_batch": t, "views_s": b * W / t, "windows_s": b / t, "new_frames_s": b * (W - a.overlap) / t}
-    out["record"] = record_sizes(a, be, frames, imgs)
+    if record:
+        out["record"] = record_sizes(a, be, frames, imgs)
     del be
     gc.collect()
     return out
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
 
     # (a) before Ray starts, so the two never compete for the CPU.
-    raw = raw_runtime(a, frames)
+    raw = raw_runtime(a, frames, record="g" not in skip)
     print_table(f"(a) raw runtime, in-process, window shape {raw['shape']}",
                 ["batch", "s/forward", "views/s", "windows/s", "new-frames/s"],
                 [[b, fmt(r["s_per_batch"], ".2f"), fmt(r["views_s"], ".2f"), fmt(r["windows_s"], ".2f"),

@@ -165,7 +165,7 @@ def confidence_mask(conf: np.ndarray, percentile: float, depth: np.ndarray | Non
     if base_thresh is not None:
         thr = min(max(float(base_thresh), thr), float(np.percentile(vals, upper_percentile)))
     with np.errstate(invalid="ignore"):
-        mask = conf >= thr  # False where conf is NaN; +-inf are the non-finite values it could keep
+        mask = conf >= thr  # NaN compares False, but +inf would pass: hence `finite` when there are any
         if not all_finite:
             mask &= finite
         if depth is not None:
