@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 DA3_SPEC   ?= depth-anything-3==0.1.1
 
-.PHONY: install test demo serve-local bench lint clean
+.PHONY: install browser test demo serve-local bench lint clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,11 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
-test: $(STAMP)
+# Debian chromium for the browser tests (Playwright drives it; no-op when present). The same script as CI.
+browser:
+	bash .ci/install-chromium
+
+test: $(STAMP) browser
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
