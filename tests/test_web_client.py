@@ -359,8 +359,8 @@ def test_stream_key_travels_as_a_subprotocol_not_in_the_url(browser, secure_url,
     cdp.send("Network.enable")
     handshakes: list[dict] = []
     answers: list[dict] = []
-    cdp.on("Network.webSocketWillSendHandshakeRequest", handshakes.append)
-    cdp.on("Network.webSocketHandshakeResponseReceived", answers.append)
+    cdp.on("Network.webSocketWillSendHandshakeRequest", lambda e: handshakes.append(e))
+    cdp.on("Network.webSocketHandshakeResponseReceived", lambda e: answers.append(e))
     cdp.on("Network.webSocketCreated", lambda e: urls.append(e["url"]))
     try:
         page.goto(secure_url + "/")
