@@ -168,3 +168,31 @@ def test_websocket_origin_is_checked(serve_url, secure_url, bystanders):
     finally:
         httpx.delete(f"{secure_url}/ws/session/{sid}", headers=ALICE)
     assert_unaffected(serve_url, secure_url, bystanders)
+
+
+def test_unavailable_healthz_hides_the_exception_from_non_operators(serve_url, secure_url, bystanders):
+    """A probe learns "unavailable" and nothing more; the operator also gets the exception. A small app of its
+    own whose session store is killed for good (max_restarts 0)."""
+    import ray
+    from conftest import API_KEYS, OPERATOR_KEYS, SCENE, app_args, deploy
+    from ray import serve
+
+    args = app_args(model={"backend": "oracle", "oracle_scene": SCENE},
+                    auth={"mode": "api_key", "api_keys": API_KEYS, "operator_keys": OPERATOR_KEYS},
+                    session_actor={"max_restarts": 0})
+    url = deploy(serve_url, "brittle", args)
+    try:
+        ray.kill(ray.get_actor(args["session_actor"]["name"], namespace=args["session_actor"]["namespace"]),
+                 no_restart=True)
+        deadline = time.time() + 60
+        while (r := httpx.get(url + "/healthz", timeout=30)).status_code == 200:
+            assert time.time() < deadline, "healthz still ok after the session store died"
+            time.sleep(0.5)
+        for headers in ({}, ALICE):
+            r = httpx.get(url + "/healthz", headers=headers, timeout=30)
+            assert r.status_code == 503 and r.json() == {"status": "unavailable"}
+        r = httpx.get(url + "/healthz", headers=OPERATOR, timeout=30)
+        assert r.status_code == 503 and "Actor" in r.json()["error"]  # e.g. ActorDiedError: ...
+    finally:
+        serve.delete("brittle")
+    assert_unaffected(serve_url, secure_url, bystanders)
