@@ -144,6 +144,8 @@ class LimitsConfig(_Strict):
     expired_tombstone_s: float = Field(3600.0, ge=0, description="how long an expired id answers SESSION_EXPIRED")
     model_timeout_s: float = Field(120.0, gt=0)
     model_retries: int = Field(1, ge=0, le=5)
+    stats_cache_s: float = Field(2.0, ge=0, le=300, description="/stats reuses Serve's controller status this "
+                                 "long (the controller call runs off the event loop)")
     max_unacked_result_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="result bytes sent to a "
                                           "connection beyond its last `received`; the sender pauses there")
     slow_reader_timeout_s: float = Field(60.0, gt=0, description="a paused sender waits this long for a "
@@ -160,16 +162,42 @@ class SessionActorConfig(_Strict):
     state_dir: str | None = None  # snapshot directory; None = in memory only
 
 
+_TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
 class AuthConfig(_Strict):
     mode: Literal["none", "api_key"] = "none"
     api_keys: list[str] = Field(default_factory=list)
     api_keys_env: str = "DA3_API_KEYS"  # comma-separated keys, merged with api_keys
+    # Operator keys: /stats, the dashboard's data and /healthz's details (also valid user keys). None configured
+    # with mode none: every client is an operator (loopback-only unless allow_remote).
+    operator_keys: list[str] = Field(default_factory=list)
+    operator_keys_env: str = "DA3_OPERATOR_KEYS"  # comma-separated, merged with operator_keys
+    # Mode none: refuse clients whose address is not loopback unless this is true (a keyless server is local).
+    allow_remote: bool = False
+    # Host header names served (DNS rebinding); "*" any, "*.example.com" a domain. null: the loopback names
+    # with mode none, any with api_key.
+    allowed_hosts: list[str] | None = None
 
     def resolved_keys(self) -> list[str]:
         keys = list(self.api_keys)
         env = os.environ.get(self.api_keys_env, "")
         keys += [k.strip() for k in env.split(",") if k.strip()]
         return keys
+
+    def resolved_operator_keys(self) -> list[str]:
+        keys = list(self.operator_keys)
+        keys += [k.strip() for k in os.environ.get(self.operator_keys_env, "").split(",") if k.strip()]
+        return keys
+
+    @model_validator(mode="after")
+    def _keys_are_tokens(self) -> AuthConfig:
+        # Browsers send the key as a WebSocket subprotocol, which must be an HTTP token.
+        for key in self.resolved_keys() + self.resolved_operator_keys():
+            if not key or any(c not in _TOKEN_CHARS for c in key):
+                raise ValueError("API and operator keys may hold only letters, digits and !#$%&'*+-.^_`|~ "
+                                 "(they travel as a WebSocket subprotocol token)")
+        return self
 
     @model_validator(mode="after")
     def _keys_when_required(self) -> "AuthConfig":

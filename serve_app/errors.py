@@ -28,6 +28,7 @@ class ErrorCode(str, Enum):
     ALIGNMENT_FAILED = "ALIGNMENT_FAILED"  # a window could not be placed in the world (map left untouched)
     MODEL_UNAVAILABLE = "MODEL_UNAVAILABLE"
     UNAUTHORIZED = "UNAUTHORIZED"
+    FORBIDDEN = "FORBIDDEN"  # operator route without an operator key; Host, client address or Origin refused
     RATE_LIMITED = "RATE_LIMITED"  # session creations per key per minute
     FRAME_RATE_LIMITED = "FRAME_RATE_LIMITED"  # frames per second of one session
     BYTE_RATE_LIMITED = "BYTE_RATE_LIMITED"  # upload bytes per second of one session
@@ -56,6 +57,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.ALIGNMENT_FAILED: 422,
     ErrorCode.MODEL_UNAVAILABLE: 503,
     ErrorCode.UNAUTHORIZED: 401,
+    ErrorCode.FORBIDDEN: 403,
     ErrorCode.RATE_LIMITED: 429,
     ErrorCode.FRAME_RATE_LIMITED: 429,
     ErrorCode.BYTE_RATE_LIMITED: 429,
@@ -66,6 +68,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
 # WebSocket close codes (4000-4999 are application-defined).
 WS_CLOSE: dict[ErrorCode, int] = {
     ErrorCode.UNAUTHORIZED: 4401,
+    ErrorCode.FORBIDDEN: 4403,
     ErrorCode.SESSION_NOT_FOUND: 4404,
     ErrorCode.SESSION_EXPIRED: 4410,
     ErrorCode.SESSION_LOST: 4412,

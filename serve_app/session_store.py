@@ -127,6 +127,7 @@ class SessionStore:
         self.limits = limits or LimitsConfig()
         self.sessions: dict[str, Session] = {}
         self.expired: dict[str, float] = {}  # tombstones: id -> expired at
+        self.expired_owner: dict[str, str | None] = {}  # whose tombstone: only its owner learns "expired"
         self.create_buckets: dict[str | None, TokenBucket] = {}
         self.deleted: dict[str, float] = {}  # tombstones, so streams can tell "deleted" from "lost"
 
@@ -135,10 +136,14 @@ class SessionStore:
         s = self.sessions.get(session_id)
         # Another key's session answers exactly like a missing one: no existence oracle.
         if s is None or (s.owner is not None and not hmac.compare_digest(s.owner, owner or "")):
-            if session_id in self.expired and s is None:
+            if session_id in self.expired and s is None and self._owns_tombstone(session_id, owner):
                 raise ServiceError(ErrorCode.SESSION_EXPIRED, f"session {session_id} has expired", fatal=True)
             raise ServiceError(ErrorCode.SESSION_NOT_FOUND, f"session {session_id} not found", fatal=True)
         return s
+
+    def _owns_tombstone(self, session_id: str, owner: str | None) -> bool:
+        tomb = self.expired_owner.get(session_id)
+        return tomb is None or hmac.compare_digest(tomb, owner or "")
 
     def get(self, session_id: str, owner: str | None = None) -> Session:
         return self._get(session_id, owner)
@@ -320,10 +325,11 @@ class SessionStore:
         """Remove sessions past their idle or absolute TTL; returns their ids."""
         gone = [sid for sid, s in self.sessions.items() if now >= s.expires_at()]
         for sid in gone:
-            del self.sessions[sid]
+            self.expired_owner[sid] = self.sessions.pop(sid).owner
             self.expired[sid] = now
         keep = self.limits.expired_tombstone_s
         self.expired = {k: t for k, t in self.expired.items() if now - t < keep}
+        self.expired_owner = {k: o for k, o in self.expired_owner.items() if k in self.expired}
         self.deleted = {k: t for k, t in self.deleted.items() if now - t < keep}
         return gone
 

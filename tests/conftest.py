@@ -67,6 +67,7 @@ def serve_url():
 
 
 API_KEYS = ["key-alice", "key-bob"]
+OPERATOR_KEYS = ["key-operator"]  # /stats, the dashboard's data, /healthz details on the secure app
 
 
 def deploy(serve_url: str, name: str, args: dict) -> str:
@@ -104,7 +105,7 @@ def secure_url(serve_url):
     (cheap, so these tests spend their time on the rules, not on the network)."""
     args = app_args(
         model={"backend": "oracle", "oracle_scene": SCENE},
-        auth={"mode": "api_key", "api_keys": API_KEYS},
+        auth={"mode": "api_key", "api_keys": API_KEYS, "operator_keys": OPERATOR_KEYS},
         cors_origins=["http://allowed.example"],
         limits={"max_sessions_per_key": 3, "frames_per_s": 2.0, "max_in_flight": 12},
     )

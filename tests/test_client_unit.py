@@ -204,7 +204,8 @@ class Peer:
 
     async def handler(self, ws):
         q = parse_qs(urlparse(ws.request.path).query)
-        self.connections.append({k: v[0] for k, v in q.items()})
+        self.connections.append({k: v[0] for k, v in q.items()}
+                                | {"authorization": ws.request.headers.get("Authorization")})
         if self.missing:
             await ws.send(json.dumps(P.msg_error("SESSION_NOT_FOUND", "no such session", fatal=True)))
             await ws.close(4404, "SESSION_NOT_FOUND")
@@ -295,7 +296,8 @@ async def test_stream_flow_control_queue_full_and_finalize():
     assert s.reconstruction.last_seq == 4 and set(s.reconstruction.poses) == set(range(7))
     assert s.reconstruction.num_points == 28 and s.frames_processed == 7
     assert s.pending == 0 and s.rejected == [] and pong["type"] == "pong"
-    assert peer.connections[0]["token"] == "k e y"
+    # The key goes in the handshake's Authorization header, never in the URL.
+    assert peer.connections[0]["authorization"] == "Bearer k e y" and "token" not in peer.connections[0]
     assert any(isinstance(m, dict) and m.get("code") == "QUEUE_FULL" for m in seen)
 
 
@@ -345,7 +347,7 @@ async def test_http_errors_carry_server_codes():
             await client.get_session("x")
     assert ei.value.code == "CONNECTION_ERROR"
     c = Da3Client("https://example.org/", token="t")
-    assert c.websocket_url("abc", 5) == "wss://example.org/ws/reconstruct/abc?resume_from=5&token=t"
+    assert c.websocket_url("abc", 5) == "wss://example.org/ws/reconstruct/abc?resume_from=5"
     assert c.headers == {"Authorization": "Bearer t"}
 
 

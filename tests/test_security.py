@@ -45,24 +45,31 @@ def test_sessions_belong_to_their_key(secure_url):
     assert httpx.delete(f"{secure_url}/ws/session/{sid}", headers=ALICE).status_code == 204
 
 
-async def test_websocket_auth_query_subprotocol_and_ownership(secure_url):
+async def refused(url: str, **kwargs) -> tuple[str, int]:
+    """Connect, expect an error message and a close: (code, close code)."""
+    async with websockets.connect(url, **kwargs) as c:
+        m = json.loads(await asyncio.wait_for(c.recv(), 30))
+        with pytest.raises(websockets.ConnectionClosed):
+            await asyncio.wait_for(c.recv(), 30)
+    return m.get("code", m["type"]), c.close_code
+
+
+async def test_websocket_auth_by_header_or_subprotocol_never_the_url(secure_url):
+    """Through Ray Serve's proxy: the Authorization header and the `bearer.<key>` subprotocol reach the app; the
+    server answers with da3.v1 and never echoes the key; a key in the URL (`?token=`) is not accepted."""
     sid = httpx.post(secure_url + "/ws/session/create", headers=ALICE).json()["session_id"]
-    async with websockets.connect(ws(secure_url, sid)) as c:
-        m = json.loads(await c.recv())
-        assert m["code"] == "UNAUTHORIZED"
-        with pytest.raises(websockets.ConnectionClosed):
-            await c.recv()
-    assert c.close_code == 4401
-    async with websockets.connect(ws(secure_url, sid, token="key-bob")) as c:
-        assert json.loads(await c.recv())["code"] == "SESSION_NOT_FOUND"
-        with pytest.raises(websockets.ConnectionClosed):
-            await c.recv()
-    assert c.close_code == 4404
-    async with websockets.connect(ws(secure_url, sid, token="key-alice")) as c:
+    assert await refused(ws(secure_url, sid)) == ("UNAUTHORIZED", 4401)
+    assert await refused(ws(secure_url, sid, token="key-alice")) == ("UNAUTHORIZED", 4401)
+    assert await refused(ws(secure_url, sid), additional_headers=BOB) == ("SESSION_NOT_FOUND", 4404)
+    async with websockets.connect(ws(secure_url, sid), additional_headers=ALICE) as c:
         assert json.loads(await c.recv())["type"] == "ready"
     async with websockets.connect(ws(secure_url, sid), subprotocols=["da3.v1", "bearer.key-alice"]) as c:
-        assert c.subprotocol == "da3.v1"
+        assert c.subprotocol == "da3.v1" and c.response.headers["Sec-WebSocket-Protocol"] == "da3.v1"
         assert json.loads(await c.recv())["type"] == "ready"
+    async with websockets.connect(ws(secure_url, sid), subprotocols=["bearer.key-alice"]) as c:
+        assert c.subprotocol is None and "Sec-WebSocket-Protocol" not in c.response.headers  # key not echoed
+        assert json.loads(await c.recv())["type"] == "ready"
+    httpx.delete(f"{secure_url}/ws/session/{sid}", headers=ALICE)
 
 
 def test_cors_only_for_configured_origins(secure_url):
@@ -93,7 +100,7 @@ async def test_frame_rate_limit_is_non_fatal(secure_url, synthetic_seq):
     frame = encode_image(synthetic_seq.images[0], "PNG")
     codes, acks = [], 0
     try:  # the session is deleted either way: a leftover would count against ALICE's session limit in later tests
-        async with websockets.connect(ws(secure_url, sid, token="key-alice"), max_size=None) as c:
+        async with websockets.connect(ws(secure_url, sid), additional_headers=ALICE, max_size=None) as c:
             await c.recv()
             for i in range(8):  # limit is 2 frames/s with a burst of 4
                 await c.send(encode_frame_message(frame, {"frame_id": i}))
@@ -111,8 +118,8 @@ async def test_frame_rate_limit_is_non_fatal(secure_url, synthetic_seq):
 
 
 async def test_api_keys_never_reach_the_logs(secure_url):
-    """Keys travel in headers, subprotocols and `?token=`; none of them (valid or not) may appear in any log file
-    Ray or Serve writes (access logs included)."""
+    """Keys travel in headers and subprotocols (`?token=` is refused but still tried); none of them (valid or
+    not) may appear in any log file Ray or Serve writes (access logs included)."""
     import time
     from pathlib import Path
 
@@ -123,6 +130,7 @@ async def test_api_keys_never_reach_the_logs(secure_url):
     httpx.get(f"{secure_url}/ws/session/{sid}", headers={"Authorization": f"Bearer {wrong}"})
     httpx.get(f"{secure_url}/ws/session/{sid}?token={wrong}")
     for url, kwargs in ((ws(secure_url, sid, token="key-alice"), {}),
+                        (ws(secure_url, sid), {"additional_headers": ALICE}),
                         (ws(secure_url, sid), {"subprotocols": ["da3.v1", "bearer.key-alice"]}),
                         (ws(secure_url, sid, token=wrong), {})):
         async with websockets.connect(url, **kwargs) as c:
@@ -144,7 +152,7 @@ async def test_api_keys_never_reach_the_logs(secure_url):
 async def test_frame_limit_is_not_fatal_and_the_session_finishes(secure_url, synthetic_seq):
     sid = httpx.post(secure_url + "/ws/session/create", headers=ALICE, json={"max_frames": 2}).json()["session_id"]
     acks, errors, summary = [], [], None
-    async with websockets.connect(ws(secure_url, sid, token="key-alice"), max_size=None) as c:
+    async with websockets.connect(ws(secure_url, sid), additional_headers=ALICE, max_size=None) as c:
         await c.recv()
         for i in range(3):  # within the app's 2 frames/s burst of 4
             await c.send(encode_frame_message(encode_image(synthetic_seq.images[i], "PNG"), {"frame_id": i}))

@@ -11,7 +11,10 @@ import io
 import itertools
 import json
 import os
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import httpx
 import numpy as np
@@ -245,3 +248,156 @@ def test_webcam_source_streams_with_flow_control(pw, serve_url):
     assert state["status"] == "complete" and state["errors"] == [], state["errors"]
     assert state["framesSent"] >= 4 and state["framesProcessed"] == state["framesAcked"] == state["framesSent"]
     assert state["maxOutstanding"] <= 4 and state["pointsRendered"] == state["summary"]["points_total"] > 0
+
+
+# --- where the key goes ------------------------------------------------------------------------------------
+class _Recorder(BaseHTTPRequestHandler):
+    """Another origin that would gladly take the key: answers every CORS preflight with yes, records requests."""
+
+    seen: ClassVar[list[dict]] = []
+
+    def _answer(self, status: int, body: bytes = b"{}") -> None:
+        self.send_response(status)
+        self.send_header("Access-Control-Allow-Origin", "*")
+        self.send_header("Access-Control-Allow-Headers", "authorization, content-type")
+        self.send_header("Access-Control-Allow-Methods", "GET, POST, DELETE")
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _record(self) -> None:
+        n = int(self.headers.get("Content-Length") or 0)
+        if n:
+            self.rfile.read(n)
+        self.seen.append({"method": self.command, "path": self.path,
+                          "authorization": self.headers.get("Authorization")})
+
+    def do_OPTIONS(self):
+        self._record()
+        self._answer(204, b"")
+
+    def do_GET(self):
+        self._record()
+        self._answer(200)
+
+    def do_POST(self):
+        self._record()
+        self._answer(503, b'{"error": {"code": "MODEL_UNAVAILABLE", "message": "elsewhere"}}')
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def elsewhere():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), type("Rec", (_Recorder,), {"seen": []}))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", server.RequestHandlerClass.seen
+    server.shutdown()
+
+
+def _page_with_stored_key(browser, base_url: str, key: str, answer: bool):
+    """A page context whose localStorage holds `key` for base_url's origin; confirm() dialogs get `answer`."""
+    ctx = browser.new_context()
+    page = ctx.new_page()
+    dialogs: list[str] = []
+
+    def on_dialog(d):
+        dialogs.append(d.message)
+        d.accept() if answer else d.dismiss()
+
+    page.on("dialog", on_dialog)
+    page.goto(base_url + "/static/style.css")  # same origin, no script: just to reach its localStorage
+    page.evaluate("(k) => localStorage.setItem('da3.token', k)", key)
+    return ctx, page, dialogs
+
+
+def test_pages_send_the_key_to_another_origin_only_after_confirm(browser, serve_url, elsewhere):
+    """`/dashboard?url=<elsewhere>` and `/?url=<elsewhere>` must not hand the stored key to that origin unless the
+    user confirms a dialog naming it (asked once per origin); the page's own origin gets it without asking."""
+    other, seen = elsewhere
+    ctx, page, dialogs = _page_with_stored_key(browser, serve_url, "stored-secret", answer=False)
+    try:
+        page.goto(f"{serve_url}/dashboard?url={other}")
+        page.wait_for_function("() => window.da3dash.polls + window.da3dash.failures >= 2", timeout=30_000)
+        page.goto(f"{serve_url}/?url={other}")
+        page.wait_for_function("() => window.da3 && window.da3.state")
+        out = page.evaluate("(u) => window.da3.streamUrls([u], {}).then(() => 'ok', (e) => String(e))",
+                            data_url(np.zeros((32, 32, 3), np.uint8)))
+        assert "MODEL_UNAVAILABLE" in out  # it did talk to that origin, just without the key
+    finally:
+        ctx.close()
+    assert {r["path"] for r in seen} >= {"/stats", "/ws/session/create"}
+    assert all(r["authorization"] is None for r in seen), seen
+    # Asked once for the tab (not on every poll, not again on the other page), naming the origin.
+    assert len(dialogs) == 1 and other in dialogs[0], dialogs
+
+    seen.clear()
+    ctx, page, dialogs = _page_with_stored_key(browser, serve_url, "stored-secret", answer=True)
+    try:
+        with page.expect_request(lambda r: r.url == f"{serve_url}/stats"
+                                 and r.headers.get("authorization") == "Bearer stored-secret"):
+            page.goto(f"{serve_url}/dashboard")  # own origin: no question asked
+        assert dialogs == []
+        page.goto(f"{serve_url}/dashboard?url={other}")
+        page.wait_for_function("() => window.da3dash.polls >= 2", timeout=30_000)
+    finally:
+        ctx.close()
+    assert len(dialogs) == 1 and other in dialogs[0]
+    assert any(r["authorization"] == "Bearer stored-secret" for r in seen if r["path"] == "/stats"), seen
+
+
+def test_stream_key_travels_as_a_subprotocol_not_in_the_url(browser, secure_url, synthetic_seq):
+    """On an app with API keys: the page streams with the key in Sec-WebSocket-Protocol (through Ray Serve's
+    proxy), the server answers da3.v1 only, and no URL the page requests holds the key."""
+    ctx = browser.new_context()
+    page = ctx.new_page()
+    urls: list[str] = []
+    page.on("request", lambda r: urls.append(r.url))
+    cdp = ctx.new_cdp_session(page)
+    cdp.send("Network.enable")
+    handshakes: list[dict] = []
+    answers: list[dict] = []
+    cdp.on("Network.webSocketWillSendHandshakeRequest", lambda e: handshakes.append(e))
+    cdp.on("Network.webSocketHandshakeResponseReceived", lambda e: answers.append(e))
+    cdp.on("Network.webSocketCreated", lambda e: urls.append(e["url"]))
+    try:
+        page.goto(secure_url + "/")
+        page.wait_for_function("() => window.da3 && window.da3.state")
+        page.fill("#token", "key-alice")
+        page.dispatch_event("#token", "change")
+        frames = [data_url(synthetic_seq.images[i]) for i in range(4)]  # within the app's 2 frames/s burst
+        out = page.evaluate("([u, p]) => window.da3.streamUrls(u, p).then(() => 'ok', (e) => String(e))",
+                            [frames, PARAMS])
+        state = snapshot(page)
+        assert out == "ok" and state["status"] == "complete", (out, state["errors"])
+        assert state["framesProcessed"] == 4
+    finally:
+        ctx.close()
+    assert handshakes and answers
+    for h in handshakes:
+        sent = {k.lower(): v for k, v in h["request"]["headers"].items()}
+        assert sent["sec-websocket-protocol"] == "da3.v1, bearer.key-alice"
+    for a in answers:
+        got = {k.lower(): v for k, v in a["response"]["headers"].items()}
+        assert got["sec-websocket-protocol"] == "da3.v1" and "key-alice" not in json.dumps(got)
+    assert any("/ws/reconstruct/" in u for u in urls)
+    assert not [u for u in urls if "key-alice" in u or "token=" in u], urls
+
+
+def test_dashboard_data_needs_an_operator_key(browser, secure_url):
+    ctx = browser.new_context()
+    page = ctx.new_page()
+    try:
+        page.goto(secure_url + "/dashboard")
+        page.fill("#token", "key-alice")
+        page.dispatch_event("#token", "change")
+        page.wait_for_function("() => (window.da3dash.error || '').includes('FORBIDDEN')", timeout=30_000)
+        assert "FORBIDDEN" in page.inner_text("#dash-error")
+        page.fill("#token", "key-operator")
+        page.dispatch_event("#token", "change")
+        page.wait_for_function("() => window.da3dash.error === null && window.da3dash.polls >= 1", timeout=30_000)
+        page.wait_for_selector("#deployments tr[data-deployment]")
+    finally:
+        ctx.close()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlencode
 
 import httpx
 
@@ -128,14 +127,10 @@ class Da3Client:
 
     # --- streaming ------------------------------------------------------------------------------------------
     def websocket_url(self, session_id: str, resume_from: int | None = None) -> str:
+        """The stream's URL; it never holds the key (that goes in `headers`, see StreamSession)."""
         base = "ws" + self.url[4:] if self.url.startswith("http") else self.url
-        query = []
-        if resume_from is not None:
-            query.append(f"resume_from={int(resume_from)}")
-        if self.token:
-            query.append(urlencode({"token": self.token}))
         url = f"{base}/ws/reconstruct/{session_id}"
-        return url + ("?" + "&".join(query) if query else "")
+        return url + (f"?resume_from={int(resume_from)}" if resume_from is not None else "")
 
     def stream(self, session_id: str, **kwargs: Any) -> StreamSession:
         """A StreamSession; use as `async with client.stream(session_id) as s:` (kwargs: see StreamSession)."""

@@ -26,8 +26,10 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 try:
     from websockets.asyncio.client import connect as ws_connect
+    HEADERS_KW = "additional_headers"
 except ImportError:  # websockets < 13
     from websockets.client import connect as ws_connect  # type: ignore[no-redef]
+    HEADERS_KW = "extra_headers"
 
 from da3_client.errors import CLOSE_CODES, CLOSE_NORMAL, RETRYABLE_CLOSES, Da3Error
 from da3_client.reconstruction import Reconstruction
@@ -309,7 +311,8 @@ class StreamSession:
         timeout = self.client.timeout
         try:
             ws = await asyncio.wait_for(ws_connect(url, max_size=None, open_timeout=timeout,
-                                                      compression=self.compression), timeout)
+                                                      compression=self.compression, subprotocols=["da3.v1"],
+                                                      **{HEADERS_KW: self.client.headers}), timeout)
         except (TimeoutError, OSError, InvalidHandshake) as exc:
             raise Da3Error("CONNECTION_ERROR", f"cannot connect to {url.split('?')[0]}: {exc!r}",
                            fatal=False) from exc

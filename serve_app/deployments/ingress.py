@@ -4,7 +4,6 @@ image decoding, resizing, geometry and export encoding run in a thread pool."""
 
 import asyncio
 import dataclasses
-import hmac
 import json
 import logging
 import time
@@ -24,6 +23,7 @@ from fastapi.staticfiles import StaticFiles
 from ray import serve
 
 from serve_app import exports, protocol, ray_env
+from serve_app.auth import AccessMiddleware, AccessPolicy, bearer_token
 from serve_app.config import AppArgs, SessionParams, merge_session_params
 from serve_app.deployments.drain import replica_draining
 from serve_app.deployments.session_actor import call, get_session_actor
@@ -35,7 +35,8 @@ from serve_app.limits import FrameRateLimiter
 from serve_app.metrics import IngressMetrics
 from serve_app.preprocess import resize_for_model
 from serve_app.reconstruction import FrameInput, StreamReconstructor
-from serve_app.session_store import ResultRecord, owner_of
+from serve_app.session_store import ResultRecord
+from serve_app.status_cache import CachedCall
 from serve_app.video import decode_video, is_video
 
 log = logging.getLogger("ray.serve.da3.ingress")  # child of ray.serve: goes to the replica log files
@@ -45,7 +46,6 @@ api = FastAPI(title="da3-serve", version="0.1.0",
 
 
 WS_SUBPROTOCOL = "da3.v1"
-BEARER_PROTOCOL_PREFIX = "bearer."
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 api.mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static")
 
@@ -171,10 +171,13 @@ class Ingress:
         lim = self.args.limits
         self.image_limits = ImageLimits(max_bytes=lim.max_image_bytes, max_pixels=lim.max_image_pixels,
                                         allowed_formats=tuple(f.upper() for f in lim.allowed_formats))
-        self.keys = self.args.auth.resolved_keys() if self.args.auth.mode == "api_key" else []
+        self.policy = AccessPolicy(self.args.auth, self.args.cors_origins)
         if self.args.cors_origins:
             api.add_middleware(CORSMiddleware, allow_origins=self.args.cors_origins, allow_methods=["*"],
                                allow_headers=["*"])
+        api.add_middleware(AccessMiddleware, policy=self.policy)  # outermost: Host, client, Origin first
+        # serve.status() is a blocking controller call: made in a thread, reused for stats_cache_s.
+        self.deployment_status = CachedCall(self._deployment_status, lim.stats_cache_s, default={})
 
     def _count_error(self, code: str, session_id: str | None = None) -> None:
         if session_id:
@@ -184,26 +187,12 @@ class Ingress:
 
     # --- auth -------------------------------------------------------------------------------------------
     def _owner(self, token: str | None) -> str | None:
-        if self.args.auth.mode == "none":
-            return None
-        # Constant-time comparison against every key so timing reveals nothing about which key matched.
-        ok = False
-        for key in self.keys:
-            ok |= hmac.compare_digest((token or "").encode(), key.encode())
-        if not token or not ok:
-            raise ServiceError(ErrorCode.UNAUTHORIZED, "missing or invalid API key", fatal=True)
-        return owner_of(token)
+        return self.policy.owner(token)
 
     @staticmethod
     def _bearer(request: Request | WebSocket) -> str | None:
-        h = request.headers.get("authorization", "")
-        if h.lower().startswith("bearer "):
-            return h[7:].strip()
-        # Browsers cannot set headers on a WebSocket: they may offer "bearer.<key>" as a subprotocol.
-        for proto in request.headers.get("sec-websocket-protocol", "").split(","):
-            if proto.strip().startswith(BEARER_PROTOCOL_PREFIX):
-                return proto.strip()[len(BEARER_PROTOCOL_PREFIX):]
-        return request.query_params.get("token")
+        # Authorization header, or (browsers cannot set WebSocket headers) a "bearer.<key>" subprotocol.
+        return bearer_token(request.headers)
 
     # --- HTTP routes ------------------------------------------------------------------------------------
     @api.post("/ws/session/create", status_code=201)
@@ -241,7 +230,14 @@ class Ingress:
 
     @api.get("/ws/sessions")
     async def list_sessions(self, request: Request) -> dict:
-        return await call(self.actor.list, self._owner(self._bearer(request)))
+        token = self._bearer(request)
+        res = await call(self.actor.list, self._owner(token))
+        if self.policy.is_operator(token):
+            return res
+        # A user sees their own sessions and counts, nothing about the cluster.
+        counts = Counter(s["state"] for s in res["sessions"])
+        return {"sessions": res["sessions"], "counts": {"total": len(res["sessions"]), **counts},
+                "limits": res["limits"]}
 
     @api.get("/ws/session/{session_id}/reconstruction.ply")
     async def export_ply(self, session_id: str, request: Request) -> Response:
@@ -345,13 +341,20 @@ class Ingress:
                              "trajectory": traj["frames"], "exports": protocol.export_paths(sid)})
 
     @api.get("/healthz")
-    async def healthz(self) -> JSONResponse:
+    async def healthz(self, request: Request) -> JSONResponse:
+        # Probes need no key and learn ok/unavailable only; details (model, error text) are for operators.
+        operator = self.policy.is_operator(self._bearer(request))
         try:
             info = await asyncio.wait_for(self._model_info(), 10)
             await asyncio.wait_for(self.actor.ping.remote(), 10)
         except Exception as exc:  # noqa: BLE001
-            return JSONResponse({"status": "unavailable", "error": f"{type(exc).__name__}: {exc}"},
-                                status_code=503)
+            log.warning("healthz: unavailable: %s: %s", type(exc).__name__, exc)
+            body = {"status": "unavailable"}
+            if operator:
+                body["error"] = f"{type(exc).__name__}: {exc}"
+            return JSONResponse(body, status_code=503)
+        if not operator:
+            return JSONResponse({"status": "ok"})
         return JSONResponse({"status": "ok", "model": info, "uptime_s": time.time() - self.started})
 
     async def _model_info(self) -> dict:
@@ -359,20 +362,16 @@ class Ingress:
 
     @api.get("/stats")
     async def stats(self, request: Request) -> dict:
-        """Operator view (the dashboard polls it): sessions, model replicas, batching, throughput, errors."""
-        owner = self._owner(self._bearer(request))
-        model, sessions = await asyncio.gather(self.model.stats.remote(), call(self.actor.list, owner))
+        """Operator view (the dashboard polls it): sessions, model replicas, batching, throughput, errors.
+        Cluster-wide, so an operator key only."""
+        self.policy.require_operator(self._bearer(request))
+        model, sessions, replicas = await asyncio.gather(
+            self.model.stats.remote(), call(self.actor.list, None, everyone=True), self.deployment_status.get())
         now = time.time()
         self.rate.append((now, sum(w.processed - w.processed_at_start for w in self.workers.values())
                           + self.processed_closed))
         self.rate = [(t, n) for t, n in self.rate if now - t <= 30]
         (t0, n0), (t1, n1) = self.rate[0], self.rate[-1]
-        try:
-            replicas = {name: {"status": str(d.status), "replicas": dict(d.replica_states)}
-                        for app in serve.status().applications.values()
-                        for name, d in app.deployments.items()}
-        except Exception:  # noqa: BLE001 - controller busy; the rest is still useful
-            replicas = {}
         return {
             "time": now, "uptime_s": now - self.started, "deployments": replicas, "model": model,
             "frames_in": self.frames_in, "frames_per_s": (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0,
@@ -384,6 +383,12 @@ class Ingress:
             "ray_env": {"ingress": ray_env.in_effect(), "model": model.get("ray_env"),
                         "session_actor": sessions.get("ray_env")},
         }
+
+    @staticmethod
+    def _deployment_status() -> dict:
+        """Blocking (a controller call): runs in a thread through self.deployment_status."""
+        return {name: {"status": str(d.status), "replicas": dict(d.replica_states)}
+                for app in serve.status().applications.values() for name, d in app.deployments.items()}
 
     @api.get("/")
     async def index(self) -> FileResponse:

@@ -90,8 +90,10 @@ class SessionActor:
         self._conds.pop(sid, None)
         return s.info()
 
-    async def list(self, owner: str | None) -> dict:
-        return {"sessions": [s.info() for s in self.store.list(owner)], "counts": self.store.counts(),
+    async def list(self, owner: str | None, everyone: bool = False) -> dict:
+        """The owner's sessions (`everyone`: all of them, for the operator's /stats)."""
+        found = list(self.store.sessions.values()) if everyone else self.store.list(owner)
+        return {"sessions": [s.info() for s in found], "counts": self.store.counts(),
                 "limits": {"max_sessions": self.store.limits.max_sessions}, "ray_env": in_effect()}
 
     async def accept_frame(self, sid: str, owner: str | None, epoch: int, frame: Any, index: int | None = None

@@ -1,5 +1,6 @@
 // da3-serve browser client: create a session, stream frames over the WebSocket (DA3F), render DA3P points live.
 // Test hooks live on `window.da3` (state, streamUrls, finalize, ...); see tests/test_web_client.py.
+import { keyFor } from './keyguard.js';
 import { decodePoints, encodeFrame, halfToFloat } from './protocol.js';
 import { Viewer } from './viewer.js';
 
@@ -34,16 +35,17 @@ function baseUrl() {
   return ($('server-url').value.trim() || defaultBase()).replace(/\/$/, '');
 }
 function token() {
-  return $('token').value.trim();
+  return keyFor(baseUrl(), $('token').value.trim()); // '' for another origin unless the user confirmed it
 }
 function authHeaders() {
-  return token() ? { Authorization: `Bearer ${token()}` } : {};
+  const key = token();
+  return key ? { Authorization: `Bearer ${key}` } : {};
 }
 {
   const q = new URLSearchParams(location.search);
   $('server-url').placeholder = defaultBase();
   $('server-url').value = q.get('url') || localStorage.getItem(URL_KEY) || '';
-  $('token').value = q.get('token') || localStorage.getItem(TOKEN_KEY) || '';
+  $('token').value = localStorage.getItem(TOKEN_KEY) || ''; // never from the URL: URLs are logged
   $('server-url').addEventListener('change', () => localStorage.setItem(URL_KEY, $('server-url').value.trim()));
   $('token').addEventListener('change', () => localStorage.setItem(TOKEN_KEY, $('token').value.trim()));
 }
@@ -116,10 +118,18 @@ async function createSession(params) {
 function connect(resumeFrom) {
   return new Promise((resolve, reject) => {
     const q = new URLSearchParams();
-    if (token()) q.set('token', token());
     if (resumeFrom != null) q.set('resume_from', String(resumeFrom));
     const url = `${baseUrl().replace(/^http/, 'ws')}/ws/reconstruct/${state.sessionId}${q.size ? `?${q}` : ''}`;
-    const sock = new WebSocket(url);
+    // The key rides as a subprotocol (never in the URL); the server answers with da3.v1 only.
+    const key = token();
+    let sock;
+    try {
+      sock = new WebSocket(url, key ? ['da3.v1', `bearer.${key}`] : ['da3.v1']);
+    } catch (err) {
+      reject(new ServerError('CLIENT_ERROR', `cannot open the stream: ${err.message} (an API key may hold only `
+        + "letters, digits and !#$%&'*+-.^_`|~)"));
+      return;
+    }
     sock.binaryType = 'arraybuffer';
     ws = sock;
     let ready = false;

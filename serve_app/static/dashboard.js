@@ -1,4 +1,7 @@
-// Operator dashboard: polls GET /stats every 2 s and renders it. Test hooks on `window.da3dash`.
+// Operator dashboard: polls GET /stats every 2 s and renders it (an operator key when the server has keys).
+// Test hooks on `window.da3dash`.
+import { keyFor } from './keyguard.js';
+
 const $ = (id) => document.getElementById(id);
 const TOKEN_KEY = 'da3.token';
 const URL_KEY = 'da3.url';
@@ -14,7 +17,7 @@ function defaultBase() {
   const q = new URLSearchParams(location.search);
   $('server-url').placeholder = defaultBase();
   $('server-url').value = q.get('url') || localStorage.getItem(URL_KEY) || '';
-  $('token').value = q.get('token') || localStorage.getItem(TOKEN_KEY) || '';
+  $('token').value = localStorage.getItem(TOKEN_KEY) || ''; // never from the URL: URLs are logged
   $('server-url').addEventListener('change', () => { localStorage.setItem(URL_KEY, $('server-url').value.trim()); poll(); });
   $('token').addEventListener('change', () => { localStorage.setItem(TOKEN_KEY, $('token').value.trim()); poll(); });
 }
@@ -143,7 +146,7 @@ async function poll() {
   if (inFlight) return;
   inFlight = true;
   const base = ($('server-url').value.trim() || defaultBase()).replace(/\/$/, '');
-  const token = $('token').value.trim();
+  const token = keyFor(base, $('token').value.trim()); // '' for another origin unless the user confirmed it
   try {
     const r = await fetch(`${base}/stats`, { headers: token ? { Authorization: `Bearer ${token}` } : {}, cache: 'no-store' });
     const body = await r.json().catch(() => ({}));
