@@ -35,7 +35,7 @@ from serve_app.limits import FrameRateLimiter
 from serve_app.metrics import IngressMetrics
 from serve_app.preprocess import resize_for_model
 from serve_app.reconstruction import FrameInput, StreamReconstructor
-from serve_app.session_store import ResultRecord, owner_of
+from serve_app.session_store import CorrectionRecord, ResultRecord, owner_of
 from serve_app.video import decode_video, is_video
 
 log = logging.getLogger("ray.serve.da3.ingress")  # child of ray.serve: goes to the replica log files
@@ -777,6 +777,11 @@ class Ingress:
         """One result record: window JSON, frame_results, points. False if the stream closed meanwhile."""
         if not await self._wait_for_reader(conn, sid):
             return False
+        if isinstance(rec, CorrectionRecord):  # a correction record is one JSON message (no points)
+            text = rec.text or json.dumps(rec.message, separators=(",", ":"))
+            await conn.send_text(text)
+            conn.record_sent(rec.seq, len(text))
+            return True
         texts = [json.dumps({"type": "window", **rec.window}, separators=(",", ":"))]
         texts += [json.dumps({"type": "frame_result", **fr}, separators=(",", ":")) for fr in rec.frames]
         body = rec.body

@@ -165,6 +165,21 @@ class SessionActor:
         await self._notify(sid)
         return rec.seq, len(rec.points)
 
+    async def commit_correction(self, sid: str, message: dict, epoch: int | None = None) -> tuple[int, int]:
+        """Store a `correction` message (serve_app/corrections.py) as the session's next record: (seq, version
+        as stored). seq is -1 if the session is gone, -2 if the caller is a stale (fenced) worker."""
+        if sid not in self.store.sessions:
+            return -1, 0
+        if epoch is not None and not self.store.is_current_worker(sid, epoch):
+            return -2, 0
+        rec = self.store.commit_correction(sid, message, time.time(), epoch)
+        if self.journal is not None:
+            s = self.store.sessions[sid]
+            self.journal.save_corrections(s)  # first, like a window record: a crash in between keeps it
+            self.journal.save_meta(s)
+        await self._notify(sid)
+        return rec.seq, rec.message["version"]
+
     async def attach(self, sid: str, owner: str | None, connection_id: str) -> dict:
         self.store.get(sid, owner)
         displaced = self.store.attach(sid, connection_id)
@@ -187,7 +202,7 @@ class SessionActor:
                 return {"gone": self.store.gone_reason(sid)}
             if s.connection_id != connection_id:
                 return {"displaced": True}
-            recs = [r for r in s.records if r.seq > after_seq and (skip_epoch is None or r.epoch != skip_epoch)]
+            recs = self.store.records_after(sid, after_seq, skip_epoch)  # window and correction records
             if recs or s.state in ("complete", "failed"):
                 return {"records": recs, "info": s.info()}
             return None
@@ -219,11 +234,11 @@ class SessionActor:
         s = self.store.sessions.get(sid)
         return {"gone": True} if s is None else s.info()
 
-    async def point_cloud(self, sid: str, owner: str | None):
-        return self.store.point_cloud(sid, owner)
+    async def point_cloud(self, sid: str, owner: str | None, corrected: bool = True):
+        return self.store.point_cloud(sid, owner, corrected)
 
-    async def trajectory(self, sid: str, owner: str | None) -> list[dict]:
-        return list(self.store.get(sid, owner).frames)
+    async def trajectory(self, sid: str, owner: str | None, corrected: bool = True) -> list[dict]:
+        return self.store.trajectory(sid, owner, corrected)
 
     async def stream_state(self, sid: str) -> Any:
         s = self.store.sessions.get(sid)
