@@ -7,10 +7,11 @@ originals to the current best estimate: corrected = T @ original. Windows it doe
 (identity if none yet), so merging is a dict update: idempotent, and replaying every correction in seq order
 ends in the same state as having received them live.
 
-Wire form (compact, measured in tests/test_corrections.py: ~70 bytes per window, so 1,000 windows < 100 kB):
+Wire form (compact; measured by tests/test_corrections.py::test_a_thousand_windows_fit_in_100_kB, ~80 bytes per
+window with arbitrary transforms, so 1,000 windows < 100 kB):
     {"type":"correction","seq":12,"version":3,"transforms":[[w, s, qx, qy, qz, qw, tx, ty, tz], ...]}
-Numbers are rounded to float32 and written in their shortest form; the server keeps exactly the transforms it
-sent (decoded from the message), so a client that applies them reproduces the server's exports.
+Numbers have 7 significant digits (float32 precision) in their shortest form; the server keeps exactly the
+transforms it sent (decoded from the message), so a client that applies them reproduces the server's exports.
 """
 
 from __future__ import annotations
@@ -55,8 +56,8 @@ def _R_from_quat(q) -> np.ndarray:
 
 
 def _f32(x: float) -> float:
-    """x rounded to float32, as the Python float whose repr is float32's shortest round-trip form."""
-    return float(str(np.float32(x)))
+    """x to 7 significant digits (float32's precision, ~6e-8 relative), a float whose repr is that short."""
+    return float(f"{x:.7g}")
 
 
 def to_row(window: int, T: Sim3) -> list:
