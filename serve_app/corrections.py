@@ -1,13 +1,13 @@
-"""Per-window corrections from global optimisation: the `correction` message (docs/WEBSOCKET_API.md 3.5) and the
-pure maths to apply and merge it. Plain numpy, no Ray.
+"""Per-window corrections from global optimisation: the `correction` message (docs/WEBSOCKET_API.md 3.5.1) and
+the pure maths to apply and merge it. Plain numpy, no Ray.
 
 A window's points and poses as first emitted (its window/frame_result/points messages) are its "original"
 coordinates. A correction carries, for some windows, the ABSOLUTE transform T (a Sim(3)) that maps those
-originals to the current best estimate: corrected = T @ original. Windows it does not name keep their transform
-(identity if none yet), so merging is a dict update: idempotent, and replaying every correction in seq order
-ends in the same state as having received them live.
+originals to the current best estimate: corrected = T @ original. Windows it does not name keep their
+transform (identity if none yet), so merging is a dict update: idempotent, and replaying every correction in
+seq order ends in the same state as having received them live.
 
-Wire form (compact; measured by tests/test_corrections.py::test_a_thousand_windows_fit_in_100_kB, ~80 bytes per
+Wire form (compact; tests/test_corrections.py::test_a_thousand_windows_fit_in_100_kB measures ~90 bytes per
 window with arbitrary transforms, so 1,000 windows < 100 kB):
     {"type":"correction","seq":12,"version":3,"transforms":[[w, s, qx, qy, qz, qw, tx, ty, tz], ...]}
 Numbers have 7 significant digits (float32 precision) in their shortest form; the server keeps exactly the
@@ -67,7 +67,8 @@ def to_row(window: int, T: Sim3) -> list:
 
 def from_row(row: Any) -> tuple[int, Sim3]:
     if not isinstance(row, list) or len(row) != ROW:
-        raise CorrectionError(f"a transform is a list of {ROW} numbers [window, s, qx, qy, qz, qw, tx, ty, tz]")
+        raise CorrectionError(f"a transform is a list of {ROW} numbers: window, s, qx, qy, qz, qw, tx, ty, "
+                              "tz")
     w = row[0]
     if isinstance(w, bool) or not isinstance(w, int) or w < 0:
         raise CorrectionError("a transform's window must be an integer >= 0")
@@ -108,7 +109,7 @@ def quantize(corr: Correction) -> Correction:
 
 
 def merge(current: dict[int, Sim3], corr: Correction) -> dict[int, Sim3]:
-    """The per-window state after `corr`: its windows take its (absolute) transforms, the others keep theirs."""
+    """The per-window state after `corr`: its windows take its (absolute) transforms, others keep theirs."""
     return {**current, **corr.transforms}
 
 
@@ -144,7 +145,7 @@ def corrected_frames(frames: list[dict], state: dict[int, Sim3]) -> list[dict]:
     out = []
     for f in frames:
         T = state.get(f.get("window")) if f.get("pose") is not None else None
-        out.append(f if T is None else {**f, "pose": apply_c2w(T, np.asarray(f["pose"], np.float64)).tolist()})
+        out.append(f if T is None else {**f, "pose": apply_c2w(T, np.asarray(f["pose"], float)).tolist()})
     return out
 
 

@@ -49,7 +49,7 @@ class SessionJournal:
 
     def load_corrections(self, s: Session) -> None:
         """Correction records and the per-window state they build. A correction written just before a crash
-        that kept the metadata from saving its seq is kept (its file already dropped the rows it supersedes)."""
+        that kept the metadata from saving its seq is kept (its file already dropped rows it supersedes)."""
         path = self.dir / f"{s.session_id}.corr"
         if not path.exists():
             return

@@ -319,15 +319,16 @@ class SessionStore:
         s = self.sessions[session_id]
         recs = [r for r in s.records if r.seq > seq and (skip_epoch is None or r.epoch != skip_epoch)]
         if s.corrections and s.corrections[-1].seq > seq:
-            recs += [c for c in s.corrections if c.seq > seq and (skip_epoch is None or c.epoch != skip_epoch)]
+            recs += [c for c in s.corrections
+                     if c.seq > seq and (skip_epoch is None or c.epoch != skip_epoch)]
             recs.sort(key=lambda r: r.seq)
         return recs
 
     def commit_correction(self, session_id: str, message: dict, now: float, epoch: int | None = None
                           ) -> CorrectionRecord:
-        """Store a correction message (corrections.to_message) as the next record. The transforms kept are the
-        ones decoded from the message, so the server's exports equal what a client computes from it. Its version
-        is raised above the session's last if needed (a takeover worker may count from scratch)."""
+        """Store a correction message (corrections.to_message) as the next record. The transforms kept are
+        the ones decoded from the message, so the server's exports equal what a client computes from it. Its
+        version is raised above the session's last if needed (a takeover worker may count from scratch)."""
         s = self.sessions[session_id]
         corr = corrections.from_message(message)
         s.last_seq += 1
@@ -342,7 +343,7 @@ class SessionStore:
 
     def point_cloud(self, session_id: str, owner: str | None, corrected: bool = True
                     ) -> tuple[np.ndarray, np.ndarray]:
-        """The stored map; `corrected`: each window's points mapped by its current correction (the exports)."""
+        """The stored map; `corrected`: each window's points mapped by its current correction (exports)."""
         s = self._get(session_id, owner)
         if not s.records:
             return np.zeros((0, 3), np.float32), np.zeros((0, 3), np.uint8)

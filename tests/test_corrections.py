@@ -1,6 +1,6 @@
-"""Per-window corrections (issue 16 item 6): the wire form, applying and merging them, the session store and journal
-that keep them, the worker that publishes them, and the Python client that applies them. No Ray here; the end-to-end
-tests against the real app are in tests/test_corrections_e2e.py."""
+"""Per-window corrections (issue 16 item 6): the wire form, applying and merging them, the session store and
+journal that keep them, the worker that publishes them, and the Python client that applies them. No Ray here;
+the end-to-end tests against the real app are in tests/test_corrections_e2e.py."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def correction(rng, windows, version=1) -> C.Correction:
     return C.Correction(version, {w: random_sim3(rng) for w in windows})
 
 
-# --- wire form --------------------------------------------------------------------------------------------------
+# --- wire form ----------------------------------------------------------------------------------------------
 def test_round_trip_keeps_transforms_to_float32_precision():
     rng = np.random.default_rng(0)
     corr = correction(rng, [0, 3, 7, 1000])
@@ -87,7 +87,7 @@ def test_malformed_messages_are_refused(bad):
         C.from_message(bad)
 
 
-# --- apply and merge --------------------------------------------------------------------------------------------
+# --- apply and merge ----------------------------------------------------------------------------------------
 def test_apply_points_and_poses_agree():
     """A corrected camera sees the corrected points where the original camera saw the original points."""
     rng = np.random.default_rng(3)
@@ -131,7 +131,8 @@ def test_compaction_keeps_the_replayed_state_and_one_row_per_window():
     rng = np.random.default_rng(5)
     plain = {}
     for v in range(1, 30):
-        plain = C.merge(plain, C.quantize(correction(rng, rng.choice(50, size=10, replace=False).tolist(), v)))
+        windows = rng.choice(50, size=10, replace=False).tolist()
+        plain = C.merge(plain, C.quantize(correction(rng, windows, v)))
     assert set(plain) == set(full)
     assert all(np.array_equal(plain[w].matrix(), full[w].matrix()) for w in plain)
 
@@ -149,7 +150,7 @@ def test_corrected_cloud_and_frames():
     assert np.allclose(out[1]["pose"], T.matrix() @ np.diag([1 / T.s] * 3 + [1]), atol=1e-6)
 
 
-# --- session store and journal ----------------------------------------------------------------------------------
+# --- session store and journal ------------------------------------------------------------------------------
 def _session(store):
     s = store.create(SessionParams(), None, 0.0)
     return s, s.session_id
@@ -180,8 +181,8 @@ def test_store_applies_corrections_to_exports_and_replays_them_in_order():
     raw, _ = st.point_cloud(sid, None, corrected=False)
     assert np.array_equal(raw, np.concatenate(originals))
     traj = st.trajectory(sid, None)
-    assert np.allclose(traj[2]["pose"], q[2].transform_c2w(np.eye(4)), atol=1e-7) and traj[1]["pose"] == np.eye(
-        4).tolist()
+    assert np.allclose(traj[2]["pose"], q[2].transform_c2w(np.eye(4)), atol=1e-7)
+    assert traj[1]["pose"] == np.eye(4).tolist()
     assert st.trajectory(sid, None, corrected=False)[2]["pose"] == np.eye(4).tolist()
     # records as emitted, then the correction, in seq order; a later window follows it
     _window(st, sid, 3, 5, rng)
@@ -230,7 +231,7 @@ def test_journal_restores_corrections(tmp_path):
     after, _ = st2.point_cloud(sid, None)
     assert np.array_equal(before, after) and restored.last_seq == 5 and restored.correction_version == 2
     assert [r.seq for r in st2.records_after(sid, 0)] == [1, 2, 3, 4, 5]
-    # crash after the corrections file, before the metadata: the correction is kept, and seq continues after it
+    # crash after the corrections file, before the metadata: the correction is kept, seq continues after it
     st.commit_correction(sid, C.to_message(correction(rng, [0], version=3)), 3.0)
     j.save_corrections(s)
     (torn,) = j.load_all()
@@ -239,7 +240,7 @@ def test_journal_restores_corrections(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-# --- the worker publishes, its streams get it -------------------------------------------------------------------
+# --- the worker publishes, its streams get it ---------------------------------------------------------------
 class InProcess:
     """The session actor's class driven in this process: `handle.method.remote(...)` is its coroutine."""
 
@@ -271,7 +272,7 @@ def test_publish_correction_commits_fenced_and_hands_the_record_to_local_streams
         assert rec.seq == msg["seq"] == 1 and rec.epoch == epoch and msg["version"] == 1
         stored = actor.store.sessions[sid].corrections[0].message
         assert msg == stored  # the stream sends exactly what a resume replays
-        # a resuming stream of another replica gets it from the long-poll; this replica's stream skips it there
+        # a stream on another replica gets it from the long-poll; this replica's stream skips it there
         res = await actor.wait_records(sid, 0, None, 0.1)
         assert res.get("displaced") or [r.seq for r in res["records"]] == [1]
         await actor.attach(sid, None, "c1")
@@ -287,7 +288,7 @@ def test_publish_correction_commits_fenced_and_hands_the_record_to_local_streams
     asyncio.run(run())
 
 
-# --- the Python client ------------------------------------------------------------------------------------------
+# --- the Python client --------------------------------------------------------------------------------------
 def test_client_transform_maths_equals_the_servers():
     from da3_client.corrections import parse_correction
 

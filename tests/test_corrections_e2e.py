@@ -1,10 +1,11 @@
-"""Corrections end to end against the real Serve app (issue 16 item 6): the Python client, the CLI and the browser
-viewer apply `correction` records, live and on resume, and end with the server's exports (which survive a restart
-of the session store).
+"""Corrections end to end against the real Serve app (issue 16 item 6): the Python client, the CLI and the
+browser viewer apply `correction` records, live and on resume, and end with the server's exports (which
+survive a restart of the session store).
 
 Until the global optimiser publishes corrections by itself, these tests commit hand-made ones through the
-session actor, the real component a session worker's `publish_correction` commits to (like tests/test_faults.py,
-the test reaches the actor by its name in the cluster; nothing in the served API can do this). The last test
+session actor, the real component a session worker's `publish_correction` commits to (like
+tests/test_faults.py, the test reaches the actor by its name in the cluster; nothing in the served API can do
+this). The last test
 streams a `global_consistency: true` session on the loop scene and needs the optimiser (branch cons-graph).
 """
 
@@ -23,8 +24,8 @@ import httpx
 import numpy as np
 import pytest
 import ray
-
 from conftest import SCENE, app_args, deploy
+
 from serve_app import corrections as C
 from serve_app.exports import read_ply, read_tum
 from serve_app.geometry import Sim3
@@ -41,8 +42,8 @@ LOOP_SCENE = {"seed": 5, "num_frames": 36, "width": 154, "height": 112, "traject
 
 @pytest.fixture(scope="module")
 def corr_app(serve_url, tmp_path_factory):
-    """Oracle backend with a session journal. 6 frames/s per session (burst 12): a 24-frame CLI run takes ~2 s,
-    time for the test to commit a correction while it streams; 12 frames or fewer are never held back."""
+    """Oracle backend with a session journal. 6 frames/s per session (burst 12): a 24-frame CLI run takes
+    ~2 s, time to commit a correction while it streams; 12 frames or fewer are never held back."""
     args = app_args(model={"backend": "oracle", "oracle_scene": SCENE},
                     session_actor={"state_dir": str(tmp_path_factory.mktemp("da3-corr-state"))},
                     limits={"frames_per_s": 6.0})
@@ -133,7 +134,8 @@ async def test_python_client_applies_live_and_replayed_corrections(corr_app, syn
         assert np.array_equal(rec.colors(), cols)
         assert_poses_match(rec.trajectory(), traj["frames"])
         _, tum_c2w = read_tum(tum)
-        assert np.abs(tum_c2w[:, :3, 3] - np.array([f["pose"] for f in rec.trajectory()])[:, :3, 3]).max() < 1e-4
+        centres = np.array([f["pose"] for f in rec.trajectory()])[:, :3, 3]
+        assert np.abs(tum_c2w[:, :3, 3] - centres).max() < 1e-4
         # the CLI-style files: corrected PLY and trajectory
         rec.write_ply(tmp_path / "client.ply")
         assert close_clouds(read_ply(tmp_path / "client.ply")[0], pts) < 2e-3
@@ -176,14 +178,15 @@ async def test_cli_writes_the_corrected_ply_and_trajectory(corr_app, synthetic_s
         sid = None
         deadline = time.time() + 120
         while True:  # the CLI's session, once it has two windows (it streams for ~2 s more: 6 frames/s)
-            assert time.time() < deadline and cli.poll() is None, "the CLI finished before a correction was made"
-            new = [s for s in httpx.get(f"{url}/ws/sessions").json()["sessions"] if s["session_id"] not in known]
+            assert time.time() < deadline and cli.poll() is None, "the CLI finished before the correction"
+            listed = httpx.get(f"{url}/ws/sessions").json()["sessions"]
+            new = [s for s in listed if s["session_id"] not in known]
             if new and new[0]["windows"] >= 2:
                 sid = new[0]["session_id"]
                 break
             await asyncio.sleep(0.02)
-        windows = {int(f["window"]) for f in httpx.get(f"{url}/ws/session/{sid}/trajectory.json").json()["frames"]
-                   if "window" in f} or {0, 1}
+        frames = httpx.get(f"{url}/ws/session/{sid}/trajectory.json").json()["frames"]
+        windows = {int(f["window"]) for f in frames}
         await commit(args, sid, hand_made(sorted(windows), 1, seed=3))
         stdout, stderr = cli.communicate(timeout=180)
     finally:
@@ -199,7 +202,7 @@ async def test_cli_writes_the_corrected_ply_and_trajectory(corr_app, synthetic_s
     httpx.delete(f"{url}/ws/session/{sid}")
 
 
-# --- the browser viewer -------------------------------------------------------------------------------------------
+# --- the browser viewer -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def browser():
     if not os.path.exists(CHROMIUM):
@@ -207,7 +210,8 @@ def browser():
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--no-first-run"])
+        b = p.chromium.launch(executable_path=CHROMIUM,
+                              args=["--no-sandbox", "--disable-gpu", "--no-first-run"])
         yield b
         b.close()
 
@@ -236,7 +240,7 @@ def test_browser_viewer_applies_a_correction(corr_app, synthetic_seq, browser):
     pts, _ = read_ply(httpx.get(f"{url}/ws/session/{sid}/reconstruction.ply").content)
     shown = np.asarray(page.evaluate("() => Array.from(window.da3.viewer.worldPositions())"), np.float32)
     assert close_clouds(shown.reshape(-1, 3), pts) < 2e-3
-    # What the GPU draws: each corrected window's points object sits under world (OpenCV -> three.js flip) @ T.
+    # What the GPU draws: a corrected window's points object sits under world (OpenCV -> three.js flip) @ T.
     page.evaluate("() => window.da3.viewer.scene.updateMatrixWorld(true)")
     w = windows[-1]
     drawn = np.asarray(page.evaluate(f"() => window.da3.viewer.windows.get({w}).chunks[0].object.matrixWorld"
@@ -252,7 +256,7 @@ def test_browser_viewer_applies_a_correction(corr_app, synthetic_seq, browser):
     page.close()
 
 
-# --- with the global optimiser (needs branch cons-graph) ----------------------------------------------------------
+# --- with the global optimiser (needs branch cons-graph) ----------------------------------------------------
 @pytest.fixture(scope="module")
 def loop_app(serve_url):
     args = app_args(model={"backend": "oracle", "oracle_scene": LOOP_SCENE},

@@ -126,7 +126,8 @@ def test_client_streams_and_renders_point_cloud(streamed, serve_url):
     assert all(b > a for a, b in itertools.pairwise(history)), history  # grows with every window
     assert state["pointsRendered"] == history[-1] == summary["points_total"] > 0
     assert page.evaluate("() => [...window.da3.viewer.windows.values()].flatMap((w) => w.chunks)"
-                         ".reduce((n, c) => n + (c.object ? c.object.geometry.attributes.position.count : 0), 0)"
+                         ".reduce((n, c) => n + (c.object ? c.object.geometry.attributes.position.count : 0),"
+                         " 0)"
                          ) == state["pointsRendered"]  # what the per-window points objects draw
     assert state["frustums"] == N_FRAMES
     assert state["latencyP50"] > 0

@@ -29,7 +29,7 @@ class Reconstruction:
         self.frame_windows: dict[Any, int] = {}  # frame_id -> its window
         self.intrinsics: dict[Any, np.ndarray] = {}  # frame_id -> (3, 3) float64, processed-image pixels
         self.failed_frames: list[Any] = []  # frames the server could not place (pose null)
-        self.chunks: list[PointChunk] = []  # as received (original coordinates); chunk.window names the window
+        self.chunks: list[PointChunk] = []  # as received (original coordinates), chunk.window = its window
         self.transforms: dict[int, Transform] = {}  # window -> current absolute correction
         self.correction_version = 0
         self.corrections = 0  # correction records applied

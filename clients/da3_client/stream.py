@@ -5,8 +5,8 @@ the client counts frames it sent but has no answer for, plus the server's last r
 waits before sending more. Reconnects (close 1001/1012 or an abnormal drop) resume with `resume_from=last_seq`
 and resend frames the server never acknowledged; frames answered QUEUE_FULL (or a rate limit, after its
 retry_after_s) are resent in their original order.
-Each points message and each `correction` is answered with `received` (result flow control, docs/WEBSOCKET_API.md
-3.7); corrections are applied to `reconstruction` (3.5).
+Each points message and each `correction` is answered with `received` (result flow control,
+docs/WEBSOCKET_API.md 3.7); corrections are applied to `reconstruction` (3.5.1).
 """
 
 from __future__ import annotations

@@ -267,8 +267,8 @@ class Ingress:
     async def export_trajectory(self, session_id: str, request: Request) -> dict:
         frames = await call(self.actor.trajectory, session_id, self._owner(self._bearer(request)))
         return {"session_id": session_id, "convention": "OpenCV camera-to-world, world = first window",
-                "frames": [{k: f.get(k) for k in ("frame_id", "index", "window", "timestamp", "pose", "intrinsics",
-                                                  "image_size")} for f in frames]}
+                "frames": [{k: f.get(k) for k in ("frame_id", "index", "window", "timestamp", "pose",
+                                                  "intrinsics", "image_size")} for f in frames]}
 
     @api.get("/ws/session/{session_id}/trajectory.txt")
     async def export_tum(self, session_id: str, request: Request) -> Response:

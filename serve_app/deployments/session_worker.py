@@ -264,9 +264,9 @@ class SessionWorker:
             fn(rec)
 
     async def publish_correction(self, corr: Correction) -> None:
-        """Commit a global optimisation's per-window corrections to the session actor as the next record (fenced by
-        this worker's epoch, like a window) and hand it to this replica's streams; other streams and resumes get it
-        from the actor. The stored transforms are the ones the message carries (float32-rounded)."""
+        """Commit a global optimisation's per-window corrections to the session actor as the next record
+        (fenced by this worker's epoch, like a window) and hands it to this replica's streams; other streams
+        resumes get it from the actor. The stored transforms are the ones the message carries (rounded)."""
         msg = corrections.to_message(corr)
         seq, version = await call(self.actor.commit_correction, self.sid, msg, self.epoch)
         if seq == -2:
@@ -276,7 +276,8 @@ class SessionWorker:
         if seq < 0 or not self.record_listeners:
             return
         msg = {**msg, "seq": seq, "version": version}
-        rec = CorrectionRecord(seq=seq, message=msg, epoch=self.epoch, text=json.dumps(msg, separators=(",", ":")))
+        text = json.dumps(msg, separators=(",", ":"))
+        rec = CorrectionRecord(seq=seq, message=msg, epoch=self.epoch, text=text)
         for fn in list(self.record_listeners):
             fn(rec)
 
