@@ -266,7 +266,7 @@ class SessionWorker:
     async def publish_correction(self, corr: Correction) -> None:
         """Commit a global optimisation's per-window corrections to the session actor as the next record
         (fenced by this worker's epoch, like a window) and hand it to this replica's streams; other streams
-        and resumes get it from the actor. The stored transforms are the ones the message carries (rounded)."""
+        and resumes get it from the actor. The stored transforms are the ones the message carries."""
         msg = corrections.to_message(corr)
         seq, version = await call(self.actor.commit_correction, self.sid, msg, self.epoch)
         if seq == -2:
