@@ -10,7 +10,7 @@ seq order ends in the same state as having received them live.
 Wire form (compact; tests/test_corrections.py::test_a_thousand_windows_fit_in_100_kB measures ~90 bytes per
 window with arbitrary transforms, so 1,000 windows < 100 kB):
     {"type":"correction","seq":12,"version":3,"transforms":[[w, s, qx, qy, qz, qw, tx, ty, tz], ...]}
-Numbers have 7 significant digits (float32 precision) in their shortest form; the server keeps exactly the
+Numbers are rounded to float32-level precision (see to_row) in their shortest form; the server keeps exactly the
 transforms it sent (decoded from the message), so a client that applies them reproduces the server's exports.
 """
 
@@ -38,12 +38,27 @@ class CorrectionError(ValueError):
     """A malformed correction message."""
 
 
-def _quat_from_R(R: np.ndarray) -> np.ndarray:
-    """Rotation (3, 3) -> unit quaternion (x, y, z, w) with w >= 0."""
-    from serve_app.exports import rotation_to_quaternion
-
-    q = rotation_to_quaternion(R)
-    return -q if q[3] < 0 else q
+def _quat_from_R(R: np.ndarray) -> tuple[float, float, float, float]:
+    """Rotation (3, 3) -> unit quaternion (x, y, z, w), w >= 0 (Shepperd: divide by the largest component)."""
+    m = np.asarray(R, np.float64).tolist()  # Python floats: a few scalar operations, no numpy overhead
+    tr = m[0][0] + m[1][1] + m[2][2]
+    cands = (tr, m[0][0], m[1][1], m[2][2])
+    k = cands.index(max(cands))
+    if k == 0:
+        r = 2.0 * math.sqrt(max(1.0 + tr, 1e-300))
+        q = ((m[2][1] - m[1][2]) / r, (m[0][2] - m[2][0]) / r, (m[1][0] - m[0][1]) / r, 0.25 * r)
+    elif k == 1:
+        r = 2.0 * math.sqrt(max(1.0 + m[0][0] - m[1][1] - m[2][2], 1e-300))
+        q = (0.25 * r, (m[0][1] + m[1][0]) / r, (m[0][2] + m[2][0]) / r, (m[2][1] - m[1][2]) / r)
+    elif k == 2:
+        r = 2.0 * math.sqrt(max(1.0 + m[1][1] - m[0][0] - m[2][2], 1e-300))
+        q = ((m[0][1] + m[1][0]) / r, 0.25 * r, (m[1][2] + m[2][1]) / r, (m[0][2] - m[2][0]) / r)
+    else:
+        r = 2.0 * math.sqrt(max(1.0 + m[2][2] - m[0][0] - m[1][1], 1e-300))
+        q = ((m[0][2] + m[2][0]) / r, (m[1][2] + m[2][1]) / r, 0.25 * r, (m[1][0] - m[0][1]) / r)
+    n = math.sqrt(sum(v * v for v in q))
+    sign = -1.0 if q[3] < 0 else 1.0
+    return tuple(sign * v / n for v in q)  # type: ignore[return-value]
 
 
 def _R_from_quat(q) -> np.ndarray:
@@ -55,14 +70,25 @@ def _R_from_quat(q) -> np.ndarray:
                      [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)]])
 
 
-def _f32(x: float) -> float:
-    """x to 7 significant digits (float32's precision, ~6e-8 relative), a float whose repr is that short."""
-    return float(f"{x:.7g}")
+# Rounding (float32-level precision in few characters): s to 7 significant digits; quaternion components to 7
+# decimals (~1e-7 rad); translations to 7 significant digits of the message's largest one (a shared step: small
+# shifts need no more digits than the large ones). Each is a float whose repr is that short; -0.0 becomes 0.0.
+Q_DECIMALS = 7
 
 
-def to_row(window: int, T: Sim3) -> list:
+def t_decimals(max_abs_t: float) -> int:
+    if not max_abs_t > 0:
+        return 0
+    return max(0, min(12, 6 - math.floor(math.log10(max_abs_t))))
+
+
+def to_row(window: int, T: Sim3, t_dec: int | None = None) -> list:
+    t = T.t.tolist()
+    if t_dec is None:
+        t_dec = t_decimals(max(abs(v) for v in t))
     q = _quat_from_R(T.R)
-    return [int(window), *(_f32(v) for v in (T.s, *q, *T.t))]
+    return [int(window), float(f"{T.s:.7g}"), *(round(v, Q_DECIMALS) + 0.0 for v in q),
+            *(round(v, t_dec) + 0.0 for v in t)]
 
 
 def from_row(row: Any) -> tuple[int, Sim3]:
@@ -85,7 +111,8 @@ def from_row(row: Any) -> tuple[int, Sim3]:
 
 def to_message(corr: Correction, seq: int = 0) -> dict:
     """The wire message (rows sorted by window). `seq` is the session store's, 0 until it is committed."""
-    rows = [to_row(w, corr.transforms[w]) for w in sorted(corr.transforms)]
+    t_dec = t_decimals(max((max(abs(v) for v in T.t.tolist()) for T in corr.transforms.values()), default=0.0))
+    rows = [to_row(w, corr.transforms[w], t_dec) for w in sorted(corr.transforms)]
     return {"type": MESSAGE_TYPE, "seq": int(seq), "version": int(corr.version), "transforms": rows}
 
 

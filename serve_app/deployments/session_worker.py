@@ -267,7 +267,7 @@ class SessionWorker:
         """Commit a global optimisation's per-window corrections to the session actor as the next record
         (fenced by this worker's epoch, like a window) and hand it to this replica's streams; other streams
         and resumes get it from the actor. The stored transforms are the ones the message carries."""
-        msg = corrections.to_message(corr)
+        msg = await asyncio.get_running_loop().run_in_executor(self.pool, corrections.to_message, corr)
         seq, version = await call(self.actor.commit_correction, self.sid, msg, self.epoch)
         if seq == -2:
             log.info("session %s: correction from superseded worker epoch %d refused", self.sid, self.epoch,
