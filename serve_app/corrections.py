@@ -7,8 +7,8 @@ originals to the current best estimate: corrected = T @ original. Windows it doe
 transform (identity if none yet), so merging is a dict update: idempotent, and replaying every correction in
 seq order ends in the same state as having received them live.
 
-Wire form (compact; tests/test_corrections.py::test_a_thousand_windows_fit_in_100_kB measures ~90 bytes per
-window with arbitrary transforms, so 1,000 windows < 100 kB):
+Wire form (compact; tests/test_corrections.py::test_a_thousand_windows_fit_in_100_kB measures 85-90 bytes per
+window, so 1,000 windows < 100 kB):
     {"type":"correction","seq":12,"version":3,"transforms":[[w, s, qx, qy, qz, qw, tx, ty, tz], ...]}
 Numbers are rounded to float32-level precision (see to_row) in their shortest form; the server keeps exactly the
 transforms it sent (decoded from the message), so a client that applies them reproduces the server's exports.
