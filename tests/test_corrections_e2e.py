@@ -232,7 +232,8 @@ def test_browser_viewer_applies_a_correction(corr_app, synthetic_seq, browser):
     windows = sorted({int(f["window"]) for f in httpx.get(f"{url}/ws/session/{sid}/trajectory.json")
                       .json()["frames"]})
     msg = hand_made(windows[1:], 1, seed=4)  # window 0 stays where it was
-    asyncio.run(commit(args, sid, msg))
+    seq, _ = ray.get(session_actor(args).commit_correction.remote(sid, msg, None))  # Playwright owns the loop
+    assert seq > 0
     page.wait_for_function("() => window.da3.state.corrections === 1", timeout=60_000)
     page.evaluate("() => window.da3.finalize()")
     page.wait_for_function("() => window.da3.state.status === 'complete'", timeout=60_000)
