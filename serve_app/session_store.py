@@ -144,6 +144,15 @@ def frame_limit_error(max_frames: int) -> ServiceError:
     return ServiceError(ErrorCode.FRAME_LIMIT_EXCEEDED, f"session frame limit of {max_frames} reached")
 
 
+def concat_parts(parts: list[tuple]) -> tuple[np.ndarray, np.ndarray]:
+    """One (N, 3) float32 / (N, 3) uint8 map from `point_cloud_parts`, each part's correction applied (the heavy
+    part: the actor runs it off its loop)."""
+    if not parts:
+        return np.zeros((0, 3), np.float32), np.zeros((0, 3), np.uint8)
+    pts = np.concatenate([corrections.apply_points(T, p) for p, _, T in parts]).astype(np.float32, copy=False)
+    return pts, np.concatenate([c for _, c, _ in parts])
+
+
 class SessionStore:
     def __init__(self, limits: LimitsConfig | None = None):
         self.limits = limits or LimitsConfig()
@@ -344,15 +353,14 @@ class SessionStore:
     def point_cloud(self, session_id: str, owner: str | None, corrected: bool = True
                     ) -> tuple[np.ndarray, np.ndarray]:
         """The stored map; `corrected`: each window's points mapped by its current correction (exports)."""
+        return concat_parts(self.point_cloud_parts(session_id, owner, corrected))
+
+    def point_cloud_parts(self, session_id: str, owner: str | None, corrected: bool = True) -> list[tuple]:
+        """(points, colors, correction or None) per record, as they are now (no copy; the correction is
+        applied by `concat_parts`, which can run in another thread)."""
         s = self._get(session_id, owner)
-        if not s.records:
-            return np.zeros((0, 3), np.float32), np.zeros((0, 3), np.uint8)
-        if corrected and s.transforms:
-            pts = corrections.corrected_cloud([(r.window.get("window", -1), r.points) for r in s.records],
-                                              s.transforms)
-        else:
-            pts = np.concatenate([r.points for r in s.records])
-        return pts, np.concatenate([r.colors for r in s.records])
+        state = s.transforms if corrected else {}
+        return [(r.points, r.colors, state.get(r.window.get("window", -1))) for r in s.records]
 
     def trajectory(self, session_id: str, owner: str | None, corrected: bool = True) -> list[dict]:
         """Every processed frame's frame_result, poses corrected unless `corrected` is False."""

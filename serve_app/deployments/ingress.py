@@ -110,11 +110,13 @@ class Connection:
         async with self.lock:
             await self.ws.send_text(json.dumps(msg, separators=(",", ":")))
 
-    async def send_text(self, text: str) -> None:
+    async def send_text(self, text: str, seq: int | None = None) -> None:
         if self.closed:
             return
         async with self.lock:
             await self.ws.send_text(text)
+        if seq is not None:  # a whole result record in one message (a correction): counted for flow control
+            self.record_sent(seq, len(text))
 
     async def send_bytes(self, data: bytes) -> None:
         if self.closed:
@@ -779,9 +781,8 @@ class Ingress:
             return False
         if isinstance(rec, CorrectionRecord):  # a correction record is one JSON message (no points)
             text = rec.text or json.dumps(rec.message, separators=(",", ":"))
-            await conn.send_text(text)
-            conn.record_sent(rec.seq, len(text))
-            return True
+            await conn.send_text(text, rec.seq)
+            return not conn.closed
         texts = [json.dumps({"type": "window", **rec.window}, separators=(",", ":"))]
         texts += [json.dumps({"type": "frame_result", **fr}, separators=(",", ":")) for fr in rec.frames]
         body = rec.body

@@ -17,7 +17,7 @@ from serve_app.config import LimitsConfig, SessionActorConfig, SessionParams
 from serve_app.errors import ServiceError
 from serve_app.ray_env import in_effect
 from serve_app.session_journal import SessionJournal
-from serve_app.session_store import SessionStore
+from serve_app.session_store import SessionStore, concat_parts
 
 log = logging.getLogger("ray.serve.da3.sessions")
 
@@ -235,7 +235,10 @@ class SessionActor:
         return {"gone": True} if s is None else s.info()
 
     async def point_cloud(self, sid: str, owner: str | None, corrected: bool = True):
-        return self.store.point_cloud(sid, owner, corrected)
+        # Joining (and correcting) a map of millions of points would stall every other session's calls: take the
+        # parts here (consistent at this instant), join them in a thread.
+        parts = self.store.point_cloud_parts(sid, owner, corrected)
+        return await asyncio.to_thread(concat_parts, parts)
 
     async def trajectory(self, sid: str, owner: str | None, corrected: bool = True) -> list[dict]:
         return self.store.trajectory(sid, owner, corrected)
