@@ -145,8 +145,8 @@ def frame_limit_error(max_frames: int) -> ServiceError:
 
 
 def concat_parts(parts: list[tuple]) -> tuple[np.ndarray, np.ndarray]:
-    """One (N, 3) float32 / (N, 3) uint8 map from `point_cloud_parts`, each part's correction applied (the heavy
-    part: the actor runs it off its loop)."""
+    """One (N, 3) float32 / (N, 3) uint8 map from `point_cloud_parts`, each part's correction applied (the
+    heavy part: the actor runs it off its loop)."""
     if not parts:
         return np.zeros((0, 3), np.float32), np.zeros((0, 3), np.uint8)
     pts = np.concatenate([corrections.apply_points(T, p) for p, _, T in parts]).astype(np.float32, copy=False)

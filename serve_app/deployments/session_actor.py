@@ -235,8 +235,8 @@ class SessionActor:
         return {"gone": True} if s is None else s.info()
 
     async def point_cloud(self, sid: str, owner: str | None, corrected: bool = True):
-        # Joining (and correcting) a map of millions of points would stall every other session's calls: take the
-        # parts here (consistent at this instant), join them in a thread.
+        # Joining (and correcting) a map of millions of points would stall every other session's calls: take
+        # the parts here (consistent at this instant), join them in a thread.
         parts = self.store.point_cloud_parts(sid, owner, corrected)
         return await asyncio.to_thread(concat_parts, parts)
 
