@@ -260,7 +260,7 @@ def test_browser_viewer_applies_a_correction(corr_app, synthetic_seq, browser):
 # --- with the global optimiser (needs branch cons-graph) ----------------------------------------------------
 @pytest.fixture(scope="module")
 def loop_app(serve_url):
-    args = app_args(model={"backend": "oracle", "oracle_scene": LOOP_SCENE},
+    args = app_args(model={"backend": "oracle", "oracle_scene": LOOP_SCENE, "oracle_errors": "realistic"},
                     session_defaults={"global_consistency": True})
     return deploy(serve_url, "corrloop", args), args
 
