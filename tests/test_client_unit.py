@@ -400,13 +400,13 @@ async def test_stream_applies_and_acknowledges_a_correction_record_live_and_on_r
 
     async with serve(handler, "127.0.0.1", 0) as server:
         port = server.sockets[0].getsockname()[1]
-        async with Da3Client(f"http://127.0.0.1:{port}") as client:
-            async with client.stream("s1", resume_from=0, backoff_s=0.05) as s:
-                for _ in range(1000):  # the peer drops the connection once the correction is acknowledged
-                    if s.reconnects:
-                        break
-                    await asyncio.sleep(0.01)
-                await s.finalize(timeout=30)
+        client = Da3Client(f"http://127.0.0.1:{port}")
+        async with client, client.stream("s1", resume_from=0, backoff_s=0.05) as s:
+            for _ in range(1000):  # the peer drops the connection once the correction is acknowledged
+                if s.reconnects:
+                    break
+                await asyncio.sleep(0.01)
+            await s.finalize(timeout=30)
     rec = s.reconstruction
     assert connections == ["0", "2"] and received[:2] == [1, 2] and received[-1] == 3
     assert rec.last_seq == 3 and rec.corrections == 1 and rec.correction_version == 1

@@ -154,7 +154,7 @@ async def test_python_client_applies_live_and_replayed_corrections(corr_app, syn
         # The session store restarts and reloads its journal: the exports are the same, bit for bit.
         ray.kill(session_actor(args), no_restart=False)
         deadline = time.time() + 60
-        while httpx.get(f"{url}/ws/session/{sid}", timeout=10).status_code != 200:
+        while (await asyncio.to_thread(httpx.get, f"{url}/ws/session/{sid}", timeout=10)).status_code != 200:
             assert time.time() < deadline
             await asyncio.sleep(0.5)
         assert server_exports(url, sid) == (ply, traj, tum)
@@ -165,7 +165,7 @@ async def test_python_client_applies_live_and_replayed_corrections(corr_app, syn
         await client.delete_session(sid)
 
 
-async def test_cli_writes_the_corrected_ply_and_trajectory(corr_app, synthetic_seq, tmp_path):
+def test_cli_writes_the_corrected_ply_and_trajectory(corr_app, synthetic_seq, tmp_path):
     url, args = corr_app
     write_sequence(synthetic_seq, tmp_path / "frames")
     out, traj_path = tmp_path / "out.ply", tmp_path / "traj.json"
@@ -184,10 +184,12 @@ async def test_cli_writes_the_corrected_ply_and_trajectory(corr_app, synthetic_s
             if new and new[0]["windows"] >= 2:
                 sid = new[0]["session_id"]
                 break
-            await asyncio.sleep(0.02)
+            time.sleep(0.02)
         frames = httpx.get(f"{url}/ws/session/{sid}/trajectory.json").json()["frames"]
         windows = {int(f["window"]) for f in frames}
-        await commit(args, sid, hand_made(sorted(windows), 1, seed=3))
+        msg = hand_made(sorted(windows), 1, seed=3)
+        seq, _ = ray.get(session_actor(args).commit_correction.remote(sid, msg, None))
+        assert seq > 0
         stdout, stderr = cli.communicate(timeout=180)
     finally:
         if cli.poll() is None:
