@@ -134,6 +134,8 @@ async def run(args: argparse.Namespace) -> int:
         "frames_rejected": len(stream.rejected), "windows": summary.get("windows"),
         "points_streamed": recon.num_points, "points_total": summary.get("points_total"),
         "poses": len(recon.poses), "duration_s": round(time.time() - started, 3),
+        # the PLY and trajectory are written with these corrections applied (global optimisation)
+        "corrections": recon.corrections, "correction_version": recon.correction_version,
         "reconnects": stream.reconnects, "interrupted": stop.is_set(),
         "output": str(Path(args.output)) if args.output else None,
         "trajectory": str(Path(args.trajectory)) if args.trajectory else None,

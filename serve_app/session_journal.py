@@ -13,8 +13,9 @@ import os
 import pickle
 from pathlib import Path
 
+from serve_app import corrections
 from serve_app.config import SessionParams
-from serve_app.session_store import ResultRecord, Session
+from serve_app.session_store import CorrectionRecord, ResultRecord, Session
 
 META_FIELDS = ("session_id", "owner", "created_at", "updated_at", "state", "frames_received", "frames_processed",
                "frames_failed", "windows", "last_seq", "points_total", "error", "finished_at", "worker_epoch")
@@ -38,6 +39,34 @@ class SessionJournal:
             pickle.dump(rec, f, protocol=pickle.HIGHEST_PROTOCOL)
         self.save_meta(s)
 
+    def save_corrections(self, s: Session) -> None:
+        """`<id>.corr` (JSON): the session's (compacted) correction messages, rewritten atomically; JSON, and
+        bounded by one row per window."""
+        tmp = self.dir / f"{s.session_id}.corr.tmp"
+        tmp.write_text(json.dumps([{"message": c.message, "epoch": c.epoch} for c in s.corrections],
+                                  separators=(",", ":")))
+        os.replace(tmp, self.dir / f"{s.session_id}.corr")
+
+    def load_corrections(self, s: Session) -> None:
+        """Correction records and the per-window state they build. A correction written just before a crash
+        that kept the metadata from saving its seq is kept (its file already dropped rows it supersedes)."""
+        path = self.dir / f"{s.session_id}.corr"
+        if not path.exists():
+            return
+        try:
+            stored = json.loads(path.read_text())
+            recs = [CorrectionRecord(seq=int(c["message"]["seq"]), message=c["message"], epoch=c.get("epoch"))
+                    for c in stored]
+            state: dict = {}
+            for c in recs:
+                state = corrections.merge(state, corrections.from_message(c.message))
+        except (OSError, ValueError, KeyError, TypeError):
+            return  # torn or foreign: the map is served uncorrected until the next optimisation
+        s.corrections, s.transforms = recs, state
+        if recs:
+            s.last_seq = max(s.last_seq, recs[-1].seq)
+            s.correction_version = max(s.correction_version, int(recs[-1].message.get("version", 0)))
+
     def save_stream_state(self, s: Session) -> None:
         tmp = self.dir / f"{s.session_id}.state.tmp"
         tmp.write_bytes(pickle.dumps(s.stream_state, protocol=pickle.HIGHEST_PROTOCOL))
@@ -59,7 +88,7 @@ class SessionJournal:
             (d / f"{i}.pkl").unlink(missing_ok=True)
 
     def delete(self, session_id: str) -> None:
-        for suffix in (".json", ".rec", ".state", ".json.tmp", ".state.tmp"):
+        for suffix in (".json", ".rec", ".state", ".json.tmp", ".state.tmp", ".corr", ".corr.tmp"):
             (self.dir / f"{session_id}{suffix}").unlink(missing_ok=True)
         d = self._pending_dir(session_id)
         if d.is_dir():
@@ -103,6 +132,7 @@ class SessionJournal:
                     s.pending[index] = pickle.loads(p.read_bytes())
                 except Exception:  # noqa: BLE001 - torn write: that frame was never acknowledged
                     continue
+            self.load_corrections(s)
             state_path = meta_path.with_suffix(".state")
             if state_path.exists():
                 try:

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from serve_app import corrections
 from serve_app.config import LimitsConfig, SessionParams
 from serve_app.errors import ErrorCode, ServiceError
 from serve_app.limits import TokenBucket
@@ -58,6 +59,21 @@ class ResultRecord:
 
 
 @dataclass
+class CorrectionRecord:
+    """A seq-numbered `correction` message (docs/WEBSOCKET_API.md): per-window absolute transforms, no points.
+    Kept apart from the window records (Session.corrections); the stream interleaves them by seq."""
+
+    seq: int
+    message: dict[str, Any]  # the wire message, seq included; compaction may drop superseded rows later
+    epoch: int | None = None
+    text: str | None = None  # the message as sent, when the committing worker hands it to its streams
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.text) if self.text is not None else 70 * len(self.message["transforms"]) + 64
+
+
+@dataclass
 class Session:
     session_id: str
     owner: str | None
@@ -84,6 +100,11 @@ class Session:
     # Fencing token of the worker that processes the session; a takeover bumps it and the old worker's
     # commits and frames are refused from then on.
     worker_epoch: int = 0
+    # Global consistency: correction records (compacted: one row per window overall) and the state they build,
+    # window -> absolute Sim3 (corrections.py); the records above stay as first emitted.
+    corrections: list[CorrectionRecord] = field(default_factory=list)
+    transforms: dict[int, Any] = field(default_factory=dict)
+    correction_version: int = 0
 
     def expires_at(self) -> float:
         return min(self.created_at + self.params.ttl_s, self.updated_at + self.params.idle_ttl_s)
@@ -109,6 +130,7 @@ class Session:
             "connected": self.connection_id is not None,
             "pending_frames": len(self.pending),
             "worker_epoch": self.worker_epoch,
+            "correction_version": self.correction_version,
             "error": self.error,
         }
 
@@ -120,6 +142,15 @@ def finalized_error(state: str) -> ServiceError:
 
 def frame_limit_error(max_frames: int) -> ServiceError:
     return ServiceError(ErrorCode.FRAME_LIMIT_EXCEEDED, f"session frame limit of {max_frames} reached")
+
+
+def concat_parts(parts: list[tuple]) -> tuple[np.ndarray, np.ndarray]:
+    """One (N, 3) float32 / (N, 3) uint8 map from `point_cloud_parts`, each part's correction applied (the
+    heavy part: the actor runs it off its loop)."""
+    if not parts:
+        return np.zeros((0, 3), np.float32), np.zeros((0, 3), np.uint8)
+    pts = np.concatenate([corrections.apply_points(T, p) for p, _, T in parts]).astype(np.float32, copy=False)
+    return pts, np.concatenate([c for _, c, _ in parts])
 
 
 class SessionStore:
@@ -297,15 +328,49 @@ class SessionStore:
             return "SESSION_DELETED"
         return ErrorCode.SESSION_LOST.value
 
-    def records_after(self, session_id: str, seq: int) -> list[ResultRecord]:
+    def records_after(self, session_id: str, seq: int, skip_epoch: int | None = None) -> list:
+        """Window and correction records after `seq`, in seq order (those of worker `skip_epoch` left out)."""
         s = self.sessions[session_id]
-        return [r for r in s.records if r.seq > seq]
+        recs = [r for r in s.records if r.seq > seq and (skip_epoch is None or r.epoch != skip_epoch)]
+        if s.corrections and s.corrections[-1].seq > seq:
+            recs += [c for c in s.corrections
+                     if c.seq > seq and (skip_epoch is None or c.epoch != skip_epoch)]
+            recs.sort(key=lambda r: r.seq)
+        return recs
 
-    def point_cloud(self, session_id: str, owner: str | None) -> tuple[np.ndarray, np.ndarray]:
+    def commit_correction(self, session_id: str, message: dict, now: float, epoch: int | None = None
+                          ) -> CorrectionRecord:
+        """Store a correction message (corrections.to_message) as the next record. The transforms kept are
+        the ones decoded from the message, so the server's exports equal what a client computes from it. Its
+        version is raised above the session's last if needed (a takeover worker may count from scratch)."""
+        s = self.sessions[session_id]
+        corr = corrections.from_message(message)
+        s.last_seq += 1
+        s.correction_version = max(corr.version, s.correction_version + 1)
+        message = {**message, "seq": s.last_seq, "version": s.correction_version}
+        s.corrections = corrections_compacted(s.corrections, message)
+        rec = CorrectionRecord(seq=s.last_seq, message=message, epoch=epoch)
+        s.corrections.append(rec)
+        s.transforms = corrections.merge(s.transforms, corr)
+        s.updated_at = now
+        return rec
+
+    def point_cloud(self, session_id: str, owner: str | None, corrected: bool = True
+                    ) -> tuple[np.ndarray, np.ndarray]:
+        """The stored map; `corrected`: each window's points mapped by its current correction (exports)."""
+        return concat_parts(self.point_cloud_parts(session_id, owner, corrected))
+
+    def point_cloud_parts(self, session_id: str, owner: str | None, corrected: bool = True) -> list[tuple]:
+        """(points, colors, correction or None) per record, as they are now (no copy; the correction is
+        applied by `concat_parts`, which can run in another thread)."""
         s = self._get(session_id, owner)
-        if not s.records:
-            return np.zeros((0, 3), np.float32), np.zeros((0, 3), np.uint8)
-        return (np.concatenate([r.points for r in s.records]), np.concatenate([r.colors for r in s.records]))
+        state = s.transforms if corrected else {}
+        return [(r.points, r.colors, state.get(r.window.get("window", -1))) for r in s.records]
+
+    def trajectory(self, session_id: str, owner: str | None, corrected: bool = True) -> list[dict]:
+        """Every processed frame's frame_result, poses corrected unless `corrected` is False."""
+        s = self._get(session_id, owner)
+        return corrections.corrected_frames(s.frames, s.transforms) if corrected else list(s.frames)
 
     # --- connections and workers --------------------------------------------------------------------
     def attach(self, session_id: str, connection_id: str) -> str | None:
@@ -338,3 +403,10 @@ class SessionStore:
         for s in self.sessions.values():
             out[s.state] = out.get(s.state, 0) + 1
         return out
+
+
+def corrections_compacted(stored: list[CorrectionRecord], newer: dict) -> list[CorrectionRecord]:
+    """Stored correction records with the rows `newer` supersedes dropped (see corrections.compact)."""
+    msgs = corrections.compact([c.message for c in stored], newer)
+    return [c if m is c.message else CorrectionRecord(seq=c.seq, message=m, epoch=c.epoch)
+            for c, m in zip(stored, msgs)]

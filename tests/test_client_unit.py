@@ -5,6 +5,7 @@ server cannot be made to do; the lead's end-to-end tests run the client against 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -362,3 +363,58 @@ async def test_stream_never_overruns_the_in_flight_window():
 
     s, summary = await run_peer(peer, body)
     assert s.errors == [] and peer.accepted == list(range(9)) and summary["windows"] == 3
+
+
+async def test_stream_applies_and_acknowledges_a_correction_record_live_and_on_resume():
+    """A `correction` record (docs/WEBSOCKET_API.md 3.5.1) is applied to the Reconstruction, acknowledged with
+    `received` like a points message, counts as the last complete record, and is replayed on a resume."""
+    from serve_app import corrections as C
+    from serve_app.geometry import Sim3
+
+    T = Sim3(1.1, np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]), np.array([1.0, 2.0, 3.0]))
+    correction = C.to_message(C.Correction(1, {0: T}), seq=2)
+    records = [record_messages(1, 0, [0, 1], 6), [correction], record_messages(3, 1, [2, 3], 6, index0=2)]
+    received: list[int] = []
+    connections: list[str] = []
+
+    async def handler(ws):
+        q = parse_qs(urlparse(ws.request.path).query)
+        after = int(q.get("resume_from", ["0"])[0])
+        connections.append(str(after))
+        await ws.send(json.dumps(P.msg_ready(session_id="s1", params={}, state="streaming", frames_received=4,
+                                             frames_processed=4, points_total=12, last_seq=3, max_in_flight=4,
+                                             in_flight=0)))
+        for rec in records[after:2] if after == 0 else records[after:]:  # first: up to the correction
+            for m in rec:
+                await ws.send(m if isinstance(m, bytes) else json.dumps(m))
+        async for raw in ws:
+            msg = json.loads(raw)
+            if msg["type"] == "received":
+                received.append(msg["seq"])
+                if len(connections) == 1 and msg["seq"] == 2:
+                    await ws.close(1012, "restart")  # drop right after the correction: resume from seq 2
+                    return
+            elif msg["type"] == "finalize":
+                await ws.send(json.dumps(P.msg_summary("s1", frames_received=4, frames_processed=4,
+                                                       points_total=12, windows=2, duration_s=0.1)))
+                await ws.close(1000, "complete")
+                return
+
+    async with serve(handler, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        client = Da3Client(f"http://127.0.0.1:{port}")
+        async with client, client.stream("s1", resume_from=0, backoff_s=0.05) as s:
+            for _ in range(1000):  # the peer drops the connection once the correction is acknowledged
+                if s.reconnects:
+                    break
+                await asyncio.sleep(0.01)
+            await s.finalize(timeout=30)
+    rec = s.reconstruction
+    assert connections == ["0", "2"] and received[:2] == [1, 2] and received[-1] == 3
+    assert rec.last_seq == 3 and rec.corrections == 1 and rec.correction_version == 1
+    raw = rec.points(corrected=False)
+    out = rec.points()
+    Tq = C.from_message(correction).transforms[0]
+    assert np.allclose(out[:6], Tq.apply(raw[:6]), atol=1e-6) and np.array_equal(out[6:], raw[6:])
+    assert np.allclose(rec.poses[0], Tq.transform_c2w(rec.original_poses[0]), atol=1e-6)
+    assert np.array_equal(rec.poses[2], rec.original_poses[2])  # window 1 came after: identity

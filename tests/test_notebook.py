@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -92,3 +93,7 @@ def test_notebook_runs_unattended(serve_url, tmp_path, monkeypatch):
     assert "Reconstruction summary" in text
     assert f"{NUM_FRAMES} of {NUM_FRAMES} processed" in text
     assert f"{len(points):,} streamed" in text
+    # the notebook compares its (corrected) cloud with the server's export: the same up to float16 on the wire
+    gap = re.search(r"max \|streamed - exported\| (\S+) \(scene extent (\S+)\)", text)
+    assert gap and float(gap[1]) <= 2e-3 * (1 + float(gap[2])), text[-800:]
+    assert "corrections  0 applied" in text  # the default session has no global optimisation

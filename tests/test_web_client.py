@@ -128,7 +128,10 @@ def test_client_streams_and_renders_point_cloud(streamed, serve_url):
     assert len(history) == state["windows"] == summary["windows"] >= 2
     assert all(b > a for a, b in itertools.pairwise(history)), history  # grows with every window
     assert state["pointsRendered"] == history[-1] == summary["points_total"] > 0
-    assert page.evaluate("() => window.da3.viewer.points.geometry.drawRange.count") == state["pointsRendered"]
+    assert page.evaluate("() => [...window.da3.viewer.windows.values()].flatMap((w) => w.chunks)"
+                         ".reduce((n, c) => n + (c.object ? c.object.geometry.attributes.position.count : 0),"
+                         " 0)"
+                         ) == state["pointsRendered"]  # what the per-window points objects draw
     assert state["frustums"] == N_FRAMES
     assert state["latencyP50"] > 0
 
@@ -142,8 +145,7 @@ def test_client_streams_and_renders_point_cloud(streamed, serve_url):
         page.click("#dl-ply")
     pts, cols = read_ply(Path(dl.value.path()).read_bytes())
     assert len(pts) == state["pointsRendered"] and cols.dtype == np.uint8
-    rendered = page.evaluate("() => Array.from(window.da3.viewer.points.positions"
-                             ".subarray(0, window.da3.viewer.pointCount * 3))")
+    rendered = page.evaluate("() => Array.from(window.da3.viewer.worldPositions())")
     rendered = np.asarray(rendered, np.float32).reshape(-1, 3)
     # float16 offsets from each chunk's origin on the wire vs the float32 export
     assert np.abs(np.sort(pts, axis=0) - np.sort(rendered, axis=0)).max() < 0.05 * (1 + np.abs(pts).max())

@@ -5,7 +5,8 @@ the client counts frames it sent but has no answer for, plus the server's last r
 waits before sending more. Reconnects (close 1001/1012 or an abnormal drop) resume with `resume_from=last_seq`
 and resend frames the server never acknowledged; frames answered QUEUE_FULL (or a rate limit, after its
 retry_after_s) are resent in their original order.
-Each points message is answered with `received` (result flow control, docs/WEBSOCKET_API.md 3.7).
+Each points message and each `correction` is answered with `received` (result flow control,
+docs/WEBSOCKET_API.md 3.7); corrections are applied to `reconstruction` (3.5.1).
 """
 
 from __future__ import annotations
@@ -478,6 +479,12 @@ class StreamSession:
             if kind == "frame_result":
                 self.frames_processed += 1
                 self.server_in_flight = max(0, self.server_in_flight - 1)
+        elif kind == "correction":  # a whole record in one message: apply it and acknowledge it like points
+            self.reconstruction.apply(msg)
+            try:
+                await self._ws.send(json.dumps({"type": "received", "seq": msg.get("seq")}))
+            except ConnectionClosed:
+                pass
         elif kind == "progress":
             self.progress = msg
             self.server_in_flight = int(msg.get("in_flight", self.server_in_flight))

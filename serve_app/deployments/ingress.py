@@ -35,7 +35,7 @@ from serve_app.limits import FrameRateLimiter
 from serve_app.metrics import IngressMetrics
 from serve_app.preprocess import resize_for_model
 from serve_app.reconstruction import FrameInput, StreamReconstructor
-from serve_app.session_store import ResultRecord
+from serve_app.session_store import CorrectionRecord, ResultRecord
 from serve_app.status_cache import CachedCall
 from serve_app.video import decode_video, is_video
 
@@ -110,11 +110,13 @@ class Connection:
         async with self.lock:
             await self.ws.send_text(json.dumps(msg, separators=(",", ":")))
 
-    async def send_text(self, text: str) -> None:
+    async def send_text(self, text: str, seq: int | None = None) -> None:
         if self.closed:
             return
         async with self.lock:
             await self.ws.send_text(text)
+        if seq is not None:  # a whole result record in one message (a correction): counted for flow control
+            self.record_sent(seq, len(text))
 
     async def send_bytes(self, data: bytes) -> None:
         if self.closed:
@@ -263,8 +265,8 @@ class Ingress:
     async def export_trajectory(self, session_id: str, request: Request) -> dict:
         frames = await call(self.actor.trajectory, session_id, self._owner(self._bearer(request)))
         return {"session_id": session_id, "convention": "OpenCV camera-to-world, world = first window",
-                "frames": [{k: f.get(k) for k in ("frame_id", "index", "timestamp", "pose", "intrinsics",
-                                                  "image_size")} for f in frames]}
+                "frames": [{k: f.get(k) for k in ("frame_id", "index", "window", "timestamp", "pose",
+                                                  "intrinsics", "image_size")} for f in frames]}
 
     @api.get("/ws/session/{session_id}/trajectory.txt")
     async def export_tum(self, session_id: str, request: Request) -> Response:
@@ -782,6 +784,10 @@ class Ingress:
         """One result record: window JSON, frame_results, points. False if the stream closed meanwhile."""
         if not await self._wait_for_reader(conn, sid):
             return False
+        if isinstance(rec, CorrectionRecord):  # a correction record is one JSON message (no points)
+            text = rec.text or json.dumps(rec.message, separators=(",", ":"))
+            await conn.send_text(text, rec.seq)
+            return not conn.closed
         texts = [json.dumps({"type": "window", **rec.window}, separators=(",", ":"))]
         texts += [json.dumps({"type": "frame_result", **fr}, separators=(",", ":")) for fr in rec.frames]
         body = rec.body

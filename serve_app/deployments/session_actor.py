@@ -17,7 +17,7 @@ from serve_app.config import LimitsConfig, SessionActorConfig, SessionParams
 from serve_app.errors import ServiceError
 from serve_app.ray_env import in_effect
 from serve_app.session_journal import SessionJournal
-from serve_app.session_store import SessionStore
+from serve_app.session_store import SessionStore, concat_parts
 
 log = logging.getLogger("ray.serve.da3.sessions")
 
@@ -167,6 +167,21 @@ class SessionActor:
         await self._notify(sid)
         return rec.seq, len(rec.points)
 
+    async def commit_correction(self, sid: str, message: dict, epoch: int | None = None) -> tuple[int, int]:
+        """Store a `correction` message (serve_app/corrections.py) as the session's next record: (seq, version
+        as stored). seq is -1 if the session is gone, -2 if the caller is a stale (fenced) worker."""
+        if sid not in self.store.sessions:
+            return -1, 0
+        if epoch is not None and not self.store.is_current_worker(sid, epoch):
+            return -2, 0
+        rec = self.store.commit_correction(sid, message, time.time(), epoch)
+        if self.journal is not None:
+            s = self.store.sessions[sid]
+            self.journal.save_corrections(s)  # first, like a window record: a crash in between keeps it
+            self.journal.save_meta(s)
+        await self._notify(sid)
+        return rec.seq, rec.message["version"]
+
     async def attach(self, sid: str, owner: str | None, connection_id: str) -> dict:
         self.store.get(sid, owner)
         displaced = self.store.attach(sid, connection_id)
@@ -189,7 +204,7 @@ class SessionActor:
                 return {"gone": self.store.gone_reason(sid)}
             if s.connection_id != connection_id:
                 return {"displaced": True}
-            recs = [r for r in s.records if r.seq > after_seq and (skip_epoch is None or r.epoch != skip_epoch)]
+            recs = self.store.records_after(sid, after_seq, skip_epoch)  # window and correction records
             if recs or s.state in ("complete", "failed"):
                 return {"records": recs, "info": s.info()}
             return None
@@ -221,11 +236,14 @@ class SessionActor:
         s = self.store.sessions.get(sid)
         return {"gone": True} if s is None else s.info()
 
-    async def point_cloud(self, sid: str, owner: str | None):
-        return self.store.point_cloud(sid, owner)
+    async def point_cloud(self, sid: str, owner: str | None, corrected: bool = True):
+        # Joining (and correcting) a map of millions of points would stall every other session's calls: take
+        # the parts here (consistent at this instant), join them in a thread.
+        parts = self.store.point_cloud_parts(sid, owner, corrected)
+        return await asyncio.to_thread(concat_parts, parts)
 
-    async def trajectory(self, sid: str, owner: str | None) -> list[dict]:
-        return list(self.store.get(sid, owner).frames)
+    async def trajectory(self, sid: str, owner: str | None, corrected: bool = True) -> list[dict]:
+        return self.store.trajectory(sid, owner, corrected)
 
     async def stream_state(self, sid: str) -> Any:
         s = self.store.sessions.get(sid)

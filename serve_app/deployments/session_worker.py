@@ -12,17 +12,20 @@ elsewhere) takes over with the snapshot plus those frames, and the old worker's 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from concurrent.futures import Executor
 from typing import Any, Callable
 
+from serve_app import corrections
 from serve_app.config import LimitsConfig, SessionParams
+from serve_app.corrections import Correction
 from serve_app.deployments.session_actor import call
 from serve_app.errors import ErrorCode
 from serve_app.protocol import PointBody, encode_point_body
 from serve_app.reconstruction import FrameInput, StreamReconstructor, WindowPlan
-from serve_app.session_store import ResultRecord, finalized_error, frame_limit_error
+from serve_app.session_store import CorrectionRecord, ResultRecord, finalized_error, frame_limit_error
 
 log = logging.getLogger("ray.serve.da3.worker")
 
@@ -257,6 +260,24 @@ class SessionWorker:
         rec = ResultRecord(seq=seq, window={**out.window, "seq": seq}, frames=[{**f, "seq": seq} for f in out.frames],
                            points=out.points[n - kept:], colors=out.colors[n - kept:], epoch=self.epoch,
                            body=body if kept == n else None)  # a trimmed record is encoded again
+        for fn in list(self.record_listeners):
+            fn(rec)
+
+    async def publish_correction(self, corr: Correction) -> None:
+        """Commit a global optimisation's per-window corrections to the session actor as the next record
+        (fenced by this worker's epoch, like a window) and hand it to this replica's streams; other streams
+        and resumes get it from the actor. The stored transforms are the ones the message carries."""
+        msg = await asyncio.get_running_loop().run_in_executor(self.pool, corrections.to_message, corr)
+        seq, version = await call(self.actor.commit_correction, self.sid, msg, self.epoch)
+        if seq == -2:
+            log.info("session %s: correction from superseded worker epoch %d refused", self.sid, self.epoch,
+                     extra={"session_id": self.sid})
+            return
+        if seq < 0 or not self.record_listeners:
+            return
+        msg = {**msg, "seq": seq, "version": version}
+        text = json.dumps(msg, separators=(",", ":"))
+        rec = CorrectionRecord(seq=seq, message=msg, epoch=self.epoch, text=text)
         for fn in list(self.record_listeners):
             fn(rec)
 

@@ -17,6 +17,7 @@ function resetState() {
     framesLost: 0, pointsReceived: 0, pointsRendered: 0, pointsHistory: [], windows: 0, frustums: 0, lastSeq: 0,
     lastWindow: null, errors: [], summary: null, webgl: viewer.webgl, fps: 0, latencyP50: null, reconnects: 0,
     maxOutstanding: 0, // most frames ever sent and not yet processed/rejected: flow control keeps it <= the limit
+    corrections: 0, correctionVersion: 0, // `correction` records applied (global re-optimisation)
   });
 }
 
@@ -207,6 +208,9 @@ function onMessage(m) {
     case 'frame_result':
       onFrameResult(m);
       break;
+    case 'correction':
+      onCorrection(m);
+      break;
     case 'summary':
       state.summary = m;
       state.status = 'complete';
@@ -234,8 +238,23 @@ function onFrameResult(m) {
   state.fps = processedAt.length > 1 ? ((processedAt.length - 1) * 1000) / (now - processedAt[0]) : 0;
   if (m.pose && m.intrinsics && m.image_size) {
     const depth = m.depth && m.depth.median > 0 ? m.depth.median * 0.15 : 0.1;
-    viewer.addFrustum(m.pose, m.intrinsics, m.image_size, depth);
+    viewer.addFrustum(m.pose, m.intrinsics, m.image_size, depth, undefined, m.window ?? 0);
     state.frustums = viewer.frustumCount;
+  }
+}
+
+/** Per-window absolute transforms (docs/WEBSOCKET_API.md 3.5.1): the viewer moves those windows' groups. */
+function onCorrection(m) {
+  if (!Array.isArray(m.transforms)) {
+    recordError('CLIENT_DECODE', 'correction without transforms');
+    return;
+  }
+  viewer.applyCorrection(m.transforms);
+  state.corrections += 1;
+  state.correctionVersion = Math.max(state.correctionVersion, m.version || 0);
+  if (Number.isInteger(m.seq)) {
+    state.lastSeq = Math.max(state.lastSeq, m.seq);
+    send({ type: 'received', seq: m.seq }); // a complete record: acknowledged like a points message
   }
 }
 
@@ -247,7 +266,7 @@ function onPoints(buffer) {
     recordError('CLIENT_DECODE', `bad points message: ${err.message}`);
     return;
   }
-  viewer.addPoints(chunk.positions, chunk.colors);
+  viewer.addPoints(chunk.positions, chunk.colors, chunk.header.window ?? 0);
   // Result flow control: without `received` the server pauses after max_unacked_result_bytes.
   if (Number.isInteger(chunk.header.seq)) send({ type: 'received', seq: chunk.header.seq });
   state.pointsReceived += chunk.count;

@@ -1,5 +1,6 @@
 // Live point cloud + camera frustums with three.js. Geometry is kept in the server's OpenCV world
 // (x right, y down, z forward); one group rotation (diag(1,-1,-1)) shows it in three.js axes (y up, -z forward).
+// Each window's points and frustums live in a group whose matrix is the window's latest correction.
 import * as THREE from './vendor/three/three.module.min.js';
 import { OrbitControls } from './vendor/three/OrbitControls.js';
 
@@ -57,11 +58,18 @@ class GrowingGeometry {
   }
 }
 
+/** x -> s R(q) x + t as a THREE.Matrix4, from a correction row's [s, qx, qy, qz, qw, tx, ty, tz]. */
+export function correctionMatrix(s, qx, qy, qz, qw, tx, ty, tz) {
+  return new THREE.Matrix4().compose(new THREE.Vector3(tx, ty, tz), new THREE.Quaternion(qx, qy, qz, qw).normalize(),
+    new THREE.Vector3(s, s, s));
+}
+
 export class Viewer {
   constructor(canvas) {
     this.canvas = canvas;
-    this.points = new GrowingGeometry(1 << 16);
-    this.lines = new GrowingGeometry(1 << 10);
+    // One group per window (its points and frustums) with the window's correction as its matrix (identity until a
+    // `correction` names it): a global re-optimisation moves windows on the GPU without touching their points.
+    this.windows = new Map();
     this.clearCounters();
     this.webgl = false;
     this.error = null;
@@ -81,10 +89,8 @@ export class Viewer {
     this.world = new THREE.Group();
     this.world.rotation.x = Math.PI; // OpenCV -> three.js: flip y and z
     this.scene.add(this.world);
-    this.cloud = new THREE.Points(this.points.geometry,
-      new THREE.PointsMaterial({ size: 2, sizeAttenuation: false, vertexColors: true }));
-    this.frustums = new THREE.LineSegments(this.lines.geometry, new THREE.LineBasicMaterial({ vertexColors: true }));
-    this.world.add(this.cloud, this.frustums);
+    this.pointMaterial = new THREE.PointsMaterial({ size: 2, sizeAttenuation: false, vertexColors: true });
+    this.lineMaterial = new THREE.LineBasicMaterial({ vertexColors: true });
     this.camera = new THREE.PerspectiveCamera(60, 1, 0.01, 1000);
     this.camera.position.set(0, 0, 3);
     this.controls = new OrbitControls(this.camera, canvas);
@@ -115,8 +121,22 @@ export class Viewer {
     this.renderer.render(this.scene, this.camera);
   }
 
-  /** World positions (Float32Array xyz) and uint8 RGB colours of one DA3P chunk. */
-  addPoints(positions, colors) {
+  /** The window's entry: its point chunks (positions as received), frustum lines and transform. */
+  windowEntry(index) {
+    let w = this.windows.get(index);
+    if (w) return w;
+    w = { chunks: [], lines: null, frustums: null, matrix: new THREE.Matrix4(), group: null };
+    if (this.renderer) {
+      w.group = new THREE.Group();
+      w.group.matrixAutoUpdate = false;
+      this.world.add(w.group);
+    }
+    this.windows.set(index, w);
+    return w;
+  }
+
+  /** World positions (Float32Array xyz, as received) and uint8 RGB colours of one DA3P chunk of window `index`. */
+  addPoints(positions, colors, index = 0) {
     const n = positions.length / 3;
     for (let i = 0; i < positions.length; i += 3) {
       const x = positions[i], y = positions[i + 1], z = positions[i + 2];
@@ -124,13 +144,24 @@ export class Viewer {
       this.sumSq += x * x + y * y + z * z;
     }
     this.pointCount += n;
-    if (this.points.append(positions, colors) && this.cloud) this.cloud.geometry = this.points.geometry;
+    const w = this.windowEntry(index);
+    const chunk = { positions, colors, object: null };
+    w.chunks.push(chunk);
+    if (w.group && n) {
+      const g = new THREE.BufferGeometry();
+      g.setAttribute('position', new THREE.BufferAttribute(chunk.positions, 3));
+      g.setAttribute('color', new THREE.BufferAttribute(chunk.colors, 3, true));
+      // Culling would need the bounding sphere in the corrected world; the cloud is always in view anyway.
+      g.boundingSphere = new THREE.Sphere(new THREE.Vector3(), Infinity);
+      chunk.object = new THREE.Points(g, this.pointMaterial);
+      w.group.add(chunk.object);
+    }
     if (!this.userMoved) this.fit();
     this.dirty = true;
   }
 
-  /** A camera frustum from a frame_result: pose (4x4 c2w, OpenCV), K (3x3), image size [w, h]. */
-  addFrustum(pose, K, size, depth = 1.0, rgb = [255, 170, 40]) {
+  /** A camera frustum from a frame_result: pose (4x4 c2w, OpenCV), K (3x3), image size [w, h], its window. */
+  addFrustum(pose, K, size, depth = 1.0, rgb = [255, 170, 40], index = 0) {
     const [w, h] = size;
     const fx = K[0][0], fy = K[1][1], cx = K[0][2], cy = K[1][2];
     const toWorld = (p) => [0, 1, 2].map((r) => pose[r][0] * p[0] + pose[r][1] * p[1] + pose[r][2] * p[2] + pose[r][3]);
@@ -142,10 +173,47 @@ export class Viewer {
     const positions = new Float32Array(verts.flat());
     const colors = new Uint8Array(verts.length * 3);
     for (let i = 0; i < verts.length; i++) colors.set(rgb, i * 3);
-    if (this.lines.append(positions, colors) && this.frustums) this.frustums.geometry = this.lines.geometry;
+    const win = this.windowEntry(index);
+    if (!win.lines) win.lines = new GrowingGeometry(64);
+    if (win.lines.append(positions, colors) && win.frustums) win.frustums.geometry = win.lines.geometry;
+    if (win.group && !win.frustums) {
+      win.frustums = new THREE.LineSegments(win.lines.geometry, this.lineMaterial);
+      win.group.add(win.frustums);
+    }
     if (!this.firstCamera) this.firstCamera = c;
     this.frustumCount += 1;
     this.dirty = true;
+  }
+
+  /** A `correction` message's rows [window, s, qx, qy, qz, qw, tx, ty, tz]: each named window's absolute transform
+   * (docs/WEBSOCKET_API.md 3.5.1). Windows not seen yet keep it for when their points arrive. */
+  applyCorrection(rows) {
+    for (const [index, ...v] of rows) {
+      const w = this.windowEntry(index);
+      w.matrix = correctionMatrix(...v);
+      if (w.group) {
+        w.group.matrix.copy(w.matrix);
+        w.group.matrixWorldNeedsUpdate = true;
+      }
+    }
+    this.corrections += 1;
+    this.dirty = true;
+  }
+
+  /** Every point as shown: each window's chunks mapped by its current transform (Float32Array xyz, OpenCV world). */
+  worldPositions() {
+    const out = new Float32Array(this.pointCount * 3);
+    const v = new THREE.Vector3();
+    let k = 0;
+    for (const w of this.windows.values()) {
+      for (const c of w.chunks) {
+        for (let i = 0; i < c.positions.length; i += 3) {
+          v.set(c.positions[i], c.positions[i + 1], c.positions[i + 2]).applyMatrix4(w.matrix);
+          out[k++] = v.x; out[k++] = v.y; out[k++] = v.z;
+        }
+      }
+    }
+    return out;
   }
 
   /** Look at the cloud's centre from behind the first camera, far enough to see its spread. */
@@ -176,14 +244,12 @@ export class Viewer {
   }
 
   clear() {
-    this.points.geometry.dispose();
-    this.lines.geometry.dispose();
-    this.points = new GrowingGeometry(1 << 16);
-    this.lines = new GrowingGeometry(1 << 10);
-    if (this.cloud) {
-      this.cloud.geometry = this.points.geometry;
-      this.frustums.geometry = this.lines.geometry;
+    for (const w of this.windows.values()) {
+      for (const c of w.chunks) if (c.object) c.object.geometry.dispose();
+      if (w.lines) w.lines.geometry.dispose();
+      if (w.group) this.world.remove(w.group);
     }
+    this.windows = new Map();
     this.clearCounters();
   }
 
@@ -191,6 +257,7 @@ export class Viewer {
   clearCounters() {
     this.pointCount = 0;
     this.frustumCount = 0;
+    this.corrections = 0;
     this.sum = [0, 0, 0];
     this.sumSq = 0;
     this.firstCamera = null;
