@@ -135,8 +135,8 @@ class VideoFrames:
             ctx.options = {"max_pixels": str(lim.max_pixels)}
             try:
                 for packet in container.demux(stream):
-                    if self.decoded >= self.stop_at:
-                        break
+                    if self.decoded >= self.stop_at or self.kept * self.every >= self.stop_at:
+                        break  # the next frame to keep lies past the cap: decode nothing more
                     self._check_budget()
                     for frame in packet.decode():
                         self.decoded += 1
@@ -152,7 +152,7 @@ class VideoFrames:
                             self._check_budget()
                             self.kept += 1
                             yield rgb
-                        if self.decoded >= self.stop_at:
+                        if self.decoded >= self.stop_at or self.kept * self.every >= self.stop_at:
                             break
             except ServiceError:
                 raise
