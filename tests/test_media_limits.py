@@ -114,7 +114,7 @@ def test_playlists_are_refused_without_touching_files_or_sockets(tmp_path, monke
         assert e.code is ErrorCode.UNSUPPORTED_FORMAT and time.monotonic() - t0 < 2, name
         # Even forced through our demuxers, the bytes are no video: the project's words, no library text.
         for demuxer in ("mov", "matroska", "avi"):
-            e = raises(lambda d=demuxer: VideoFrames(data, d, max_frames=5).next())
+            e = raises(lambda d=demuxer, b=data: VideoFrames(b, d, max_frames=5).next())
             assert e.code is ErrorCode.INVALID_IMAGE
     # The protocol whitelist itself: FFmpeg's concat demuxer, with our options, cannot open the secret.
     with pytest.raises(av.error.FFmpegError):
