@@ -124,6 +124,13 @@ def test_playlists_are_refused_without_touching_files_or_sockets(tmp_path, monke
     assert opts["enable_drefs"] == "0" and opts["use_absolute_path"] == "0"
 
 
+def test_every_accepted_container_decodes():
+    frames = [np.full((32, 48, 3), 40 * i, np.uint8) for i in range(4)]
+    for codec, fmt in (("libvpx", "webm"), ("mpeg4", "matroska"), ("mpeg4", "avi"), ("libx264", "mov")):
+        out = decode_video(encode_video(frames, codec, fmt), max_frames=10)
+        assert len(out) >= 3 and out[0].shape == (32, 48, 3), (codec, fmt)
+
+
 def test_video_decodes_as_a_stream(clip):
     out = decode_video(clip, max_frames=100)
     assert len(out) == 10 and out[0].shape == (48, 64, 3) and out[0].dtype == np.uint8

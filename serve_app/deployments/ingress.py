@@ -179,6 +179,8 @@ class Ingress:
         self.decode_gate = DecodeGate(self.pool, lim.decode_cpu_s_per_s, lim.decode_cpu_burst_s,
                                       lim.max_decode_slots_per_session)
         self.video_pool = ThreadPoolExecutor(max_workers=lim.video_decode_workers, thread_name_prefix="da3-video")
+        # Open decoders hold reference frames: no more videos in decoding at once than the pool has threads.
+        self.video_slots = asyncio.Semaphore(lim.video_decode_workers)
         self.video_limits = VideoLimits(max_pixels=lim.max_image_pixels,
                                         max_decoded_frames=lim.max_video_decoded_frames,
                                         max_decoded_bytes=lim.max_video_decoded_bytes,
@@ -362,6 +364,7 @@ class Ingress:
         frames = VideoFrames(up.file, demuxer, max_frames=lim.max_upload_frames - taken, every=every,
                              limits=self.video_limits)
         step = None
+        await self.video_slots.acquire()
         try:
             while taken < lim.max_upload_frames:
                 step = loop.run_in_executor(self.video_pool, frames.next)
@@ -375,6 +378,7 @@ class Ingress:
                 step.add_done_callback(lambda _: self.video_pool.submit(frames.close))
             else:
                 self.video_pool.submit(frames.close)
+            self.video_slots.release()
         return taken
 
     async def _admit_upload_frame(self, sid: str, owner: str | None, worker: SessionWorker, img, index: int
