@@ -360,24 +360,24 @@ class Ingress:
         if demuxer is None:  # an image: never read past the image limit
             await self._admit_upload_frame(sid, owner, worker, await up.read(lim.max_image_bytes + 1), taken)
             return taken + 1
-        loop = asyncio.get_running_loop()
         frames = VideoFrames(up.file, demuxer, max_frames=lim.max_upload_frames - taken, every=every,
                              limits=self.video_limits)
         step = None
         await self.video_slots.acquire()
         try:
             while taken < lim.max_upload_frames:
-                step = loop.run_in_executor(self.video_pool, frames.next)
-                img = await step
+                step = self.video_pool.submit(frames.next)
+                img = await asyncio.wrap_future(step)
                 if img is None:
                     break
                 await self._admit_upload_frame(sid, owner, worker, img, taken)
                 taken += 1
-        finally:  # close the decoder in its pool, after any step still running there
-            if step is not None and not step.done():
-                step.add_done_callback(lambda _: self.video_pool.submit(frames.close))
-            else:
+        finally:
+            # Close the decoder in its pool once no step runs there (a cancelled request leaves one running).
+            if step is None:
                 self.video_pool.submit(frames.close)
+            else:
+                step.add_done_callback(lambda _: self.video_pool.submit(frames.close))
             self.video_slots.release()
         return taken
 
