@@ -268,6 +268,7 @@ async def test_video_bomb_is_streamed_and_capped(hostile_url, synthetic_seq):
 
     await asyncio.gather(attack(), bystander(hostile_url, synthetic_seq))
     grew = peak_rss(pid) - hwm0
+    print(f"replica peak RSS {hwm0 / MB:.0f} -> {peak_rss(pid) / MB:.0f} MB")
     assert grew < 400 * MB, f"replica peak RSS grew {grew / MB:.0f} MB"
     assert_healthy(hostile_url)
 
