@@ -152,6 +152,22 @@ class LimitsConfig(_Strict):
                                          "`received` before closing with SLOW_CONSUMER (4408)")
     drain_poll_s: float = Field(0.25, gt=0, le=10, description="how often an ingress replica checks whether "
                                 "Serve is draining it")
+    # --- media decoding (untrusted uploads): docs/SECURITY.md "Media and uploads" ---
+    max_image_bit_depth: Literal[8, 16] = Field(16, description="bits per sample an image may declare (PNG)")
+    max_image_decoded_bytes: int = Field(128 * 1024 * 1024, ge=1024, description="bytes one image may decode to "
+                                         "(checked from the header, then on the decoded result)")
+    decode_cpu_s_per_s: float = Field(1.0, gt=0, description="image decode CPU seconds per second per session; "
+                                      "over it a frame gets DECODE_BUDGET_EXCEEDED")
+    decode_cpu_burst_s: float = Field(5.0, gt=0, description="decode CPU seconds a session may spend at once")
+    max_decode_slots_per_session: int = Field(1, ge=1, le=64, description="image decodes one session may run "
+                                              "at once in the replica's decode pool")
+    max_video_decoded_frames: int = Field(3000, ge=1, description="one-shot route: frames decoded per video "
+                                          "(skipped ones count); decoding stops there")
+    max_video_decoded_bytes: int = Field(4 * 1024 ** 3, ge=1024, description="one-shot route: bytes of "
+                                         "decoded pictures per video (VIDEO_TOO_LARGE beyond)")
+    max_video_decode_s: float = Field(60.0, gt=0, description="one-shot route: seconds spent decoding one video "
+                                      "(VIDEO_TOO_LARGE beyond)")
+    video_decode_workers: int = Field(2, ge=1, le=64, description="threads of the replica's video decode pool")
 
 
 class SessionActorConfig(_Strict):

@@ -33,6 +33,8 @@ class ErrorCode(str, Enum):
     FRAME_RATE_LIMITED = "FRAME_RATE_LIMITED"  # frames per second of one session
     BYTE_RATE_LIMITED = "BYTE_RATE_LIMITED"  # upload bytes per second of one session
     SLOW_CONSUMER = "SLOW_CONSUMER"  # results unacknowledged past the byte limit for slow_reader_timeout_s
+    DECODE_BUDGET_EXCEEDED = "DECODE_BUDGET_EXCEEDED"  # the session's image-decode CPU budget is spent for now
+    VIDEO_TOO_LARGE = "VIDEO_TOO_LARGE"  # a video decodes to more bytes or takes longer than the limits allow
     INTERNAL_ERROR = "INTERNAL_ERROR"
 
 
@@ -62,6 +64,8 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.FRAME_RATE_LIMITED: 429,
     ErrorCode.BYTE_RATE_LIMITED: 429,
     ErrorCode.SLOW_CONSUMER: 429,
+    ErrorCode.DECODE_BUDGET_EXCEEDED: 429,
+    ErrorCode.VIDEO_TOO_LARGE: 413,
     ErrorCode.INTERNAL_ERROR: 500,
 }
 

@@ -1,7 +1,8 @@
 """Untrusted image bytes -> RGB uint8 array, with limits checked before any pixel is decoded.
 
 Only `ServiceError` leaves `decode_image` (INVALID_IMAGE, IMAGE_TOO_LARGE, TOO_MANY_PIXELS or UNSUPPORTED_FORMAT): Pillow's own
-errors, including its DecompressionBombError/Warning, are translated.
+errors, including its DecompressionBombError/Warning, are translated. Bit depth and decoded bytes are checked from
+the header before decoding and again on the decoded result (a header can lie).
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from serve_app.errors import ErrorCode, ServiceError
 
 _SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # IHDR colour type -> samples per pixel
+# 0..65535 -> 0..255 with rounding, by table: no int64 copy of a 16-bit image (that was 8 bytes a pixel)
+_LUT16 = ((np.arange(65536, dtype=np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
 
 
 @dataclass
@@ -22,6 +26,8 @@ class ImageLimits:
     max_bytes: int = 8 * 1024 * 1024
     max_pixels: int = 40_000_000
     allowed_formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP")
+    max_bit_depth: int = 16
+    max_decoded_bytes: int = 128 * 1024 * 1024
 
 
 def _err(code: ErrorCode, message: str) -> ServiceError:
@@ -54,12 +60,36 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
         return np.array(img, dtype=np.uint8)
     if mode in _SIXTEEN_BIT:
         # 16-bit grey (PNG opens as I;16 or I): map 0..65535 onto 0..255 with rounding.
-        a = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
-        grey = ((a * 255 + 32767) // 65535).astype(np.uint8)
+        a = np.asarray(img)
+        if a.dtype != np.uint16:  # mode I (int32): clip into the table's range
+            a = np.clip(a, 0, 65535).astype(np.uint16)
+        grey = _LUT16[a]
         return np.repeat(grey[..., None], 3, axis=2)
     if mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")  # Pillow wants palette transparency resolved through RGBA first
     return np.array(img.convert("RGB"), dtype=np.uint8)
+
+
+def declared_depth(data: bytes, img: Image.Image) -> tuple[int, int]:
+    """(bits per sample, samples per pixel) the header declares."""
+    if img.format == "PNG" and len(data) >= 26 and data[12:16] == b"IHDR":
+        return int(data[24]), _PNG_CHANNELS.get(int(data[25]), 4)
+    bands = len(img.getbands())
+    return (16 if img.mode in _SIXTEEN_BIT else 8), bands
+
+
+def _check_declared_cost(data: bytes, img: Image.Image, limits: ImageLimits) -> None:
+    depth, channels = declared_depth(data, img)
+    if depth > limits.max_bit_depth:
+        raise _err(ErrorCode.UNSUPPORTED_FORMAT,
+                   f"{depth}-bit images are not accepted (at most {limits.max_bit_depth} bits per sample)")
+    w, h = img.size
+    native = w * h * channels * ((depth + 7) // 8)
+    declared = max(native, w * h * 3)  # what the decoder holds, and the RGB result
+    if declared > limits.max_decoded_bytes:
+        raise _err(ErrorCode.IMAGE_TOO_LARGE,
+                   f"image of {w}x{h} ({depth}-bit, {channels} channels) would decode to {declared} bytes, "
+                   f"over {limits.max_decoded_bytes}")
 
 
 def decode_image(data: bytes, limits: ImageLimits | None = None) -> np.ndarray:
@@ -79,6 +109,7 @@ def decode_image(data: bytes, limits: ImageLimits | None = None) -> np.ndarray:
             raise _err(ErrorCode.INVALID_IMAGE, f"image declares size {w}x{h}")
         if w * h > limits.max_pixels:  # from the header, before decoding: decompression bombs stop here
             raise _err(ErrorCode.TOO_MANY_PIXELS, f"image of {w}x{h} pixels exceeds {limits.max_pixels}")
+        _check_declared_cost(data, img, limits)
         try:
             img.load()
         except ServiceError:
@@ -101,6 +132,8 @@ def decode_image(data: bytes, limits: ImageLimits | None = None) -> np.ndarray:
         img.close()
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.size == 0:
         raise _err(ErrorCode.INVALID_IMAGE, f"decoded to unexpected shape {rgb.shape}")
+    if rgb.nbytes > limits.max_decoded_bytes or rgb.shape[0] * rgb.shape[1] > limits.max_pixels:
+        raise _err(ErrorCode.IMAGE_TOO_LARGE, f"image decoded to {rgb.nbytes} bytes, over {limits.max_decoded_bytes}")
     return np.ascontiguousarray(rgb)
 
 

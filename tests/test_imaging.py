@@ -186,3 +186,41 @@ def test_property_damaged_real_images(cut, junk):
                                 ErrorCode.UNSUPPORTED_FORMAT)
         else:
             assert out.shape[2] == 3
+
+
+def sixteen_bit_png(width: int, height: int, value: int = 0) -> bytes:
+    return save(Image.fromarray(np.full((height, width), value, np.uint16)), "PNG")
+
+
+def test_bit_depth_limit_from_the_header():
+    data = sixteen_bit_png(8, 8, 1000)
+    assert data[24] == 16  # IHDR bit depth
+    assert code_of(data, ImageLimits(max_bit_depth=8)) == ErrorCode.UNSUPPORTED_FORMAT
+    assert decode_image(data, ImageLimits(max_bit_depth=16)).shape == (8, 8, 3)
+    assert decode_image(encode_image(gradient(), "PNG"), ImageLimits(max_bit_depth=8)).shape == (12, 16, 3)
+
+
+def test_decoded_bytes_limit_checked_before_decoding():
+    # 3000x3000 RGB would decode to 27 MB: refused from the header (the same file within the limit is decoded
+    # and found truncated, so the check came first).
+    assert code_of(hand_made_png(3000, 3000), ImageLimits(max_decoded_bytes=20_000_000)) == ErrorCode.IMAGE_TOO_LARGE
+    assert code_of(hand_made_png(3000, 3000), ImageLimits(max_decoded_bytes=28_000_000)) == ErrorCode.INVALID_IMAGE
+    data = encode_image(gradient(), "PNG")
+    assert code_of(data, ImageLimits(max_decoded_bytes=12 * 16 * 3 - 1)) == ErrorCode.IMAGE_TOO_LARGE
+    assert decode_image(data, ImageLimits(max_decoded_bytes=12 * 16 * 3)).shape == (12, 16, 3)
+
+
+def test_16bit_conversion_matches_the_formula_without_int64_copies():
+    import tracemalloc
+
+    rng = np.random.default_rng(1)
+    a = rng.integers(0, 65536, (1500, 2000), dtype=np.uint16)
+    data = save(Image.fromarray(a), "PNG", compress_level=1)
+    tracemalloc.start()
+    out = decode_image(data, LIMITS)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    expected = ((a.astype(np.int64) * 255 + 32767) // 65535).astype(np.uint8)
+    assert np.array_equal(out[..., 0], expected) and np.array_equal(out[..., 2], expected)
+    # 3M pixels: 2 bytes (16-bit) + 1 (grey) + 3 (RGB) each, plus the encoded copy; an int64 path needs 8 more
+    assert peak < 3_000_000 * 7 + 2 * len(data), peak

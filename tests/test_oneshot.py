@@ -62,7 +62,9 @@ def test_bad_upload_is_rejected_whole_and_leaves_no_session(serve_url, synthetic
     r = httpx.post(serve_url + "/v1/reconstruct", files=files, timeout=120)
     assert r.status_code == 400 and r.json()["error"]["code"] == "INVALID_IMAGE"
     assert "broken.jpg" in r.json()["error"]["message"]
-    for files, code in (([], "INVALID_MESSAGE"), ([("files", ("x.mp4", b"not a video", "video/mp4"))], "INVALID_IMAGE")):
+    # A "video" whose bytes are no supported container never reaches FFmpeg (UNSUPPORTED_FORMAT).
+    for files, code in (([], "INVALID_MESSAGE"),
+                        ([("files", ("x.mp4", b"not a video", "video/mp4"))], "UNSUPPORTED_FORMAT")):
         r = httpx.post(serve_url + "/v1/reconstruct", files=files or None, data={"a": "b"}, timeout=60)
         assert r.json()["error"]["code"] == code
     r = httpx.post(serve_url + "/v1/reconstruct?format=obj", files=files, timeout=60)

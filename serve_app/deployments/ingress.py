@@ -25,6 +25,7 @@ from ray import serve
 from serve_app import exports, protocol, ray_env
 from serve_app.auth import AccessMiddleware, AccessPolicy, bearer_token
 from serve_app.config import AppArgs, SessionParams, merge_session_params
+from serve_app.decode_pool import DecodeGate
 from serve_app.deployments.drain import replica_draining
 from serve_app.deployments.session_actor import call, get_session_actor
 from serve_app.deployments.session_worker import SessionWorker
@@ -37,7 +38,8 @@ from serve_app.preprocess import resize_for_model
 from serve_app.reconstruction import FrameInput, StreamReconstructor
 from serve_app.session_store import CorrectionRecord, ResultRecord
 from serve_app.status_cache import CachedCall
-from serve_app.video import decode_video, is_video
+from serve_app.uploads import classify_upload, limited_request
+from serve_app.video import VideoFrames, VideoLimits
 
 log = logging.getLogger("ray.serve.da3.ingress")  # child of ray.serve: goes to the replica log files
 
@@ -172,7 +174,19 @@ class Ingress:
         self.started = time.time()
         lim = self.args.limits
         self.image_limits = ImageLimits(max_bytes=lim.max_image_bytes, max_pixels=lim.max_image_pixels,
-                                        allowed_formats=tuple(f.upper() for f in lim.allowed_formats))
+                                        allowed_formats=tuple(f.upper() for f in lim.allowed_formats),
+                                        max_bit_depth=lim.max_image_bit_depth,
+                                        max_decoded_bytes=lim.max_image_decoded_bytes)
+        # Image decodes share self.pool fairly between sessions; videos decode in their own small pool.
+        self.decode_gate = DecodeGate(self.pool, lim.decode_cpu_s_per_s, lim.decode_cpu_burst_s,
+                                      lim.max_decode_slots_per_session)
+        self.video_pool = ThreadPoolExecutor(max_workers=lim.video_decode_workers, thread_name_prefix="da3-video")
+        # Open decoders hold reference frames: no more videos in decoding at once than the pool has threads.
+        self.video_slots = asyncio.Semaphore(lim.video_decode_workers)
+        self.video_limits = VideoLimits(max_pixels=lim.max_image_pixels,
+                                        max_decoded_frames=lim.max_video_decoded_frames,
+                                        max_decoded_bytes=lim.max_video_decoded_bytes,
+                                        max_decode_s=lim.max_video_decode_s)
         self.policy = AccessPolicy(self.args.auth, self.args.cors_origins)
         if self.args.cors_origins:
             api.add_middleware(CORSMiddleware, allow_origins=self.args.cors_origins, allow_methods=["*"],
@@ -286,13 +300,13 @@ class Ingress:
         if fmt not in ("json", "ply", "glb"):
             raise ServiceError(ErrorCode.INVALID_PARAMS, "format must be json, ply or glb",
                                details={"field": "format"})
-        if int(request.headers.get("content-length") or 0) > lim.max_upload_bytes:
-            raise ServiceError(ErrorCode.MESSAGE_TOO_LARGE, f"upload exceeds {lim.max_upload_bytes} bytes")
         try:
             every = max(1, int(request.query_params.get("every", "1")))
         except ValueError:
             raise ServiceError(ErrorCode.INVALID_PARAMS, "every must be an integer", details={"field": "every"})
-        form = await request.form(max_files=lim.max_upload_files, max_fields=16)
+        # Bytes are counted as they arrive (chunked bodies too); files over 1 MiB spool to disk meanwhile.
+        form = await limited_request(request, lim.max_upload_bytes).form(max_files=lim.max_upload_files,
+                                                                        max_fields=16)
         uploads = [v for _, v in form.multi_items() if hasattr(v, "read")]
         if not uploads:
             raise ServiceError(ErrorCode.INVALID_MESSAGE, "no files: send images or a video as multipart `files`")
@@ -305,32 +319,23 @@ class Ingress:
         sid = info["session_id"]
         worker = await self._worker(sid, params, owner)
         worker.oneshot = True
-        loop = asyncio.get_running_loop()
         try:
             taken = 0
             for up in uploads:
-                data = await up.read()
-                if is_video(up.filename, up.content_type):
-                    images = await loop.run_in_executor(
-                        self.pool, lambda d=data: decode_video(d, max_frames=lim.max_upload_frames - taken,
-                                                               every=every, max_pixels=lim.max_image_pixels))
-                else:
-                    images = [data]
-                for img in images:
-                    if taken >= lim.max_upload_frames:
-                        break
-                    while worker.in_flight >= lim.max_in_flight:  # upload pacing: wait, never reject
-                        await asyncio.sleep(0.02)
-                    try:
-                        await self._admit(sid, owner, worker, img, protocol.FrameMeta(frame_id=taken))
-                    except ServiceError as exc:
-                        exc.message = f"{up.filename}: {exc.message}"
-                        raise
-                    taken += 1
+                if taken >= lim.max_upload_frames:
+                    break
+                try:
+                    taken = await self._upload_part(sid, owner, worker, up, taken, every)
+                except ServiceError as exc:
+                    exc.message = f"{up.filename}: {exc.message}"
+                    raise
             await worker.finalize()
             done = await call(self.actor.wait_finished, sid, lim.model_timeout_s * (1 + taken))
         except BaseException:
-            await self.actor.delete.remote(sid, owner)
+            try:
+                await self.actor.delete.remote(sid, owner)
+            except Exception:  # noqa: BLE001 - already deleted (that may be why we are here)
+                log.debug("upload cleanup: session %s already gone", sid)
             self._drop_worker(sid)
             raise
         if fmt == "ply":
@@ -341,6 +346,56 @@ class Ingress:
         return JSONResponse({"session_id": sid, "state": done.get("state"), "frames": done.get("frames_processed"),
                              "frames_failed": done.get("frames_failed"), "points_total": done.get("points_total"),
                              "trajectory": traj["frames"], "exports": protocol.export_paths(sid)})
+
+    async def _upload_part(self, sid: str, owner: str | None, worker: SessionWorker, up, taken: int,
+                           every: int) -> int:
+        """Admit one multipart file's frames (an image, or a video's sampled frames as they decode); returns
+        the frame count so far. The bytes decide what the file is, never its name."""
+        lim = self.args.limits
+        head = await up.read(16)
+        await up.seek(0)
+        demuxer = classify_upload(head, up.filename, up.content_type)
+        if demuxer is None:  # an image: never read past the image limit
+            await self._admit_upload_frame(sid, owner, worker, await up.read(lim.max_image_bytes + 1), taken)
+            return taken + 1
+        frames = VideoFrames(up.file, demuxer, max_frames=lim.max_upload_frames - taken, every=every,
+                             limits=self.video_limits)
+        step = None
+        await self.video_slots.acquire()
+        try:
+            while taken < lim.max_upload_frames:
+                step = self.video_pool.submit(frames.next)
+                img = await asyncio.wrap_future(step)
+                if img is None:
+                    break
+                await self._admit_upload_frame(sid, owner, worker, img, taken)
+                taken += 1
+        finally:
+            # Close the decoder in its pool once no step runs there (a cancelled request leaves one running).
+            if step is None:
+                self.video_pool.submit(frames.close)
+            else:
+                step.add_done_callback(lambda _: self.video_pool.submit(frames.close))
+            self.video_slots.release()
+        return taken
+
+    async def _admit_upload_frame(self, sid: str, owner: str | None, worker: SessionWorker, img, index: int
+                                  ) -> None:
+        """Upload pacing: wait for in-flight room and decode budget, never reject; a session deleted (or taken
+        over) meanwhile ends the upload."""
+        lim = self.args.limits
+        while True:
+            while worker.in_flight >= lim.max_in_flight and not worker.closed:
+                await asyncio.sleep(0.02)
+            if worker.closed:
+                raise ServiceError(ErrorCode.SESSION_NOT_FOUND, "the session was deleted during the upload")
+            try:
+                await self._admit(sid, owner, worker, img, protocol.FrameMeta(frame_id=index))
+                return
+            except ServiceError as exc:
+                if exc.code is not ErrorCode.DECODE_BUDGET_EXCEEDED:
+                    raise
+                await asyncio.sleep(exc.details.get("retry_after_s", 0.1))
 
     @api.get("/healthz")
     async def healthz(self, request: Request) -> JSONResponse:
@@ -615,8 +670,8 @@ class Ingress:
     async def _admit(self, sid: str, owner: str | None, worker: SessionWorker, image: bytes | np.ndarray,
                      meta: protocol.FrameMeta) -> tuple[int, Any]:
         """Decode/resize off the loop, reserve an index in the actor, queue the frame. Returns (index, frame_id)."""
-        rgb, resized = await asyncio.get_running_loop().run_in_executor(
-            self.pool, self._prepare, image, worker.params.process_res, worker.recon.input_size)
+        rgb, resized = await self.decode_gate.run(worker, self._prepare, image, worker.params.process_res,
+                                                  worker.recon.input_size)
         if worker.recon.input_size is None:
             worker.recon.input_size = (int(resized.shape[1]), int(resized.shape[0]))
         original = (int(rgb.shape[1]), int(rgb.shape[0]))
