@@ -191,9 +191,11 @@ class Peer:
     connection drop (close 1001) after a chosen accepted frame, before its ack is sent."""
 
     def __init__(self, window: int = 2, max_in_flight: int = 3, queue_full_once: tuple = (),
-                 drop_after: int | None = None, missing: bool = False, fatal_after: int | None = None):
+                 drop_after: int | None = None, missing: bool = False, fatal_after: int | None = None,
+                 over_budget_once: tuple = ()):
         self.window, self.max_in_flight = window, max_in_flight
         self.queue_full_once = set(queue_full_once)
+        self.over_budget_once = set(over_budget_once)  # answered DECODE_BUDGET_EXCEEDED once
         self.drop_after, self.missing, self.fatal_after = drop_after, missing, fatal_after
         self.accepted: list = []  # frame ids in acceptance order
         self.images: list = []
@@ -226,6 +228,11 @@ class Peer:
                 if fid in self.queue_full_once or len(self.pending) >= self.max_in_flight:
                     self.queue_full_once.discard(fid)
                     await ws.send(json.dumps(P.msg_error("QUEUE_FULL", "full", frame_id=fid)))
+                    continue
+                if fid in self.over_budget_once:
+                    self.over_budget_once.discard(fid)
+                    await ws.send(json.dumps(P.msg_error("DECODE_BUDGET_EXCEEDED", "over budget", frame_id=fid,
+                                                         details={"retry_after_s": 0.05})))
                     continue
                 self.accepted.append(fid)
                 self.images.append(decode_image(frame.image))
@@ -300,6 +307,20 @@ async def test_stream_flow_control_queue_full_and_finalize():
     # The key goes in the handshake's Authorization header, never in the URL.
     assert peer.connections[0]["authorization"] == "Bearer k e y" and "token" not in peer.connections[0]
     assert any(isinstance(m, dict) and m.get("code") == "QUEUE_FULL" for m in seen)
+
+
+async def test_stream_resends_a_frame_refused_for_the_decode_budget():
+    peer = Peer(window=2, max_in_flight=3, over_budget_once=(1, 4))
+
+    async def body(client):
+        async with client.stream("s1", backoff_s=0.05) as s:
+            for img in frames(6):
+                await s.send_frame(img)
+            await s.finalize(timeout=30)
+        return s
+
+    s = await run_peer(peer, body)
+    assert sorted(peer.accepted) == list(range(6)) and s.rejected == [] and s.frames_processed == 6
 
 
 async def test_stream_resumes_after_going_away():

@@ -44,9 +44,9 @@ log = logging.getLogger("da3_client")
 # Error codes that answer one frame message (the frame was not accepted).
 FRAME_ERRORS = {"QUEUE_FULL", "FRAME_RATE_LIMITED", "BYTE_RATE_LIMITED", "INVALID_IMAGE", "IMAGE_TOO_LARGE",
                 "TOO_MANY_PIXELS", "UNSUPPORTED_FORMAT", "FRAME_LIMIT_EXCEEDED",
-                "SESSION_FINALIZED", "INVALID_MESSAGE", "MESSAGE_TOO_LARGE"}
+                "SESSION_FINALIZED", "INVALID_MESSAGE", "MESSAGE_TOO_LARGE", "DECODE_BUDGET_EXCEEDED"}
 # The frame was refused for now: it is sent again (after details.retry_after_s for the rate limits).
-RETRY_LATER = {"QUEUE_FULL", "FRAME_RATE_LIMITED", "BYTE_RATE_LIMITED"}
+RETRY_LATER = {"QUEUE_FULL", "FRAME_RATE_LIMITED", "BYTE_RATE_LIMITED", "DECODE_BUDGET_EXCEEDED"}
 # After these the session takes no more frames: send_frame raises.
 NO_MORE_FRAMES = {"FRAME_LIMIT_EXCEEDED", "SESSION_FINALIZED"}
 # Handshake refusals worth retrying during a reconnect (our own stale connection may still hold the session).
