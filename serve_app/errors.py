@@ -32,6 +32,10 @@ class ErrorCode(str, Enum):
     FRAME_RATE_LIMITED = "FRAME_RATE_LIMITED"  # frames per second of one session
     BYTE_RATE_LIMITED = "BYTE_RATE_LIMITED"  # upload bytes per second of one session
     SLOW_CONSUMER = "SLOW_CONSUMER"  # results unacknowledged past the byte limit for slow_reader_timeout_s
+    INVALID_PRIOR = "INVALID_PRIOR"  # a frame's pose/intrinsics prior is unusable (non-finite in float32, no rotation)
+    TOO_MANY_ERRORS = "TOO_MANY_ERRORS"  # max_protocol_errors malformed messages on one WebSocket: closed (4400)
+    IDLE_TIMEOUT = "IDLE_TIMEOUT"  # WebSocket without work for ws_idle_timeout_s: closed (4420)
+    EXPORT_BUSY = "EXPORT_BUSY"  # max_concurrent_exports running: retry after details.retry_after_s
     INTERNAL_ERROR = "INTERNAL_ERROR"
 
 
@@ -60,6 +64,10 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.FRAME_RATE_LIMITED: 429,
     ErrorCode.BYTE_RATE_LIMITED: 429,
     ErrorCode.SLOW_CONSUMER: 429,
+    ErrorCode.INVALID_PRIOR: 422,
+    ErrorCode.TOO_MANY_ERRORS: 400,
+    ErrorCode.IDLE_TIMEOUT: 408,
+    ErrorCode.EXPORT_BUSY: 503,
     ErrorCode.INTERNAL_ERROR: 500,
 }
 
@@ -74,6 +82,8 @@ WS_CLOSE: dict[ErrorCode, int] = {
     ErrorCode.SLOW_CONSUMER: 4408,
     ErrorCode.INTERNAL_ERROR: 4500,
     ErrorCode.MODEL_UNAVAILABLE: 4503,
+    ErrorCode.TOO_MANY_ERRORS: 4400,
+    ErrorCode.IDLE_TIMEOUT: 4420,
 }
 WS_CLOSE_NORMAL = 1000  # finalized or deleted by the client
 WS_CLOSE_GOING_AWAY = 1001  # server going away: clients reconnect

@@ -122,6 +122,13 @@ def frame_limit_error(max_frames: int) -> ServiceError:
     return ServiceError(ErrorCode.FRAME_LIMIT_EXCEEDED, f"session frame limit of {max_frames} reached")
 
 
+def concat_parts(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """One (N, 3) float32 / (N, 3) uint8 map from `point_cloud_parts` (the heavy part: run it off the loop)."""
+    if not parts:
+        return np.zeros((0, 3), np.float32), np.zeros((0, 3), np.uint8)
+    return np.concatenate([p for p, _ in parts]), np.concatenate([c for _, c in parts])
+
+
 class SessionStore:
     def __init__(self, limits: LimitsConfig | None = None):
         self.limits = limits or LimitsConfig()
@@ -148,11 +155,11 @@ class SessionStore:
         if len(self.sessions) >= self.limits.max_sessions:
             raise ServiceError(ErrorCode.SESSION_LIMIT,
                                f"server is at its limit of {self.limits.max_sessions} sessions; retry later")
-        mine = sum(1 for s in self.sessions.values() if s.owner == owner)
-        if mine >= self.limits.max_sessions_per_key:
+        cap = self.limits.sessions_per_key
+        mine = sum(1 for s in self.sessions.values() if s.owner == owner) if owner is not None else 0
+        if mine >= cap:  # without keys (auth none) max_sessions is the only limit
             raise ServiceError(ErrorCode.KEY_SESSION_LIMIT,
-                               f"this key has {mine} open sessions (limit {self.limits.max_sessions_per_key}); "
-                               "delete or finish one first")
+                               f"this key has {mine} open sessions (limit {cap}); delete or finish one first")
         per_min = self.limits.sessions_per_minute
         bucket = self.create_buckets.setdefault(owner, TokenBucket(rate=per_min / 60.0, burst=max(per_min, 1.0),
                                                                    stamp=now))
@@ -282,6 +289,8 @@ class SessionStore:
         """Sessions reloaded after a crash: no connection or worker holds them any more."""
         for s in sessions:
             s.connection_id = None
+            # What was reloaded, not the count saved: a journal may hold points the budget had already dropped.
+            s.points_total = sum(len(r.points) for r in s.records)
             self.sessions[s.session_id] = s
             self._enforce_budget(s)
 
@@ -297,10 +306,13 @@ class SessionStore:
         return [r for r in s.records if r.seq > seq]
 
     def point_cloud(self, session_id: str, owner: str | None) -> tuple[np.ndarray, np.ndarray]:
+        return concat_parts(self.point_cloud_parts(session_id, owner))
+
+    def point_cloud_parts(self, session_id: str, owner: str | None) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The map's arrays as they are now (cheap: no copy). The budget replaces a record's arrays by slices and
+        never writes into them, so the parts stay valid while `concat_parts` runs in another thread."""
         s = self._get(session_id, owner)
-        if not s.records:
-            return np.zeros((0, 3), np.float32), np.zeros((0, 3), np.uint8)
-        return (np.concatenate([r.points for r in s.records]), np.concatenate([r.colors for r in s.records]))
+        return [(r.points, r.colors) for r in s.records]
 
     # --- connections and workers --------------------------------------------------------------------
     def attach(self, session_id: str, connection_id: str) -> str | None:

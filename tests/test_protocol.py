@@ -75,10 +75,10 @@ def test_frame_meta_validated_on_the_client_side():
     (raw_frame(b'{"timestamp": "now"}'), ErrorCode.INVALID_MESSAGE),
     (raw_frame(b'{"timestamp": NaN}'), ErrorCode.INVALID_MESSAGE),
     (raw_frame(b'{"timestamp": Infinity}'), ErrorCode.INVALID_MESSAGE),
-    (raw_frame(b'{"intrinsics": [[1,0,0],[0,1,0]]}'), ErrorCode.INVALID_MESSAGE),
-    (raw_frame(b'{"intrinsics": [[0,0,0],[0,0,0],[0,0,1]]}'), ErrorCode.INVALID_MESSAGE),  # zero focal
-    (raw_frame(json.dumps({"pose": [r[:3] for r in POSE]}).encode()), ErrorCode.INVALID_MESSAGE),
-    (raw_frame(json.dumps({"pose": POSE[:3] + [[0, 0, 1, 1]]}).encode()), ErrorCode.INVALID_MESSAGE),
+    (raw_frame(b'{"intrinsics": [[1,0,0],[0,1,0]]}'), ErrorCode.INVALID_PRIOR),
+    (raw_frame(b'{"intrinsics": [[0,0,0],[0,0,0],[0,0,1]]}'), ErrorCode.INVALID_PRIOR),  # zero focal
+    (raw_frame(json.dumps({"pose": [r[:3] for r in POSE]}).encode()), ErrorCode.INVALID_PRIOR),
+    (raw_frame(json.dumps({"pose": POSE[:3] + [[0, 0, 1, 1]]}).encode()), ErrorCode.INVALID_PRIOR),
     (raw_frame(b"[" * 5000 + b"]" * 5000), ErrorCode.INVALID_MESSAGE),  # recursion bomb
     (raw_frame(b" " * 20000), ErrorCode.MESSAGE_TOO_LARGE),  # header over max_header_bytes
 ])
@@ -95,10 +95,11 @@ def test_unknown_header_keys_are_ignored():
 def test_text_messages_parse():
     assert P.parse_text_message('{"type":"flush"}', max_bytes=1000).type == "flush"
     assert P.parse_text_message(b'{"type":"finalize"}', max_bytes=1000).type == "finalize"
-    ping = P.parse_text_message('{"type":"ping","t":{"n":[1,2]}}', max_bytes=1000)
-    assert ping.type == "ping" and ping.t == {"n": [1, 2]}
+    ping = P.parse_text_message('{"type":"ping","t":"1.5-abc"}', max_bytes=1000)
+    assert ping.type == "ping" and ping.t == "1.5-abc"
     pong = P.msg_pong(ping.t)
-    assert pong["type"] == "pong" and pong["t"] == {"n": [1, 2]} and pong["server_time"] > 0
+    assert pong["type"] == "pong" and pong["t"] == "1.5-abc" and pong["server_time"] > 0
+    assert P.parse_text_message('{"type":"ping","t":7}', max_bytes=1000).t == 7
     msg = P.parse_text_message(json.dumps({"type": "frame", "image": base64.b64encode(IMG).decode(),
                                            "frame_id": 4, "timestamp": 0.25, "intrinsics": K}), max_bytes=10000)
     frame = P.frame_from_json(msg)
@@ -120,6 +121,10 @@ def test_text_messages_parse():
     ('{"type":"frame","image":5}', ErrorCode.INVALID_MESSAGE),
     ('{"type":"frame","image":"aGk=","frame_id":-3}', ErrorCode.INVALID_MESSAGE),
     ('{"type":"ping","t":NaN}', ErrorCode.INVALID_MESSAGE),
+    ('{"type":"ping","t":{"n":[1,2]}}', ErrorCode.INVALID_MESSAGE),  # a token echoed back: a small scalar only
+    ('{"type":"ping","t":"' + "x" * 129 + '"}', ErrorCode.INVALID_MESSAGE),
+    ('{"type":"ping","t":1e400}', ErrorCode.INVALID_MESSAGE),  # valid syntax, overflows to inf
+    ('{"type":"received","seq":1e400}', ErrorCode.INVALID_MESSAGE),
     (b'{"type":"flush"}\xff', ErrorCode.INVALID_MESSAGE),  # invalid UTF-8
     ("{\"type\":\"flush\",\"x\":\"\ud800\"}", ErrorCode.INVALID_MESSAGE),  # lone surrogate
     ('{"type":"flush","pad":"' + "x" * 2000 + '"}', ErrorCode.MESSAGE_TOO_LARGE),

@@ -17,7 +17,7 @@ from serve_app.config import LimitsConfig, SessionActorConfig, SessionParams
 from serve_app.errors import ServiceError
 from serve_app.ray_env import in_effect
 from serve_app.session_journal import SessionJournal
-from serve_app.session_store import SessionStore
+from serve_app.session_store import SessionStore, concat_parts
 
 log = logging.getLogger("ray.serve.da3.sessions")
 
@@ -76,8 +76,14 @@ class SessionActor:
     async def create(self, params: dict, owner: str | None) -> dict:
         self._ensure_sweeper()
         s = self.store.create(SessionParams.model_validate(params), owner, time.time())
-        self._save(s.session_id)
-        return s.info()
+        try:
+            self._save(s.session_id)
+            return s.info()
+        except BaseException:  # a session nobody was told about must not stay and count against the limits
+            self.store.sessions.pop(s.session_id, None)
+            if self.journal is not None:
+                self.journal.delete(s.session_id)
+            raise
 
     async def info(self, sid: str, owner: str | None) -> dict:
         return self.store.get(sid, owner).info()
@@ -220,7 +226,10 @@ class SessionActor:
         return {"gone": True} if s is None else s.info()
 
     async def point_cloud(self, sid: str, owner: str | None):
-        return self.store.point_cloud(sid, owner)
+        # Concatenating a map of millions of points takes long enough to stall every other session's calls:
+        # take the parts here (consistent at this instant), join them in a thread.
+        parts = self.store.point_cloud_parts(sid, owner)
+        return await asyncio.to_thread(concat_parts, parts)
 
     async def trajectory(self, sid: str, owner: str | None) -> list[dict]:
         return list(self.store.get(sid, owner).frames)
