@@ -55,7 +55,7 @@ class SessionParams(_Strict):
 
 
 def merge_session_params(defaults: SessionParams, overrides: dict[str, Any] | None,
-                         max_process_res: int | None = None, limits: "LimitsConfig | None" = None
+                         max_process_res: int | None = None, limits: LimitsConfig | None = None
                          ) -> SessionParams:
     """Client overrides on top of the server defaults; raises INVALID_PARAMS naming the field. With `limits`,
     the server's caps (max_points, ttl_s, idle_ttl_s) apply too: clients may only lower them."""
@@ -82,7 +82,7 @@ def merge_session_params(defaults: SessionParams, overrides: dict[str, Any] | No
     return params
 
 
-def session_caps(limits: "LimitsConfig") -> dict[str, float]:
+def session_caps(limits: LimitsConfig) -> dict[str, float]:
     """Session parameters the server caps (LimitsConfig field per SessionParams field)."""
     return {"max_points": limits.max_session_points, "ttl_s": limits.max_session_ttl_s,
             "idle_ttl_s": limits.max_session_idle_ttl_s}
@@ -229,7 +229,7 @@ class AppArgs(_Strict):
     cors_origins: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
-    def _defaults_within_caps(self) -> "AppArgs":
+    def _defaults_within_caps(self) -> AppArgs:
         for field, cap in session_caps(self.limits).items():
             if getattr(self.session_defaults, field) > cap:
                 raise ValueError(f"session_defaults.{field} ({getattr(self.session_defaults, field):g}) is above "

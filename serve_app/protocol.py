@@ -1,7 +1,7 @@
 """The WebSocket wire protocol (docs/WEBSOCKET_API.md is the contract; keep the two in step).
 
 Pure Python + numpy + pydantic, importable without Ray. Every parser here raises only `ServiceError`
-(INVALID_MESSAGE or MESSAGE_TOO_LARGE, never fatal): a malformed client message must never take down a stream.
+(INVALID_MESSAGE, MESSAGE_TOO_LARGE or INVALID_PRIOR, never fatal): a malformed client message must never take down a stream.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import math
 import struct
 import time
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import (
@@ -62,8 +62,8 @@ def _as_used(rows: list[list[float]]) -> np.ndarray:
     return a.astype(np.float32).astype(np.float64)
 
 
-FrameId = Union[Annotated[StrictInt, Field(ge=0)], Annotated[StrictStr, Field(min_length=1,
-                                                                                max_length=MAX_FRAME_ID_CHARS)]]
+FrameId = Annotated[StrictInt, Field(ge=0)] | Annotated[StrictStr, Field(min_length=1,
+                                                                          max_length=MAX_FRAME_ID_CHARS)]
 
 
 class FrameMeta(BaseModel):
@@ -126,8 +126,8 @@ class Finalize(BaseModel):
     type: Literal["finalize"]
 
 
-PingToken = Union[Annotated[StrictInt, Field(ge=-(2**63), le=2**63)], FiniteFloat,
-                  Annotated[StrictStr, Field(max_length=128)], None]
+PingToken = Annotated[StrictInt, Field(ge=-(2**63), le=2**63)] | FiniteFloat | Annotated[
+    StrictStr, Field(max_length=128)] | None
 
 
 class Ping(BaseModel):

@@ -73,8 +73,7 @@ class SessionJournal:
             return False
         tmp = self.dir / f"{s.session_id}.rec.tmp"
         with open(tmp, "wb") as f:
-            for rec in s.records:
-                f.write(self._frame(rec))
+            f.writelines(self._frame(rec) for rec in s.records)
         os.replace(tmp, path)  # atomic: a crash leaves the old file or the compacted one
         self.compactions += 1
         return True
@@ -138,7 +137,7 @@ class SessionJournal:
                 s = Session(session_id=meta["session_id"], owner=meta["owner"],
                             params=SessionParams.model_validate(meta["params"]),
                             created_at=meta["created_at"], updated_at=meta["updated_at"])
-            except Exception:  # noqa: BLE001 - a torn or foreign file: skip it, the session reports SESSION_LOST
+            except Exception:  # noqa: BLE001, S112 - a torn or foreign file: skipped, its session is SESSION_LOST
                 continue
             for k in META_FIELDS[2:]:
                 if k in meta:

@@ -260,7 +260,8 @@ def _parse_binary_or_service_error(data: bytes) -> None:
     try:
         frame = P.parse_binary_message(data)
     except ServiceError as exc:
-        assert exc.code in (ErrorCode.INVALID_MESSAGE, ErrorCode.MESSAGE_TOO_LARGE) and not exc.fatal
+        assert exc.code in (ErrorCode.INVALID_MESSAGE, ErrorCode.MESSAGE_TOO_LARGE, ErrorCode.INVALID_PRIOR)
+        assert not exc.fatal
     else:
         assert isinstance(frame.image, bytes) and frame.image
 
@@ -289,7 +290,8 @@ def test_property_text_messages(text):
     try:
         msg = P.parse_text_message(text, max_bytes=200)
     except ServiceError as exc:
-        assert exc.code in (ErrorCode.INVALID_MESSAGE, ErrorCode.MESSAGE_TOO_LARGE) and not exc.fatal
+        assert exc.code in (ErrorCode.INVALID_MESSAGE, ErrorCode.MESSAGE_TOO_LARGE, ErrorCode.INVALID_PRIOR)
+        assert not exc.fatal
         return
     assert msg.type in P.CLIENT_TYPES
     if msg.type == "frame":

@@ -204,7 +204,7 @@ class SessionActor:
         async with c:
             try:
                 await asyncio.wait_for(c.wait_for(lambda: status() is not None), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         return status() or {"records": [], "info": self.store.sessions[sid].info()}
 
@@ -220,7 +220,7 @@ class SessionActor:
             async with c:
                 try:
                     await asyncio.wait_for(c.wait_for(done), timeout)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
         s = self.store.sessions.get(sid)
         return {"gone": True} if s is None else s.info()
