@@ -201,12 +201,12 @@ def _prior_error(exc: ValidationError, obj: dict, prefix: str) -> ServiceError:
     """INVALID_PRIOR (naming the frame when its id is readable) if a pose/intrinsics prior failed, else
     INVALID_MESSAGE."""
     errs = exc.errors(include_url=False, include_input=False)
-    bad = next((e for e in errs if e.get("loc") and e["loc"][0] in ("pose", "intrinsics")), None)
-    if bad is None:
+    found = [(e, f) for e in errs for f in e.get("loc", ()) if f in ("pose", "intrinsics")]
+    if not found:
         return _bad(f"{prefix}{_validation_message(exc)}")
-    fid = obj.get("frame_id")
+    (bad, field), fid = found[0], obj.get("frame_id")
     err = ServiceError(ErrorCode.INVALID_PRIOR, f"{prefix}{'.'.join(str(p) for p in bad['loc'])}: {bad['msg']}",
-                       details={"field": str(bad["loc"][0])})
+                       details={"field": field})
     if (isinstance(fid, int) and not isinstance(fid, bool) and fid >= 0) or (
             isinstance(fid, str) and 0 < len(fid) <= MAX_FRAME_ID_CHARS):
         err.frame_id = fid

@@ -308,3 +308,46 @@ def test_received_message_for_result_flow_control():
         with pytest.raises(ServiceError) as ei:
             P.parse_text_message(bad, max_bytes=1024)
         assert ei.value.code is ErrorCode.INVALID_MESSAGE and not ei.value.fatal
+
+
+# --- strict JSON and priors (docs/SECURITY.md, "Sessions, protocol and state") ---------------------------------
+@pytest.mark.parametrize("raw", [b'{"voxel_size": Infinity}', b'{"voxel_size": NaN}', b'{"voxel_size": -Infinity}',
+                                 b'{"voxel_size": 1e400}', b"[1]", b'"x"', b"{", b"\xff"])
+def test_json_bodies_are_strict(raw):
+    with pytest.raises(ServiceError) as ei:
+        P.parse_json_object(raw)
+    assert ei.value.code is ErrorCode.INVALID_PARAMS
+    assert P.parse_json_object(b"  ") == {} and P.parse_json_object(b'{"voxel_size": 0.5}') == {"voxel_size": 0.5}
+
+
+ROT = [[0.0, -1.0, 0.0, 1.0], [1.0, 0.0, 0.0, 2.0], [0.0, 0.0, 1.0, 3.0], [0.0, 0.0, 0.0, 1.0]]
+
+
+@pytest.mark.parametrize("meta", [
+    {"intrinsics": [[1e39, 0, 10], [0, 1e39, 10], [0, 0, 1]]},  # finite as float64, inf as the float32 used
+    {"intrinsics": [[500, 0, 3.5e38], [0, 500, 10], [0, 0, 1]]},
+    {"intrinsics": [[500, 0, 10], [0, 500, 10], [0, 1, 1]]},  # not a calibration matrix
+    {"pose": [[1, 0, 0, 1e39], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]},
+    {"pose": [[2, 0, 0, 0], [0, 2, 0, 0], [0, 0, 2, 0], [0, 0, 0, 1]]},  # a scale, not a rotation
+    {"pose": [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, -1, 0], [0, 0, 0, 1]]},  # a reflection (det -1)
+    {"pose": [[1, 0.01, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]},  # sheared
+])
+def test_unusable_priors_are_refused_per_frame(meta):
+    for parse in (lambda m: P.parse_binary_message(raw_frame(json.dumps(m).encode())),
+                  lambda m: P.parse_text_message(json.dumps({"type": "frame", "image": "aGk=", **m}),
+                                                 max_bytes=10000)):
+        with pytest.raises(ServiceError) as ei:
+            parse({"frame_id": 7, **meta})
+        assert ei.value.code is ErrorCode.INVALID_PRIOR and not ei.value.fatal
+        assert ei.value.frame_id == 7 and ei.value.details["field"] in ("pose", "intrinsics")
+
+
+def test_good_priors_pass_in_the_precision_clients_send():
+    import numpy as np
+
+    r = np.round(np.array(ROT), 6)
+    c, s_ = np.cos(0.3), np.sin(0.3)
+    tilted = [[1, 0, 0, 0], [0, round(c, 5), round(-s_, 5), 0], [0, round(s_, 5), round(c, 5), 0], [0, 0, 0, 1]]
+    for pose in (r.tolist(), tilted):
+        frame = P.parse_binary_message(raw_frame(json.dumps({"pose": pose, "intrinsics": K}).encode()))
+        assert frame.meta.pose == pose

@@ -88,7 +88,7 @@ class Connection:
 
     Flow control (serve_app/flow_control.py): Serve queues whatever the replica sends without limit, so every
     message sent is counted until the client's `received` covers it; the result sender pauses at
-    max_unacked_result_bytes, and a client past twice that is closed with SLOW_CONSUMER."""
+    max_unacked_result_bytes, and a client that leaves that much of other messages unread is closed."""
 
     def __init__(self, ws: WebSocket, acked_seq: int = 0, limits: LimitsConfig | None = None):
         self.ws = ws
@@ -120,8 +120,8 @@ class Connection:
 
     async def _overflow(self) -> None:
         await self.fail(ServiceError(
-            ErrorCode.SLOW_CONSUMER, f"{self.flow.unacked_bytes} bytes sent without `received` (hard limit "
-            f"{self.flow.hard_limit}); reconnect with resume_from={self.flow.acked_seq}", fatal=True))
+            ErrorCode.SLOW_CONSUMER, f"{self.flow.unacked_other_bytes} bytes of replies sent without `received` "
+            f"(limit {self.flow.hard_limit}); reconnect with resume_from={self.flow.acked_seq}", fatal=True))
         await self.close(WS_CLOSE[ErrorCode.SLOW_CONSUMER], ErrorCode.SLOW_CONSUMER.value)
 
     async def send_json(self, msg: dict, seq: int | None = None) -> None:
