@@ -323,3 +323,22 @@ def test_restore_trims_to_the_budget_from_what_was_reloaded():
     other = _store()
     other.restore([s])
     assert s.points_total == 1000 and sum(len(r.points) for r in s.records) == 1000
+
+
+def test_a_session_whose_create_fails_after_creation_is_removed(tmp_path):
+    """The session actor (as a plain object, no Ray): when saving a new session fails, it is not left behind
+    counting against the limits with an id nobody was given."""
+    import asyncio
+    import shutil
+
+    from serve_app.deployments.session_actor import SessionActor
+
+    state = tmp_path / "state"
+    actor = SessionActor(LimitsConfig(max_sessions=1).model_dump(), str(state))
+    shutil.rmtree(state)  # the journal's directory is gone: the first save raises
+    with pytest.raises(OSError):
+        asyncio.run(actor.create(SessionParams().model_dump(), None))
+    assert actor.store.sessions == {}
+    state.mkdir()
+    info = asyncio.run(actor.create(SessionParams().model_dump(), None))  # the one slot is still free
+    assert list(actor.store.sessions) == [info["session_id"]]
