@@ -114,6 +114,8 @@ class Connection:
         self.acked.set()
 
     def _count(self, nbytes: int, seq: int | None) -> None:
+        if seq is not None:
+            self.last_work = time.monotonic()  # results still flowing (a long replay) is not idle
         if not self.flow.sent(nbytes, seq) and not self.overflowed:
             self.overflowed = True  # the client reads nothing: stop producing for it
             asyncio.ensure_future(self._overflow())
@@ -127,19 +129,20 @@ class Connection:
     async def send_json(self, msg: dict, seq: int | None = None) -> None:
         await self.send_text(json.dumps(msg, separators=(",", ":")), seq)
 
+    # Counted before the send: the client's `received` for it may arrive while the send is still awaited.
     async def send_text(self, text: str, seq: int | None = None) -> None:
         if self.closed:
             return
         async with self.lock:
+            self._count(len(text), seq)
             await self.ws.send_text(text)
-        self._count(len(text), seq)
 
     async def send_bytes(self, data: bytes, seq: int | None = None) -> None:
         if self.closed:
             return
         async with self.lock:
+            self._count(len(data), seq)
             await self.ws.send_bytes(data)
-        self._count(len(data), seq)
 
     async def close(self, code: int, reason: str = "") -> None:
         if self.closed:
