@@ -41,7 +41,7 @@ class FlowControl:
 
     def resume(self, seq: int) -> None:
         """A (re)connect with resume_from=seq: the client has every record up to seq."""
-        self.acked_seq = self.last_sent_seq = seq
+        self.acked_seq = self.last_sent_seq = max(0, seq)
 
     def sent(self, nbytes: int, seq: int | None = None) -> bool:
         """Count a message sent: a record's (seq given) or any other (seq None). False once the unacknowledged

@@ -32,6 +32,9 @@ def test_resume_from_counts_as_sent():
     fc.sent(50, seq=8)
     fc.received(8)
     assert fc.unacked_records == 0 and fc.unacked_bytes == 0
+    neg = FlowControl(1000, 10)
+    neg.resume(-5)  # a nonsense resume_from replays everything; `received` 0 stays valid
+    neg.received(0)
 
 
 def test_every_message_counts_and_records_pause_at_the_budget():
