@@ -19,7 +19,7 @@ from serve_app.protocol import decode_points, encode_frame_message
 pytestmark = pytest.mark.ray
 ALICE = {"Authorization": "Bearer key-alice"}
 BOB = {"Authorization": "Bearer key-bob"}
-LIMITS = {"max_sessions": 24, "max_protocol_errors": 5, "ws_idle_timeout_s": 3.0, "max_concurrent_exports": 1,
+LIMITS = {"max_sessions": 24, "max_protocol_errors": 5, "ws_idle_timeout_s": 5.0, "max_concurrent_exports": 1,
           "max_unacked_result_bytes": 20_000, "slow_reader_timeout_s": 10.0, "max_session_points": 50_000,
           "max_session_ttl_s": 600.0, "max_session_idle_ttl_s": 120.0, "frames_per_s": 1000.0}
 
@@ -179,6 +179,7 @@ async def test_received_beyond_the_last_record_sent_is_a_protocol_error(hostile,
     """`received` with a seq never sent used to switch result flow control off for the stream."""
     async with connect(hostile, alice_session) as ws:
         assert json.loads(await ws.recv())["type"] == "ready"
+        await ws.send(json.dumps({"type": "flush"}))  # work: the idle timeout stays out of this case
         await ws.send(json.dumps({"type": "received", "seq": 2**62}))
         err = await next_json(ws)
         assert err["code"] == "INVALID_MESSAGE" and not err["fatal"] and "beyond" in err["message"]
@@ -211,6 +212,8 @@ async def test_replies_a_client_never_reads_are_bounded(hostile, bystander, alic
         await ws.recv()
         for i in range(2000):  # ~60 bytes per pong: about 350 fill the budget
             await ws.send(json.dumps({"type": "ping", "t": i}))
+            if i % 50 == 0:  # work (no reply): keeps the idle timeout out of this case on a loaded machine
+                await ws.send(json.dumps({"type": "flush"}))
         code, errors = await closed_with(ws)
     assert code == 4408 and errors[-1]["code"] == "SLOW_CONSUMER" and errors[-1]["fatal"]
     assert_unharmed(hostile, bystander)
@@ -240,7 +243,7 @@ async def test_a_reader_that_acknowledges_gets_every_result(hostile, bystander, 
 # --- 6. idle WebSockets -------------------------------------------------------------------------------------
 async def test_an_idle_websocket_is_closed_and_the_session_kept(hostile, bystander, alice_session):
     """A stream that sends no frames (pings do not count) and has nothing in flight holds a connection slot:
-    closed with IDLE_TIMEOUT / 4420 after ws_idle_timeout_s (3 s here); the session stays and can reconnect."""
+    closed with IDLE_TIMEOUT / 4420 after ws_idle_timeout_s (5 s here); the session stays and can reconnect."""
     t0 = time.monotonic()
     async with connect(hostile, alice_session) as ws:
         await ws.recv()
@@ -256,7 +259,7 @@ async def test_an_idle_websocket_is_closed_and_the_session_kept(hostile, bystand
         finally:
             pinger.cancel()
     assert code == 4420 and errors[-1]["code"] == "IDLE_TIMEOUT" and errors[-1]["fatal"]
-    assert 3.0 <= time.monotonic() - t0 < 20
+    assert 5.0 <= time.monotonic() - t0 < 30
     info = await asyncio.to_thread(httpx.get, f"{hostile}/ws/session/{alice_session}", headers=ALICE)
     assert info.status_code == 200
     async with connect(hostile, alice_session) as ws:
