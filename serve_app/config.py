@@ -22,11 +22,15 @@ class _Strict(BaseModel):
 class SessionParams(_Strict):
     """What a client may choose per session (POST /ws/session/create body); defaults come from the app config."""
 
+    # NaN/Infinity are never a parameter (a non-finite voxel_size once created a session the 500 never named).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
     process_res: int = Field(504, ge=140, le=1008, description="longest side fed to the model (px)")
     window_size: int = Field(6, ge=2, le=32, description="views per model window (context + new)")
     overlap: int = Field(2, ge=1, le=31, description="context views carried from earlier windows")
     conf_percentile: float = Field(40.0, ge=0.0, lt=100.0, description="drop points below this confidence pct")
-    voxel_size: float | None = Field(None, gt=0.0, description="world units; null = auto from first window")
+    voxel_size: float | None = Field(None, gt=0.0, le=1e4,
+                                     description="world units; null = auto from first window")
     max_points_per_frame: int = Field(20000, ge=100, le=1_000_000)
     max_points: int = Field(2_000_000, ge=1000, le=50_000_000, description="session point budget")
     max_frames: int = Field(10000, ge=1, le=1_000_000)
@@ -51,8 +55,10 @@ class SessionParams(_Strict):
 
 
 def merge_session_params(defaults: SessionParams, overrides: dict[str, Any] | None,
-                         max_process_res: int | None = None) -> SessionParams:
-    """Client overrides on top of the server defaults; raises INVALID_PARAMS naming the field."""
+                         max_process_res: int | None = None, limits: LimitsConfig | None = None
+                         ) -> SessionParams:
+    """Client overrides on top of the server defaults; raises INVALID_PARAMS naming the field. With `limits`,
+    the server's caps (max_points, ttl_s, idle_ttl_s) apply too: clients may only lower them."""
     overrides = overrides or {}
     if not isinstance(overrides, dict):
         raise ServiceError(ErrorCode.INVALID_PARAMS, "session params must be a JSON object")
@@ -68,7 +74,18 @@ def merge_session_params(defaults: SessionParams, overrides: dict[str, Any] | No
         raise ServiceError(ErrorCode.INVALID_PARAMS,
                            f"process_res: at most {max_process_res} on this server",
                            details={"field": "process_res"})
+    if limits is not None:
+        for field, cap in session_caps(limits).items():
+            if getattr(params, field) > cap:
+                raise ServiceError(ErrorCode.INVALID_PARAMS, f"{field}: at most {cap:g} on this server",
+                                   details={"field": field, "max": cap})
     return params
+
+
+def session_caps(limits: LimitsConfig) -> dict[str, float]:
+    """Session parameters the server caps (LimitsConfig field per SessionParams field)."""
+    return {"max_points": limits.max_session_points, "ttl_s": limits.max_session_ttl_s,
+            "idle_ttl_s": limits.max_session_idle_ttl_s}
 
 
 class ModelConfig(_Strict):
@@ -126,7 +143,9 @@ class BatchConfig(_Strict):
 
 class LimitsConfig(_Strict):
     max_sessions: int = Field(64, ge=1)
-    max_sessions_per_key: int = Field(16, ge=1, description="concurrent sessions per API key")
+    # None: max_sessions // 8 (at least 1), so a few keys cannot fill the server for everyone. Applies to keyed
+    # sessions only: with auth `none` there are no keys and max_sessions is the limit.
+    max_sessions_per_key: int | None = Field(None, ge=1, description="concurrent sessions per API key")
     sessions_per_minute: float = Field(60.0, gt=0, description="session creations per key per minute")
     frames_per_s: float = Field(120.0, gt=0, description="frames per second per session (burst 2x)")
     bytes_per_s: float = Field(64 * 1024 * 1024, gt=0, description="upload bytes per second per session (burst 2x)")
@@ -168,6 +187,24 @@ class LimitsConfig(_Strict):
     max_video_decode_s: float = Field(60.0, gt=0, description="one-shot route: seconds spent decoding one video "
                                       "(VIDEO_TOO_LARGE beyond)")
     video_decode_workers: int = Field(2, ge=1, le=64, description="threads of the replica's video decode pool")
+    # --- sessions, protocol and state (docs/SECURITY.md) ---
+    max_session_points: int = Field(5_000_000, ge=1000, le=50_000_000, description="cap on a session's "
+                                    "max_points (clients may only lower it)")
+    max_session_ttl_s: float = Field(86400.0, gt=0, le=30 * 86400, description="cap on a session's ttl_s")
+    max_session_idle_ttl_s: float = Field(3600.0, gt=0, le=7 * 86400, description="cap on idle_ttl_s")
+    max_protocol_errors: int = Field(50, ge=1, le=100_000, description="malformed messages one WebSocket may "
+                                     "send before it is closed with TOO_MANY_ERRORS (4400)")
+    ws_idle_timeout_s: float = Field(300.0, gt=0, le=7 * 86400, description="a WebSocket with no work in "
+                                     "flight and no frame/flush/finalize for this long is closed (4420)")
+    max_concurrent_exports: int = Field(4, ge=1, le=256, description="PLY/GLB exports running at once per "
+                                        "ingress replica; more answer EXPORT_BUSY with Retry-After")
+
+    @property
+    def sessions_per_key(self) -> int:
+        """The per-key session cap in effect."""
+        if self.max_sessions_per_key is not None:
+            return min(self.max_sessions_per_key, self.max_sessions)
+        return max(1, self.max_sessions // 8)
 
 
 class SessionActorConfig(_Strict):
@@ -234,6 +271,14 @@ class AppArgs(_Strict):
     session_actor: SessionActorConfig = Field(default_factory=SessionActorConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     cors_origins: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _defaults_within_caps(self) -> AppArgs:
+        for field, cap in session_caps(self.limits).items():
+            if getattr(self.session_defaults, field) > cap:
+                raise ValueError(f"session_defaults.{field} ({getattr(self.session_defaults, field):g}) is above "
+                                 f"the server's cap limits ({cap:g}); lower it or raise the cap")
+        return self
 
 
 def parse_args(args: dict[str, Any] | AppArgs | None) -> AppArgs:

@@ -35,6 +35,10 @@ class ErrorCode(str, Enum):
     SLOW_CONSUMER = "SLOW_CONSUMER"  # results unacknowledged past the byte limit for slow_reader_timeout_s
     DECODE_BUDGET_EXCEEDED = "DECODE_BUDGET_EXCEEDED"  # the session's image-decode CPU budget is spent for now
     VIDEO_TOO_LARGE = "VIDEO_TOO_LARGE"  # a video decodes to more bytes or takes longer than the limits allow
+    INVALID_PRIOR = "INVALID_PRIOR"  # a frame's pose/intrinsics prior is unusable (non-finite in float32, no rotation)
+    TOO_MANY_ERRORS = "TOO_MANY_ERRORS"  # max_protocol_errors malformed messages on one WebSocket: closed (4400)
+    IDLE_TIMEOUT = "IDLE_TIMEOUT"  # WebSocket without work for ws_idle_timeout_s: closed (4420)
+    EXPORT_BUSY = "EXPORT_BUSY"  # max_concurrent_exports running: retry after details.retry_after_s
     INTERNAL_ERROR = "INTERNAL_ERROR"
 
 
@@ -66,6 +70,10 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.SLOW_CONSUMER: 429,
     ErrorCode.DECODE_BUDGET_EXCEEDED: 429,
     ErrorCode.VIDEO_TOO_LARGE: 413,
+    ErrorCode.INVALID_PRIOR: 422,
+    ErrorCode.TOO_MANY_ERRORS: 400,
+    ErrorCode.IDLE_TIMEOUT: 408,
+    ErrorCode.EXPORT_BUSY: 503,
     ErrorCode.INTERNAL_ERROR: 500,
 }
 
@@ -81,6 +89,8 @@ WS_CLOSE: dict[ErrorCode, int] = {
     ErrorCode.SLOW_CONSUMER: 4408,
     ErrorCode.INTERNAL_ERROR: 4500,
     ErrorCode.MODEL_UNAVAILABLE: 4503,
+    ErrorCode.TOO_MANY_ERRORS: 4400,
+    ErrorCode.IDLE_TIMEOUT: 4420,
 }
 WS_CLOSE_NORMAL = 1000  # finalized or deleted by the client
 WS_CLOSE_GOING_AWAY = 1001  # server going away: clients reconnect

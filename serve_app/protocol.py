@@ -1,7 +1,7 @@
 """The WebSocket wire protocol (docs/WEBSOCKET_API.md is the contract; keep the two in step).
 
 Pure Python + numpy + pydantic, importable without Ray. Every parser here raises only `ServiceError`
-(INVALID_MESSAGE or MESSAGE_TOO_LARGE, never fatal): a malformed client message must never take down a stream.
+(INVALID_MESSAGE, MESSAGE_TOO_LARGE or INVALID_PRIOR, never fatal): a malformed client message must never take down a stream.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import math
 import struct
 import time
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import (
@@ -50,8 +50,20 @@ def _bad(message: str, code: ErrorCode = ErrorCode.INVALID_MESSAGE) -> ServiceEr
 FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 Row3 = Annotated[list[FiniteFloat], Field(min_length=3, max_length=3)]
 Row4 = Annotated[list[FiniteFloat], Field(min_length=4, max_length=4)]
-FrameId = Union[Annotated[StrictInt, Field(ge=0)], Annotated[StrictStr, Field(min_length=1,
-                                                                                max_length=MAX_FRAME_ID_CHARS)]]
+PRIOR_MAX_ABS = 1e7  # largest |value| of a prior's entry (pixels, world units): far from float32 overflow
+ROTATION_TOLERANCE = 1e-3  # max |R^T R - I| of a pose prior's rotation
+
+
+def _as_used(rows: list[list[float]]) -> np.ndarray:
+    """A prior as the server uses it (float32), back in float64 for the checks; raises on non-finite or huge."""
+    a = np.asarray(rows, np.float64)
+    if not (np.abs(a) <= PRIOR_MAX_ABS).all():  # also catches what float32 would turn into inf
+        raise ValueError(f"entries must be finite with |value| <= {PRIOR_MAX_ABS:g}")
+    return a.astype(np.float32).astype(np.float64)
+
+
+FrameId = Annotated[StrictInt, Field(ge=0)] | Annotated[StrictStr, Field(min_length=1,
+                                                                          max_length=MAX_FRAME_ID_CHARS)]
 
 
 class FrameMeta(BaseModel):
@@ -64,18 +76,32 @@ class FrameMeta(BaseModel):
     intrinsics: Annotated[list[Row3], Field(min_length=3, max_length=3)] | None = None  # original-image pixels
     pose: Annotated[list[Row4], Field(min_length=4, max_length=4)] | None = None  # camera-to-world prior
 
+    # Priors are used as float32 (the ingress converts them), so they are checked as float32: 1e39 is finite
+    # as a float64 and inf as a float32.
     @field_validator("intrinsics")
     @classmethod
     def _k(cls, v):
-        if v is not None and not (v[0][0] > 0 and v[1][1] > 0):
+        if v is None:
+            return v
+        k = _as_used(v)
+        if not (k[0, 0] > 0 and k[1, 1] > 0):
             raise ValueError("focal lengths K[0][0] and K[1][1] must be positive")
+        if np.abs(k[2] - (0.0, 0.0, 1.0)).max() > 1e-4:
+            raise ValueError("the last row of K must be [0, 0, 1]")
         return v
 
     @field_validator("pose")
     @classmethod
     def _pose(cls, v):
-        if v is not None and any(abs(a - b) > 1e-4 for a, b in zip(v[3], (0.0, 0.0, 0.0, 1.0))):
+        if v is None:
+            return v
+        m = _as_used(v)
+        if np.abs(m[3] - (0.0, 0.0, 0.0, 1.0)).max() > 1e-4:
             raise ValueError("the last row of a 4x4 pose must be [0, 0, 0, 1]")
+        r = m[:3, :3]
+        if np.abs(r.T @ r - np.eye(3)).max() > ROTATION_TOLERANCE or np.linalg.det(r) <= 0:
+            raise ValueError(f"the pose's upper 3x3 must be a rotation (orthonormal within {ROTATION_TOLERANCE:g}, "
+                             "determinant +1)")
         return v
 
 
@@ -100,10 +126,14 @@ class Finalize(BaseModel):
     type: Literal["finalize"]
 
 
+PingToken = Annotated[StrictInt, Field(ge=-(2**63), le=2**63)] | FiniteFloat | Annotated[
+    StrictStr, Field(max_length=128)] | None
+
+
 class Ping(BaseModel):
     model_config = ConfigDict(extra="ignore")
     type: Literal["ping"]
-    t: Any = None
+    t: PingToken = None  # echoed in the pong: small, so a ping cannot ask for a large reply
 
 
 class Received(BaseModel):
@@ -129,12 +159,58 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")  # NaN / Infinity would not survive a browser's JSON.parse
 
 
+def _finite_float(text: str) -> float:
+    v = float(text)
+    if not math.isfinite(v):  # 1e400 is valid JSON syntax but overflows to inf
+        raise ValueError(f"number {text[:40]} is not a finite double")
+    return v
+
+
+def strict_json_loads(text: str | bytes) -> Any:
+    """json.loads without NaN, Infinity or numbers that overflow to inf (the strict JSON every parser of client
+    input here uses). Raises ValueError (or RecursionError for absurd nesting)."""
+    if isinstance(text, (bytes, bytearray)):
+        text = bytes(text).decode("utf-8")  # never json's UTF-16/32 sniffing
+    return json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+
+
 def _loads(raw: bytes | str) -> Any:
     try:
-        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw  # never json's UTF-16/32 sniffing
-        return json.loads(text, parse_constant=_no_constant)
+        return strict_json_loads(raw)
     except (ValueError, RecursionError, TypeError) as exc:  # UnicodeDecodeError is a ValueError
         raise _bad(f"not valid UTF-8 JSON: {str(exc)[:100]}") from None
+
+
+def parse_json_object(raw: bytes | str, what: str = "body") -> dict:
+    """An HTTP JSON body or form field that must be an object (session params): strict JSON, empty = {}.
+    Raises INVALID_PARAMS."""
+    if not (raw.strip() if isinstance(raw, (bytes, str)) else raw):
+        return {}
+    try:
+        obj = strict_json_loads(raw)
+    except (ValueError, RecursionError, TypeError) as exc:
+        raise ServiceError(ErrorCode.INVALID_PARAMS, f"{what} must be a JSON object of session params (strict "
+                           f"JSON: no NaN or Infinity): {str(exc)[:100]}", details={"field": what}) from None
+    if not isinstance(obj, dict):
+        raise ServiceError(ErrorCode.INVALID_PARAMS, f"{what} must be a JSON object of session params",
+                           details={"field": what})
+    return obj
+
+
+def _prior_error(exc: ValidationError, obj: dict, prefix: str) -> ServiceError:
+    """INVALID_PRIOR (naming the frame when its id is readable) if a pose/intrinsics prior failed, else
+    INVALID_MESSAGE."""
+    errs = exc.errors(include_url=False, include_input=False)
+    found = [(e, f) for e in errs for f in e.get("loc", ()) if f in ("pose", "intrinsics")]
+    if not found:
+        return _bad(f"{prefix}{_validation_message(exc)}")
+    (bad, field), fid = found[0], obj.get("frame_id")
+    err = ServiceError(ErrorCode.INVALID_PRIOR, f"{prefix}{'.'.join(str(p) for p in bad['loc'])}: {bad['msg']}",
+                       details={"field": field})
+    if (isinstance(fid, int) and not isinstance(fid, bool) and fid >= 0) or (
+            isinstance(fid, str) and 0 < len(fid) <= MAX_FRAME_ID_CHARS):
+        err.frame_id = fid
+    return err
 
 
 def parse_binary_message(data: bytes, *, max_header_bytes: int = 16384) -> IncomingFrame:
@@ -170,7 +246,7 @@ def parse_binary_message(data: bytes, *, max_header_bytes: int = 16384) -> Incom
         try:
             meta = FrameMeta.model_validate(obj)
         except ValidationError as exc:
-            raise _bad(f"frame header {_validation_message(exc)}") from None
+            raise _prior_error(exc, obj, "frame header ") from None
         except Exception as exc:  # noqa: BLE001 - never leak another exception type
             raise _bad(f"frame header rejected: {type(exc).__name__}") from None
     return IncomingFrame(meta, image)
@@ -202,6 +278,8 @@ def parse_text_message(text: str | bytes, *, max_bytes: int) -> FrameJson | Flus
     try:
         return _CLIENT_MESSAGE.validate_python(obj)
     except ValidationError as exc:
+        if kind == "frame":
+            raise _prior_error(exc, obj, "frame message ") from None
         raise _bad(f"{kind} message {_validation_message(exc)}") from None
     except Exception as exc:  # noqa: BLE001
         raise _bad(f"{kind} message rejected: {type(exc).__name__}") from None

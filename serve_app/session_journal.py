@@ -1,30 +1,40 @@
 """Crash recovery for the session actor: a per-session journal in `session_actor.state_dir`.
 
 Each session has `<id>.json` (metadata, rewritten atomically on every change; small), `<id>.rec` (result
-records appended as pickles, one per window), so the cost of persisting a window does not grow with the stream,
-and `<id>.pending/<index>.pkl` (accepted frames not yet in a committed window, deleted when one commits them).
-A restarted actor reloads every session and clients resume with `resume_from`.
+records appended one per window, each a length-prefixed journal_codec archive), so the cost of persisting a
+window does not grow with the stream, `<id>.state` (the worker's snapshot) and `<id>.pending/<index>.npz`
+(accepted frames not yet in a committed window, deleted when one commits them). A restarted actor reloads every
+session and clients resume with `resume_from`.
+
+No pickle anywhere (serve_app/journal_codec.py): a file planted in the state directory builds no object. The
+point budget trims records in memory; the `.rec` file is rewritten from memory (compacted) once it holds more
+than twice what is live, so it stays within about twice the session's point budget and a restart reloads that
+much, not every point the session ever made. Files of the older pickle format are not read.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import pickle
+import struct
 from pathlib import Path
 
-from serve_app import corrections
+from serve_app import corrections, journal_codec
 from serve_app.config import SessionParams
 from serve_app.session_store import CorrectionRecord, ResultRecord, Session
+
+_LEN = struct.Struct("<Q")
 
 META_FIELDS = ("session_id", "owner", "created_at", "updated_at", "state", "frames_received", "frames_processed",
                "frames_failed", "windows", "last_seq", "points_total", "error", "finished_at", "worker_epoch")
 
 
 class SessionJournal:
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, compact_slack_bytes: int = 1 << 20):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.compact_slack_bytes = compact_slack_bytes  # below this a .rec file is never rewritten
+        self.compactions = 0
 
     def save_meta(self, s: Session) -> None:
         meta = {k: getattr(s, k) for k in META_FIELDS}
@@ -34,10 +44,39 @@ class SessionJournal:
         tmp.write_text(json.dumps(meta))
         os.replace(tmp, self.dir / f"{s.session_id}.json")  # atomic: a crash leaves the old or the new file
 
+    @staticmethod
+    def _frame(rec: ResultRecord) -> bytes:
+        blob = journal_codec.dumps(ResultRecord(rec.seq, rec.window, rec.frames, rec.points, rec.colors, rec.epoch))
+        return _LEN.pack(len(blob)) + blob
+
     def append_record(self, s: Session, rec: ResultRecord) -> None:
-        with open(self.dir / f"{s.session_id}.rec", "ab") as f:
-            pickle.dump(rec, f, protocol=pickle.HIGHEST_PROTOCOL)
+        path = self.dir / f"{s.session_id}.rec"
+        with open(path, "ab") as f:
+            f.write(self._frame(rec))
         self.save_meta(s)
+        self.maybe_compact(s)
+
+    @staticmethod
+    def live_bytes(s: Session) -> int:
+        """About what the session's records take in the journal now (arrays plus per-record overhead)."""
+        return sum(r.points.nbytes + r.colors.nbytes + 2048 for r in s.records)
+
+    def maybe_compact(self, s: Session) -> bool:
+        """Rewrite `<id>.rec` from the records in memory (trimmed by the point budget) once the file is more than
+        twice their size: each point is written at most about twice, and the file stays bounded."""
+        path = self.dir / f"{s.session_id}.rec"
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return False
+        if size <= 2 * self.live_bytes(s) + self.compact_slack_bytes:
+            return False
+        tmp = self.dir / f"{s.session_id}.rec.tmp"
+        with open(tmp, "wb") as f:
+            f.writelines(self._frame(rec) for rec in s.records)
+        os.replace(tmp, path)  # atomic: a crash leaves the old file or the compacted one
+        self.compactions += 1
+        return True
 
     def save_corrections(self, s: Session) -> None:
         """`<id>.corr` (JSON): the session's (compacted) correction messages, rewritten atomically; JSON, and
@@ -69,7 +108,7 @@ class SessionJournal:
 
     def save_stream_state(self, s: Session) -> None:
         tmp = self.dir / f"{s.session_id}.state.tmp"
-        tmp.write_bytes(pickle.dumps(s.stream_state, protocol=pickle.HIGHEST_PROTOCOL))
+        tmp.write_bytes(journal_codec.dumps(s.stream_state))
         os.replace(tmp, self.dir / f"{s.session_id}.state")
 
     def _pending_dir(self, session_id: str) -> Path:
@@ -79,16 +118,16 @@ class SessionJournal:
         d = self._pending_dir(s.session_id)
         d.mkdir(exist_ok=True)
         tmp = d / f"{index}.tmp"
-        tmp.write_bytes(pickle.dumps(s.pending[index], protocol=pickle.HIGHEST_PROTOCOL))
-        os.replace(tmp, d / f"{index}.pkl")
+        tmp.write_bytes(journal_codec.dumps(s.pending[index]))
+        os.replace(tmp, d / f"{index}.npz")
 
     def drop_pending(self, session_id: str, indices) -> None:
         d = self._pending_dir(session_id)
         for i in indices:
-            (d / f"{i}.pkl").unlink(missing_ok=True)
+            (d / f"{i}.npz").unlink(missing_ok=True)
 
     def delete(self, session_id: str) -> None:
-        for suffix in (".json", ".rec", ".state", ".json.tmp", ".state.tmp", ".corr", ".corr.tmp"):
+        for suffix in (".json", ".rec", ".state", ".json.tmp", ".state.tmp", ".rec.tmp", ".corr", ".corr.tmp"):
             (self.dir / f"{session_id}{suffix}").unlink(missing_ok=True)
         d = self._pending_dir(session_id)
         if d.is_dir():
@@ -96,48 +135,66 @@ class SessionJournal:
                 f.unlink(missing_ok=True)
             d.rmdir()
 
+    @staticmethod
+    def read_records(path: Path) -> list[ResultRecord]:
+        """The records of a `.rec` file, up to the first torn or foreign one (a crash mid-write)."""
+        out: list[ResultRecord] = []
+        with open(path, "rb") as f:
+            while True:
+                head = f.read(_LEN.size)
+                if len(head) < _LEN.size:
+                    break
+                (n,) = _LEN.unpack(head)
+                blob = f.read(n) if n <= 1 << 34 else b""
+                if len(blob) != n or not n:
+                    break
+                try:
+                    rec = journal_codec.loads(blob)
+                except journal_codec.CodecError:
+                    break
+                if not isinstance(rec, ResultRecord):
+                    break
+                out.append(rec)
+        return out
+
     def load_all(self) -> list[Session]:
         out = []
         for meta_path in sorted(self.dir.glob("*.json")):
             try:
                 meta = json.loads(meta_path.read_text())
-            except (OSError, ValueError):
-                continue  # a torn or foreign file: skip it, the session reports SESSION_LOST
-            s = Session(session_id=meta["session_id"], owner=meta["owner"],
-                        params=SessionParams.model_validate(meta["params"]),
-                        created_at=meta["created_at"], updated_at=meta["updated_at"])
+                s = Session(session_id=meta["session_id"], owner=meta["owner"],
+                            params=SessionParams.model_validate(meta["params"]),
+                            created_at=meta["created_at"], updated_at=meta["updated_at"])
+            except Exception:  # noqa: BLE001, S112 - a torn or foreign file: skipped, its session is SESSION_LOST
+                continue
             for k in META_FIELDS[2:]:
                 if k in meta:
                     setattr(s, k, meta[k])
             rec_path = meta_path.with_suffix(".rec")
             if rec_path.exists():
-                with open(rec_path, "rb") as f:
-                    while True:
-                        try:
-                            rec = pickle.load(f)
-                        except EOFError:
-                            break
-                        except Exception:  # noqa: BLE001 - a torn last record from a crash mid-write
-                            break
-                        if rec.seq <= s.last_seq:
-                            s.records.append(rec)
-                            s.frames.extend(rec.frames)
+                for rec in self.read_records(rec_path):
+                    if rec.seq <= s.last_seq:
+                        s.records.append(rec)
+                        s.frames.extend(rec.frames)
             committed = {f.get("index") for f in s.frames}
             pending_dir = self._pending_dir(s.session_id)
-            for p in sorted(pending_dir.glob("*.pkl")) if pending_dir.is_dir() else []:
-                index = int(p.stem)
+            for p in sorted(pending_dir.glob("*.npz")) if pending_dir.is_dir() else []:
+                try:
+                    index = int(p.stem)
+                except ValueError:
+                    continue
                 if index in committed or index >= s.frames_received:
                     continue  # committed before the crash, or written for a frame whose acceptance was not saved
                 try:
-                    s.pending[index] = pickle.loads(p.read_bytes())
-                except Exception:  # noqa: BLE001 - torn write: that frame was never acknowledged
+                    s.pending[index] = journal_codec.loads(p.read_bytes())
+                except journal_codec.CodecError:  # torn write: that frame was never acknowledged
                     continue
             self.load_corrections(s)
             state_path = meta_path.with_suffix(".state")
             if state_path.exists():
                 try:
-                    s.stream_state = pickle.loads(state_path.read_bytes())
-                except Exception:  # noqa: BLE001
+                    s.stream_state = journal_codec.loads(state_path.read_bytes())
+                except journal_codec.CodecError:
                     s.stream_state = None
             out.append(s)
         return out

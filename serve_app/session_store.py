@@ -184,11 +184,11 @@ class SessionStore:
         if len(self.sessions) >= self.limits.max_sessions:
             raise ServiceError(ErrorCode.SESSION_LIMIT,
                                f"server is at its limit of {self.limits.max_sessions} sessions; retry later")
-        mine = sum(1 for s in self.sessions.values() if s.owner == owner)
-        if mine >= self.limits.max_sessions_per_key:
+        cap = self.limits.sessions_per_key
+        mine = sum(1 for s in self.sessions.values() if s.owner == owner) if owner is not None else 0
+        if mine >= cap:  # without keys (auth none) max_sessions is the only limit
             raise ServiceError(ErrorCode.KEY_SESSION_LIMIT,
-                               f"this key has {mine} open sessions (limit {self.limits.max_sessions_per_key}); "
-                               "delete or finish one first")
+                               f"this key has {mine} open sessions (limit {cap}); delete or finish one first")
         per_min = self.limits.sessions_per_minute
         bucket = self.create_buckets.setdefault(owner, TokenBucket(rate=per_min / 60.0, burst=max(per_min, 1.0),
                                                                    stamp=now))
@@ -318,6 +318,8 @@ class SessionStore:
         """Sessions reloaded after a crash: no connection or worker holds them any more."""
         for s in sessions:
             s.connection_id = None
+            # What was reloaded, not the count saved: a journal may hold points the budget had already dropped.
+            s.points_total = sum(len(r.points) for r in s.records)
             self.sessions[s.session_id] = s
             self._enforce_budget(s)
 

@@ -75,10 +75,10 @@ def test_frame_meta_validated_on_the_client_side():
     (raw_frame(b'{"timestamp": "now"}'), ErrorCode.INVALID_MESSAGE),
     (raw_frame(b'{"timestamp": NaN}'), ErrorCode.INVALID_MESSAGE),
     (raw_frame(b'{"timestamp": Infinity}'), ErrorCode.INVALID_MESSAGE),
-    (raw_frame(b'{"intrinsics": [[1,0,0],[0,1,0]]}'), ErrorCode.INVALID_MESSAGE),
-    (raw_frame(b'{"intrinsics": [[0,0,0],[0,0,0],[0,0,1]]}'), ErrorCode.INVALID_MESSAGE),  # zero focal
-    (raw_frame(json.dumps({"pose": [r[:3] for r in POSE]}).encode()), ErrorCode.INVALID_MESSAGE),
-    (raw_frame(json.dumps({"pose": POSE[:3] + [[0, 0, 1, 1]]}).encode()), ErrorCode.INVALID_MESSAGE),
+    (raw_frame(b'{"intrinsics": [[1,0,0],[0,1,0]]}'), ErrorCode.INVALID_PRIOR),
+    (raw_frame(b'{"intrinsics": [[0,0,0],[0,0,0],[0,0,1]]}'), ErrorCode.INVALID_PRIOR),  # zero focal
+    (raw_frame(json.dumps({"pose": [r[:3] for r in POSE]}).encode()), ErrorCode.INVALID_PRIOR),
+    (raw_frame(json.dumps({"pose": POSE[:3] + [[0, 0, 1, 1]]}).encode()), ErrorCode.INVALID_PRIOR),
     (raw_frame(b"[" * 5000 + b"]" * 5000), ErrorCode.INVALID_MESSAGE),  # recursion bomb
     (raw_frame(b" " * 20000), ErrorCode.MESSAGE_TOO_LARGE),  # header over max_header_bytes
 ])
@@ -95,10 +95,11 @@ def test_unknown_header_keys_are_ignored():
 def test_text_messages_parse():
     assert P.parse_text_message('{"type":"flush"}', max_bytes=1000).type == "flush"
     assert P.parse_text_message(b'{"type":"finalize"}', max_bytes=1000).type == "finalize"
-    ping = P.parse_text_message('{"type":"ping","t":{"n":[1,2]}}', max_bytes=1000)
-    assert ping.type == "ping" and ping.t == {"n": [1, 2]}
+    ping = P.parse_text_message('{"type":"ping","t":"1.5-abc"}', max_bytes=1000)
+    assert ping.type == "ping" and ping.t == "1.5-abc"
     pong = P.msg_pong(ping.t)
-    assert pong["type"] == "pong" and pong["t"] == {"n": [1, 2]} and pong["server_time"] > 0
+    assert pong["type"] == "pong" and pong["t"] == "1.5-abc" and pong["server_time"] > 0
+    assert P.parse_text_message('{"type":"ping","t":7}', max_bytes=1000).t == 7
     msg = P.parse_text_message(json.dumps({"type": "frame", "image": base64.b64encode(IMG).decode(),
                                            "frame_id": 4, "timestamp": 0.25, "intrinsics": K}), max_bytes=10000)
     frame = P.frame_from_json(msg)
@@ -120,6 +121,10 @@ def test_text_messages_parse():
     ('{"type":"frame","image":5}', ErrorCode.INVALID_MESSAGE),
     ('{"type":"frame","image":"aGk=","frame_id":-3}', ErrorCode.INVALID_MESSAGE),
     ('{"type":"ping","t":NaN}', ErrorCode.INVALID_MESSAGE),
+    ('{"type":"ping","t":{"n":[1,2]}}', ErrorCode.INVALID_MESSAGE),  # a token echoed back: a small scalar only
+    ('{"type":"ping","t":"' + "x" * 129 + '"}', ErrorCode.INVALID_MESSAGE),
+    ('{"type":"ping","t":1e400}', ErrorCode.INVALID_MESSAGE),  # valid syntax, overflows to inf
+    ('{"type":"received","seq":1e400}', ErrorCode.INVALID_MESSAGE),
     (b'{"type":"flush"}\xff', ErrorCode.INVALID_MESSAGE),  # invalid UTF-8
     ("{\"type\":\"flush\",\"x\":\"\ud800\"}", ErrorCode.INVALID_MESSAGE),  # lone surrogate
     ('{"type":"flush","pad":"' + "x" * 2000 + '"}', ErrorCode.MESSAGE_TOO_LARGE),
@@ -255,7 +260,8 @@ def _parse_binary_or_service_error(data: bytes) -> None:
     try:
         frame = P.parse_binary_message(data)
     except ServiceError as exc:
-        assert exc.code in (ErrorCode.INVALID_MESSAGE, ErrorCode.MESSAGE_TOO_LARGE) and not exc.fatal
+        assert exc.code in (ErrorCode.INVALID_MESSAGE, ErrorCode.MESSAGE_TOO_LARGE, ErrorCode.INVALID_PRIOR)
+        assert not exc.fatal
     else:
         assert isinstance(frame.image, bytes) and frame.image
 
@@ -284,7 +290,8 @@ def test_property_text_messages(text):
     try:
         msg = P.parse_text_message(text, max_bytes=200)
     except ServiceError as exc:
-        assert exc.code in (ErrorCode.INVALID_MESSAGE, ErrorCode.MESSAGE_TOO_LARGE) and not exc.fatal
+        assert exc.code in (ErrorCode.INVALID_MESSAGE, ErrorCode.MESSAGE_TOO_LARGE, ErrorCode.INVALID_PRIOR)
+        assert not exc.fatal
         return
     assert msg.type in P.CLIENT_TYPES
     if msg.type == "frame":
@@ -301,3 +308,46 @@ def test_received_message_for_result_flow_control():
         with pytest.raises(ServiceError) as ei:
             P.parse_text_message(bad, max_bytes=1024)
         assert ei.value.code is ErrorCode.INVALID_MESSAGE and not ei.value.fatal
+
+
+# --- strict JSON and priors (docs/SECURITY.md, "Sessions, protocol and state") ---------------------------------
+@pytest.mark.parametrize("raw", [b'{"voxel_size": Infinity}', b'{"voxel_size": NaN}', b'{"voxel_size": -Infinity}',
+                                 b'{"voxel_size": 1e400}', b"[1]", b'"x"', b"{", b"\xff"])
+def test_json_bodies_are_strict(raw):
+    with pytest.raises(ServiceError) as ei:
+        P.parse_json_object(raw)
+    assert ei.value.code is ErrorCode.INVALID_PARAMS
+    assert P.parse_json_object(b"  ") == {} and P.parse_json_object(b'{"voxel_size": 0.5}') == {"voxel_size": 0.5}
+
+
+ROT = [[0.0, -1.0, 0.0, 1.0], [1.0, 0.0, 0.0, 2.0], [0.0, 0.0, 1.0, 3.0], [0.0, 0.0, 0.0, 1.0]]
+
+
+@pytest.mark.parametrize("meta", [
+    {"intrinsics": [[1e39, 0, 10], [0, 1e39, 10], [0, 0, 1]]},  # finite as float64, inf as the float32 used
+    {"intrinsics": [[500, 0, 3.5e38], [0, 500, 10], [0, 0, 1]]},
+    {"intrinsics": [[500, 0, 10], [0, 500, 10], [0, 1, 1]]},  # not a calibration matrix
+    {"pose": [[1, 0, 0, 1e39], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]},
+    {"pose": [[2, 0, 0, 0], [0, 2, 0, 0], [0, 0, 2, 0], [0, 0, 0, 1]]},  # a scale, not a rotation
+    {"pose": [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, -1, 0], [0, 0, 0, 1]]},  # a reflection (det -1)
+    {"pose": [[1, 0.01, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]},  # sheared
+])
+def test_unusable_priors_are_refused_per_frame(meta):
+    for parse in (lambda m: P.parse_binary_message(raw_frame(json.dumps(m).encode())),
+                  lambda m: P.parse_text_message(json.dumps({"type": "frame", "image": "aGk=", **m}),
+                                                 max_bytes=10000)):
+        with pytest.raises(ServiceError) as ei:
+            parse({"frame_id": 7, **meta})
+        assert ei.value.code is ErrorCode.INVALID_PRIOR and not ei.value.fatal
+        assert ei.value.frame_id == 7 and ei.value.details["field"] in ("pose", "intrinsics")
+
+
+def test_good_priors_pass_in_the_precision_clients_send():
+    import numpy as np
+
+    r = np.round(np.array(ROT), 6)
+    c, s_ = np.cos(0.3), np.sin(0.3)
+    tilted = [[1, 0, 0, 0], [0, round(c, 5), round(-s_, 5), 0], [0, round(s_, 5), round(c, 5), 0], [0, 0, 0, 1]]
+    for pose in (r.tolist(), tilted):
+        frame = P.parse_binary_message(raw_frame(json.dumps({"pose": pose, "intrinsics": K}).encode()))
+        assert frame.meta.pose == pose

@@ -242,3 +242,103 @@ def test_frame_rate_limiter_frames_and_bytes():
     assert ei.value.details["retry_after_s"] == pytest.approx(0.1)
     assert rl2.frames.tokens == frames_before  # ... and its frame token is refunded
     rl2.check(1700, 0.1)
+
+
+# --- security limits (docs/SECURITY.md, "Sessions, protocol and state") ----------------------------------------
+def test_per_key_cap_defaults_to_a_fraction_of_the_server():
+    """A few keys cannot fill max_sessions for everyone: by default one key gets max_sessions // 8."""
+    st = _store(max_sessions=16, sessions_per_minute=1000)
+    assert st.limits.sessions_per_key == 2
+    for _ in range(2):
+        st.create(SessionParams(), owner_of("a"), 0)
+    with pytest.raises(ServiceError) as ei:
+        st.create(SessionParams(), owner_of("a"), 0)
+    assert ei.value.code is ErrorCode.KEY_SESSION_LIMIT
+    st.create(SessionParams(), owner_of("b"), 0)
+    assert _store(max_sessions=4).limits.sessions_per_key == 1
+    assert _store(max_sessions=4, max_sessions_per_key=10).limits.sessions_per_key == 4
+    # Without keys (auth none) there is one tenant: max_sessions is the limit.
+    free = _store(max_sessions=16, sessions_per_minute=1000)
+    for _ in range(16):
+        free.create(SessionParams(), None, 0)
+    with pytest.raises(ServiceError) as ei:
+        free.create(SessionParams(), None, 0)
+    assert ei.value.code is ErrorCode.SESSION_LIMIT
+
+
+def test_server_caps_on_session_params_clients_may_only_lower():
+    from serve_app.config import AppArgs, merge_session_params
+
+    lim = LimitsConfig(max_session_points=100_000, max_session_ttl_s=600, max_session_idle_ttl_s=60)
+    defaults = SessionParams(max_points=50_000, ttl_s=300, idle_ttl_s=30)
+    for field, value in (("max_points", 50_000_000), ("ttl_s", 30 * 86400), ("idle_ttl_s", 7 * 86400),
+                         ("max_points", 100_001)):
+        with pytest.raises(ServiceError) as ei:
+            merge_session_params(defaults, {field: value}, limits=lim)
+        assert ei.value.code is ErrorCode.INVALID_PARAMS and ei.value.details["field"] == field
+    p = merge_session_params(defaults, {"max_points": 2000, "ttl_s": 600, "idle_ttl_s": 10}, limits=lim)
+    assert (p.max_points, p.ttl_s, p.idle_ttl_s) == (2000, 600, 10)
+    with pytest.raises(ValueError, match="above the server's cap"):
+        AppArgs.model_validate({"session_defaults": {"max_points": 10_000_000}})
+    assert LimitsConfig().max_session_ttl_s <= 86400 and LimitsConfig().max_session_idle_ttl_s <= 3600
+
+
+@pytest.mark.parametrize("body", [{"voxel_size": float("inf")}, {"voxel_size": float("nan")},
+                                  {"voxel_size": 1e5}, {"conf_percentile": float("nan")},
+                                  {"keyframe_translation": float("inf")}])
+def test_every_numeric_param_is_finite_and_bounded(body):
+    from serve_app.config import merge_session_params
+
+    with pytest.raises(ServiceError) as ei:
+        merge_session_params(SessionParams(), body)
+    assert ei.value.code is ErrorCode.INVALID_PARAMS
+    assert ei.value.details["field"] == next(iter(body))
+
+
+def test_point_cloud_parts_stay_valid_while_the_budget_trims():
+    """The actor joins the parts in a thread while commits go on: trimming replaces arrays, never writes them."""
+    from serve_app.session_store import concat_parts
+
+    st = _store()
+    s = st.create(SessionParams(max_points=1000), None, 0)
+    for i in range(3):
+        _commit(st, s.session_id, 400, float(i))
+    parts = st.point_cloud_parts(s.session_id, None)
+    before = [p.copy() for p, _, _ in parts]  # (points, colours, correction)
+    _commit(st, s.session_id, 400, 5.0)  # trims the oldest records
+    pts, cols = concat_parts(parts)
+    np.testing.assert_array_equal(pts, np.concatenate(before))
+    assert len(st.point_cloud(s.session_id, None)[0]) == 1000 and cols.dtype == np.uint8
+
+
+def test_restore_trims_to_the_budget_from_what_was_reloaded():
+    """A journal may hold points the budget had dropped: the reloaded session is trimmed again."""
+    from serve_app.session_store import ResultRecord
+
+    st = _store()
+    s = st.create(SessionParams(max_points=1000), None, 0)
+    s.records = [ResultRecord(i + 1, {}, [], np.zeros((600, 3), np.float32), np.zeros((600, 3), np.uint8))
+                 for i in range(4)]
+    s.points_total = 1000  # what was saved
+    other = _store()
+    other.restore([s])
+    assert s.points_total == 1000 and sum(len(r.points) for r in s.records) == 1000
+
+
+def test_a_session_whose_create_fails_after_creation_is_removed(tmp_path):
+    """The session actor (as a plain object, no Ray): when saving a new session fails, it is not left behind
+    counting against the limits with an id nobody was given."""
+    import asyncio
+    import shutil
+
+    from serve_app.deployments.session_actor import SessionActor
+
+    state = tmp_path / "state"
+    actor = SessionActor(LimitsConfig(max_sessions=1).model_dump(), str(state))
+    shutil.rmtree(state)  # the journal's directory is gone: the first save raises
+    with pytest.raises(OSError):
+        asyncio.run(actor.create(SessionParams().model_dump(), None))
+    assert actor.store.sessions == {}
+    state.mkdir()
+    info = asyncio.run(actor.create(SessionParams().model_dump(), None))  # the one slot is still free
+    assert list(actor.store.sessions) == [info["session_id"]]

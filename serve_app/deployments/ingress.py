@@ -3,13 +3,14 @@ image decoding, resizing, geometry and export encoding run in a thread pool."""
 
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
 import time
 import uuid
 from pathlib import Path
-from collections import Counter, deque
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -23,14 +24,16 @@ from fastapi.staticfiles import StaticFiles
 from ray import serve
 
 from serve_app import exports, protocol, ray_env
+from serve_app.admission import ConcurrencyGate
 from serve_app.auth import AccessMiddleware, AccessPolicy, bearer_token
-from serve_app.config import AppArgs, SessionParams, merge_session_params
+from serve_app.config import AppArgs, LimitsConfig, SessionParams, merge_session_params
 from serve_app.decode_pool import DecodeGate
 from serve_app.deployments.drain import replica_draining
 from serve_app.deployments.session_actor import call, get_session_actor
 from serve_app.deployments.session_worker import SessionWorker
 from serve_app.errors import (WS_CLOSE, WS_CLOSE_NORMAL, WS_CLOSE_SERVICE_RESTART, WS_CLOSE_SESSION_DELETED,
                               ErrorCode, ServiceError)
+from serve_app.flow_control import FlowControl
 from serve_app.imaging import ImageLimits, decode_image
 from serve_app.limits import FrameRateLimiter
 from serve_app.metrics import IngressMetrics
@@ -54,7 +57,9 @@ api.mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="s
 
 @api.exception_handler(ServiceError)
 async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
-    return JSONResponse({"error": exc.to_dict()}, status_code=exc.http_status)
+    retry = exc.details.get("retry_after_s") if exc.details else None
+    headers = {"Retry-After": str(max(1, int(-(-float(retry) // 1))))} if retry else None
+    return JSONResponse({"error": exc.to_dict()}, status_code=exc.http_status, headers=headers)
 
 
 class LocalRecords:
@@ -83,47 +88,62 @@ class LocalRecords:
 class Connection:
     """One WebSocket; sends are serialised because the receive loop, the sender and workers all write.
 
-    Result flow control: Serve queues whatever the replica sends without limit, so the result sender counts the
-    bytes of result records sent beyond the client's last `received` and pauses at max_unacked_result_bytes."""
+    Flow control (serve_app/flow_control.py): Serve queues whatever the replica sends without limit, so every
+    message sent is counted until the client's `received` covers it; the result sender pauses at
+    max_unacked_result_bytes, and a client that leaves that much of other messages unread is closed."""
 
-    def __init__(self, ws: WebSocket, acked_seq: int = 0):
+    def __init__(self, ws: WebSocket, acked_seq: int = 0, limits: LimitsConfig | None = None):
         self.ws = ws
         self.id = uuid.uuid4().hex
         self.lock = asyncio.Lock()
         self.closed = False
-        self.acked_seq = acked_seq
-        self.unacked: deque[tuple[int, int]] = deque()  # (seq, bytes) of records sent, not yet `received`
-        self.unacked_bytes = 0
+        lim = limits or LimitsConfig()
+        self.flow = FlowControl(lim.max_unacked_result_bytes, lim.max_protocol_errors, acked_seq)
         self.acked = asyncio.Event()
+        self.last_work = time.monotonic()  # last frame/flush/finalize: the idle timeout counts from here
+        self.overflowed = False
+
+    @property
+    def acked_seq(self) -> int:
+        return self.flow.acked_seq
+
+    @property
+    def unacked_bytes(self) -> int:
+        return self.flow.unacked_bytes
 
     def on_received(self, seq: int) -> None:
-        self.acked_seq = max(self.acked_seq, seq)
-        while self.unacked and self.unacked[0][0] <= self.acked_seq:
-            self.unacked_bytes -= self.unacked.popleft()[1]
+        self.flow.received(seq)  # raises INVALID_MESSAGE beyond the last record sent
         self.acked.set()
 
-    def record_sent(self, seq: int, nbytes: int) -> None:
-        self.unacked.append((seq, nbytes))
-        self.unacked_bytes += nbytes
+    def _count(self, nbytes: int, seq: int | None) -> None:
+        if seq is not None:
+            self.last_work = time.monotonic()  # results still flowing (a long replay) is not idle
+        if not self.flow.sent(nbytes, seq) and not self.overflowed:
+            self.overflowed = True  # the client reads nothing: stop producing for it
+            asyncio.ensure_future(self._overflow())
 
-    async def send_json(self, msg: dict) -> None:
-        if self.closed:
-            return
-        async with self.lock:
-            await self.ws.send_text(json.dumps(msg, separators=(",", ":")))
+    async def _overflow(self) -> None:
+        await self.fail(ServiceError(
+            ErrorCode.SLOW_CONSUMER, f"{self.flow.unacked_other_bytes} bytes of replies sent without `received` "
+            f"(limit {self.flow.hard_limit}); reconnect with resume_from={self.flow.acked_seq}", fatal=True))
+        await self.close(WS_CLOSE[ErrorCode.SLOW_CONSUMER], ErrorCode.SLOW_CONSUMER.value)
 
+    async def send_json(self, msg: dict, seq: int | None = None) -> None:
+        await self.send_text(json.dumps(msg, separators=(",", ":")), seq)
+
+    # Counted before the send: the client's `received` for it may arrive while the send is still awaited.
     async def send_text(self, text: str, seq: int | None = None) -> None:
         if self.closed:
             return
         async with self.lock:
+            self._count(len(text), seq)
             await self.ws.send_text(text)
-        if seq is not None:  # a whole result record in one message (a correction): counted for flow control
-            self.record_sent(seq, len(text))
 
-    async def send_bytes(self, data: bytes) -> None:
+    async def send_bytes(self, data: bytes, seq: int | None = None) -> None:
         if self.closed:
             return
         async with self.lock:
+            self._count(len(data), seq)
             await self.ws.send_bytes(data)
 
     async def close(self, code: int, reason: str = "") -> None:
@@ -188,6 +208,7 @@ class Ingress:
                                         max_decoded_bytes=lim.max_video_decoded_bytes,
                                         max_decode_s=lim.max_video_decode_s)
         self.policy = AccessPolicy(self.args.auth, self.args.cors_origins)
+        self.export_gate = ConcurrencyGate(lim.max_concurrent_exports)
         if self.args.cors_origins:
             api.add_middleware(CORSMiddleware, allow_origins=self.args.cors_origins, allow_methods=["*"],
                                allow_headers=["*"])
@@ -215,19 +236,21 @@ class Ingress:
     async def create_session(self, request: Request) -> JSONResponse:
         owner = self._owner(self._bearer(request))
         raw = await request.body()
-        try:
-            body = json.loads(raw) if raw.strip() else {}
-        except (ValueError, UnicodeDecodeError):
-            raise ServiceError(ErrorCode.INVALID_PARAMS, "body must be a JSON object of session params")
-        params = merge_session_params(self.args.session_defaults, body, self.args.limits.max_process_res)
+        body = protocol.parse_json_object(raw)  # strict: NaN / Infinity / 1e400 are INVALID_PARAMS
+        params = merge_session_params(self.args.session_defaults, body, self.args.limits.max_process_res,
+                                      limits=self.args.limits)
         info = await call(self.actor.create, params.model_dump(), owner)
         sid = info["session_id"]
-        ws_scheme = "wss" if request.url.scheme == "https" else "ws"
-        root = request.scope.get("root_path", "").rstrip("/")  # the app's route_prefix
-        info["websocket_path"] = f"{root}/ws/reconstruct/{sid}"
-        info["websocket_url"] = f"{ws_scheme}://{request.url.netloc}{root}/ws/reconstruct/{sid}"
-        log.info("session %s created", sid, extra={"session_id": sid})
-        return JSONResponse(info, status_code=201)
+        try:
+            ws_scheme = "wss" if request.url.scheme == "https" else "ws"
+            root = request.scope.get("root_path", "").rstrip("/")  # the app's route_prefix
+            info["websocket_path"] = f"{root}/ws/reconstruct/{sid}"
+            info["websocket_url"] = f"{ws_scheme}://{request.url.netloc}{root}/ws/reconstruct/{sid}"
+            log.info("session %s created", sid, extra={"session_id": sid})
+            return JSONResponse(info, status_code=201)
+        except BaseException:  # the client never learns the id: nobody could delete the session
+            await self.actor.delete.remote(sid, owner)
+            raise
 
     @api.get("/ws/session/{session_id}")
     async def get_session(self, session_id: str, request: Request) -> dict:
@@ -257,23 +280,33 @@ class Ingress:
 
     @api.get("/ws/session/{session_id}/reconstruction.ply")
     async def export_ply(self, session_id: str, request: Request) -> Response:
-        pts, cols = await call(self.actor.point_cloud, session_id, self._owner(self._bearer(request)))
-        data = await asyncio.get_running_loop().run_in_executor(self.pool, exports.ply_bytes, pts, cols)
+        owner = self._owner(self._bearer(request))
+        with self._export_slot(request):
+            pts, cols = await call(self.actor.point_cloud, session_id, owner)
+            data = await asyncio.get_running_loop().run_in_executor(self.pool, exports.ply_bytes, pts, cols)
         return Response(data, media_type="application/octet-stream",
                         headers={"Content-Disposition": f'attachment; filename="{session_id}.ply"'})
 
     @api.get("/ws/session/{session_id}/reconstruction.glb")
     async def export_glb(self, session_id: str, request: Request) -> Response:
         owner = self._owner(self._bearer(request))
-        pts, cols = await call(self.actor.point_cloud, session_id, owner)
-        frames = [f for f in await call(self.actor.trajectory, session_id, owner) if f.get("pose")]
-        c2w = np.array([f["pose"] for f in frames], np.float32).reshape(-1, 4, 4)
-        K = np.array([f["intrinsics"] for f in frames], np.float32).reshape(-1, 3, 3)
-        size = tuple(frames[0]["image_size"]) if frames else (1, 1)
-        data = await asyncio.get_running_loop().run_in_executor(
-            self.pool, lambda: exports.glb_bytes(pts, cols, c2w, K, size))
+        with self._export_slot(request):
+            pts, cols = await call(self.actor.point_cloud, session_id, owner)
+            frames = [f for f in await call(self.actor.trajectory, session_id, owner) if f.get("pose")]
+            c2w = np.array([f["pose"] for f in frames], np.float32).reshape(-1, 4, 4)
+            K = np.array([f["intrinsics"] for f in frames], np.float32).reshape(-1, 3, 3)
+            size = tuple(frames[0]["image_size"]) if frames else (1, 1)
+            data = await asyncio.get_running_loop().run_in_executor(
+                self.pool, lambda: exports.glb_bytes(pts, cols, c2w, K, size))
         return Response(data, media_type="model/gltf-binary",
                         headers={"Content-Disposition": f'attachment; filename="{session_id}.glb"'})
+
+    def _export_slot(self, request: Request):
+        """A slot of max_concurrent_exports for a map export request (EXPORT_BUSY when none is free). The one-shot
+        route answers with an export too, after all its work: that one is never refused."""
+        if request.url.path.endswith(("/reconstruction.ply", "/reconstruction.glb")):
+            return self.export_gate.slot()
+        return contextlib.nullcontext()
 
     @api.get("/ws/session/{session_id}/trajectory.json")
     async def export_trajectory(self, session_id: str, request: Request) -> dict:
@@ -310,11 +343,8 @@ class Ingress:
         uploads = [v for _, v in form.multi_items() if hasattr(v, "read")]
         if not uploads:
             raise ServiceError(ErrorCode.INVALID_MESSAGE, "no files: send images or a video as multipart `files`")
-        try:
-            overrides = json.loads(form.get("params") or "{}")
-        except ValueError:
-            raise ServiceError(ErrorCode.INVALID_PARAMS, "params must be a JSON object", details={"field": "params"})
-        params = merge_session_params(self.args.session_defaults, overrides, lim.max_process_res)
+        overrides = protocol.parse_json_object(form.get("params") or "", "params")
+        params = merge_session_params(self.args.session_defaults, overrides, lim.max_process_res, limits=lim)
         info = await call(self.actor.create, params.model_dump(), owner)
         sid = info["session_id"]
         worker = await self._worker(sid, params, owner)
@@ -547,7 +577,7 @@ class Ingress:
     async def reconstruct(self, websocket: WebSocket, session_id: str) -> None:
         offered = [p.strip() for p in websocket.headers.get("sec-websocket-protocol", "").split(",")]
         await websocket.accept(subprotocol=WS_SUBPROTOCOL if WS_SUBPROTOCOL in offered else None)
-        conn = Connection(websocket)
+        conn = Connection(websocket, limits=self.args.limits)
         if self.draining:  # routed here just before Serve took this replica out of rotation
             await conn.close(WS_CLOSE_SERVICE_RESTART, "server restarting; reconnect")
             return
@@ -572,7 +602,7 @@ class Ingress:
             resume_from = int(websocket.query_params.get("resume_from", info["last_seq"]))
         except ValueError:
             resume_from = info["last_seq"]
-        conn.acked_seq = resume_from
+        conn.flow.resume(resume_from)
         self.connections.add(conn)
 
         def listener(msg: dict) -> None:
@@ -593,6 +623,7 @@ class Ingress:
                  extra={"session_id": session_id, "connection_id": conn.id})
         sender = asyncio.create_task(self._send_results(conn, session_id, resume_from, params.point_encoding,
                                                         local, worker.epoch))
+        idle_watch = asyncio.create_task(self._idle_watch(conn, session_id, worker))
         try:
             await self._receive_loop(conn, websocket, session_id, owner, worker)
         except WebSocketDisconnect:
@@ -604,6 +635,7 @@ class Ingress:
                 worker.record_listeners.remove(local.put)
             worker.maybe_retire()
             sender.cancel()
+            idle_watch.cancel()
             conn.closed = True
             self.connections.discard(conn)
             self.streams -= 1
@@ -628,6 +660,7 @@ class Ingress:
                     if len(data) > lim.max_image_bytes + 65536:
                         raise ServiceError(ErrorCode.MESSAGE_TOO_LARGE,
                                            f"binary message of {len(data)} bytes exceeds the limit")
+                    conn.last_work = time.monotonic()
                     await self._accept_frame(conn, sid, owner, worker, protocol.parse_binary_message(data))
                     continue
                 text = msg.get("text")
@@ -635,6 +668,8 @@ class Ingress:
                     continue
                 cmsg = protocol.parse_text_message(text, max_bytes=lim.max_text_message_bytes)
                 kind = cmsg.type
+                if kind in ("frame", "flush", "finalize"):
+                    conn.last_work = time.monotonic()
                 if kind == "frame":
                     await self._accept_frame(conn, sid, owner, worker, protocol.frame_from_json(cmsg))
                 elif kind == "flush":
@@ -651,6 +686,30 @@ class Ingress:
                 if exc.fatal:
                     await conn.close(WS_CLOSE.get(exc.code, 4500), exc.code.value)
                     return
+                if conn.flow.protocol_error(exc.code):  # a client that keeps sending garbage gets closed
+                    await self._close_with(conn, sid, ServiceError(
+                        ErrorCode.TOO_MANY_ERRORS, f"{conn.flow.protocol_errors} malformed messages on this "
+                        f"stream (limit {conn.flow.max_protocol_errors})", fatal=True))
+                    return
+
+    async def _close_with(self, conn: Connection, sid: str, exc: ServiceError) -> None:
+        self._count_error(exc.code.value, sid)
+        await conn.fail(exc)
+        await conn.close(WS_CLOSE[exc.code], exc.code.value)
+
+    async def _idle_watch(self, conn: Connection, sid: str, worker: SessionWorker) -> None:
+        """Close a stream that holds a connection slot without using it: no frame, flush or finalize for
+        ws_idle_timeout_s and no work in flight (pings do not count)."""
+        timeout = self.args.limits.ws_idle_timeout_s
+        while not conn.closed:
+            await asyncio.sleep(min(timeout / 4, 5.0))
+            if worker.in_flight or not worker.idle:
+                conn.last_work = time.monotonic()  # work in flight: the idle time starts when it is done
+            elif time.monotonic() - conn.last_work >= timeout:
+                await self._close_with(conn, sid, ServiceError(
+                    ErrorCode.IDLE_TIMEOUT, f"no frames for {timeout:g}s and no work in flight; reconnect to "
+                    "continue (the session is kept until its idle_ttl_s)", fatal=True))
+                return
 
     async def _accept_frame(self, conn: Connection, sid: str, owner: str | None, worker: SessionWorker,
                             frame: protocol.IncomingFrame) -> None:
@@ -733,7 +792,7 @@ class Ingress:
         always fits). False after slow_reader_timeout_s without progress: the stream is closed with
         SLOW_CONSUMER and the results wait in the session for a reconnect with resume_from."""
         lim = self.args.limits
-        while conn.unacked and conn.unacked_bytes >= lim.max_unacked_result_bytes:
+        while conn.flow.must_pause:
             conn.acked.clear()
             try:
                 await asyncio.wait_for(conn.acked.wait(), lim.slow_reader_timeout_s)
@@ -852,7 +911,6 @@ class Ingress:
         data = protocol.frame_points(body, seq=rec.seq, window=rec.window.get("window", 0),
                                      frame_ids=rec.window.get("frame_ids", []))
         for t in texts:
-            await conn.send_text(t)
-        await conn.send_bytes(data)
-        conn.record_sent(rec.seq, len(data) + sum(len(t) for t in texts))
-        return True
+            await conn.send_text(t, rec.seq)
+        await conn.send_bytes(data, rec.seq)
+        return not conn.closed

@@ -76,8 +76,14 @@ class SessionActor:
     async def create(self, params: dict, owner: str | None) -> dict:
         self._ensure_sweeper()
         s = self.store.create(SessionParams.model_validate(params), owner, time.time())
-        self._save(s.session_id)
-        return s.info()
+        try:
+            self._save(s.session_id)
+            return s.info()
+        except BaseException:  # a session nobody was told about must not stay and count against the limits
+            self.store.sessions.pop(s.session_id, None)
+            if self.journal is not None:
+                self.journal.delete(s.session_id)
+            raise
 
     async def info(self, sid: str, owner: str | None) -> dict:
         return self.store.get(sid, owner).info()
@@ -215,7 +221,7 @@ class SessionActor:
         async with c:
             try:
                 await asyncio.wait_for(c.wait_for(lambda: status() is not None), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         return status() or {"records": [], "info": self.store.sessions[sid].info()}
 
@@ -231,7 +237,7 @@ class SessionActor:
             async with c:
                 try:
                     await asyncio.wait_for(c.wait_for(done), timeout)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
         s = self.store.sessions.get(sid)
         return {"gone": True} if s is None else s.info()
