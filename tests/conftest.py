@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import uuid
@@ -53,7 +54,7 @@ def serve_url():
     from serve_app.app import build_app
 
     # A logical GPU lets the model deployment's real `num_gpus: 1` schedule on this CPU machine.
-    ray.init(num_cpus=16, num_gpus=4, include_dashboard=False, namespace="da3-serve-tests",
+    ray.init(num_cpus=16, num_gpus=8, include_dashboard=False, namespace="da3-serve-tests",
              _system_config={"metrics_report_interval_ms": 1000},
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2", **RAY_ENV_VARS}})
     port = free_port()
@@ -80,6 +81,19 @@ def deploy(serve_url: str, name: str, args: dict) -> str:
     url = f"{serve_url}/{name}"
     wait_healthy(url, 300)
     return url
+
+
+@contextlib.contextmanager
+def deployed(serve_url: str, name: str, args: dict):
+    """deploy(), and delete the app when the block ends: every app holds a logical GPU and two processes, so
+    module-scoped apps give them back for the modules after them."""
+    from ray import serve
+
+    url = deploy(serve_url, name, args)
+    try:
+        yield url
+    finally:
+        serve.delete(name)
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,7 @@ import httpx
 import numpy as np
 import pytest
 import ray
-from conftest import SCENE, app_args, deploy
+from conftest import SCENE, app_args, deployed
 
 from serve_app import corrections as C
 from serve_app.exports import read_ply, read_tum
@@ -47,7 +47,8 @@ def corr_app(serve_url, tmp_path_factory):
     args = app_args(model={"backend": "oracle", "oracle_scene": SCENE},
                     session_actor={"state_dir": str(tmp_path_factory.mktemp("da3-corr-state"))},
                     limits={"frames_per_s": 6.0})
-    return deploy(serve_url, "corr", args), args
+    with deployed(serve_url, "corr", args) as url:
+        yield url, args
 
 
 def session_actor(args):
@@ -264,7 +265,8 @@ def test_browser_viewer_applies_a_correction(corr_app, synthetic_seq, browser):
 def loop_app(serve_url):
     args = app_args(model={"backend": "oracle", "oracle_scene": LOOP_SCENE, "oracle_errors": "realistic"},
                     session_defaults={"global_consistency": True})
-    return deploy(serve_url, "corrloop", args), args
+    with deployed(serve_url, "corrloop", args) as url:
+        yield url, args
 
 
 async def test_global_consistency_session_streams_corrections_clients_apply(loop_app, tmp_path):

@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 import pytest
 import websockets
-from conftest import SCENE, app_args, deploy
+from conftest import SCENE, app_args, deployed
 from test_media_limits import encode_video, hostile_playlists, small_then_large
 
 from serve_app.imaging import encode_image
@@ -40,7 +40,8 @@ def hostile_url(serve_url):
                     limits={"max_upload_bytes": 4_000_000, "max_image_pixels": 10_000_000,
                             "max_video_decoded_bytes": 150_000_000, "max_video_decode_s": 20.0,
                             "decode_cpu_s_per_s": 0.2, "decode_cpu_burst_s": 0.3})
-    return deploy(serve_url, APP, args)
+    with deployed(serve_url, APP, args) as url:
+        yield url
 
 
 # --- checks shared by every case ----------------------------------------------------------------------------

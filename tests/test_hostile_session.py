@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 import websockets
-from conftest import SCENE, app_args, deploy
+from conftest import SCENE, app_args, deployed
 
 from serve_app.imaging import encode_image
 from serve_app.protocol import decode_points, encode_frame_message
@@ -30,7 +30,8 @@ def hostile(serve_url):
     args = app_args(model={"backend": "oracle", "oracle_scene": SCENE}, limits=LIMITS,
                     auth={"mode": "api_key", "api_keys": ["key-alice", "key-bob"]},
                     session_defaults={"max_points": 20_000, "ttl_s": 600, "idle_ttl_s": 120})
-    return deploy(serve_url, "hostile", args)
+    with deployed(serve_url, "hostile", args) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
