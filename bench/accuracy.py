@@ -53,10 +53,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from serve_app.config import LimitsConfig, OracleErrors, SessionParams  # noqa: E402
-from serve_app.evaluation import cloud_metrics, extent, segment_ate_pct, trajectory_metrics  # noqa: E402
-from serve_app.geometry import Sim3  # noqa: E402
-from serve_app.synthetic import SceneSpec, render_sequence, surface_points  # noqa: E402
+from serve_app.config import LimitsConfig, OracleErrors, SessionParams
+from serve_app.evaluation import cloud_metrics, extent, segment_ate_pct, trajectory_metrics
+from serve_app.geometry import Sim3
+from serve_app.synthetic import SceneSpec, render_sequence, surface_points
 
 CHAMFER_POINTS = 20000
 SCALE_RANGE = (0.5, 2.0)
