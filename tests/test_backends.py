@@ -60,19 +60,15 @@ def test_factory_arguments_are_the_factorys_business():
         make_backend(cfg)
 
 
-async def test_plugin_backend_served_through_the_real_app(serve_url, synthetic_seq):
-    args = app_args(model={"backend": PLUGIN, "backend_args": {"scene": SCENE, "label": "plugin-oracle"}})
-    url = deploy(serve_url, "plugin", args)
-    health = httpx.get(url + "/healthz", timeout=30).json()
-    assert health["model"]["model_name"] == "plugin-oracle" and health["model"]["backend"] == "plugin"
-    r = httpx.post(url + "/ws/session/create", json={}, timeout=30)
-    sid = r.json()["session_id"]
-    n = 10
+async def stream_frames(url: str, images, n: int) -> dict:
+    """Create a session, send n PNG frames, finalize; the frame_results by frame id."""
+    async with httpx.AsyncClient(timeout=30) as c:
+        sid = (await c.post(url + "/ws/session/create", json={})).json()["session_id"]
     results = {}
     async with websockets.connect(url.replace("http://", "ws://") + f"/ws/reconstruct/{sid}", max_size=None) as ws:
         assert json.loads(await ws.recv())["type"] == "ready"
         for i in range(n):
-            await ws.send(encode_frame_message(encode_image(synthetic_seq.images[i], "PNG"), {"frame_id": i}))
+            await ws.send(encode_frame_message(encode_image(images[i], "PNG"), {"frame_id": i}))
         await ws.send(json.dumps({"type": "finalize"}))
 
         async def read():
@@ -84,6 +80,16 @@ async def test_plugin_backend_served_through_the_real_app(serve_url, synthetic_s
             await asyncio.wait_for(read(), 120)
         except websockets.ConnectionClosed:
             pass
+    return results
+
+
+def test_plugin_backend_served_through_the_real_app(serve_url, synthetic_seq):
+    args = app_args(model={"backend": PLUGIN, "backend_args": {"scene": SCENE, "label": "plugin-oracle"}})
+    url = deploy(serve_url, "plugin", args)
+    health = httpx.get(url + "/healthz", timeout=30).json()
+    assert health["model"]["model_name"] == "plugin-oracle" and health["model"]["backend"] == "plugin"
+    n = 10
+    results = asyncio.run(stream_frames(url, synthetic_seq.images, n))
     assert sorted(results) == list(range(n)) and not any(m.get("failed") for m in results.values())
     est = np.stack([np.asarray(results[i]["pose"]) for i in range(n)])
     err, _ = ate_rmse(est, synthetic_seq.c2w[:n])
