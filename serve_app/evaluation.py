@@ -26,12 +26,27 @@ def rotation_angle_deg(R: np.ndarray) -> np.ndarray:
     return np.degrees(np.arctan2(sin, cos))
 
 
+COLLINEAR_RATIO = 0.05  # second/first singular value of the true centres below which the path counts as a line
+
+
 def align_trajectory(est_c2w: np.ndarray, gt_c2w: np.ndarray) -> Sim3:
-    """The Sim(3) taking estimated camera centres onto the true ones (least squares)."""
+    """The Sim(3) taking estimated camera centres onto the true ones (least squares). Centres along a (nearly)
+    straight path leave the roll about it undetermined; there the fit also takes two points ahead of and beside
+    each camera (at a tenth of the path length, scaled by the centres-only fit), so orientations fix it."""
     est, gt = camera_centers(est_c2w).reshape(-1, 3), camera_centers(gt_c2w).reshape(-1, 3)
     if len(est) != len(gt) or len(est) < 3:
         raise ValueError(f"need two trajectories of the same >= 3 frames, got {len(est)} and {len(gt)}")
-    return umeyama_sim3(est.astype(np.float64), gt.astype(np.float64))
+    est, gt = est.astype(np.float64), gt.astype(np.float64)
+    sim = umeyama_sim3(est, gt)
+    sv = np.linalg.svd(gt - gt.mean(0), compute_uv=False)
+    if sv[0] <= 0 or sv[1] / sv[0] >= COLLINEAR_RATIO:
+        return sim
+    ell = 0.1 * trajectory_length(gt_c2w)
+    R_est = np.asarray(est_c2w, np.float64)[:, :3, :3]
+    R_gt = np.asarray(gt_c2w, np.float64)[:, :3, :3]
+    src = [est] + [est + R_est[:, :, a] * (ell / sim.s) for a in (0, 2)]
+    dst = [gt] + [gt + R_gt[:, :, a] * ell for a in (0, 2)]
+    return umeyama_sim3(np.concatenate(src), np.concatenate(dst))
 
 
 def rotation_errors_deg(est_c2w: np.ndarray, gt_c2w: np.ndarray, sim: Sim3) -> np.ndarray:
