@@ -73,10 +73,9 @@ def drift(est_c2w: np.ndarray, gt_c2w: np.ndarray, fraction: float = 0.1) -> flo
     """RMS error of the last `fraction` of camera centres after a Sim(3) fitted on the first `fraction` only."""
     n = len(est_c2w)
     k = max(3, int(n * fraction))
-    est = camera_centers(est_c2w).reshape(-1, 3).astype(np.float64)
     gt = camera_centers(gt_c2w).reshape(-1, 3).astype(np.float64)
-    first = umeyama_sim3(est[:k], gt[:k])
-    d = first.apply(est[-k:]) - gt[-k:]
+    first = align_trajectory(np.asarray(est_c2w)[:k], np.asarray(gt_c2w)[:k])
+    d = aligned_centres(np.asarray(est_c2w)[-k:], first) - gt[-k:]
     return float(np.sqrt((np.linalg.norm(d, axis=1) ** 2).mean()))
 
 
