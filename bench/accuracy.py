@@ -114,6 +114,13 @@ def loops_from_messages(types: dict[str, int], windows: list[dict], *infos: dict
     return max(counts) if counts else None
 
 
+def window_frames(windows: list[dict]) -> list[list]:
+    """[[context frame ids], [new frame ids]] per window in order: which frames each model call saw (the oracle's
+    error draws depend on them, and the context choice on how far planning runs ahead of integration)."""
+    return [[list(w.get("context_frame_ids", [])), list(w.get("frame_ids", []))]
+            for w in sorted(windows, key=lambda w: w.get("window", w.get("seq", 0)))]
+
+
 def apply_corrections(poses: dict[int, np.ndarray], frame_window: dict[int, int],
                       points_by_window: dict[int, np.ndarray], corrections: dict[int, Any] | None
                       ) -> tuple[dict[int, np.ndarray], np.ndarray]:
@@ -182,7 +189,7 @@ def run_in_process(seq, oracle, params: SessionParams, depth: int) -> Run:
     final_poses, map_pts = apply_corrections(poses, frame_window, points, corrections)
     info = {"loops_accepted": getattr(rec, "loops_accepted", None)}
     return Run(final_poses, map_pts, lat, geo, loops_from_messages({}, windows, info), failed_frames=failed,
-               wall_s=time.perf_counter() - t_start)
+               wall_s=time.perf_counter() - t_start, extra={"windows": window_frames(windows)})
 
 
 # --- served mode -------------------------------------------------------------------------------------------------
@@ -218,7 +225,8 @@ async def stream_served(url: str, frames: list[bytes], params: dict) -> Run:
     loops = loops_from_messages(dict(res.types), wins, info, res.summary)
     return Run(poses, pts, [float(w["timings_ms"]["total"]) for w in wins if w.get("timings_ms")],
                [float(w["timings_ms"]["geometry"]) for w in wins if w.get("timings_ms")], loops,
-               failed_frames=res.failed_frames, errors=sum(res.errors.values()), wall_s=res.t_end - res.t_first_send)
+               failed_frames=res.failed_frames, errors=sum(res.errors.values()), wall_s=res.t_end - res.t_first_send,
+               extra={"windows": window_frames(wins)})
 
 
 class Served:
@@ -286,7 +294,7 @@ def evaluate(run: Run, seq, spec: SceneSpec, laps: int, surf: np.ndarray, floor:
             "floor_acc_pct": 100 * floor[0] / diag, "floor_comp_pct": 100 * floor[1] / diag,
             "lap_ate_pct": seg, "latency_ms": float(np.median(run.latency_ms)) if run.latency_ms else float("nan"),
             "geometry_ms": float(np.median(run.geometry_ms)) if run.geometry_ms else float("nan"),
-            "loops": run.loops_accepted, "wall_s": run.wall_s}
+            "loops": run.loops_accepted, "wall_s": run.wall_s, **run.extra}
 
 
 def targets(rows: list[dict]) -> list[tuple[str, bool]]:
@@ -342,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=3, help="scene seed")
     ap.add_argument("--oracle-seed", type=int, default=1, help="seed of the oracle's errors")
     ap.add_argument("--json", help="also write the rows to this file")
+    ap.add_argument("--plan-ahead", type=int, default=0,
+                    help="in-process: windows planned before the oldest is integrated (default: the server's "
+                         "limits.max_windows_in_flight); the served worker's lead varies with timing")
     a = ap.parse_args(argv)
     size = tuple(int(x) for x in a.size.lower().split("x"))
     cases = [c.strip() for c in a.cases.split(",") if c.strip()]
@@ -372,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
                 from serve_app.oracle import OracleModel
 
                 oracle = OracleModel(spec, scale_range=SCALE_RANGE, seed=a.oracle_seed, errors=errors)
-                depth = LimitsConfig().max_windows_in_flight
+                depth = a.plan_ahead or LimitsConfig().max_windows_in_flight
             else:
                 from serve_app.imaging import encode_image
 
