@@ -20,10 +20,12 @@ Served mode (default, the authoritative numbers): starts a local Ray + Serve, de
 streams the scene's frames as PNG through /ws/reconstruct, one session per mode (`global_consistency` is a
 session parameter); the trajectory and map are the session's exports (trajectory.json, reconstruction.ply), i.e.
 what a user gets, corrections included. In-process mode drives the same pure pipeline (OracleModel +
-StreamReconstructor, windows planned two ahead like the ingress's max_windows_in_flight) window by window; it
-skips serving, coding and the session store, so it is quick but only as good as its mirror of the worker: the
-trajectory is each frame's pose when placed, with any per-window corrections the reconstructor reports applied
-(see `apply_corrections`).
+StreamReconstructor, windows planned PLAN_AHEAD ahead of integration) window by window; it skips serving, coding
+and the session store, so it is quick but only as good as its mirror of the worker: which context frames a window
+gets depends on how far planning leads integration (timing, in the server), and the oracle's error draws on the
+window's frames; the trajectory is each frame's pose when placed, with any per-window corrections the
+reconstructor reports applied (see `apply_corrections`). With the default lead it reproduced the served run
+exactly (2026-11-30, global_consistency not yet implemented).
 
 Per case and mode it prints: ATE (% of path), rotation error median/max (deg), drift (last 10 % after a fit on
 the first 10 %, % of path), loop gap (% of path), ATE of the first and last lap (three loops), Chamfer accuracy
@@ -53,12 +55,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from serve_app.config import LimitsConfig, OracleErrors, SessionParams
+from serve_app.config import OracleErrors, SessionParams
 from serve_app.evaluation import cloud_metrics, extent, segment_ate_pct, trajectory_metrics
 from serve_app.geometry import Sim3
 from serve_app.synthetic import SceneSpec, render_sequence, surface_points
 
 CHAMFER_POINTS = 20000
+# In-process: windows planned before the oldest is integrated. The served worker plans whenever frames are pending
+# and a model slot is free (a slot frees when the forward returns, before integration), so at full-speed streaming
+# it leads by more than limits.max_windows_in_flight; 4 reproduced every served figure exactly (2026-11-30).
+PLAN_AHEAD = 4
 SCALE_RANGE = (0.5, 2.0)
 ERRORS: dict[str, dict] = {
     "none": {"preset": "none"},
@@ -350,9 +356,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=3, help="scene seed")
     ap.add_argument("--oracle-seed", type=int, default=1, help="seed of the oracle's errors")
     ap.add_argument("--json", help="also write the rows to this file")
-    ap.add_argument("--plan-ahead", type=int, default=0,
-                    help="in-process: windows planned before the oldest is integrated (default: the server's "
-                         "limits.max_windows_in_flight); the served worker's lead varies with timing")
+    ap.add_argument("--plan-ahead", type=int, default=PLAN_AHEAD,
+                    help="in-process: windows planned before the oldest is integrated (default %(default)s: "
+                         "reproduced the served run figure for figure on the 2-core box; the served worker's lead "
+                         "depends on timing)")
     a = ap.parse_args(argv)
     size = tuple(int(x) for x in a.size.lower().split("x"))
     cases = [c.strip() for c in a.cases.split(",") if c.strip()]
@@ -383,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
                 from serve_app.oracle import OracleModel
 
                 oracle = OracleModel(spec, scale_range=SCALE_RANGE, seed=a.oracle_seed, errors=errors)
-                depth = a.plan_ahead or LimitsConfig().max_windows_in_flight
+                depth = a.plan_ahead
             else:
                 from serve_app.imaging import encode_image
 
