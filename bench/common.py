@@ -180,6 +180,7 @@ class StreamResult:
     fatal: str | None = None
     rejected_final: int = 0  # frames refused for good (not retried)
     clock_offset: float = 0.0  # time.time() - time.monotonic() here: server_time on the client's clock (loopback)
+    types: Counter = field(default_factory=Counter)  # JSON messages received, by type (unknown types too)
 
     @property
     def lost(self) -> list:
@@ -292,6 +293,7 @@ async def stream_session(url: str, frames: list[bytes], num_frames: int, *, para
                         continue
                     m = json.loads(msg)
                     kind = m.get("type")
+                    res.types[kind] += 1
                     if kind == "ack":
                         res.acked.add(m["frame_id"])
                     elif kind == "window":

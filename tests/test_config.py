@@ -54,3 +54,12 @@ def test_api_key_mode_needs_a_key(monkeypatch):
     monkeypatch.setenv("DA3_API_KEYS", "k1, k2")
     assert AuthConfig(mode="api_key").resolved_keys() == ["k1", "k2"]
     assert AppArgs().auth.mode == "none"
+
+
+def test_global_consistency_is_an_opt_in_session_param():
+    assert SessionParams().global_consistency is False
+    p = merge_session_params(SessionParams(), {"global_consistency": True})
+    assert p.global_consistency is True
+    with pytest.raises(ServiceError) as ei:
+        merge_session_params(SessionParams(), {"global_consistency": "sometimes"})
+    assert ei.value.details["field"] == "global_consistency"
