@@ -249,7 +249,7 @@ async def test_two_shards_serve_list_limit_delete_and_expire(sharded_app, synthe
     assert sorted(s["session_id"] for s in mine["sessions"]) == sorted(alice)
     stats = httpx.get(f"{url}/stats", headers=KEYS["op"], timeout=30).json()
     assert sorted(s["session_id"] for s in stats["sessions"]) == sorted(alice + [bob])
-    assert stats["counts"]["total"] == 4 and stats["counts"]["complete"] == 2
+    assert stats["counts"]["total"] == 4 and stats["counts"]["complete"] == 2 and stats["shards"] == [2, 2]
 
     # deleting on shard 1 frees a place, and the next session goes there
     victim = next(s for s in alice if shard_of(s, 2) == 1)

@@ -470,6 +470,7 @@ class Ingress:
                                             "points_total", "windows", "created_at", "updated_at", "connected")}
                          | {"age_s": now - x["created_at"]} for x in sessions["sessions"]],
             "counts": sessions["counts"], "limits": sessions["limits"],
+            "shards": sessions.get("shards"),  # sessions per session-store shard (null with one shard)
             "ray_env": {"ingress": ray_env.in_effect(), "model": model.get("ray_env"),
                         "session_actor": sessions.get("ray_env")},
         }
