@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import socket
 import sys
 import uuid
 from pathlib import Path
@@ -63,7 +64,7 @@ async def measure(url: str, sessions: int, reconnects: int, header: bool) -> tup
             sid = (await http.post(f"{url}/ws/session/create", json={})).json()["session_id"]
             ws_url = url.replace("http://", "ws://") + f"/ws/reconstruct/{sid}"
             headers = {"x-session-id": sid} if header else {}
-            open_ = []
+            open_, last = [], 0
             try:
                 for i in range(reconnects + 1):
                     ws = await websockets.connect(ws_url, additional_headers=headers, max_size=None)
@@ -96,10 +97,9 @@ def main(argv: list[str] | None = None) -> int:
 
     ray.init(num_cpus=8, include_dashboard=False, namespace="da3-bench", logging_level="ERROR",
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", **RAY_ENV_VARS}})
-    sock = __import__("socket").socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     rows = []
     try:

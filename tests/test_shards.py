@@ -205,7 +205,7 @@ async def _stream(url: str, sid: str, headers: dict, seq, n: int) -> dict:
                 m = json.loads(m)
                 if m["type"] == "frame_result":
                     results[m["frame_id"]] = m
-                elif m["type"] in ("complete", "error"):
+                elif m["type"] in ("summary", "error"):
                     final = m
     return {"results": results, "final": final}
 
@@ -232,7 +232,7 @@ async def test_two_shards_serve_list_limit_delete_and_expire(sharded_app, synthe
     on = {shard_of(s, 2): s for s in alice}
     outs = await asyncio.gather(*[_stream(url, on[k], KEYS["alice"], synthetic_seq, 6) for k in (0, 1)])
     for out in outs:
-        assert out["final"]["type"] == "complete", out["final"]
+        assert out["final"]["type"] == "summary" and out["final"]["frames_processed"] == 6, out["final"]
         assert sorted(out["results"]) == list(range(6))
     for k in (0, 1):
         info = httpx.get(f"{url}/ws/session/{on[k]}", headers=KEYS["alice"]).json()

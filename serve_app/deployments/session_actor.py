@@ -274,14 +274,26 @@ class SessionAdmission:
         self.admission = sharding.Admission(LimitsConfig.model_validate(limits))
         self.names, self.namespace = names, namespace
         self.last: list[int] = [0] * len(names)  # last census of each shard (used while one is unreachable)
+        self.handles: list = [None] * len(names)
         self._lock: asyncio.Lock | None = None
+
+    def _shard(self, k: int):
+        if self.handles[k] is None:  # looked up once (again after a failure: the actor may have been replaced)
+            self.handles[k] = ray.get_actor(self.names[k], namespace=self.namespace)
+        return self.handles[k]
+
+    async def _census(self, k: int, owner: str | None) -> dict:
+        try:
+            return await asyncio.wait_for(self._shard(k).census.remote(owner), 10)
+        except BaseException:
+            self.handles[k] = None
+            raise
 
     async def create(self, params: dict, owner: str | None) -> dict:
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
-            actors = [ray.get_actor(n, namespace=self.namespace) for n in self.names]
-            got = await asyncio.gather(*[asyncio.wait_for(a.census.remote(owner), 10) for a in actors],
+            got = await asyncio.gather(*[self._census(k, owner) for k in range(len(self.names))],
                                        return_exceptions=True)
             totals: list[int | None] = []
             total = mine = 0
@@ -296,7 +308,7 @@ class SessionAdmission:
                 total += g["total"]
                 mine += g["mine"]
             self.admission.check(total, mine, owner, time.time())
-            return await call(actors[sharding.pick_shard(totals)].create, params, owner)
+            return await call(self._shard(sharding.pick_shard(totals)).create, params, owner)
 
 
 class SessionShards:
