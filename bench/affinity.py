@@ -82,6 +82,21 @@ async def measure(url: str, sessions: int, reconnects: int, header: bool) -> tup
     return takeovers, total
 
 
+def wait_replicas(app: str, n: int, timeout: float = 300) -> None:
+    """Until all `n` ingress replicas run: the app answers as soon as one does."""
+    import time
+
+    from ray import serve
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        d = serve.status().applications[app].deployments["Ingress"]
+        if d.replica_states.get("RUNNING", 0) >= n:
+            return
+        time.sleep(1)
+    raise TimeoutError(f"{app}: {n} ingress replicas not running after {timeout:.0f} s")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sessions", type=int, default=12)
@@ -107,9 +122,11 @@ def main(argv: list[str] | None = None) -> int:
             serve.run(build(name, hashed, args.replicas), name=name, route_prefix=f"/{name}", blocking=False)
             url = f"http://127.0.0.1:{port}/{name}"
             wait_healthy(url, 300)
+            wait_replicas(name, args.replicas)
             took, total = asyncio.run(measure(url, args.sessions, args.reconnects, header))
             rows.append(["ConsistentHashRouter" if hashed else "default (pow-2)", "yes" if header else "no",
                          total, took, f"{took / max(total, 1):.0%}"])
+            print("result:", rows[-1], flush=True)
             serve.delete(name)
         print_table(f"session affinity: {args.replicas} ingress replicas, {args.sessions} sessions x "
                     f"{args.reconnects} reconnects (each while the previous stream is open)",
