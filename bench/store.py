@@ -8,9 +8,11 @@ one `commit_window`, a reader's long-poll (`attach` + `wait_records`), and every
 takeover (`take_worker` + `point_cloud`, what a reconnect to another replica costs). Streams are closed loops
 (the next call goes when the last returned), so calls/s at saturation is the store's capacity.
 
-Shards: sessions are spread over N independent actors (what `session_store.shards` would do; the app has one
-today). On this 2-core box the shards share the cores with the drivers, so the figure to project from is the
-per-shard rate at one shard with a core of its own (printed with its assumptions).
+Shards: through the app's own sharding (`session_actor.shards: N`, serve_app/deployments/session_actor.py:
+`get_session_shards` names, places and creates the actors; sessions are created through its admission actor
+and every call goes to `of(session_id)`, the shard read from the id). On this 2-core box the shards share the
+cores with the drivers, so the figure to project from is the per-shard rate at one shard with a core of its own
+(printed with its assumptions).
 
 Reconnect storm: `--storm` sessions, each with `--storm-windows` committed windows, are all taken over at once
 (take_worker + point_cloud + the first long-poll answer with the replayed records): time until each stream has
@@ -77,17 +79,26 @@ def payload_sizes(p: dict) -> dict:
 
 
 # --- actors -----------------------------------------------------------------------------------------------
-def actor_names(run: str, shards: int) -> list[str]:
-    return [f"bench_store_{run}_{k}" for k in range(shards)]
-
-
-def start_actors(names: list[str], max_points: int):
+def store_config(run: str, shards: int):
     from serve_app.config import LimitsConfig, SessionActorConfig
-    from serve_app.deployments.session_actor import get_session_actor
 
     limits = LimitsConfig(max_sessions=100_000, max_sessions_per_key=100_000, sessions_per_minute=1e9,
                           max_in_flight=64)
-    return [get_session_actor(SessionActorConfig(name=n, namespace=NAMESPACE), limits) for n in names]
+    return SessionActorConfig(name=f"bench_store_{run}", namespace=NAMESPACE, shards=shards), limits
+
+
+def open_store(cfg):
+    """The app's view of the sharded store (get_if_exists: every driver process gets the same actors)."""
+    from serve_app.deployments.session_actor import get_session_shards
+
+    return get_session_shards(*cfg)
+
+
+def kill_store(store) -> None:
+    import ray
+
+    for a in store.actors + ([store.admission] if store.admission is not None else []):
+        ray.kill(a)
 
 
 def session_params(max_points: int) -> dict:
@@ -153,18 +164,16 @@ class Stream:
                 return
 
 
-async def drive(names: list[str], streams: int, seconds: float, payloads: dict, takeover_every: int,
+async def drive(cfg, streams: int, seconds: float, payloads: dict, takeover_every: int,
                 max_points: int, worker_id: int) -> dict:
-    import ray
-
-    actors = [ray.get_actor(n, namespace=NAMESPACE) for n in names]
+    store = open_store(cfg)
     lat = {k: [] for k in KINDS}
     nbytes = {k: 0 for k in KINDS}
     made = []
-    for i in range(streams):
-        actor = actors[(worker_id * streams + i) % len(actors)]  # spread like a shard chosen at creation
-        info = await actor.create.remote(session_params(max_points), None)
-        made.append(Stream(actor, info["session_id"], payloads, lat, nbytes))
+    for _ in range(streams):
+        info = await store.create(session_params(max_points), None)  # the shard is chosen here, as in the app
+        sid = info["session_id"]
+        made.append(Stream(store.of(sid), sid, payloads, lat, nbytes))
     until = time.perf_counter() + seconds
     t0 = time.perf_counter()
     await asyncio.gather(*[s.writer(until, takeover_every) for s in made], *[s.reader(until) for s in made])
@@ -173,17 +182,17 @@ async def drive(names: list[str], streams: int, seconds: float, payloads: dict, 
     return {"lat": lat, "bytes": nbytes, "elapsed": elapsed, "windows": sum(s.windows for s in made)}
 
 
-def _driver(address: str, names, streams, seconds, payloads, takeover_every, max_points, worker_id, out_q):
+def _driver(address: str, cfg, streams, seconds, payloads, takeover_every, max_points, worker_id, out_q):
     import ray
 
     ray.init(address=address, namespace=NAMESPACE, logging_level="ERROR", log_to_driver=False)
-    out_q.put(asyncio.run(drive(names, streams, seconds, payloads, takeover_every, max_points, worker_id)))
+    out_q.put(asyncio.run(drive(cfg, streams, seconds, payloads, takeover_every, max_points, worker_id)))
 
 
-def run_load(address: str, names: list[str], args, payloads: dict) -> dict:
+def run_load(address: str, cfg, args, payloads: dict) -> dict:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    procs = [ctx.Process(target=_driver, args=(address, names, args.streams, args.seconds, payloads,
+    procs = [ctx.Process(target=_driver, args=(address, cfg, args.streams, args.seconds, payloads,
                                                 args.takeover_every, args.max_points, w, q))
              for w in range(args.procs)]
     for pr in procs:
@@ -198,18 +207,16 @@ def run_load(address: str, names: list[str], args, payloads: dict) -> dict:
 
 
 # --- reconnect storm ----------------------------------------------------------------------------------------
-async def storm(names: list[str], sessions: int, windows: int, payloads: dict, max_points: int) -> list[float]:
+async def storm(cfg, sessions: int, windows: int, payloads: dict, max_points: int) -> list[float]:
     """Seconds until each of `sessions` streams, all taken over at the same moment, has its first record."""
-    import ray
-
-    actors = [ray.get_actor(n, namespace=NAMESPACE) for n in names]
+    store = open_store(cfg)
     lat = {k: [] for k in KINDS}
     nbytes = {k: 0 for k in KINDS}
     made = []
-    for i in range(sessions):
-        actor = actors[i % len(actors)]
-        info = await actor.create.remote(session_params(max_points), None)
-        made.append(Stream(actor, info["session_id"], payloads, lat, nbytes))
+    for _ in range(sessions):
+        info = await store.create(session_params(max_points), None)
+        sid = info["session_id"]
+        made.append(Stream(store.of(sid), sid, payloads, lat, nbytes))
     for s in made:
         await s.take_over()
     for _ in range(windows):
@@ -243,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-points", type=int, default=300_000, help="per-session point budget")
     ap.add_argument("--storm", type=int, default=64, help="sessions in the reconnect storm (0: skip)")
     ap.add_argument("--storm-windows", type=int, default=10, help="committed windows per storm session")
+    ap.add_argument("--storm-shards", default="1", help="comma-separated shard counts for the storm")
     args = ap.parse_args(argv)
 
     import pickle
@@ -267,10 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     rows, per_shard = [], {}
     try:
         for n in [int(x) for x in args.shards.split(",")]:
-            names = actor_names(f"{run}_{n}", n)
-            actors = start_actors(names, args.max_points)
-            ray.get([a.ping.remote() for a in actors])
-            r = run_load(address, names, args, payloads)
+            cfg = store_config(f"{run}_{n}", n)
+            store = open_store(cfg)
+            ray.get([a.ping.remote() for a in store.actors])
+            r = run_load(address, cfg, args, payloads)
             calls = sum(len(v) for v in r["lat"].values())
             mb = sum(r["bytes"].values()) / 1e6
             per_shard[n] = calls / r["elapsed"]
@@ -280,8 +288,7 @@ def main(argv: list[str] | None = None) -> int:
                              fmt(pct(v, 50), ".2f"), fmt(pct(v, 99), ".2f")])
             rows.append([n, "all", calls, fmt(calls / r["elapsed"]), fmt(mb / r["elapsed"], ".2f"), "", ""])
             rows.append([n, "frames/s", "", fmt(r["windows"] * payloads["new_frames"] / r["elapsed"]), "", "", ""])
-            for a in actors:
-                ray.kill(a)
+            kill_store(store)
         print_table(f"session store under load: {args.procs} processes x {args.streams} closed-loop streams, "
                     f"{args.seconds:.0f} s per shard count, {os.cpu_count()} cores in all",
                     ["shards", "call", "count", "calls/s", "MB/s", "p50 ms", "p99 ms"], rows)
@@ -295,15 +302,16 @@ def main(argv: list[str] | None = None) -> int:
                   "drivers (ingress replicas) and Ray's object transfers are not the bottleneck, which on this "
                   "box they share the cores with")
         if args.storm:
-            names = actor_names(f"{run}_storm", 1)
-            actors = start_actors(names, args.max_points)
-            times = asyncio.run(storm(names, args.storm, args.storm_windows, payloads, args.max_points))
+            rows = []
+            for n in [int(x) for x in args.storm_shards.split(",")]:
+                cfg = store_config(f"{run}_storm{n}", n)
+                store = open_store(cfg)
+                times = asyncio.run(storm(cfg, args.storm, args.storm_windows, payloads, args.max_points))
+                rows.append([n, len(times), fmt(pct(times, 50), ".3f"), fmt(pct(times, 99), ".3f"),
+                             fmt(max(times), ".3f")])
+                kill_store(store)
             print_table(f"reconnect storm: {args.storm} sessions x {args.storm_windows} windows, all taken over at "
-                        "once (1 shard)", ["streams", "p50 s", "p99 s", "max s"],
-                        [[len(times), fmt(pct(times, 50), ".3f"), fmt(pct(times, 99), ".3f"),
-                          fmt(max(times), ".3f")]])
-            for a in actors:
-                ray.kill(a)
+                        "once", ["shards", "streams", "p50 s", "p99 s", "max s"], rows)
     finally:
         ray.shutdown()
     return 0

@@ -292,6 +292,12 @@ class SessionActorConfig(_Strict):
     max_restarts: int = -1
     max_task_retries: int = 3
     state_dir: str | None = None  # snapshot directory; None = in memory only
+    # Session-store actors (`<name>`, `<name>-1`, ...): the shard is chosen at creation and carried in the
+    # session id (serve_app/shards.py); global limits hold across shards. 1 = today's single actor.
+    shards: int = Field(1, ge=1, le=256, description="session-store actors the sessions are spread over")
+    # Keep the shards off the head node (it runs the GCS, the controller and the proxy); on a cluster with no
+    # other node they fall back to the head, with a log line. False: Ray's SPREAD strategy over all nodes.
+    avoid_head_node: bool = True
 
 
 _TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")

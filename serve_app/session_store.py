@@ -154,6 +154,8 @@ def concat_parts(parts: list[tuple]) -> tuple[np.ndarray, np.ndarray]:
 
 
 class SessionStore:
+    id_prefix = ""
+
     def __init__(self, limits: LimitsConfig | None = None):
         self.limits = limits or LimitsConfig()
         self.sessions: dict[str, Session] = {}
@@ -197,7 +199,7 @@ class SessionStore:
             raise ServiceError(ErrorCode.RATE_LIMITED,
                                f"too many sessions created (limit {per_min:g}/min); retry in {wait:.1f}s",
                                details={"retry_after_s": round(wait, 2)})
-        sid = new_session_id()
+        sid = self.id_prefix + new_session_id()  # the shard's prefix (serve_app/shards.py), "" with one shard
         s = Session(session_id=sid, owner=owner, params=params, created_at=now, updated_at=now)
         self.sessions[sid] = s
         return s

@@ -208,7 +208,8 @@ class Peer:
     async def handler(self, ws):
         q = parse_qs(urlparse(ws.request.path).query)
         self.connections.append({k: v[0] for k, v in q.items()}
-                                | {"authorization": ws.request.headers.get("Authorization")})
+                                | {"authorization": ws.request.headers.get("Authorization"),
+                                   "x-session-id": ws.request.headers.get("x-session-id")})
         if self.missing:
             await ws.send(json.dumps(P.msg_error("SESSION_NOT_FOUND", "no such session", fatal=True)))
             await ws.close(4404, "SESSION_NOT_FOUND")
@@ -306,6 +307,8 @@ async def test_stream_flow_control_queue_full_and_finalize():
     assert s.pending == 0 and s.rejected == [] and pong["type"] == "pong"
     # The key goes in the handshake's Authorization header, never in the URL.
     assert peer.connections[0]["authorization"] == "Bearer k e y" and "token" not in peer.connections[0]
+    # and the session id as the routing key of Serve's consistent-hash router (session affinity)
+    assert peer.connections[0]["x-session-id"] == s.session_id
     assert any(isinstance(m, dict) and m.get("code") == "QUEUE_FULL" for m in seen)
 
 

@@ -313,7 +313,9 @@ class StreamSession:
         try:
             ws = await asyncio.wait_for(ws_connect(url, max_size=None, open_timeout=timeout,
                                                       compression=self.compression, subprotocols=["da3.v1"],
-                                                      **{HEADERS_KW: self.client.headers}), timeout)
+                                                      # session affinity (Serve's consistent-hash router)
+                                                      **{HEADERS_KW: {**self.client.headers,
+                                                                      "x-session-id": self.session_id}}), timeout)
         except (TimeoutError, OSError, InvalidHandshake) as exc:
             raise Da3Error("CONNECTION_ERROR", f"cannot connect to {url.split('?')[0]}: {exc!r}",
                            fatal=False) from exc

@@ -29,7 +29,7 @@ from serve_app.auth import AccessMiddleware, AccessPolicy, bearer_token
 from serve_app.config import AppArgs, LimitsConfig, SessionParams, merge_session_params
 from serve_app.decode_pool import DecodeGate
 from serve_app.deployments.drain import replica_draining
-from serve_app.deployments.session_actor import call, get_session_actor
+from serve_app.deployments.session_actor import call, get_session_shards
 from serve_app.deployments.session_worker import SessionWorker
 from serve_app.errors import (WS_CLOSE, WS_CLOSE_NORMAL, WS_CLOSE_SERVICE_RESTART, WS_CLOSE_SESSION_DELETED,
                               ErrorCode, ServiceError)
@@ -173,7 +173,8 @@ class Ingress:
     def __init__(self, model, args: dict[str, Any]):
         self.args = AppArgs.model_validate(args)
         self.model = model
-        self.actor = get_session_actor(self.args.session_actor, self.args.limits)
+        # the session-store shards: a session's actor is self.store.of(its id) (serve_app/shards.py)
+        self.store = get_session_shards(self.args.session_actor, self.args.limits)
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="da3-cpu")
         # Parallelism here comes from the pool; library thread pools on top would fight the model replica's
         # threads for the same cores (on a CPU box the model's forward ran ~2x slower).
@@ -239,7 +240,7 @@ class Ingress:
         body = protocol.parse_json_object(raw)  # strict: NaN / Infinity / 1e400 are INVALID_PARAMS
         params = merge_session_params(self.args.session_defaults, body, self.args.limits.max_process_res,
                                       limits=self.args.limits)
-        info = await call(self.actor.create, params.model_dump(), owner)
+        info = await self.store.create(params.model_dump(), owner)
         sid = info["session_id"]
         try:
             ws_scheme = "wss" if request.url.scheme == "https" else "ws"
@@ -249,12 +250,12 @@ class Ingress:
             log.info("session %s created", sid, extra={"session_id": sid})
             return JSONResponse(info, status_code=201)
         except BaseException:  # the client never learns the id: nobody could delete the session
-            await self.actor.delete.remote(sid, owner)
+            await self.store.of(sid).delete.remote(sid, owner)
             raise
 
     @api.get("/ws/session/{session_id}")
     async def get_session(self, session_id: str, request: Request) -> dict:
-        info = await call(self.actor.info, session_id, self._owner(self._bearer(request)))
+        info = await call(self.store.of(session_id).info, session_id, self._owner(self._bearer(request)))
         worker = self.workers.get(session_id)
         info["in_flight"] = worker.in_flight if worker else 0
         # memory_bytes: the stored map (actor); worker_memory_bytes: context frames + voxel occupancy + queue
@@ -263,14 +264,14 @@ class Ingress:
 
     @api.delete("/ws/session/{session_id}", status_code=204)
     async def delete_session(self, session_id: str, request: Request) -> Response:
-        await call(self.actor.delete, session_id, self._owner(self._bearer(request)))
+        await call(self.store.of(session_id).delete, session_id, self._owner(self._bearer(request)))
         self._drop_worker(session_id)
         return Response(status_code=204)
 
     @api.get("/ws/sessions")
     async def list_sessions(self, request: Request) -> dict:
         token = self._bearer(request)
-        res = await call(self.actor.list, self._owner(token))
+        res = await self.store.list(self._owner(token))
         if self.policy.is_operator(token):
             return res
         # A user sees their own sessions and counts, nothing about the cluster.
@@ -282,7 +283,7 @@ class Ingress:
     async def export_ply(self, session_id: str, request: Request) -> Response:
         owner = self._owner(self._bearer(request))
         with self._export_slot(request):
-            pts, cols = await call(self.actor.point_cloud, session_id, owner)
+            pts, cols = await call(self.store.of(session_id).point_cloud, session_id, owner)
             data = await asyncio.get_running_loop().run_in_executor(self.pool, exports.ply_bytes, pts, cols)
         return Response(data, media_type="application/octet-stream",
                         headers={"Content-Disposition": f'attachment; filename="{session_id}.ply"'})
@@ -291,8 +292,9 @@ class Ingress:
     async def export_glb(self, session_id: str, request: Request) -> Response:
         owner = self._owner(self._bearer(request))
         with self._export_slot(request):
-            pts, cols = await call(self.actor.point_cloud, session_id, owner)
-            frames = [f for f in await call(self.actor.trajectory, session_id, owner) if f.get("pose")]
+            pts, cols = await call(self.store.of(session_id).point_cloud, session_id, owner)
+            frames = [f for f in await call(self.store.of(session_id).trajectory, session_id, owner)
+                      if f.get("pose")]
             c2w = np.array([f["pose"] for f in frames], np.float32).reshape(-1, 4, 4)
             K = np.array([f["intrinsics"] for f in frames], np.float32).reshape(-1, 3, 3)
             size = tuple(frames[0]["image_size"]) if frames else (1, 1)
@@ -310,15 +312,16 @@ class Ingress:
 
     @api.get("/ws/session/{session_id}/trajectory.json")
     async def export_trajectory(self, session_id: str, request: Request) -> dict:
-        frames = await call(self.actor.trajectory, session_id, self._owner(self._bearer(request)))
+        frames = await call(self.store.of(session_id).trajectory, session_id,
+                            self._owner(self._bearer(request)))
         return {"session_id": session_id, "convention": "OpenCV camera-to-world, world = first window",
                 "frames": [{k: f.get(k) for k in ("frame_id", "index", "window", "timestamp", "pose",
                                                   "intrinsics", "image_size")} for f in frames]}
 
     @api.get("/ws/session/{session_id}/trajectory.txt")
     async def export_tum(self, session_id: str, request: Request) -> Response:
-        frames = [f for f in await call(self.actor.trajectory, session_id, self._owner(self._bearer(request)))
-                  if f.get("pose")]
+        frames = [f for f in await call(self.store.of(session_id).trajectory, session_id,
+                                        self._owner(self._bearer(request))) if f.get("pose")]
         ts = [f["timestamp"] if f.get("timestamp") is not None else float(f["index"]) for f in frames]
         c2w = np.array([f["pose"] for f in frames], np.float64).reshape(-1, 4, 4)
         return Response(exports.trajectory_tum(ts, c2w), media_type="text/plain")
@@ -345,7 +348,7 @@ class Ingress:
             raise ServiceError(ErrorCode.INVALID_MESSAGE, "no files: send images or a video as multipart `files`")
         overrides = protocol.parse_json_object(form.get("params") or "", "params")
         params = merge_session_params(self.args.session_defaults, overrides, lim.max_process_res, limits=lim)
-        info = await call(self.actor.create, params.model_dump(), owner)
+        info = await self.store.create(params.model_dump(), owner)
         sid = info["session_id"]
         worker = await self._worker(sid, params, owner)
         worker.oneshot = True
@@ -360,10 +363,10 @@ class Ingress:
                     exc.message = f"{up.filename}: {exc.message}"
                     raise
             await worker.finalize()
-            done = await call(self.actor.wait_finished, sid, lim.model_timeout_s * (1 + taken))
+            done = await call(self.store.of(sid).wait_finished, sid, lim.model_timeout_s * (1 + taken))
         except BaseException:
             try:
-                await self.actor.delete.remote(sid, owner)
+                await self.store.of(sid).delete.remote(sid, owner)
             except Exception:  # noqa: BLE001 - already deleted (that may be why we are here)
                 log.debug("upload cleanup: session %s already gone", sid)
             self._drop_worker(sid)
@@ -433,7 +436,7 @@ class Ingress:
         operator = self.policy.is_operator(self._bearer(request))
         try:
             info = await asyncio.wait_for(self._model_info(), 10)
-            await asyncio.wait_for(self.actor.ping.remote(), 10)
+            await asyncio.wait_for(self.store.ping(), 10)
         except Exception as exc:  # noqa: BLE001
             log.warning("healthz: unavailable: %s: %s", type(exc).__name__, exc)
             body = {"status": "unavailable"}
@@ -453,7 +456,7 @@ class Ingress:
         Cluster-wide, so an operator key only."""
         self.policy.require_operator(self._bearer(request))
         model, sessions, replicas = await asyncio.gather(
-            self.model.stats.remote(), call(self.actor.list, None, everyone=True), self.deployment_status.get())
+            self.model.stats.remote(), self.store.list(None, everyone=True), self.deployment_status.get())
         now = time.time()
         self.rate.append((now, sum(w.processed - w.processed_at_start for w in self.workers.values())
                           + self.processed_closed))
@@ -467,6 +470,7 @@ class Ingress:
                                             "points_total", "windows", "created_at", "updated_at", "connected")}
                          | {"age_s": now - x["created_at"]} for x in sessions["sessions"]],
             "counts": sessions["counts"], "limits": sessions["limits"],
+            "shards": sessions.get("shards"),  # sessions per session-store shard (null with one shard)
             "ray_env": {"ingress": ray_env.in_effect(), "model": model.get("ray_env"),
                         "session_actor": sessions.get("ray_env")},
         }
@@ -508,20 +512,20 @@ class Ingress:
         async with lock:
             w = self.workers.get(sid)
             if w is not None and not w.closed:
-                current = info if info is not None else await call(self.actor.info, sid, owner)
+                current = info if info is not None else await call(self.store.of(sid).info, sid, owner)
                 if current.get("worker_epoch") == w.epoch:
                     return w
                 self._drop_worker(sid, w)  # superseded by a worker on another replica
-            took = await call(self.actor.take_worker, sid)
+            took = await call(self.store.of(sid).take_worker, sid)
             info, snap = took["info"], took["stream_state"]
             recon = None
             if snap is not None:
-                pts, _ = await call(self.actor.point_cloud, sid, owner)
+                pts, _ = await call(self.store.of(sid).point_cloud, sid, owner)
                 size = snap.get("input_size")
                 recon = await asyncio.get_running_loop().run_in_executor(
                     self.pool, StreamReconstructor.restore, params, snap, pts,
                     lambda data: self._prepare(data, params.process_res, size)[1])
-            w = SessionWorker(sid, params, self.model, self.actor, self.args.limits, self.pool,
+            w = SessionWorker(sid, params, self.model, self.store.of(sid), self.args.limits, self.pool,
                               on_gone=self._drop_worker, on_window=self._on_window, recon=recon,
                               processed=info["frames_processed"], epoch=took["epoch"])
             pending = await asyncio.get_running_loop().run_in_executor(
@@ -584,7 +588,7 @@ class Ingress:
         self._watch_drain()
         try:
             owner = self._owner(self._bearer(websocket))
-            att = await call(self.actor.attach, session_id, owner, conn.id)
+            att = await call(self.store.of(session_id).attach, session_id, owner, conn.id)
         except ServiceError as exc:
             self._count_error(exc.code.value)
             await conn.fail(exc)
@@ -643,7 +647,7 @@ class Ingress:
             log.info("session %s: stream closed (in flight %d)", session_id, worker.in_flight,
                      extra={"session_id": session_id, "connection_id": conn.id})
             try:
-                await self.actor.detach.remote(session_id, conn.id)
+                await self.store.of(session_id).detach.remote(session_id, conn.id)
             except Exception:  # noqa: BLE001 - actor restarting; attachment is advisory
                 pass
 
@@ -749,7 +753,8 @@ class Ingress:
         if frame.frame_id is None:
             frame.frame_id = index
         stored = dataclasses.replace(frame, image=None) if encoded is not None else frame
-        storing = asyncio.ensure_future(call(self.actor.accept_frame, sid, owner, worker.epoch, stored, index))
+        storing = asyncio.ensure_future(call(self.store.of(sid).accept_frame, sid, owner, worker.epoch, stored,
+                                             index))
         worker.add_frame(frame, storing)
         try:
             # shield: a client leaving mid-call does not cancel the store, and the frame then stays queued
@@ -822,7 +827,7 @@ class Ingress:
         try:
             while not conn.closed:
                 if poll is None:
-                    poll = asyncio.ensure_future(self.actor.wait_records.remote(
+                    poll = asyncio.ensure_future(self.store.of(sid).wait_records.remote(
                         sid, seq, conn.id, 20.0, None if full else epoch))
                 if local.queue.empty():
                     got = asyncio.ensure_future(local.queue.get())

@@ -13,6 +13,7 @@ from typing import Any
 
 import ray
 
+from serve_app import shards as sharding
 from serve_app.config import LimitsConfig, SessionActorConfig, SessionParams
 from serve_app.errors import ServiceError
 from serve_app.ray_env import in_effect
@@ -23,8 +24,9 @@ log = logging.getLogger("ray.serve.da3.sessions")
 
 
 class SessionActor:
-    def __init__(self, limits: dict[str, Any], state_dir: str | None = None):
+    def __init__(self, limits: dict[str, Any], state_dir: str | None = None, shard: int = 0, shards: int = 1):
         self.store = SessionStore(LimitsConfig.model_validate(limits))
+        self.store.id_prefix = sharding.shard_prefix(shard, shards)  # the shard is read back from the id
         self._conds: dict[str, asyncio.Condition] = {}
         self._sweeper: asyncio.Task | None = None
         self.journal = SessionJournal(state_dir) if state_dir else None
@@ -255,17 +257,136 @@ class SessionActor:
         s = self.store.sessions.get(sid)
         return None if s is None else s.stream_state
 
+    async def census(self, owner: str | None) -> dict:
+        """This shard's session count and `owner`'s (the admission actor sums them over the shards)."""
+        self._ensure_sweeper()
+        mine = sum(1 for s in self.store.sessions.values() if s.owner == owner) if owner is not None else 0
+        return {"total": len(self.store.sessions), "mine": mine}
 
-def get_session_actor(cfg: SessionActorConfig, limits: LimitsConfig):
-    """Get or create the detached session actor (explicit namespace, survives ingress restarts)."""
+
+class SessionAdmission:
+    """Creates sessions when there are several shards: the global limits (serve_app/shards.Admission) checked
+    against every shard's census, then the session made on the least loaded shard. Creations are serialized
+    here (they are not on the hot path); deletions and expiry need nothing from it, since counts are always
+    taken from the shards themselves."""
+
+    def __init__(self, limits: dict[str, Any], names: list[str], namespace: str):
+        self.admission = sharding.Admission(LimitsConfig.model_validate(limits))
+        self.names, self.namespace = names, namespace
+        self.last: list[int] = [0] * len(names)  # last census of each shard (used while one is unreachable)
+        self.handles: list = [None] * len(names)
+        self._lock: asyncio.Lock | None = None
+
+    def _shard(self, k: int):
+        if self.handles[k] is None:  # looked up once (again after a failure: the actor may have been replaced)
+            self.handles[k] = ray.get_actor(self.names[k], namespace=self.namespace)
+        return self.handles[k]
+
+    async def _census(self, k: int, owner: str | None) -> dict:
+        try:
+            return await asyncio.wait_for(self._shard(k).census.remote(owner), 10)
+        except BaseException:
+            self.handles[k] = None
+            raise
+
+    async def create(self, params: dict, owner: str | None) -> dict:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            got = await asyncio.gather(*[self._census(k, owner) for k in range(len(self.names))],
+                                       return_exceptions=True)
+            totals: list[int | None] = []
+            total = mine = 0
+            for k, g in enumerate(got):
+                if isinstance(g, BaseException):  # restarting or lost: its last count still counts
+                    log.warning("session shard %s unreachable at creation: %s", self.names[k], g)
+                    totals.append(None)
+                    total += self.last[k]
+                    continue
+                self.last[k] = g["total"]
+                totals.append(g["total"])
+                total += g["total"]
+                mine += g["mine"]
+            self.admission.check(total, mine, owner, time.time())
+            return await call(self._shard(sharding.pick_shard(totals)).create, params, owner)
+
+
+class SessionShards:
+    """The ingress's view of the session store: the actor of a session (from its id), creation (through the
+    admission actor when sharded), and the list / ping over every shard."""
+
+    def __init__(self, actors: list, admission=None):
+        self.actors, self.admission = actors, admission
+
+    def of(self, sid: str):
+        return self.actors[sharding.shard_of(sid, len(self.actors))]
+
+    async def create(self, params: dict, owner: str | None) -> dict:
+        if self.admission is None:
+            return await call(self.actors[0].create, params, owner)
+        return await call(self.admission.create, params, owner)
+
+    async def list(self, owner: str | None, everyone: bool = False) -> dict:
+        parts = await asyncio.gather(*[call(a.list, owner, everyone=everyone) for a in self.actors])
+        return sharding.merge_lists(parts)
+
+    async def ping(self) -> None:
+        await asyncio.gather(*[a.ping.remote() for a in self.actors])
+
+
+def _node_strategies(cfg: SessionActorConfig) -> list:
+    """Ray scheduling strategy per shard: pinned (softly, so a restart after a node loss goes elsewhere) round
+    robin over the worker nodes, never the head unless it is the only node (then logged)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if not cfg.avoid_head_node:
+        return ["SPREAD"] * cfg.shards
+    nodes = [{"node_id": n["NodeID"], "alive": n.get("Alive", False),
+              "head": "node:__internal_head__" in n.get("Resources", {})} for n in ray.nodes()]
+    placement, fell_back = sharding.place_shards(nodes, cfg.shards, avoid_head=True)
+    if fell_back:
+        log.warning("session store: no node but the head in this cluster; its %d shard(s) run on the head "
+                    "node", cfg.shards)
+        return ["DEFAULT"] * cfg.shards
+    return [NodeAffinitySchedulingStrategy(node_id=n, soft=True) for n in placement]
+
+
+def shard_state_dir(state_dir: str | None, shard: int) -> str | None:
+    """Shard 0 keeps the configured journal directory; shard k a sibling `<dir>-shard<k>`."""
+    if state_dir is None or shard == 0:
+        return state_dir
+    return f"{state_dir.rstrip('/')}-shard{shard}"
+
+
+def get_session_actor(cfg: SessionActorConfig, limits: LimitsConfig, shard: int = 0,
+                      strategy: Any = "DEFAULT"):
+    """Get or create one detached session-store actor (explicit namespace, survives ingress restarts)."""
     cls = ray.remote(SessionActor)
     return cls.options(
-        name=cfg.name, namespace=cfg.namespace, lifetime="detached", get_if_exists=True,
+        name=sharding.actor_name(cfg.name, shard), namespace=cfg.namespace, lifetime="detached",
+        get_if_exists=True,
         max_restarts=cfg.max_restarts, max_task_retries=cfg.max_task_retries, num_cpus=0,
-        max_concurrency=1000,
+        max_concurrency=1000, scheduling_strategy=strategy,
         # the creating ingress's values (its app's runtime_env), so the records it returns travel the same way
         runtime_env={"env_vars": {k: v for k, v in in_effect().items() if v is not None}},
-    ).remote(limits.model_dump(), cfg.state_dir)
+    ).remote(limits.model_dump(), shard_state_dir(cfg.state_dir, shard), shard, cfg.shards)
+
+
+def get_session_shards(cfg: SessionActorConfig, limits: LimitsConfig) -> SessionShards:
+    """Every shard's actor (created where missing, placed by `_node_strategies`) and, with several, the
+    admission actor that creates sessions."""
+    strategies = _node_strategies(cfg)
+    actors = [get_session_actor(cfg, limits, k, strategies[k]) for k in range(cfg.shards)]
+    if cfg.shards == 1:
+        return SessionShards(actors)
+    admission = ray.remote(SessionAdmission).options(
+        name=sharding.admission_name(cfg.name), namespace=cfg.namespace, lifetime="detached",
+        get_if_exists=True,
+        max_restarts=-1, max_task_retries=cfg.max_task_retries, num_cpus=0, max_concurrency=1000,
+        runtime_env={"env_vars": {k: v for k, v in in_effect().items() if v is not None}},
+    ).remote(limits.model_dump(), [sharding.actor_name(cfg.name, k) for k in range(cfg.shards)],
+             cfg.namespace)
+    return SessionShards(actors, admission)
 
 
 async def call(actor_method, *args, **kwargs):
