@@ -36,7 +36,9 @@ class SessionParams(_Strict):
     keyframe_translation: float = Field(0.05, ge=0.0, le=10.0, description="keyframe when the camera moved this "
                                         "fraction of the scene's median depth since the last keyframe ...")
     keyframe_rotation_deg: float = Field(5.0, ge=0.0, le=180.0, description="... or turned this many degrees")
-    global_consistency: bool = False
+    global_consistency: bool = Field(False, description="keyframe pose graph, online loop closure and global "
+                                     "re-optimisation of the map (corrections streamed to clients); off = "
+                                     "each window is only chained onto the previous ones")
     # Global consistency (global_consistency: true): pose graph and loop closure (serve_app/posegraph.py, loops.py).
     graph_local_windows: int = Field(8, ge=1, le=1000, description="newest windows re-optimised after each window")
     graph_sigma_rot_deg: float = Field(1.0, gt=0, description="pose-graph edge rotation std (degrees)")
@@ -87,8 +89,61 @@ def merge_session_params(defaults: SessionParams, overrides: dict[str, Any] | No
     return params
 
 
+# Named error models for the oracle backend (model.oracle_errors: "<name>" or {"preset": "<name>", ...overrides}).
+ORACLE_ERROR_PRESETS: dict[str, dict[str, Any]] = {
+    "none": {},
+    # white per-pixel noise, pixel outliers; the confidence knows the noise
+    "white": {"pixel_noise": 0.02, "outliers": 0.01, "outlier_shape": "pixels", "conf_informative": 1.0},
+    # shaped like a feed-forward model's errors: low-frequency per-view warp, pose errors, confident outlier blobs,
+    # a confidence only weakly related to the error
+    "realistic": {"depth_warp": 0.03, "pixel_noise": 0.01, "outliers": 0.01, "outlier_shape": "blobs",
+                  "pose_noise_deg": 0.5, "conf_informative": 0.3},
+}
+
+
+class OracleErrors(_Strict):
+    """Errors the oracle backend adds to each window's ground truth (serve_app/oracle.py). Drawn per window from
+    `model.oracle_seed` and the window's frame indices, so independent of batching. A string is a preset name;
+    a dict with `preset` takes the preset's values for the fields it does not give."""
+
+    preset: Literal["none", "white", "realistic"] | None = None
+    depth_warp: float = Field(0.0, ge=0.0, le=0.5, description="per-view low-frequency multiplicative depth warp "
+                              "(planar tilt + radial bowl): std of the factor over pixels and views")
+    pixel_noise: float = Field(0.0, ge=0.0, le=0.5, description="relative per-pixel depth noise std")
+    outliers: float = Field(0.0, ge=0.0, le=0.5, description="fraction of pixels whose depth is off by x0.5-0.8 "
+                            "or x1.25-2, with ordinary confidence")
+    outlier_shape: Literal["blobs", "pixels"] = "blobs"
+    pose_noise_deg: float = Field(0.0, ge=0.0, le=20.0, description="per-view rotation noise std (deg), views "
+                                  "after the first; camera centre noise std this x pi/180 x median depth per axis")
+    conf_informative: float = Field(1.0, ge=0.0, le=1.0, description="1: confidence falls with the (non-outlier) "
+                                    "error; 0: a random smooth field unrelated to it")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = {"preset": v}
+        if isinstance(v, dict) and v.get("preset") is not None:
+            name = v["preset"]
+            if name not in ORACLE_ERROR_PRESETS:
+                raise ValueError(f"unknown preset {name!r}; one of {sorted(ORACLE_ERROR_PRESETS)}")
+            v = {**ORACLE_ERROR_PRESETS[name], **v}
+        return v
+
+    @property
+    def any(self) -> bool:
+        return bool(self.depth_warp or self.pixel_noise or self.outliers or self.pose_noise_deg
+                    or self.conf_informative < 1.0)
+
+
+BUILTIN_BACKENDS = ("da3", "oracle")
+
+
 class ModelConfig(_Strict):
-    backend: Literal["da3", "oracle"] = "da3"
+    # "da3", "oracle", or a plug-in "package.module:factory": factory(**backend_args) returns an object with
+    # forward_windows / info / health_check (docs/ARCHITECTURE.md, "Model backends").
+    backend: str = "da3"
+    backend_args: dict[str, Any] = Field(default_factory=dict)
     # hub repo id ("org/name[@rev]"), local dir in the hub layout, or "random:<model_name>"
     checkpoint: str = "depth-anything/DA3-BASE"
     model_name: str | None = None
@@ -111,9 +166,32 @@ class ModelConfig(_Strict):
     # Oracle backend (tests/benchmarks): the synthetic scene to answer for, and its gauge noise.
     oracle_scene: dict[str, Any] | None = None
     oracle_scale_range: tuple[float, float] = (0.5, 2.0)
-    oracle_depth_noise: float = 0.0
-    oracle_pose_noise: float = 0.0
+    oracle_depth_noise: float = 0.0  # legacy: = oracle_errors.pixel_noise (confidence knows the noise)
+    oracle_pose_noise: float = 0.0  # legacy: = oracle_errors.pose_noise_deg
     oracle_seed: int = 0
+    oracle_errors: OracleErrors | None = None
+
+    @field_validator("backend")
+    @classmethod
+    def _backend_known_or_importable(cls, v: str) -> str:
+        if v in BUILTIN_BACKENDS:
+            return v
+        from serve_app.backends import resolve_factory  # lazy: backends imports this module
+
+        resolve_factory(v)  # ValueError with the reason
+        return v
+
+    @model_validator(mode="after")
+    def _one_error_spelling(self) -> ModelConfig:
+        if self.oracle_errors is not None and (self.oracle_depth_noise or self.oracle_pose_noise):
+            raise ValueError("oracle_errors replaces oracle_depth_noise / oracle_pose_noise: give only one")
+        return self
+
+    def oracle_error_model(self) -> OracleErrors:
+        """The oracle's errors: `oracle_errors`, or the legacy fields mapped onto it."""
+        if self.oracle_errors is not None:
+            return self.oracle_errors
+        return OracleErrors(pixel_noise=self.oracle_depth_noise, pose_noise_deg=self.oracle_pose_noise)
 
     @field_validator("compile_warmup_shapes")
     @classmethod

@@ -18,6 +18,8 @@ class WindowPrediction:
     images:      (N, H, W, 3) uint8, the processed RGB the model saw; None once the model deployment has
                  returned it (the ingress already holds the images, so they are not shipped back)
     is_metric:   depth is metric (metric/nested models, or scale fixed by client priors)
+    descriptors: optional (N, D) float32, one L2-normalised global descriptor per view (cosine similarity =
+                 dot product), for loop retrieval; None when the backend gives none
     """
 
     depth: np.ndarray
@@ -27,6 +29,7 @@ class WindowPrediction:
     images: np.ndarray | None
     is_metric: bool = False
     timings: dict[str, float] = field(default_factory=dict)
+    descriptors: np.ndarray | None = None
 
     @property
     def num_views(self) -> int:

@@ -4,6 +4,12 @@ World frame: y up, floor at y=0, room x,z in [-4, 4], ceiling at y=3. Cameras ar
 z forward); pixel (u, v) has its centre at integer coordinates, its ray is K^-1 [u, v, 1] (see geometry.py).
 Surfaces are unlit (colour depends only on the surface point), so every view of a point has the same colour.
 
+Trajectories: "orbit" (around the room centre, looking at it), "line", "static", "loop" (a closed path along
+the walls looking outward, `loops` times round: the last frame is exactly the first pose, so a streamed map must
+close) and "lookalike" (a straight, non-closing pass through a longer room holding two identical object
+clusters 5 m apart, with room textures repeating with the same period: views of the two places look alike but
+are far apart in the world; a loop closer must not join them).
+
 CLI: python -m serve_app.synthetic --out DIR [--frames N] [--size 154x112] [--seed S] [--trajectory orbit]
 """
 
@@ -11,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
 
@@ -22,7 +28,13 @@ from serve_app.geometry import invert_pose, unproject_depths
 
 ROOM_MIN = np.array([-4.0, 0.0, -4.0])
 ROOM_MAX = np.array([4.0, 3.0, 4.0])
-TRAJECTORIES = ("orbit", "line", "static")
+TRAJECTORIES = ("orbit", "line", "static", "loop", "lookalike")
+# "lookalike": the room is longer in x and holds the same object cluster at x = -TWIN_SPACING/2 and +TWIN_SPACING/2;
+# room textures repeat every TWIN_SPACING along x, so the two places look alike.
+TWIN_SPACING = 5.0
+TWIN_ROOM_MIN = np.array([-6.0, 0.0, -3.0])
+TWIN_ROOM_MAX = np.array([6.0, 3.0, 3.0])
+TWIN_CLUSTER_Z = 1.0
 
 
 @dataclass
@@ -34,12 +46,20 @@ class SceneSpec:
     fov_deg: float = 60.0  # horizontal
     trajectory: str = "orbit"
     speed: float = 1.0  # orbit: laps over the sequence; line: fraction of the 5.5 m track
+    loops: int = 1  # loop: times round the closed path over the sequence
 
     def __post_init__(self):
         if self.trajectory not in TRAJECTORIES:
             raise ValueError(f"trajectory must be one of {TRAJECTORIES}, got {self.trajectory!r}")
         if self.num_frames < 1 or self.width < 2 or self.height < 2:
             raise ValueError("num_frames >= 1 and width, height >= 2 required")
+        if int(self.loops) < 1:
+            raise ValueError(f"loops must be >= 1, got {self.loops}")
+
+    @property
+    def layout(self) -> str:
+        """Scene content: "twin" (two look-alike places) for the lookalike pass, else the standard "room"."""
+        return "twin" if self.trajectory == "lookalike" else "room"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -111,10 +131,15 @@ class _Scene:
     room_tex: tuple  # 6 textures: -x, +x, floor(-y), ceiling(+y), -z, +z
     boxes: tuple
     spheres: tuple
+    room_min: np.ndarray = field(default_factory=lambda: ROOM_MIN)
+    room_max: np.ndarray = field(default_factory=lambda: ROOM_MAX)
+    wrap_x: float | None = None  # room textures repeat with this period along x (look-alike places)
 
 
 @lru_cache(maxsize=16)
-def _scene(seed: int) -> _Scene:
+def _scene(seed: int, layout: str = "room") -> _Scene:
+    if layout == "twin":
+        return _twin_scene(seed)
     rng = np.random.default_rng([seed, 7919])
     room = tuple(_make_texture(rng, (0.35, 0.9)) for _ in range(6))
     boxes, spheres = [], []
@@ -134,12 +159,32 @@ def _scene(seed: int) -> _Scene:
     return _Scene(room, tuple(boxes), tuple(spheres))
 
 
+def _twin_scene(seed: int) -> _Scene:
+    """One cluster of two boxes and a sphere (textures in object coordinates) placed twice, TWIN_SPACING apart."""
+    rng = np.random.default_rng([seed, 104729])
+    room = tuple(_make_texture(rng, (0.35, 0.9)) for _ in range(6))
+    boxes, spheres = [], []
+    local_boxes = []
+    for i in range(2):
+        half = rng.uniform([0.2, 0.25, 0.2], [0.4, 0.6, 0.4])
+        off = np.array([(-0.5 + i) * rng.uniform(0.7, 1.0), half[1], rng.uniform(-0.3, 0.3)])
+        local_boxes.append((off, half, float(rng.uniform(0, np.pi)), _make_texture(rng, (0.15, 0.4))))
+    rad = float(rng.uniform(0.25, 0.35))
+    sphere = (np.array([rng.uniform(-0.2, 0.2), rng.uniform(1.2, 1.5), rng.uniform(0.2, 0.5)]), rad,
+              _make_texture(rng, (0.2, 0.5)))
+    for cx in (-TWIN_SPACING / 2, TWIN_SPACING / 2):
+        centre = np.array([cx, 0.0, TWIN_CLUSTER_Z])
+        boxes += [_Box(centre + off, half, yaw, tex) for off, half, yaw, tex in local_boxes]
+        spheres.append(_Sphere(centre + sphere[0], sphere[1], sphere[2]))
+    return _Scene(room, tuple(boxes), tuple(spheres), TWIN_ROOM_MIN, TWIN_ROOM_MAX, TWIN_SPACING)
+
+
 def _cast(scene: _Scene, o: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Rays o (3,) + t d (M, 3), o inside the room: nearest hit t (M,) and its colour (M, 3) in [0, 1]."""
     m = len(d)
     with np.errstate(divide="ignore", invalid="ignore"):
         # Room: exit distance through the slab on each axis.
-        bound = np.where(d > 0, ROOM_MAX, ROOM_MIN)
+        bound = np.where(d > 0, scene.room_max, scene.room_min)
         ts = np.where(d != 0, (bound - o) / d, np.inf)
     axis = np.argmin(ts, axis=1)
     t = ts[np.arange(m), axis]
@@ -183,7 +228,11 @@ def _cast(scene: _Scene, o: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.n
         sel = room_px & (surf == s_id)
         if sel.any():
             ax = uv_axes[s_id // 2]
-            rgb[sel] = _shade(scene.room_tex[s_id], p[sel][:, ax])
+            uv = p[sel][:, ax]
+            if scene.wrap_x is not None and ax[0] == 0:  # x repeats: the same wall/floor at both places
+                period = scene.wrap_x
+                uv[:, 0] = np.mod(uv[:, 0] + period / 2, period) - period / 2
+            rgb[sel] = _shade(scene.room_tex[s_id], uv)
     for k, obj in enumerate(objects):
         sel = hit_obj == k
         if not sel.any():
@@ -246,12 +295,42 @@ def _wobble(T: np.ndarray, yaw: float, pitch: float) -> np.ndarray:
     return out
 
 
+def _loop_pose(theta: float) -> np.ndarray:
+    """On an ellipse 2.5 x 2.1 m round the room centre (objects stay > 1 m away), looking 50 deg outward of the
+    direction of travel and slightly down; periodic in theta, so the path closes exactly."""
+    a, b = 2.5, 2.1
+    pos = np.array([a * np.cos(theta), 1.5 + 0.1 * np.sin(3 * theta), b * np.sin(theta)])
+    tangent = np.array([-a * np.sin(theta), 0.0, b * np.cos(theta)])
+    outward = np.array([np.cos(theta) / a, 0.0, np.sin(theta) / b])
+    tangent, outward = tangent / np.linalg.norm(tangent), outward / np.linalg.norm(outward)
+    alpha = np.deg2rad(50.0)
+    fwd = np.cos(alpha) * tangent + np.sin(alpha) * outward + np.array([0.0, -0.25, 0.0])
+    T = look_at(pos, pos + fwd)
+    return _wobble(T, np.deg2rad(4.0) * np.sin(2 * theta), np.deg2rad(3.0) * np.sin(3 * theta + 0.5))
+
+
+def _lookalike_pose(s: float) -> np.ndarray:
+    """Straight pass along x (slowly drifting in z and height: the two places are never seen from exactly the same
+    relative pose), looking at +z where the clusters stand; the wobble repeats with the cluster spacing."""
+    x = -4.6 + 9.2 * s
+    pos = np.array([x, 1.45 + 0.1 * s, -1.6 + 0.25 * s])
+    T = look_at(pos, pos + np.array([0.0, -0.3, 1.0]))
+    ph = 2 * np.pi * (x + TWIN_SPACING / 2) / TWIN_SPACING
+    return _wobble(T, np.deg2rad(5.0) * np.sin(ph), np.deg2rad(2.0) * np.sin(2 * ph))
+
+
 def camera_poses(spec: SceneSpec) -> np.ndarray:
     """(N, 4, 4) float64 camera-to-world for the spec's trajectory."""
     n = spec.num_frames
     poses = []
     centre = np.array([0.0, 1.2, 0.0])
     for i in range(n):
+        if spec.trajectory == "loop":
+            poses.append(_loop_pose(2 * np.pi * int(spec.loops) * i / max(n - 1, 1)))
+            continue
+        if spec.trajectory == "lookalike":
+            poses.append(_lookalike_pose(i / max(n - 1, 1)))
+            continue
         if spec.trajectory == "line":
             s = min(spec.speed * i / max(n - 1, 1), 1.0)
             pos = np.array([-2.6, 1.5 + 0.05 * np.sin(4 * np.pi * s), -3.0 + 5.5 * s])
@@ -276,7 +355,7 @@ def render_view(spec: SceneSpec, c2w: np.ndarray, K: np.ndarray, width: int, hei
     pix = np.stack([u, v, np.ones_like(u)], -1).reshape(-1, 3)
     rays_cam = pix @ np.linalg.inv(np.asarray(K, dtype=np.float64)).T  # z = 1, so t is z-depth
     d = rays_cam @ c2w[:3, :3].T
-    t, rgb = _cast(_scene(int(spec.seed)), c2w[:3, 3], d)
+    t, rgb = _cast(_scene(int(spec.seed), spec.layout), c2w[:3, 3], d)
     img = np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8).reshape(height, width, 3)
     return img, t.astype(np.float32).reshape(height, width)
 
@@ -356,13 +435,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--trajectory", default="orbit", choices=TRAJECTORIES)
     ap.add_argument("--speed", type=float, default=1.0)
+    ap.add_argument("--loops", type=int, default=1, help="loop trajectory: times round the closed path")
     ap.add_argument("--fov", type=float, default=60.0)
     ap.add_argument("--format", default="png", choices=("png", "jpg"))
     ap.add_argument("--depth", action="store_true", help="also write depths.npy")
     a = ap.parse_args(argv)
     w, h = (int(x) for x in a.size.lower().split("x"))
     spec = SceneSpec(seed=a.seed, num_frames=a.frames, width=w, height=h, fov_deg=a.fov,
-                     trajectory=a.trajectory, speed=a.speed)
+                     trajectory=a.trajectory, speed=a.speed, loops=a.loops)
     paths = write_sequence(render_sequence(spec), a.out, fmt=a.format, save_depth=a.depth)
     print(f"wrote {len(paths)} frames and groundtruth.json to {a.out}")
 

@@ -125,3 +125,164 @@ def test_noise_options():
     ang = np.degrees(np.arccos(np.clip((np.trace(c2w[1:, :3, :3].transpose(0, 2, 1) @ gt_rel[1:, :3, :3],
                                                  axis1=1, axis2=2) - 1) / 2, -1, 1)))
     assert (ang < 5).all() and (ang > 1e-3).any()
+
+
+# --- error model (config.OracleErrors) ----------------------------------------------------------------------
+
+from serve_app.config import ORACLE_ERROR_PRESETS, ModelConfig, OracleErrors
+from serve_app.oracle import draw_window_errors, image_descriptor, warp_basis
+
+H_, W_ = 56, 77
+
+
+def draws(errors, windows=60, n=6):
+    return [draw_window_errors(errors, [11, i], n, H_, W_) for i in range(windows)]
+
+
+def spearman(a, b):
+    ra = np.argsort(np.argsort(np.ravel(a))).astype(float)
+    rb = np.argsort(np.argsort(np.ravel(b))).astype(float)
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def test_error_presets_and_legacy_fields():
+    assert OracleErrors.model_validate("none") == OracleErrors(preset="none")
+    r = OracleErrors.model_validate("realistic")
+    assert (r.depth_warp, r.pixel_noise, r.outliers, r.pose_noise_deg) == (0.03, 0.01, 0.01, 0.5)
+    assert 0 < r.conf_informative < 1 and r.outlier_shape == "blobs"
+    w = OracleErrors.model_validate({"preset": "white", "pixel_noise": 0.05})  # fields override the preset
+    assert w.pixel_noise == 0.05 and w.outliers == ORACLE_ERROR_PRESETS["white"]["outliers"]
+    assert not OracleErrors().any and r.any
+    with pytest.raises(ValueError, match="unknown preset"):
+        OracleErrors.model_validate("bad")
+    with pytest.raises(ValueError):
+        OracleErrors(depth_warp=-0.1)
+    with pytest.raises(ValueError):
+        OracleErrors(conf_informative=1.5)
+    # ModelConfig: the preset by name; the legacy fields map onto the model; both spellings at once refused.
+    assert ModelConfig(backend="oracle", oracle_errors="realistic").oracle_error_model() == r
+    legacy = ModelConfig(backend="oracle", oracle_depth_noise=0.02, oracle_pose_noise=1.0).oracle_error_model()
+    assert (legacy.pixel_noise, legacy.pose_noise_deg, legacy.conf_informative, legacy.depth_warp) == \
+        (0.02, 1.0, 1.0, 0.0)
+    with pytest.raises(ValueError, match="oracle_errors"):
+        ModelConfig(backend="oracle", oracle_errors="white", oracle_depth_noise=0.02)
+    with pytest.raises(ValueError):
+        OracleModel(SPEC, depth_noise=0.02, errors="white")
+
+
+def test_depth_warp_statistics():
+    ws = draws(OracleErrors(depth_warp=0.03))
+    warp = np.stack([w.warp for w in ws])  # (windows, views, H, W)
+    assert abs(warp.std() - 0.03) < 0.003 and abs(warp.mean() - 1.0) < 0.002
+    # Low frequency: every view's warp is exactly 1 + tilt + bowl (a 3-term fit leaves nothing), and views differ.
+    B = warp_basis(H_, W_).reshape(3, -1).T
+    for v in warp.reshape(-1, H_ * W_)[:20]:
+        coef, *_ = np.linalg.lstsq(B, v - 1.0, rcond=None)
+        np.testing.assert_allclose(B @ coef, v - 1.0, atol=1e-9)
+    per_view = warp.reshape(-1, H_ * W_).std(axis=1)
+    assert per_view.std() > 0.005  # each view draws its own shape
+    # Nothing else is switched on.
+    w = ws[0]
+    assert (w.noise == 1).all() and not w.outlier.any() and np.allclose(w.rotations, np.eye(3))
+
+
+def test_pixel_noise_statistics():
+    ws = draws(OracleErrors(pixel_noise=0.02), windows=20)
+    noise = np.stack([w.noise for w in ws])
+    assert abs(noise.std() - 0.02) < 0.001 and abs(noise.mean() - 1.0) < 0.001
+    # White: neighbouring pixels are uncorrelated.
+    a, b = (noise[..., :-1] - 1).ravel(), (noise[..., 1:] - 1).ravel()
+    assert abs(np.corrcoef(a, b)[0, 1]) < 0.02
+
+
+@pytest.mark.parametrize("shape", ["blobs", "pixels"])
+def test_outliers_fraction_factors_and_ordinary_confidence(shape):
+    import cv2 as _cv2
+
+    errs = OracleErrors(outliers=0.02, outlier_shape=shape, pixel_noise=0.01, depth_warp=0.03,
+                        conf_informative=0.3)
+    ws = draws(errs, windows=20)
+    want = round(0.02 * H_ * W_)
+    comps = []
+    for w in ws:
+        assert all(int(m.sum()) == want for m in w.outlier)
+        f = w.outlier_factor[w.outlier]
+        assert ((f >= 0.5 - 1e-9) & (f <= 0.8 + 1e-9) | (f >= 1.25 - 1e-9) & (f <= 2.0 + 1e-9)).all()
+        assert (w.outlier_factor[~w.outlier] == 1).all()
+        comps += [_cv2.connectedComponents(m.astype(np.uint8), connectivity=8)[0] - 1 for m in w.outlier]
+    if shape == "blobs":
+        assert np.mean(comps) < 6  # a few compact blobs
+    else:
+        assert np.mean(comps) > 0.7 * want  # scattered pixels
+    # Outliers are as confident as the other pixels.
+    conf = np.stack([w.conf for w in ws])
+    mask = np.stack([w.outlier for w in ws])
+    assert abs(np.median(conf[mask]) - np.median(conf[~mask])) < 0.1
+
+
+def test_pose_noise_angle_distribution():
+    p = 0.5
+    ws = draws(OracleErrors(pose_noise_deg=p), windows=200)
+    ang = np.concatenate([w.rotation_deg[1:] for w in ws])
+    assert all(w.rotation_deg[0] == 0 and (w.centre_noise[0] == 0).all() for w in ws)  # view 0 is the gauge
+    # Angle |N(0, p)|: half-normal mean p sqrt(2/pi) and rms p.
+    assert abs(ang.mean() - p * np.sqrt(2 / np.pi)) < 0.03
+    assert abs(np.sqrt((ang ** 2).mean()) - p) < 0.03
+    c = np.concatenate([w.centre_noise[1:] for w in ws])
+    assert abs(c.std() - np.deg2rad(p)) < 0.1 * np.deg2rad(p)
+    R = np.concatenate([w.rotations for w in ws])
+    np.testing.assert_allclose(R @ R.transpose(0, 2, 1), np.broadcast_to(np.eye(3), R.shape), atol=1e-9)
+
+
+def test_confidence_informativeness_knob():
+    def rho(k):
+        rs = []
+        for w in draws(OracleErrors(depth_warp=0.03, pixel_noise=0.01, conf_informative=k), windows=10):
+            rs.append(spearman(w.conf, np.abs(w.warp * w.noise - 1)))
+        return float(np.mean(rs))
+
+    r1, r_mid, r0 = rho(1.0), rho(0.3), rho(0.0)
+    assert r1 < -0.99  # knows the error: confidence falls monotonically with it
+    assert abs(r0) < 0.1  # a random smooth field
+    assert r1 < r_mid < r0 - 0.1  # weakly informative in between
+    # Knob 1 without errors: fully confident everywhere (the noise-free oracle of before).
+    assert (draws(OracleErrors(), windows=1)[0].conf == 1).all()
+    # Knob 0: the confidence is smooth (low frequency), not per-pixel noise.
+    c = draws(OracleErrors(conf_informative=0.0), windows=1)[0].conf
+    assert np.corrcoef(c[:, :, :-1].ravel(), c[:, :, 1:].ravel())[0, 1] > 0.95
+
+
+def test_forward_applies_drawn_errors():
+    errs = OracleErrors.model_validate("realistic")
+    o = OracleModel(SPEC, scale_range=(1.0, 1.0), seed=5, errors=errs)
+    idx = [3, 4, 5, 6]
+    p, again = o.forward_windows([window(o, idx), window(o, [0, 1])])[0], o.forward_windows([window(o, idx)])[0]
+    np.testing.assert_array_equal(p.depth, again.depth)  # deterministic, independent of batching
+    np.testing.assert_array_equal(p.conf, again.conf)
+    import zlib
+
+    streams = [5, zlib.crc32(np.asarray(idx, dtype=np.int64).tobytes())]
+    drawn = draw_window_errors(errs, streams, 4, 112, 154)
+    gt = np.stack([render_view(SPEC, o.seq.c2w[i], o.seq.K, 154, 112)[1] for i in idx])
+    np.testing.assert_allclose(p.depth, gt * drawn.depth_factor, rtol=1e-5)
+    np.testing.assert_allclose(p.conf, drawn.conf, rtol=1e-6)
+    c2w = invert_pose(p.extrinsics)
+    gt_rel = np.linalg.inv(o.seq.c2w[idx[0]].astype(np.float64)) @ o.seq.c2w[idx].astype(np.float64)
+    np.testing.assert_allclose(c2w[:, :3, :3], drawn.rotations @ gt_rel[:, :3, :3], atol=1e-5)
+    med = float(np.median(gt))
+    np.testing.assert_allclose(c2w[:, :3, 3], gt_rel[:, :3, 3] + drawn.centre_noise * med, atol=1e-4)
+    assert o.info()["errors"]["depth_warp"] == 0.03
+
+
+def test_descriptors_from_the_image_only():
+    o = OracleModel(SPEC, seed=0, errors="realistic")
+    p = o.forward_windows([window(o, [2, 3, 4])])[0]
+    assert p.descriptors.shape == (3, 144) and p.descriptors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(p.descriptors, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(p.descriptors, image_descriptor(np.stack([jpeg(o.seq.images[i]) for i in [2, 3, 4]])),
+                               atol=1e-6)
+    # Robust to coding and resizing; nearby views more alike than distant ones.
+    d = image_descriptor(o.seq.images)
+    d2 = image_descriptor(np.stack([resized(jpeg(im), (112, 84)) for im in o.seq.images]))
+    assert (np.einsum("nd,nd->n", d, d2) > 0.98).all()
+    assert d[4] @ d[5] > d[4] @ d[12]

@@ -145,3 +145,69 @@ def test_cli(tmp_path):
     gt = load_groundtruth(tmp_path)
     assert gt["spec"].seed == 4 and gt["spec"].trajectory == "line" and len(gt["frames"]) == 3
     assert cv2.imread(str(gt["frames"][0])).shape == (56, 70, 3)
+
+
+# --- loop and look-alike scenes -------------------------------------------------------------------------
+
+def test_loop_path_ends_where_it_starts():
+    one = camera_poses(SceneSpec(num_frames=120, trajectory="loop"))
+    np.testing.assert_allclose(one[-1], one[0], atol=1e-9)
+    c = one[:, :3, 3]
+    steps = np.linalg.norm(np.diff(c, axis=0), axis=1)
+    assert steps.min() > 0.05 and steps.max() < 0.2  # smooth, always moving
+    # A real loop, not an out-and-back: half way round the camera is far from the start and looks elsewhere.
+    assert np.linalg.norm(c[60] - c[0]) > 4.0 and one[60, :3, 2] @ one[0, :3, 2] < 0
+    # Keeps > 1 m from the objects at the room centre and inside the room.
+    assert (np.linalg.norm(c[:, [0, 2]], axis=1) > 2.0).all() and (np.abs(c[:, [0, 2]]) < 3.0).all()
+    three = camera_poses(SceneSpec(num_frames=360, trajectory="loop", loops=3))
+    np.testing.assert_allclose(three[-1], three[0], atol=1e-9)
+    # Each lap revisits the first: every frame of laps 2 and 3 is within one step of a frame of lap 1.
+    c3 = three[:, :3, 3]
+    d = np.linalg.norm(c3[120:, None] - c3[None, :120], axis=-1).min(axis=1)
+    assert d.max() < 0.1
+    with pytest.raises(ValueError):
+        SceneSpec(trajectory="loop", loops=0)
+
+
+def test_loop_views_see_the_room():
+    spec = SceneSpec(num_frames=120, trajectory="loop")
+    seq = render_sequence(SceneSpec(num_frames=120, trajectory="loop", width=77, height=56))
+    assert spec.layout == "room" and np.isfinite(seq.depths).all()
+    assert 0.5 < np.median(seq.depths) < 4.0 and seq.images.std() > 20
+    np.testing.assert_array_equal(seq.images[-1], seq.images[0])
+
+
+def test_lookalike_places_look_alike_but_are_far_apart():
+    from serve_app.oracle import OracleModel, image_descriptor
+
+    spec = SceneSpec(num_frames=120, trajectory="lookalike")
+    seq = render_sequence(spec)
+    assert spec.layout == "twin"
+    c = seq.c2w[:, :3, 3]
+    assert (np.diff(c[:, 0]) > 0).all()  # a straight pass: never revisits
+    d = image_descriptor(seq.images)
+    S = d @ d.T
+    idx = np.arange(120)
+    twins = 0
+    for i in range(10, 45):  # views of the first place
+        far = np.abs(idx - i) > 12
+        j = int(np.argmax(np.where(far, S[i], -2)))  # the most similar view outside the neighbourhood
+        if j > 60:
+            twins += 1
+            # ... looks more alike than the same place seen 3 frames later, yet stands ~5 m away
+            assert S[i, j] > 0.95 and S[i, j] > S[i, i + 3]
+            assert np.linalg.norm(c[j] - c[i]) > 4.0
+    assert twins >= 30
+    # The images still differ: the oracle tells the twins apart, even through JPEG.
+    import cv2
+
+    oracle = OracleModel(spec)
+    for i in (20, 85):
+        _ok, enc = cv2.imencode(".jpg", seq.images[i][..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90])
+        assert oracle.identify(cv2.imdecode(enc, cv2.IMREAD_COLOR)[..., ::-1])[0] == i
+    # The geometry really repeats with the twin spacing (same cluster, same depth from the twin pose).
+    twin_pose = seq.c2w[20].copy()
+    twin_pose[0, 3] += 5.0
+    img, depth = render_view(spec, twin_pose, seq.K, 154, 112)
+    np.testing.assert_allclose(depth, seq.depths[20], rtol=1e-4)
+    assert np.abs(img.astype(int) - seq.images[20]).mean() < 3
