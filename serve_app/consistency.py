@@ -25,13 +25,17 @@ from typing import Any
 
 import numpy as np
 
-from serve_app.alignment import robust_sim3
-from serve_app.geometry import Sim3
+from serve_app.alignment import robust_scale_translation, robust_sim3
+from serve_app.geometry import Sim3, orthonormalize
 from serve_app.loops import Keyframe, LoopDetector
 from serve_app.posegraph import Edge, GraphParams, PoseGraph, solve
 
 CORRECTION_EPS = 1e-5  # a window's transform changed: rotation (rad), log scale, translation (x its depth)
 ODOM_MAX_POINTS = 2000
+
+
+def rotation_deg(R: np.ndarray) -> float:
+    return float(np.degrees(np.arccos(np.clip((np.trace(R) - 1) / 2, -1, 1))))
 
 
 def scale_sim(d: float) -> Sim3:
@@ -61,7 +65,7 @@ class Consistency:
     graph: PoseGraph = None  # type: ignore[assignment]
     emitted: dict[int, Sim3] = field(default_factory=dict)  # node as first emitted
     depth: dict[int, float] = field(default_factory=dict)  # window -> gauge median depth (normalisation)
-    observations: list[tuple[int, int, np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
+    observations: list[tuple] = field(default_factory=list)
     new_keyframes: list[Keyframe] = field(default_factory=list)
     detector: LoopDetector = None  # type: ignore[assignment]
     loops_accepted: int = 0
@@ -80,16 +84,18 @@ class Consistency:
 
     # --- 1. during integration ------------------------------------------------------------------------
     def record_window(self, window: int, placement: Sim3, depth: float,
-                      observations: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]) -> Sim3:
+                      observations: list[tuple]) -> Sim3:
         """A placed window: placement = its gauge -> world; observations = (earlier window, points in this
-        window's gauge, the same points in that window's normalised gauge, weights). Returns the node."""
+        window's gauge, the same points in that window's normalised gauge, weights, the rotation between the two
+        gauges from that frame's cameras). Returns the node."""
         node = placement.compose(scale_sim(depth))
         self.graph.add_node(window, node)
         self.emitted[window] = node
         self.depth[window] = float(depth)
-        for owner, src, dst, w in observations:
+        for owner, src, dst, w, rot in observations:
             if owner in self.graph.nodes and owner != window:
-                self.observations.append((owner, window, np.asarray(src, np.float32) / np.float32(depth), dst, w))
+                self.observations.append((owner, window, np.asarray(src, np.float32) / np.float32(depth), dst, w,
+                                          rot))
         return node
 
     def correction(self, window: int) -> Sim3:
@@ -102,8 +108,8 @@ class Consistency:
         """Odometry edges from the recorded observations, loop retrieval; the solve job (None: nothing to do)."""
         added = 0
         by_pair: dict[tuple[int, int], list] = {}
-        for owner, win, src, dst, w in self.observations:
-            by_pair.setdefault((owner, win), []).append((src, dst, w))
+        for owner, win, src, dst, w, rot in self.observations:
+            by_pair.setdefault((owner, win), []).append((src, dst, w, rot))
         self.observations = []
         for (owner, win), parts in by_pair.items():
             src = np.concatenate([p[0] for p in parts])
@@ -111,6 +117,11 @@ class Consistency:
             w = np.concatenate([p[2] for p in parts])
             res = robust_sim3(src, dst, w, max_points=ODOM_MAX_POINTS, seed=win)
             if res.ok:
+                R = orthonormalize(np.sum([p[3] for p in parts], axis=0))  # rotation from the cameras (see
+                if rotation_deg(R.T @ res.sim3.R) <= 10.0:  # StreamReconstructor._dense_alignment)
+                    fit = robust_scale_translation(src, dst, R, w)
+                    if fit.ok:
+                        res = fit
                 # Weight: more and tighter correspondences, more trust (relative to a typical window's).
                 weight = float(np.clip(res.inlier_ratio * min(res.num_points, ODOM_MAX_POINTS) / ODOM_MAX_POINTS,
                                        0.05, 1.0))

@@ -144,7 +144,7 @@ def verify_loop(query: Keyframe, cand: Keyframe, depth, K, c2w, keep, *, min_inl
     rng = np.random.default_rng(seed)
     ov = min(overlap(depth[1], depth[0], K[1], K[0], c2w[1], c2w[0], keep[1], rng),
              overlap(depth[0], depth[1], K[0], K[1], c2w[0], c2w[1], keep[0], rng))
-    info = {"candidate": ic, "query": iq, "overlap": round(ov, 3)}
+    info = {"candidate_fit": ic, "query_fit": iq, "overlap": round(ov, 3)}
     if ov < min_overlap:
         return LoopCheck(False, f"overlap {ov:.2f} < {min_overlap}", info=info)
     # loop gauge -> candidate gauge, composed with query gauge -> loop gauge.

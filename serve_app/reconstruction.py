@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from serve_app.alignment import MAD_TO_SIGMA, robust_sim3
+from serve_app.alignment import MAD_TO_SIGMA, robust_scale_translation, robust_sim3
 from serve_app.config import SessionParams
 from serve_app.consistency import Consistency, SolveJob, scale_sim
 from serve_app.geometry import (
@@ -77,6 +77,7 @@ PRIOR_MIN_BASELINE = 0.01  # camera-centre spread / median depth below which pri
 PRIOR_MAX_REL_RMSE = 0.25  # centre residual / centre spread above which priors disagree with the prediction
 ALIGN_MAX_POINTS = 4000  # dense alignment subsample: plenty for 7 parameters, keeps geometry time flat
 ALIGN_POINTS_PER_FRAME = 4000  # world samples a frame keeps for aligning later windows (not its whole depth map)
+CAMERA_ROTATION_MAX_DEG = 10.0  # camera-based rotation used while within this of the dense fit's
 MIN_WINDOW_POINTS = 50  # a window with fewer usable depth pixels is refused (it could anchor nothing)
 _KEY_BITS = 21  # per axis in a packed voxel key; coordinates wrap beyond +-2^20 voxels (rare false merges)
 
@@ -428,7 +429,7 @@ class StreamReconstructor:
     # --- integration --------------------------------------------------------------------------------
     def _dense_alignment(self, plan: WindowPlan, pred: WindowPrediction, c2w_win, conf, keep
                          ) -> tuple[Sim3 | None, dict]:
-        src, dst, w = [], [], []
+        src, dst, w, rots = [], [], [], []
         for j, f in enumerate(plan.context):
             wf = self.world.get(f.index)
             if wf is None or wf.image.shape[:2] != pred.depth.shape[1:]:
@@ -438,18 +439,31 @@ class StreamReconstructor:
             src.append(unproject_pixels(pred.depth[j], pred.intrinsics[j], c2w_win[j], pix))
             dst.append(wf.points[m])
             w.append(np.sqrt(conf[j].reshape(-1)[pix] * wf.conf[m]))
-            if self.consistency is not None and wf.window in self.consistency.graph.nodes:
-                # The same points in the earlier window's normalised gauge: an odometry edge, fitted later.
-                owner = self.consistency.graph.nodes[wf.window].inverse()
-                self._obs.append((wf.window, src[-1], owner.apply(dst[-1]), w[-1]))
+            if self.consistency is not None:
+                rots.append(np.asarray(wf.c2w, np.float64)[:3, :3] @ np.asarray(c2w_win[j], np.float64)[:3, :3].T)
+                if wf.window in self.consistency.graph.nodes:
+                    # The same points in the earlier window's normalised gauge: an odometry edge, fitted later.
+                    owner = self.consistency.graph.nodes[wf.window].inverse()
+                    self._obs.append((wf.window, src[-1], owner.apply(dst[-1]), w[-1], owner.R @ rots[-1]))
         if not src:
             return None, {"reason": "no context frame has world geometry"}
         res = robust_sim3(np.concatenate(src), np.concatenate(dst), np.concatenate(w),
                           max_points=ALIGN_MAX_POINTS, seed=plan.window)
         if not res.ok:
             return None, {"reason": res.reason}
-        return res.sim3, {"ok": True, "mode": "dense", "scale": float(res.scale), "rmse": float(res.rmse),
-                          "inlier_ratio": float(res.inlier_ratio), "num_points": int(res.num_points)}
+        info = {"ok": True, "mode": "dense", "scale": float(res.scale), "rmse": float(res.rmse),
+                "inlier_ratio": float(res.inlier_ratio), "num_points": int(res.num_points)}
+        if rots:
+            # Global consistency: the rotation from the context cameras (a depth warp tilts the points, not the
+            # cameras), scale and translation from the points; unless the two rotations disagree grossly.
+            R = orthonormalize(np.sum(rots, axis=0))
+            if float(rotation_angle_deg(R.T @ res.sim3.R)) <= CAMERA_ROTATION_MAX_DEG:
+                fit = robust_scale_translation(np.concatenate(src), np.concatenate(dst), R, np.concatenate(w))
+                if fit.ok:
+                    res = fit
+                    info.update(scale=float(res.scale), rmse=float(res.rmse), inlier_ratio=float(res.inlier_ratio),
+                                rotation="cameras")
+        return res.sim3, info
 
     def _place(self, plan: WindowPlan, pred: WindowPrediction, c2w_win, conf, keep
                ) -> tuple[Sim3 | None, dict]:
