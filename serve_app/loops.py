@@ -18,12 +18,13 @@ from typing import Any
 import cv2
 import numpy as np
 
-from serve_app.alignment import robust_sim3
-from serve_app.geometry import Sim3, median, unproject_pixels
+from serve_app.alignment import robust_scale_translation, robust_sim3
+from serve_app.geometry import Sim3, median, orthonormalize, unproject_pixels
 
 THUMB = (16, 12)  # (W, H) of the fallback image descriptor
 VERIFY_POINTS = 3000  # alignment subsample per view
-OVERLAP_DEPTH_TOL = 0.05  # relative depth agreement for a point to count as seen by the other view
+OVERLAP_DEPTH_TOL = 0.05
+CAMERA_ROTATION_MAX_DEG = 10.0  # the cameras' rotation is used while within this of the points' fit  # relative depth agreement for a point to count as seen by the other view
 
 
 def image_descriptor(image: np.ndarray) -> np.ndarray:
@@ -57,7 +58,7 @@ class LoopDetector:
     max_keyframes: int
     keyframes: list[Keyframe] = field(default_factory=list)
     since_query: int = 0
-    pending: list[tuple[int, int]] = field(default_factory=list)  # (query frame, candidate frame)
+    pending: list[tuple] = field(default_factory=list)  # (query frame, candidate frame[, root query])
 
     def add(self, kf: Keyframe) -> tuple[int, int, float] | None:
         """Store a keyframe and return (query, candidate, similarity) if it is time to query and one qualifies."""
@@ -101,6 +102,13 @@ def _align_view(kf: Keyframe, depth, K, c2w, keep, min_inliers: float, max_rmse:
     res = robust_sim3(src, kf.points[m], max_points=VERIFY_POINTS, seed=seed)
     if not res.ok:
         return None, f"frame {kf.index}: {res.reason}"
+    # The rotation from the two predictions of this camera (a depth warp tilts points, not cameras), as placement
+    # does with global consistency; scale and translation from the points.
+    R = orthonormalize(np.asarray(kf.c2w, np.float64)[:3, :3] @ np.asarray(c2w, np.float64)[:3, :3].T)
+    if np.degrees(np.arccos(np.clip((np.trace(R.T @ res.sim3.R) - 1) / 2, -1, 1))) <= CAMERA_ROTATION_MAX_DEG:
+        fit = robust_scale_translation(src, kf.points[m], R)
+        if fit.ok:
+            res = fit
     # The stored points are in a gauge normalised to median depth 1: the rmse is already relative.
     info = {"inlier_ratio": round(res.inlier_ratio, 3), "rmse": round(res.rmse, 4)}
     if res.inlier_ratio < min_inliers:

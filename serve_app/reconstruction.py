@@ -78,6 +78,7 @@ PRIOR_MAX_REL_RMSE = 0.25  # centre residual / centre spread above which priors 
 ALIGN_MAX_POINTS = 4000  # dense alignment subsample: plenty for 7 parameters, keeps geometry time flat
 ALIGN_POINTS_PER_FRAME = 4000  # world samples a frame keeps for aligning later windows (not its whole depth map)
 CAMERA_ROTATION_MAX_DEG = 10.0  # camera-based rotation used while within this of the dense fit's
+LOOP_EXTRA_EDGES = 2  # after an accepted loop, the query's preceding keyframes verified against its candidate
 MIN_WINDOW_POINTS = 50  # a window with fewer usable depth pixels is refused (it could anchor nothing)
 _KEY_BITS = 21  # per axis in a packed voxel key; coordinates wrap beyond +-2^20 voxels (rare false merges)
 
@@ -144,6 +145,7 @@ class WindowPlan:
     planned_at: float = field(default_factory=time.time)
     kind: str = "window"  # "loop": a loop-verification window (new = [candidate, query]; integrate_loop)
     loop: tuple[int, int] | None = None  # (query, candidate) frame indices of a loop window
+    loop_root: int | None = None  # the query whose accepted loop suggested this one (itself for a retrieval)
 
     @property
     def frames(self) -> list[FrameInput]:
@@ -736,13 +738,13 @@ class StreamReconstructor:
         if cons is None or self.loop_in_flight or not cons.detector.pending:
             return None
         while cons.detector.pending:
-            q, c = cons.detector.pending.pop(0)
+            q, c, *root = cons.detector.pending.pop(0)
             kq, kc = cons.detector.get(q), cons.detector.get(c)
             if kq is None or kc is None or kq.window == kc.window:
                 continue
             self.loop_in_flight = True
             plan = WindowPlan(window=-1 - self.loops_planned, context=[], new=[kc.source, kq.source], kind="loop",
-                              loop=(q, c))
+                              loop=(q, c), loop_root=root[0] if root else q)
             self.loops_planned += 1
             return plan
         return None
@@ -773,6 +775,13 @@ class StreamReconstructor:
         report.update(accepted=ok, discrepancy=round(disc, 2))
         if reason:
             report["reason"] = reason
+        elif q == plan.loop_root:
+            # A confirmed place: the query's preceding keyframes (other windows) against the same candidate give
+            # more loop edges, each verified like the first, so one closure does not hang on one measurement.
+            near = [k for k in cons.detector.keyframes
+                    if k.index < q and k.window != kq.window and k.index - c >= p.loop_min_gap]
+            for k in near[-LOOP_EXTRA_EDGES:]:
+                cons.detector.pending.append((k.index, c, q))
         return report
 
     # --- snapshot / restore -------------------------------------------------------------------------------

@@ -73,7 +73,7 @@ def drive(oracle: OracleModel, params: SessionParams):
     return rec, ate, reports, corrections, points, corr
 
 
-SIZE = dict(width=112, height=84)
+SIZE = {"width": 112, "height": 84}
 
 
 def params(on: bool) -> SessionParams:
@@ -87,7 +87,7 @@ def loop_oracle():
 
 def test_a_closed_loop_under_realistic_errors_is_found_verified_and_removes_the_drift(loop_oracle):
     _, ate_off, _, _, _, _ = drive(loop_oracle, params(False))
-    rec, ate_on, reports, corrections, points, corr = drive(loop_oracle, params(True))
+    rec, ate_on, reports, corrections, _, corr = drive(loop_oracle, params(True))
     accepted = [r for r in reports if r["accepted"]]
     assert accepted and rec.consistency.loops_accepted == len(accepted)
     assert all(r["query"] - r["candidate"] >= rec.params.loop_min_gap for r in accepted)

@@ -74,7 +74,7 @@ def test_a_wrong_edge_pulls_less_with_the_robust_kernel():
 
 
 def test_the_loop_gate_separates_drift_from_another_place():
-    truth, est, edges, rel = _ring(60, seed=3)
+    _, est, _, rel = _ring(60, seed=3)
     g = PoseGraph(GraphParams(sigma_rot_deg=0.5, sigma_trans=0.01, sigma_scale=0.01))
     for i, x in enumerate(est):
         g.add_node(i, x)
@@ -86,7 +86,7 @@ def test_the_loop_gate_separates_drift_from_another_place():
 
 
 def test_solve_holds_every_fixed_node_and_refuses_no_fixed_node():
-    truth, est, edges, rel = _ring(20, seed=4)
+    _, est, edges, rel = _ring(20, seed=4)
     edges = edges + [Edge(0, 19, rel(0, 19, 0.5), kind="loop")]
     params = GraphParams()
     res = solve(list(range(20)), est, edges, params, fixed=list(range(10)))
