@@ -53,7 +53,11 @@ class SessionParams(_Strict):
                                     "keyframe's points seen by the candidate at a consistent depth")
     loop_max_discrepancy: float = Field(100.0, gt=0, description="loop verification: squared whitened "
                                         "disagreement with the current estimate per window between the two ends")
-    loop_max_keyframes: int = Field(2000, ge=0, description="keyframes kept as loop candidates (oldest dropped)")
+    loop_max_keyframes: int = Field(300, ge=0, description="keyframes kept as loop candidates (oldest dropped; "
+                                    "each holds its model-size image)")
+    multiview_depth_tol: float = Field(0.1, ge=0.0, le=1.0, description="with global_consistency: a map point "
+                                       "is dropped when both neighbouring views of its window see it at a depth "
+                                       "off by more than this fraction (0 = off)")
 
     @field_validator("overlap")
     @classmethod

@@ -52,6 +52,7 @@ from serve_app.consistency import Consistency, SolveJob, scale_sim
 from serve_app.geometry import (
     Sim3,
     confidence_mask,
+    depth_consistent,
     finite_rows,
     invert_pose,
     median,
@@ -553,6 +554,8 @@ class StreamReconstructor:
                 self.keyframes.append(f.index)
                 self.num_keyframes += 1
                 idx = sample_indices(confident, p.max_points_per_frame, self.rng)
+                if cons is not None and p.multiview_depth_tol > 0:
+                    idx = idx[self._multiview_ok(pred, c2w_win, j, idx)]
                 all_pts.append(sim.apply(unproject_pixels(pred.depth[j], pred.intrinsics[j], c2w_win[j], idx)))
                 all_cols.append(f.image.reshape(-1, 3)[idx])
                 owner.append(np.full(len(idx), len(frames)))
@@ -580,6 +583,18 @@ class StreamReconstructor:
                   "keyframes": int(sum(fr["keyframe"] for fr in frames)),
                   "geometry_ms": round((time.perf_counter() - t0) * 1000.0, 2)}
         return WindowOutput(window=window, frames=frames, points=pts, colors=cols, ok=True)
+
+    def _multiview_ok(self, pred: WindowPrediction, c2w_win, j: int, idx: np.ndarray) -> np.ndarray:
+        """Map points of view j that its neighbours in the window do not contradict (global consistency): a
+        confident outlier (depth off by tens of percent, as confident as its surroundings) disagrees with the
+        other views' depth where they see it; agreeing with one neighbour, or seen by none, keeps a point."""
+        pts = unproject_pixels(pred.depth[j], pred.intrinsics[j], c2w_win[j], idx)
+        others = [k for k in (j - 1, j + 1) if 0 <= k < pred.num_views]
+        keep = np.zeros(len(idx), bool)
+        for k in others:
+            keep |= depth_consistent(pts, pred.depth[k], pred.intrinsics[k], pred.extrinsics[k],
+                                     self.params.multiview_depth_tol)
+        return keep if others else np.ones(len(idx), bool)
 
     def _new_map_points(self, all_pts, all_cols, owner, n_frames) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One point per voxel not yet in the map (window mean position and colour), the occupancy updated,
