@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
+from scipy.sparse.csgraph import connected_components
 
 from serve_app.geometry import Sim3
 
@@ -109,7 +110,7 @@ class GraphParams:
     sigma_rot_deg: float = 1.0
     sigma_trans: float = 0.02  # x depth
     sigma_scale: float = 0.02  # log scale
-    huber: float = 3.0  # whitened residual norm beyond which an edge's weight falls off
+    huber: float = 5.0  # whitened residual norm (7 components: ~2.6 typical) beyond which an edge pulls less
     max_iterations: int = 10
     tol: float = 1e-4  # largest update (radians / depth units / log scale) at which an iteration has converged
 
@@ -185,6 +186,16 @@ def solve(ids: list[int], poses: list[Sim3], edges: list[Edge], params: GraphPar
             free[pos[k]] = False
     if free.all() or not free.any():
         raise ValueError("solve needs at least one fixed and one free node")
+    # A part of the graph not connected to a fixed node (e.g. windows whose edges a session takeover lost) has
+    # no gauge: hold its oldest node too, so it moves rigidly with nothing instead of drifting off.
+    ncomp, comp = connected_components(sp.coo_matrix((np.ones(len(edges)), (
+        [pos[e.a] for e in edges], [pos[e.b] for e in edges])), shape=(n, n)), directed=False)
+    for c in range(ncomp):
+        members = np.flatnonzero(comp == c)
+        if free[members].all():
+            free[members[0]] = False
+    if not free.any():
+        return SolveResult(dict(zip(ids, poses)), 0, 0.0, 0.0)
     col_of = np.full(n, -1)
     col_of[free] = np.arange(int(free.sum()))
     nv = 7 * int(free.sum())
