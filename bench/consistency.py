@@ -39,7 +39,7 @@ from serve_app.reconstruction import FrameInput, StreamReconstructor
 from serve_app.synthetic import SceneSpec, surface_points
 
 
-def run(oracle: OracleModel, params: SessionParams) -> dict:
+def run(oracle: OracleModel, params: SessionParams, pipeline: int = 1) -> dict:
     seq = oracle.seq
     rec = StreamReconstructor(params)
     n = len(seq.images)
@@ -83,12 +83,19 @@ def run(oracle: OracleModel, params: SessionParams) -> dict:
             rec.maintain()
         off.append((time.perf_counter() - t0) * 1000)
 
+    queue = []  # planned, not yet integrated: the worker plans window k+1 while k is at the model
     for i in range(n):
         rec.add_frame(FrameInput(index=i, frame_id=i, image=seq.images[i], original_size=(0, 0)))
         while (plan := rec.next_window(force=i == n - 1)) is not None:
-            window(plan)
-            if rec.consistency is not None:
-                after()
+            queue.append(plan)
+            while len(queue) > pipeline:
+                window(queue.pop(0))
+                if rec.consistency is not None:
+                    after()
+    while queue:
+        window(queue.pop(0))
+        if rec.consistency is not None:
+            after()
     idx = sorted(emitted)
     est = []
     for i in idx:
@@ -131,6 +138,8 @@ def main() -> None:
     ap.add_argument("--overlap", type=int, default=2)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--modes", default="off,on")
+    ap.add_argument("--pipeline", type=int, default=1, help="windows planned ahead of integration (the worker's "
+                    "max_windows_in_flight - 1; 0 = none)")
     ap.add_argument("--verbose", action="store_true")
     a = ap.parse_args()
     w, h = (int(x) for x in a.size.split("x"))
@@ -143,7 +152,7 @@ def main() -> None:
             for mode in a.modes.split(","):
                 params = SessionParams(process_res=max(w, h), window_size=a.window, overlap=a.overlap,
                                        global_consistency=mode == "on")
-                r = run(oracle, params)
+                r = run(oracle, params, a.pipeline)
                 print(f"{scene:10s} {errors:10s} {mode:4s} {r['ate']:6.2f} {r['rot_med']:8.2f} {r['rot_max']:8.2f} "
                       f"{r['gap']:6.2f} {r['chamfer']:8.2f} {r['rot_own_med']:5.2f} {r['loops']:5d} {r['rejected']:4d} "
                       f"{r['corrections']:5d} {r['geo_ms']:7.1f} {r['off_ms']:7.1f} {r['placed']}/{r['frames']}",
