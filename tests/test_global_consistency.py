@@ -29,7 +29,11 @@ def consistency_app(serve_url):
     args = app_args(model={"backend": "oracle", "oracle_scene": LOOP_SCENE, "oracle_errors": "realistic",
                            "oracle_seed": 1},
                     session_defaults={"window_size": 6, "overlap": 2, "global_consistency": True})
-    return deploy(serve_url, "consistency", args)
+    from ray import serve
+
+    url = deploy(serve_url, "consistency", args)
+    yield url
+    serve.delete("consistency")  # every app holds a logical GPU: give it back for the modules after this one
 
 
 def replica_actors(app: str, deployment: str):
