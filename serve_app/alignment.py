@@ -274,3 +274,43 @@ def chamfer_distance(a: np.ndarray, b: np.ndarray, max_points: int = 20000, seed
     centre = np.concatenate([a, b]).mean(0)  # keeps |x|^2 small so the expansion stays accurate
     a, b = a - centre, b - centre
     return float(0.5 * (nearest_distances(a, b).mean() + nearest_distances(b, a).mean()))
+
+
+def robust_scale_translation(src: np.ndarray, dst: np.ndarray, R: np.ndarray, weights: np.ndarray | None = None, *,
+                             iters: int = 10, huber_k: float = 1.345, min_points: int = 50, max_points: int = 2000,
+                             seed: int = 0, tol: float = 1e-6) -> AlignmentResult:
+    """dst ≈ s R src + t with the rotation given (e.g. from the cameras): robust (Huber IRLS) scale and
+    translation. A depth map's low-frequency warp tilts its points, which a free rotation fit absorbs (a degree
+    or two per window, a random walk along a stream); the cameras' rotations do not see the warp."""
+    src = np.asarray(src, np.float64).reshape(-1, 3)
+    dst = np.asarray(dst, np.float64).reshape(-1, 3)
+    w0 = np.ones(len(src)) if weights is None else np.asarray(weights, np.float64).reshape(-1)
+    ok = finite_rows(src) & finite_rows(dst) & np.isfinite(w0) & (w0 > 0)
+    if ok.sum() < max(min_points, 3):
+        return _fail(f"too few valid points: {int(ok.sum())} (need {min_points})", int(ok.sum()))
+    keep = np.flatnonzero(ok)
+    if len(keep) > max_points:  # four unknowns: a couple of thousand points fix them (and keep this cheap)
+        keep = np.sort(np.random.default_rng(seed).choice(keep, size=max_points, replace=False))
+    a, b, w0 = src[keep] @ np.asarray(R, np.float64).T, dst[keep], w0[keep]
+    w = w0.copy()
+    s, t = 1.0, np.zeros(3)
+    thresh = np.inf
+    for _ in range(iters):
+        s_prev, t_prev = s, t
+        wn = w / w.sum()
+        ma, mb = wn @ a, wn @ b
+        da, db = a - ma, b - mb
+        s = float((wn * np.einsum("ij,ij->i", da, db)).sum() / max((wn * np.einsum("ij,ij->i", da, da)).sum(),
+                                                                   1e-300))
+        t = mb - s * ma
+        r = np.linalg.norm(s * a + t - b, axis=1)
+        thresh = max(huber_k * MAD_TO_SIGMA * median(r), 1e-9 * (1.0 + float(np.abs(b).max())))
+        w = w0 * np.where(r <= thresh, 1.0, thresh / np.maximum(r, 1e-300))
+        if abs(s - s_prev) / max(abs(s), 1e-300) + float(np.abs(t - t_prev).max()) / (1.0 + float(np.abs(t).max())) < tol:
+            break
+    if not (np.isfinite(s) and s > 0 and np.isfinite(t).all()):
+        return _fail(f"bad scale {s:.3g}", len(a))
+    r = np.linalg.norm(s * a + t - b, axis=1)
+    inl = r <= thresh
+    rmse = float(np.sqrt(np.average(r[inl] ** 2, weights=w0[inl]))) if inl.any() else float("nan")
+    return AlignmentResult(Sim3(s, R, t), True, None, len(a), float(w0[inl].sum() / w0.sum()), rmse, s)

@@ -43,6 +43,25 @@ class SessionParams(_Strict):
     global_consistency: bool = Field(False, description="keyframe pose graph, online loop closure and global "
                                      "re-optimisation of the map (corrections streamed to clients); off = "
                                      "each window is only chained onto the previous ones")
+    # Global consistency (global_consistency: true): pose graph and loop closure (serve_app/posegraph.py, loops.py).
+    graph_local_windows: int = Field(8, ge=1, le=1000, description="newest windows re-optimised after each window")
+    graph_sigma_rot_deg: float = Field(1.0, gt=0, description="pose-graph edge rotation std (degrees)")
+    graph_sigma_trans: float = Field(0.02, gt=0, description="pose-graph edge translation std (x median depth)")
+    graph_sigma_scale: float = Field(0.02, gt=0, description="pose-graph edge log-scale std")
+    loop_min_similarity: float = Field(0.9, ge=-1.0, le=1.0, description="descriptor cosine for a loop candidate")
+    loop_min_gap: int = Field(30, ge=1, description="frames between a keyframe and a loop candidate, at least")
+    loop_query_interval: int = Field(2, ge=1, description="keyframes between two loop queries, at least")
+    loop_min_inlier_ratio: float = Field(0.7, ge=0.0, le=1.0, description="loop verification: Sim(3) inliers")
+    loop_max_rel_rmse: float = Field(0.05, gt=0, description="loop verification: inlier RMSE / median depth")
+    loop_min_overlap: float = Field(0.3, ge=0.0, le=1.0, description="loop verification: fraction of the query "
+                                    "keyframe's points seen by the candidate at a consistent depth")
+    loop_max_discrepancy: float = Field(100.0, gt=0, description="loop verification: squared whitened "
+                                        "disagreement with the current estimate per window between the two ends")
+    loop_max_keyframes: int = Field(300, ge=0, description="keyframes kept as loop candidates (oldest dropped; "
+                                    "each holds its model-size image)")
+    multiview_depth_tol: float = Field(0.1, ge=0.0, le=1.0, description="with global_consistency: a map point "
+                                       "is dropped when both neighbouring views of its window see it at a depth "
+                                       "off by more than this fraction (0 = off)")
 
     @field_validator("overlap")
     @classmethod

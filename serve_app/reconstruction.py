@@ -46,11 +46,13 @@ from typing import Any
 
 import numpy as np
 
-from serve_app.alignment import MAD_TO_SIGMA, robust_sim3
+from serve_app.alignment import MAD_TO_SIGMA, robust_scale_translation, robust_sim3
 from serve_app.config import SessionParams
+from serve_app.consistency import Consistency, SolveJob, scale_sim
 from serve_app.geometry import (
     Sim3,
     confidence_mask,
+    depth_consistent,
     finite_rows,
     invert_pose,
     median,
@@ -59,13 +61,25 @@ from serve_app.geometry import (
     sample_indices,
     unproject_pixels,
 )
+from serve_app.loops import Keyframe, depth_scale, image_descriptor, normalise, verify_loop
+from serve_app.posegraph import GraphParams
 from serve_app.prediction import WindowPrediction, WindowRequest
+
+try:  # serve_app/corrections.py belongs to the correction-messages work (issue 16 item 6)
+    from serve_app.corrections import Correction
+except ImportError:  # TEMPORARY until that module is merged: the agreed interface
+    @dataclass
+    class Correction:  # type: ignore[no-redef]
+        version: int  # increases with each optimisation of the session
+        transforms: dict[int, Sim3]  # window index -> absolute correction: corrected = T @ (as first emitted)
 
 AUTO_VOXEL_PIXELS = 2.0  # auto voxel = footprint of this many pixels at the first window's median depth
 PRIOR_MIN_BASELINE = 0.01  # camera-centre spread / median depth below which priors cannot fix the scale
 PRIOR_MAX_REL_RMSE = 0.25  # centre residual / centre spread above which priors disagree with the prediction
 ALIGN_MAX_POINTS = 4000  # dense alignment subsample: plenty for 7 parameters, keeps geometry time flat
 ALIGN_POINTS_PER_FRAME = 4000  # world samples a frame keeps for aligning later windows (not its whole depth map)
+CAMERA_ROTATION_MAX_DEG = 10.0  # camera-based rotation used while within this of the dense fit's
+LOOP_EXTRA_EDGES = 2  # after an accepted loop, the query's preceding keyframes verified against its candidate
 MIN_WINDOW_POINTS = 50  # a window with fewer usable depth pixels is refused (it could anchor nothing)
 _KEY_BITS = 21  # per axis in a packed voxel key; coordinates wrap beyond +-2^20 voxels (rare false merges)
 
@@ -102,6 +116,7 @@ class WorldFrame:
     source: FrameInput | None = None  # the input (priors included), to send again as context
     keyframe: bool = True
     encoded: bytes | None = None  # the client's encoding of image, when it sent one (see FrameInput.encoded)
+    window: int = -1  # the window that placed it (its pose-graph node; -1: unknown, e.g. an old snapshot)
 
     @property
     def nbytes(self) -> int:
@@ -129,6 +144,9 @@ class WindowPlan:
     context: list[FrameInput]
     new: list[FrameInput]
     planned_at: float = field(default_factory=time.time)
+    kind: str = "window"  # "loop": a loop-verification window (new = [candidate, query]; integrate_loop)
+    loop: tuple[int, int] | None = None  # (query, candidate) frame indices of a loop window
+    loop_root: int | None = None  # the query whose accepted loop suggested this one (itself for a retrieval)
 
     @property
     def frames(self) -> list[FrameInput]:
@@ -255,6 +273,14 @@ class VoxelOccupancy:
         return self.main_keys, self.main_order
 
 
+def voxel_centres(keys: np.ndarray, voxel: float) -> np.ndarray:
+    """voxel_keys' inverse up to the wrap: (M,) keys -> (M, 3) voxel centres."""
+    keys = np.asarray(keys, np.int64)
+    mask = (1 << _KEY_BITS) - 1
+    q = np.stack([(keys >> (2 * _KEY_BITS)) & mask, (keys >> _KEY_BITS) & mask, keys & mask], 1)
+    return (q - (1 << (_KEY_BITS - 1)) + 0.5) * voxel
+
+
 def rotation_angle_deg(R: np.ndarray) -> np.ndarray:
     """Angle(s) of rotation matrices (..., 3, 3) in degrees."""
     tr = np.trace(np.asarray(R, np.float64), axis1=-2, axis2=-1)
@@ -351,6 +377,15 @@ class StreamReconstructor:
         self.last_keyframe: tuple[np.ndarray, float] | None = None  # (c2w, median depth) of the newest one
         self.occupancy = VoxelOccupancy(params.max_points)
         self.num_keyframes = 0
+        # Global consistency (params.global_consistency; None = off, exactly the chained placement).
+        self.consistency: Consistency | None = Consistency(params) if params.global_consistency else None
+        self.last_keyframe_window = -1
+        self.loops_planned = 0
+        self.loop_in_flight = False
+        self.occ_windows: list[tuple[int, int]] = []  # (first occupancy counter, window), in counter order
+        self.occ_corr: dict[int, Sim3] = {}  # window -> correction its occupancy keys were built with
+        self.occ_dirty = False
+        self._obs: list = []
 
     # --- planning -----------------------------------------------------------------------------------
     def add_frame(self, frame: FrameInput) -> None:
@@ -397,7 +432,7 @@ class StreamReconstructor:
     # --- integration --------------------------------------------------------------------------------
     def _dense_alignment(self, plan: WindowPlan, pred: WindowPrediction, c2w_win, conf, keep
                          ) -> tuple[Sim3 | None, dict]:
-        src, dst, w = [], [], []
+        src, dst, w, rots = [], [], [], []
         for j, f in enumerate(plan.context):
             wf = self.world.get(f.index)
             if wf is None or wf.image.shape[:2] != pred.depth.shape[1:]:
@@ -407,14 +442,31 @@ class StreamReconstructor:
             src.append(unproject_pixels(pred.depth[j], pred.intrinsics[j], c2w_win[j], pix))
             dst.append(wf.points[m])
             w.append(np.sqrt(conf[j].reshape(-1)[pix] * wf.conf[m]))
+            if self.consistency is not None:
+                rots.append(np.asarray(wf.c2w, np.float64)[:3, :3] @ np.asarray(c2w_win[j], np.float64)[:3, :3].T)
+                if wf.window in self.consistency.graph.nodes:
+                    # The same points in the earlier window's normalised gauge: an odometry edge, fitted later.
+                    owner = self.consistency.graph.nodes[wf.window].inverse()
+                    self._obs.append((wf.window, src[-1], owner.apply(dst[-1]), w[-1], owner.R @ rots[-1]))
         if not src:
             return None, {"reason": "no context frame has world geometry"}
         res = robust_sim3(np.concatenate(src), np.concatenate(dst), np.concatenate(w),
                           max_points=ALIGN_MAX_POINTS, seed=plan.window)
         if not res.ok:
             return None, {"reason": res.reason}
-        return res.sim3, {"ok": True, "mode": "dense", "scale": float(res.scale), "rmse": float(res.rmse),
-                          "inlier_ratio": float(res.inlier_ratio), "num_points": int(res.num_points)}
+        info = {"ok": True, "mode": "dense", "scale": float(res.scale), "rmse": float(res.rmse),
+                "inlier_ratio": float(res.inlier_ratio), "num_points": int(res.num_points)}
+        if rots:
+            # Global consistency: the rotation from the context cameras (a depth warp tilts the points, not the
+            # cameras), scale and translation from the points; unless the two rotations disagree grossly.
+            R = orthonormalize(np.sum(rots, axis=0))
+            if float(rotation_angle_deg(R.T @ res.sim3.R)) <= CAMERA_ROTATION_MAX_DEG:
+                fit = robust_scale_translation(np.concatenate(src), np.concatenate(dst), R, np.concatenate(w))
+                if fit.ok:
+                    res = fit
+                    info.update(scale=float(res.scale), rmse=float(res.rmse), inlier_ratio=float(res.inlier_ratio),
+                                rotation="cameras")
+        return res.sim3, info
 
     def _place(self, plan: WindowPlan, pred: WindowPrediction, c2w_win, conf, keep
                ) -> tuple[Sim3 | None, dict]:
@@ -458,9 +510,17 @@ class StreamReconstructor:
         if int(keep.sum()) < MIN_WINDOW_POINTS:
             return self.fail(plan, f"window has {int(keep.sum())} confident finite depth pixels "
                              f"(need {MIN_WINDOW_POINTS})", time.perf_counter() - t0)
+        self._obs = []
         sim, align = self._place(plan, pred, c2w_win, conf, keep)
         if sim is None:
             return self.fail(plan, align["reason"], time.perf_counter() - t0)
+        cons = self.consistency
+        if cons is not None:
+            gdepth = depth_scale(pred.depth[n_ctx:])
+            cons.record_window(plan.window, sim, gdepth, self._obs)
+            self._obs = []
+            norm = scale_sim(1.0 / gdepth)  # window gauge -> its normalised gauge
+            align["loops_accepted"] = cons.loops_accepted
         if self.voxel_size is None:
             valid = positive_depths(pred.depth)
             med = median(valid) * sim.s if valid.size else 1.0
@@ -484,15 +544,24 @@ class StreamReconstructor:
             kf = is_keyframe(c2w, ref_c2w, ref_depth, p.keyframe_translation, p.keyframe_rotation_deg)
             if kf:
                 self.last_keyframe = (c2w, med if med is not None else ref_depth)
+                self.last_keyframe_window = plan.window
+                if cons is not None:
+                    desc = getattr(pred, "descriptors", None)
+                    cons.new_keyframes.append(Keyframe(
+                        f.index, plan.window, normalise(desc[j]) if desc is not None else image_descriptor(f.image),
+                        f, pix, norm.apply(unproject_pixels(pred.depth[j], pred.intrinsics[j], c2w_win[j], pix)),
+                        norm.transform_c2w(c2w_win[j])))
                 self.keyframes.append(f.index)
                 self.num_keyframes += 1
                 idx = sample_indices(confident, p.max_points_per_frame, self.rng)
+                if cons is not None and p.multiview_depth_tol > 0:
+                    idx = idx[self._multiview_ok(pred, c2w_win, j, idx)]
                 all_pts.append(sim.apply(unproject_pixels(pred.depth[j], pred.intrinsics[j], c2w_win[j], idx)))
                 all_cols.append(f.image.reshape(-1, 3)[idx])
                 owner.append(np.full(len(idx), len(frames)))
             self.world[f.index] = WorldFrame(f.index, f.frame_id, f.image, pix, world_pts,
                                              conf[j].reshape(-1)[pix], c2w, source=f, keyframe=kf,
-                                             encoded=f.encoded)
+                                             encoded=f.encoded, window=plan.window)
             frames.append({
                 "frame_id": f.frame_id, "index": f.index, "window": plan.window,
                 "timestamp": f.timestamp,
@@ -503,6 +572,8 @@ class StreamReconstructor:
                           if d.size else {"min": None, "max": None, "median": None}),
                 "points_added": 0, "keyframe": kf, "latency_ms": round((now - f.received_at) * 1000.0, 2),
             })
+        if cons is not None:
+            self.occ_windows.append((self.occupancy.inserted, plan.window))
         pts, cols, counts = self._new_map_points(all_pts, all_cols, owner, len(frames))
         for fr, c in zip(frames, counts):
             fr["points_added"] = int(c)
@@ -512,6 +583,18 @@ class StreamReconstructor:
                   "keyframes": int(sum(fr["keyframe"] for fr in frames)),
                   "geometry_ms": round((time.perf_counter() - t0) * 1000.0, 2)}
         return WindowOutput(window=window, frames=frames, points=pts, colors=cols, ok=True)
+
+    def _multiview_ok(self, pred: WindowPrediction, c2w_win, j: int, idx: np.ndarray) -> np.ndarray:
+        """Map points of view j that its neighbours in the window do not contradict (global consistency): a
+        confident outlier (depth off by tens of percent, as confident as its surroundings) disagrees with the
+        other views' depth where they see it; agreeing with one neighbour, or seen by none, keeps a point."""
+        pts = unproject_pixels(pred.depth[j], pred.intrinsics[j], c2w_win[j], idx)
+        others = [k for k in (j - 1, j + 1) if 0 <= k < pred.num_views]
+        keep = np.zeros(len(idx), bool)
+        for k in others:
+            keep |= depth_consistent(pts, pred.depth[k], pred.intrinsics[k], pred.extrinsics[k],
+                                     self.params.multiview_depth_tol)
+        return keep if others else np.ones(len(idx), bool)
 
     def _new_map_points(self, all_pts, all_cols, owner, n_frames) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One point per voxel not yet in the map (window mean position and colour), the occupancy updated,
@@ -598,15 +681,128 @@ class StreamReconstructor:
 
     @property
     def maintenance_due(self) -> bool:
-        return self.occupancy.compaction_due
+        return self.occupancy.compaction_due or self.occ_dirty
 
     def maintain(self) -> None:
-        """Upkeep kept off integrate()'s latency path (the voxel occupancy's O(map) merge); call between windows."""
+        """Upkeep kept off integrate()'s latency path (the voxel occupancy's O(map) merge, its move to the corrected
+        world after a correction); call between windows."""
+        if self.occ_dirty:
+            self._move_occupancy()
         self.occupancy.compact()
+
+    # --- global consistency (params.global_consistency) ---------------------------------------------------
+    @property
+    def graph_params(self) -> GraphParams:
+        return self.consistency.graph.params
+
+    def graph_prepare(self) -> SolveJob | None:
+        """After a window's commit (pool, under the worker's lock): odometry edges, loop retrieval, the solve job."""
+        return self.consistency.prepare() if self.consistency is not None else None
+
+    def graph_apply(self, job: SolveJob, poses: dict[int, Sim3]) -> Correction | None:
+        """Take a solve's result (under the lock): move the world frames and the last keyframe of every window
+        whose pose changed; the occupancy follows in maintain(). The correction message's content, or None."""
+        cons = self.consistency
+        deltas, absolute = cons.apply(job, poses)
+        if not deltas:
+            return None
+        for wf in self.world.values():
+            d = deltas.get(wf.window)
+            if d is not None:
+                wf.points = d.apply(wf.points)
+                wf.c2w = d.transform_c2w(wf.c2w)
+        d = deltas.get(self.last_keyframe_window)
+        if d is not None and self.last_keyframe is not None:
+            self.last_keyframe = (d.transform_c2w(self.last_keyframe[0]), self.last_keyframe[1] * d.s)
+        self.occ_dirty = True
+        return Correction(version=cons.version, transforms=absolute)
+
+    def _move_occupancy(self) -> None:
+        """Re-key the occupied voxels of every corrected window (voxel centre moved by the change of its window's
+        correction since its keys were made), keeping insertion order; voxels whose window is unknown (restored
+        from the stored map) stay."""
+        self.occ_dirty = False
+        cons = self.consistency
+        if cons is None or not self.occ_windows or not self.voxel_size:
+            return
+        keys, order = self.occupancy.kept()
+        starts = np.array([a for a, _ in self.occ_windows], np.int64)
+        wins = np.array([w for _, w in self.occ_windows], np.int64)
+        slot = np.searchsorted(starts, order, side="right") - 1
+        keys = keys.copy()
+        for i in np.unique(slot[slot >= 0]):
+            win = int(wins[i])
+            cur = cons.correction(win)
+            prev = self.occ_corr.get(win, Sim3.identity())
+            d = cur.compose(prev.inverse())
+            if np.allclose(d.matrix(), np.eye(4), atol=1e-9):
+                continue
+            sel = np.flatnonzero(slot == i)
+            keys[sel] = voxel_keys(d.apply(voxel_centres(keys[sel], self.voxel_size)), self.voxel_size)
+            self.occ_corr[win] = cur
+        s = np.lexsort((order, keys))
+        keys, order = keys[s], order[s]
+        first = np.ones(len(keys), bool)
+        first[1:] = keys[1:] != keys[:-1]  # two voxels moved onto one: the older stays
+        occ = self.occupancy
+        occ.main_keys, occ.main_order = keys[first], order[first]
+
+    def next_loop(self) -> WindowPlan | None:
+        """A loop-verification window for the oldest pending candidate (one at a time), or None."""
+        cons = self.consistency
+        if cons is None or self.loop_in_flight or not cons.detector.pending:
+            return None
+        while cons.detector.pending:
+            q, c, *root = cons.detector.pending.pop(0)
+            kq, kc = cons.detector.get(q), cons.detector.get(c)
+            if kq is None or kc is None or kq.window == kc.window:
+                continue
+            self.loop_in_flight = True
+            plan = WindowPlan(window=-1 - self.loops_planned, context=[], new=[kc.source, kq.source], kind="loop",
+                              loop=(q, c), loop_root=root[0] if root else q)
+            self.loops_planned += 1
+            return plan
+        return None
+
+    def integrate_loop(self, plan: WindowPlan, pred: WindowPrediction | None) -> dict[str, Any]:
+        """Verify a loop window (under the lock); an accepted loop adds its edge and makes the next solve global.
+        Returns a report (accepted, reason, figures)."""
+        self.loop_in_flight = False
+        cons = self.consistency
+        q, c = plan.loop
+        report: dict[str, Any] = {"query": q, "candidate": c, "accepted": False}
+        kq, kc = cons.detector.get(q), cons.detector.get(c)
+        if pred is None or kq is None or kc is None:
+            report["reason"] = "model unavailable" if pred is None else "keyframe dropped"
+            return report
+        c2w = invert_pose(pred.extrinsics)
+        conf = pred.conf.astype(np.float32)
+        keep = confidence_mask(conf, self.params.conf_percentile, depth=pred.depth)
+        p = self.params
+        chk = verify_loop(kq, kc, pred.depth, pred.intrinsics, c2w, keep, min_inliers=p.loop_min_inlier_ratio,
+                          max_rmse=p.loop_max_rel_rmse, min_overlap=p.loop_min_overlap, seed=q)
+        report.update(chk.info)
+        if not chk.ok:
+            cons.loops_rejected += 1
+            report["reason"] = chk.reason
+            return report
+        ok, reason, disc = cons.accept_loop(kq.window, kc.window, chk.z)
+        report.update(accepted=ok, discrepancy=round(disc, 2))
+        if reason:
+            report["reason"] = reason
+        elif q == plan.loop_root:
+            # A confirmed place: the query's preceding keyframes (other windows) against the same candidate give
+            # more loop edges, each verified like the first, so one closure does not hang on one measurement.
+            near = [k for k in cons.detector.keyframes
+                    if k.index < q and k.window != kq.window and k.index - c >= p.loop_min_gap]
+            for k in near[-LOOP_EXTRA_EDGES:]:
+                cons.detector.pending.append((k.index, c, q))
+        return report
 
     # --- snapshot / restore -------------------------------------------------------------------------------
     _SNAPSHOT_FIELDS = ("voxel_size", "windows_planned", "windows_integrated", "lost", "input_size", "placed",
                         "prior_world", "last_keyframe", "num_keyframes")
+    _CONSISTENCY_FIELDS = ("last_keyframe_window", "loops_planned", "occ_corr")
 
     def snapshot(self) -> dict[str, Any]:
         """What the next window needs, taken after an integration: the world frames that can serve as context
@@ -618,6 +814,9 @@ class StreamReconstructor:
                          for w in self.world.values()]
         snap["keyframes"] = list(self.keyframes)
         snap["last_planned"] = [f.index for f in self.last_planned]
+        if self.consistency is not None:
+            snap["consistency"] = self.consistency.state()
+            snap.update({k: getattr(self, k) for k in self._CONSISTENCY_FIELDS})
         return snap
 
     @classmethod
@@ -639,6 +838,10 @@ class StreamReconstructor:
         rec.keyframes.extend(snap["keyframes"])
         rec.last_planned = [rec.world[i].as_input() for i in snap["last_planned"] if i in rec.world]
         rec.windows_planned = rec.windows_integrated  # outstanding windows died with their replica
+        if rec.consistency is not None and "consistency" in snap:
+            rec.consistency = Consistency.from_state(params, snap["consistency"])
+            for k in cls._CONSISTENCY_FIELDS:
+                setattr(rec, k, snap[k])
         if map_points is not None and len(map_points) and rec.voxel_size:
             keys = np.unique(voxel_keys(map_points, rec.voxel_size))
             rec.occupancy.add(keys)

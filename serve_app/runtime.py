@@ -111,6 +111,13 @@ class DA3Runtime:
         self.load_s = time.perf_counter() - t0
         self.has_camera_head = _submodule(self.net, "cam_dec") is not None
         self.accepts_priors = _submodule(self.net, "cam_enc") is not None
+        # Per-view global descriptors for loop retrieval from the forward that runs anyway (no second network):
+        # the last backbone layer's patch tokens, averaged per view, captured by a hook (eager only: a compiled
+        # graph gives none, and the reconstructor falls back to an image thumbnail).
+        self._desc: torch.Tensor | None = None
+        backbone = None if compile else _submodule(self.net, "backbone")
+        if backbone is not None:
+            backbone.register_forward_hook(self._capture_descriptors)
         # Static shapes: one graph per warmed (batch, views, h, w[, priors]) and no recompilation in steady
         # state (dynamic shapes would recompile on the second shape seen, then run a slower generic graph).
         self._forward = torch.compile(self.net, backend=compile_backend, dynamic=False) if compile else self.net
@@ -208,6 +215,13 @@ class DA3Runtime:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
+    def _capture_descriptors(self, module, args, output) -> None:
+        try:
+            tokens = output[0][-1][0]  # (B, N, patches, C) of the last layer the heads read
+            self._desc = torch.nn.functional.normalize(tokens.float().mean(dim=2), dim=-1)
+        except (IndexError, TypeError, AttributeError):  # another backbone layout: no descriptors
+            self._desc = None
+
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -245,6 +259,7 @@ class DA3Runtime:
                 ixt = self._stack_to_device([r.intrinsics for r in reqs], np.float32)
             self._sync()
             t0 = time.perf_counter()
+            self._desc = None
             with self._autocast():
                 out = self._forward(images, ext, ixt, [], False, False, self.ref_view_strategy)
             self._sync()
@@ -254,7 +269,9 @@ class DA3Runtime:
             conf = out["depth_conf"].float() if "depth_conf" in out else torch.ones_like(depth)
             extr = out["extrinsics"][..., :3, :4].float() if "extrinsics" in out else None
             intr = out["intrinsics"].float() if "intrinsics" in out else None
-            depth_np, conf_np, extr_np, intr_np = self._fetch([depth, conf.reshape(B, N, H, W), extr, intr])
+            desc = self._desc if self._desc is not None and tuple(self._desc.shape[:2]) == (B, N) else None
+            depth_np, conf_np, extr_np, intr_np, desc_np = self._fetch([depth, conf.reshape(B, N, H, W), extr, intr,
+                                                                        desc])
             t2 = time.perf_counter()
 
         preds = []
@@ -282,6 +299,7 @@ class DA3Runtime:
                 intrinsics=np.ascontiguousarray(K, dtype=np.float32),
                 images=req.images,
                 is_metric=self.is_metric,
+                descriptors=None if desc_np is None else np.ascontiguousarray(desc_np[b], dtype=np.float32),
             ))
         # Stages of this forward call (shared by its windows): host->device, network, device->host, numpy.
         timings = {"prep_ms": (t0 - t_start) * 1000.0, "model_ms": (t1 - t0) * 1000.0,

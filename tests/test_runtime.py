@@ -119,6 +119,13 @@ def test_batched_equals_single_forwards(runtime):
         assert_prediction_close(pred, single, atol=1e-4)
     # the three windows differ, so a mix-up would show
     assert np.abs(batched[0].depth - batched[1].depth).max() > 1e-3
+    # Per-view descriptors from the same forward: unit norm, and batching does not change them.
+    for req, pred in zip(reqs, batched):
+        single = runtime.forward_windows([req])[0]
+        assert pred.descriptors is not None and pred.descriptors.shape[0] == 3
+        np.testing.assert_allclose(np.linalg.norm(pred.descriptors, axis=1), 1.0, atol=1e-5)
+        np.testing.assert_allclose(pred.descriptors, single.descriptors, atol=1e-4)
+    assert np.abs(batched[0].descriptors - batched[1].descriptors).max() > 1e-4
 
 
 def test_mixed_shapes_keep_request_order(runtime):
@@ -143,6 +150,7 @@ def test_view_order_follows_input_order(runtime):
     np.testing.assert_allclose(permuted.depth, base.depth[perm], atol=1e-4)
     np.testing.assert_allclose(permuted.conf, base.conf[perm], atol=1e-4)
     np.testing.assert_allclose(permuted.extrinsics, base.extrinsics[perm], atol=1e-4)
+    np.testing.assert_allclose(permuted.descriptors, base.descriptors[perm], atol=1e-4)
 
 
 def _poses(n: int, seed: int) -> np.ndarray:

@@ -88,7 +88,11 @@ class SessionWorker:
         self.record_listeners: list[Callable[[ResultRecord], Any]] = []  # get each record once it is committed
         self.rate = None  # FrameRateLimiter, created by the ingress
         self.storing: dict[int, asyncio.Future] = {}  # frame index -> the session actor's accept_frame call
+        self.graph_wake = asyncio.Event()  # global consistency: a placed window has graph work for _graph_loop
+        self.graph_busy = False
         self.tasks = [asyncio.create_task(self._plan_loop()), asyncio.create_task(self._integrate_loop())]
+        if self.recon.consistency is not None:
+            self.tasks.append(asyncio.create_task(self._graph_loop()))
 
     # --- called by the WebSocket handler ----------------------------------------------------------------
     @property
@@ -235,6 +239,9 @@ class SessionWorker:
                 self._emit({"type": "error", "code": code.value, "fatal": False,
                             "message": f"window {plan.window} frames {out.window['frame_ids']} not placed: "
                                        f"{out.reason}"})
+            if out.ok and self.recon.consistency is not None:
+                self.graph_busy = True
+                self.graph_wake.set()  # the pose graph and loop closure follow in _graph_loop, off this path
             if self.recon.maintenance_due:  # now that the window's points are out
                 await self._run(self.recon.maintain)
             await self._maybe_complete()
@@ -281,6 +288,54 @@ class SessionWorker:
         for fn in list(self.record_listeners):
             fn(rec)
 
+    # --- global consistency: pose graph and loop closure, off the windows' latency path ----------------------
+    async def _graph_loop(self) -> None:
+        """After each placed window: odometry edges and loop retrieval (pool, under the lock, milliseconds), the
+        pose-graph solve (pool, WITHOUT the lock: the next window integrates meanwhile), its result applied
+        (under the lock) and published as a correction; loop candidates go through the model like a window
+        (same deployment and batching) and are verified under the lock; an accepted loop makes the next solve
+        global. Never on the event loop."""
+        loop = asyncio.get_running_loop()
+        while not self.closed:
+            await self.graph_wake.wait()
+            self.graph_wake.clear()
+            try:
+                await self._graph_step(loop)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a failed optimisation must not stop the session's windows
+                log.exception("session %s: pose-graph step failed", self.sid, extra={"session_id": self.sid})
+            finally:
+                self.graph_busy = self.graph_wake.is_set()
+            await self._maybe_complete()
+
+    async def _graph_step(self, loop) -> None:
+        rec = self.recon
+        while not self.closed:
+            job = await self._run(rec.graph_prepare)
+            if job is not None:
+                poses = await loop.run_in_executor(self.pool, rec.consistency.run_job, job, rec.graph_params)
+                corr = await self._run(rec.graph_apply, job, poses)
+                if corr is not None:
+                    await self.publish_correction(corr)
+                if rec.maintenance_due:
+                    await self._run(rec.maintain)
+            async with self.lock:
+                plan = rec.next_loop()
+            if plan is None:
+                return
+            pred = None
+            try:
+                res = await asyncio.wait_for(self._call_model(plan.request(tag=f"{self.sid}:loop{-plan.window}")),
+                                             self.limits.model_timeout_s)
+                pred = res["prediction"] if res.get("ok") else None
+            except Exception as exc:  # noqa: BLE001 - a lost loop check is only a missed loop
+                log.warning("session %s: loop window failed: %s", self.sid, exc, extra={"session_id": self.sid})
+            report = await self._run(rec.integrate_loop, plan, pred)
+            log.info("session %s: loop %s", self.sid, report, extra={"session_id": self.sid})
+            if not report.get("accepted"):
+                return
+
     # Both run in the pool under the lock; the snapshot lets another replica continue the session.
     def _integrate(self, plan: WindowPlan, pred):
         """(output, snapshot, start time, the error code if the window is not placed)."""
@@ -301,7 +356,7 @@ class SessionWorker:
 
     @property
     def idle(self) -> bool:
-        return not self.recon.pending and self.order.empty() and self.in_flight == 0
+        return not self.recon.pending and self.order.empty() and self.in_flight == 0 and not self.graph_busy
 
     async def _maybe_complete(self) -> None:
         # The plan loop and finalize() both get here; `completing` keeps it to one actor call at a time, and

@@ -1,0 +1,294 @@
+"""Sim(3) pose graph over a session's windows: nodes, relative-pose edges, a robust sparse solver. Pure numpy/scipy.
+
+A node is one window: its Sim(3) from the window's own gauge (model output, arbitrary scale) to the world. An
+edge (a, b, Z) says "gauge b -> gauge a is Z", i.e. S_b ≈ S_a ∘ Z. Odometry edges come from the frames two
+windows share (context frames), loop edges from a verified loop window. Each gauge is normalised by the window's
+median depth, so a translation residual is in units of the scene depth in every window (the model's per-window
+scale does not weigh edges).
+
+The solver is Gauss-Newton on a sparse normal matrix (scipy.sparse + SuperLU) with per-edge residual
+r = [log R_E / sigma_rot, t_E / sigma_t, log s_E / sigma_s] of E = Z^-1 ∘ S_a^-1 ∘ S_b (normalised gauges),
+Jacobians by batched finite differences (every edge at once, 14 evaluations), and Huber weights per edge after a
+first plain least-squares pass (a wrong edge then pulls with bounded force; loops that disagree with the
+odometry are also refused before they enter, see `loop_discrepancy`). bench/posegraph.py compares it with gtsam.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+import scipy.sparse.linalg as spla
+from scipy.sparse.csgraph import connected_components
+
+from serve_app.geometry import Sim3
+
+# --- batched Sim(3) helpers: (s (n,), R (n, 3, 3), t (n, 3)) ------------------------------------------------
+
+
+def _hat(w: np.ndarray) -> np.ndarray:
+    K = np.zeros(w.shape[:-1] + (3, 3))
+    K[..., 0, 1], K[..., 0, 2] = -w[..., 2], w[..., 1]
+    K[..., 1, 0], K[..., 1, 2] = w[..., 2], -w[..., 0]
+    K[..., 2, 0], K[..., 2, 1] = -w[..., 1], w[..., 0]
+    return K
+
+
+def so3_exp(w: np.ndarray) -> np.ndarray:
+    """Rotation vectors (..., 3) -> rotation matrices (..., 3, 3) (Rodrigues)."""
+    w = np.asarray(w, np.float64)
+    th = np.linalg.norm(w, axis=-1)[..., None, None]
+    K = _hat(w)
+    small = th < 1e-8
+    ths = np.where(small, 1.0, th)
+    a = np.where(small, 1.0, np.sin(ths) / ths)
+    b = np.where(small, 0.5, (1.0 - np.cos(ths)) / ths ** 2)
+    return np.eye(3) + a * K + b * (K @ K)
+
+
+def so3_log(R: np.ndarray) -> np.ndarray:
+    """Rotation matrices (..., 3, 3) -> rotation vectors (..., 3) (angles below ~179.9 degrees)."""
+    R = np.asarray(R, np.float64)
+    c = np.clip((np.trace(R, axis1=-2, axis2=-1) - 1.0) / 2.0, -1.0, 1.0)
+    th = np.arccos(c)
+    v = np.stack([R[..., 2, 1] - R[..., 1, 2], R[..., 0, 2] - R[..., 2, 0], R[..., 1, 0] - R[..., 0, 1]], -1)
+    s = np.sin(th)
+    f = np.where(th < 1e-6, 0.5, th / (2.0 * np.where(th < 1e-6, 1.0, s)))
+    return v * f[..., None]
+
+
+def _compose(a, b):
+    sa, Ra, ta = a
+    sb, Rb, tb = b
+    return sa * sb, Ra @ Rb, sa[:, None] * np.einsum("nij,nj->ni", Ra, tb) + ta
+
+
+def _inverse(a):
+    s, R, t = a
+    Rt = np.swapaxes(R, 1, 2)
+    return 1.0 / s, Rt, -np.einsum("nij,nj->ni", Rt, t) / s[:, None]
+
+
+def _stack(sims: list[Sim3]):
+    return (np.array([x.s for x in sims], np.float64), np.stack([x.R for x in sims]).astype(np.float64),
+            np.stack([x.t for x in sims]).astype(np.float64))
+
+
+def _retract(x, d):
+    """x ∘ Exp(d) for d (n, 7) = (rotation vector, translation, log scale)."""
+    s, R, t = x
+    return s * np.exp(d[:, 6]), R @ so3_exp(d[:, :3]), s[:, None] * np.einsum("nij,nj->ni", R, d[:, 3:6]) + t
+
+
+def _residuals(xa, xb, zinv, sig) -> np.ndarray:
+    """(m, 7) whitened residuals of E = Z^-1 ∘ A^-1 ∘ B."""
+    s, R, t = _compose(zinv, _compose(_inverse(xa), xb))
+    return np.concatenate([so3_log(R), t, np.log(s)[:, None]], 1) / sig
+
+
+@dataclass
+class Edge:
+    a: int  # node (window) ids
+    b: int
+    z: Sim3  # normalised gauge b -> normalised gauge a
+    kind: str = "odom"  # "odom" | "loop"
+    weight: float = 1.0  # multiplies the information (alignment quality)
+
+
+@dataclass
+class SolveResult:
+    poses: dict[int, Sim3]  # node -> normalised gauge -> world
+    iterations: int
+    cost_before: float
+    cost_after: float
+    downweighted: list[int] = field(default_factory=list)  # edges the robust kernel cut below half weight
+
+
+@dataclass
+class GraphParams:
+    sigma_rot_deg: float = 1.0
+    sigma_trans: float = 0.02  # x depth
+    sigma_scale: float = 0.02  # log scale
+    huber: float = 5.0  # whitened residual norm (7 components: ~2.6 typical) beyond which an edge pulls less
+    max_iterations: int = 10
+    tol: float = 1e-4  # largest update (radians / depth units / log scale) at which an iteration has converged
+
+    @property
+    def sig(self) -> np.ndarray:
+        return np.array([np.deg2rad(self.sigma_rot_deg)] * 3 + [self.sigma_trans] * 3 + [self.sigma_scale])
+
+
+class PoseGraph:
+    """Nodes keyed by window index (normalised gauge -> world), edges between them. Plain data; snapshot-able."""
+
+    def __init__(self, params: GraphParams | None = None):
+        self.params = params or GraphParams()
+        self.nodes: dict[int, Sim3] = {}
+        self.edges: list[Edge] = []
+
+    def add_node(self, k: int, pose: Sim3) -> None:
+        self.nodes[int(k)] = pose
+
+    def add_edge(self, edge: Edge) -> None:
+        if edge.a not in self.nodes or edge.b not in self.nodes:
+            raise KeyError(f"edge {edge.a}-{edge.b}: unknown node")
+        self.edges.append(edge)
+
+    @property
+    def num_loops(self) -> int:
+        return sum(e.kind == "loop" for e in self.edges)
+
+    def loop_discrepancy(self, edge: Edge, odometry_steps: int) -> float:
+        """Squared whitened disagreement of a candidate edge with the current estimate, per odometry step between
+        its ends: a true loop differs by the drift accumulated over those steps (a random walk, so the squared
+        discrepancy grows with their number); a false one by the distance between two different places."""
+        xa, xb = _stack([self.nodes[edge.a]]), _stack([self.nodes[edge.b]])
+        r = _residuals(xa, xb, _inverse(_stack([edge.z])), self.params.sig)
+        return float((r ** 2).sum() / max(odometry_steps, 1))
+
+    def state(self) -> dict:
+        return {"nodes": dict(self.nodes), "edges": list(self.edges), "params": self.params}
+
+    @classmethod
+    def from_state(cls, st: dict) -> PoseGraph:
+        g = cls(st["params"])
+        g.nodes = dict(st["nodes"])
+        g.edges = list(st["edges"])
+        return g
+
+    def solve(self, fixed: int | None = None) -> SolveResult:
+        """Optimise every node but `fixed` (default: the oldest) from the current estimate."""
+        ids = sorted(self.nodes)
+        return solve(ids, [self.nodes[i] for i in ids], self.edges, self.params,
+                     fixed=ids[0] if fixed is None else fixed)
+
+
+def solve(ids: list[int], poses: list[Sim3], edges: list[Edge], params: GraphParams,
+          fixed: int | set[int] | list[int]) -> SolveResult:
+    """Robust Gauss-Newton over the graph, the `fixed` node(s) held (at least one: the gauge). Returns the poses
+    by id."""
+    n = len(ids)
+    pos = {k: i for i, k in enumerate(ids)}
+    edges = [e for e in edges if e.a in pos and e.b in pos]
+    if not edges or n < 2:
+        return SolveResult(dict(zip(ids, poses)), 0, 0.0, 0.0)
+    x = _stack(poses)
+    ia = np.array([pos[e.a] for e in edges])
+    ib = np.array([pos[e.b] for e in edges])
+    zinv = _inverse(_stack([e.z for e in edges]))
+    base_w = np.array([e.weight for e in edges], np.float64)
+    sig = params.sig
+    m = len(edges)
+    free = np.ones(n, bool)
+    for k in ([fixed] if isinstance(fixed, int) else fixed):
+        if k in pos:
+            free[pos[k]] = False
+    if free.all() or not free.any():
+        raise ValueError("solve needs at least one fixed and one free node")
+    # A part of the graph not connected to a fixed node (e.g. windows whose edges a session takeover lost) has
+    # no gauge: hold its oldest node too, so it moves rigidly with nothing instead of drifting off.
+    ncomp, comp = connected_components(sp.coo_matrix((np.ones(len(edges)), (
+        [pos[e.a] for e in edges], [pos[e.b] for e in edges])), shape=(n, n)), directed=False)
+    for c in range(ncomp):
+        members = np.flatnonzero(comp == c)
+        if free[members].all():
+            free[members[0]] = False
+    if not free.any():
+        return SolveResult(dict(zip(ids, poses)), 0, 0.0, 0.0)
+    col_of = np.full(n, -1)
+    col_of[free] = np.arange(int(free.sum()))
+    nv = 7 * int(free.sum())
+
+    def sel(xx, idx):
+        return xx[0][idx], xx[1][idx], xx[2][idx]
+
+    def res(xx):
+        return _residuals(sel(xx, ia), sel(xx, ib), zinv, sig)
+
+    r = res(x)
+    cost0 = float((base_w * (r ** 2).sum(1)).sum())
+    # Sparsity pattern of J (m*7 rows; columns 7*node), fixed across iterations.
+    rows = np.repeat(np.arange(7 * m).reshape(m, 7), 7, axis=1)  # (m, 49) per side
+    eps = 1e-6
+    it = 0
+    w = base_w.copy()
+    robust = False
+    for it in range(1, params.max_iterations + 1):
+        xa, xb = sel(x, ia), sel(x, ib)
+        r = _residuals(xa, xb, zinv, sig)
+        if robust:
+            nrm = np.sqrt((r ** 2).sum(1))
+            w = base_w * np.where(nrm <= params.huber, 1.0, params.huber / np.maximum(nrm, 1e-300))
+        Ja = np.empty((m, 7, 7))
+        Jb = np.empty((m, 7, 7))
+        for k in range(7):
+            d = np.zeros((m, 7))
+            d[:, k] = eps
+            Ja[:, :, k] = (_residuals(_retract(xa, d), xb, zinv, sig) - r) / eps
+            Jb[:, :, k] = (_residuals(xa, _retract(xb, d), zinv, sig) - r) / eps
+        sw = np.sqrt(w)[:, None]
+        blocks, cols, rr = [], [], []
+        for J, node in ((Ja, ia), (Jb, ib)):
+            ok = free[node]
+            c = (7 * col_of[node])[:, None, None] + np.arange(7)[None, None, :]
+            blocks.append((J * sw[:, :, None])[ok].reshape(-1))
+            cols.append(np.broadcast_to(c, (m, 7, 7))[ok].reshape(-1))
+            rr.append(rows.reshape(m, 7, 7)[ok].reshape(-1))
+        J = sp.csr_matrix((np.concatenate(blocks), (np.concatenate(rr), np.concatenate(cols))), shape=(7 * m, nv))
+        rw = (r * sw).reshape(-1)
+        H = (J.T @ J).tocsc()
+        g = J.T @ rw
+        H = H + sp.identity(nv, format="csc") * 1e-9
+        delta = -spla.splu(H, permc_spec="MMD_AT_PLUS_A", options={"SymmetricMode": True}).solve(g)
+        if not np.isfinite(delta).all():
+            break
+        D = np.zeros((n, 7))
+        D[free] = delta.reshape(-1, 7)
+        x = _retract(x, D)
+        step = float(np.abs(delta).max())
+        if step < params.tol:
+            if robust:
+                break
+            # Plain least squares converged: down-weight edges that still disagree, if any do.
+            nrm = np.sqrt((res(x) ** 2).sum(1))
+            if not (nrm > params.huber).any():
+                break
+            robust = True
+    r = res(x)
+    nrm = np.sqrt((r ** 2).sum(1))
+    cost1 = float((base_w * (r ** 2).sum(1)).sum())
+    down = [i for i in range(m) if nrm[i] > 2 * params.huber]
+    out = {k: Sim3(x[0][i], x[1][i], x[2][i]) for k, i in pos.items()}
+    return SolveResult(out, it, cost0, cost1, down)
+
+
+def solve_gtsam(ids: list[int], poses: list[Sim3], edges: list[Edge], params: GraphParams, fixed: int
+                ) -> dict[int, Sim3]:
+    """The same problem with gtsam (Levenberg-Marquardt, Huber-robust between factors), for bench/posegraph.py.
+    gtsam's Similarity3(R, t, s) maps x -> s (R x + t), ours x -> s R x + t; its tangent is (w, u, lambda)."""
+    import gtsam
+
+    def to_g(x: Sim3):
+        return gtsam.Similarity3(gtsam.Rot3(x.R), x.t / x.s, x.s)
+
+    g = gtsam.NonlinearFactorGraph()
+    init = gtsam.Values()
+    for k, x in zip(ids, poses):
+        init.insert(k, to_g(x))
+    sig = params.sig
+    g.add(gtsam.PriorFactorSimilarity3(fixed, to_g(poses[ids.index(fixed)]),
+                                       gtsam.noiseModel.Isotropic.Sigma(7, 1e-6)))
+    for e in edges:
+        nm = gtsam.noiseModel.Diagonal.Sigmas(sig / np.sqrt(e.weight))
+        nm = gtsam.noiseModel.Robust.Create(gtsam.noiseModel.mEstimator.Huber.Create(params.huber), nm)
+        g.add(gtsam.BetweenFactorSimilarity3(e.a, e.b, to_g(e.z), nm))
+    lm = gtsam.LevenbergMarquardtParams()
+    lm.setMaxIterations(params.max_iterations)
+    res = gtsam.LevenbergMarquardtOptimizer(g, init, lm).optimize()
+    out = {}
+    for k in ids:
+        y = res.atSimilarity3(k)
+        s = float(y.scale())
+        out[k] = Sim3(s, y.rotation().matrix(), s * np.asarray(y.translation()))
+    return out
