@@ -149,3 +149,11 @@ def redis_url(tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="session")
+def redis_app(serve_url, redis_url):
+    """Oracle backend whose session actor keeps its sessions in the test session's redis-server."""
+    args = app_args(model={"backend": "oracle", "oracle_scene": SCENE},
+                    session_actor={"backend": "redis", "redis_url": redis_url})
+    return deploy(serve_url, "redisapp", args), args
