@@ -202,6 +202,8 @@ class SessionActor:
             s = self.store.sessions.get(sid)
             if s is None:
                 return {"gone": self.store.gone_reason(sid)}
+            if s.connection_id is None and self.backend is not None:
+                s.connection_id = connection_id  # reloaded after a restart: the live stream that asks holds it
             if s.connection_id != connection_id:
                 return {"displaced": True}
             recs = self.store.records_after(sid, after_seq, skip_epoch)  # window and correction records
