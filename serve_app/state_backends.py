@@ -95,9 +95,18 @@ class JournalBackend(StateBackend):
 
     def __init__(self, state_dir: str):
         self.journal = SessionJournal(state_dir)
+        self._written: dict[str, int] = {}  # last record seq in each .rec file: a retried commit is not rewritten
 
     def load_all(self) -> list[Session]:
-        return self.journal.load_all()
+        out = self.journal.load_all()
+        self._written = {s.session_id: s.records[-1].seq for s in out if s.records}
+        return out
+
+    async def commit(self, s: Session, rec: ResultRecord, indices, snapshot: bool, epoch: int | None) -> bool:
+        if rec.seq <= self._written.get(s.session_id, 0):
+            return True
+        self._written[s.session_id] = rec.seq
+        return await super().commit(s, rec, indices, snapshot, epoch)
 
     async def save_meta(self, s: Session) -> None:
         self.journal.save_meta(s)
@@ -118,6 +127,7 @@ class JournalBackend(StateBackend):
         self.journal.save_corrections(s)
 
     async def delete(self, session_id: str) -> None:
+        self._written.pop(session_id, None)
         self.journal.delete(session_id)
 
 
@@ -140,8 +150,11 @@ _COMMIT = """
 local cur = redis.call('HGET', KEYS[1], 'epoch')
 if cur and ARGV[3] ~= '' and tonumber(ARGV[3]) ~= tonumber(cur) then return -2 end
 if ARGV[4] ~= '' then
-  redis.call('XADD', KEYS[3], ARGV[4], 'r', ARGV[5])
-  redis.call('HINCRBY', KEYS[1], 'rec_bytes', string.len(ARGV[5]))
+  -- an id at or below the stream's last: a retried commit whose record is stored already
+  local added = redis.pcall('XADD', KEYS[3], ARGV[4], 'r', ARGV[5])
+  if type(added) ~= 'table' or not added.err then
+    redis.call('HINCRBY', KEYS[1], 'rec_bytes', string.len(ARGV[5]))
+  end
 end
 for i = 11, #ARGV do redis.call('HDEL', KEYS[2], ARGV[i]) end
 if ARGV[6] == '1' then redis.call('SET', KEYS[4], ARGV[7]) end

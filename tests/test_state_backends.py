@@ -230,6 +230,31 @@ def test_redis_records_are_compacted_to_the_point_budget(redis_url, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("kind", ["redis", "journal"])
+def test_retried_calls_are_not_applied_twice(kind, redis_url, tmp_path):
+    """Ray retries an actor call (max_task_retries) when the actor died before answering, possibly after it had
+    stored the result: a retried accept or commit returns what is stored and writes nothing new."""
+    cfg = _backend_cfg(kind, redis_url, tmp_path)
+
+    async def run():
+        actor = SessionActor(LIMITS, None, cfg)
+        sid = (await actor.create({}, None))["session_id"]
+        epoch = (await actor.take_worker(sid))["epoch"]
+        a = await actor.accept_frame(sid, None, epoch, _frame(0), index=0)
+        again = await actor.accept_frame(sid, None, epoch, _frame(0), index=0)
+        frames = [{"index": 0, "frame_id": "f0"}]
+        first = await actor.commit_window(sid, {"window": 0}, frames, *_points(0, 20), _snapshot(0), epoch=epoch)
+        retry = await actor.commit_window(sid, {"window": 0}, frames, *_points(0, 20), _snapshot(0), epoch=epoch)
+        return actor, sid, (a, again), (first, retry)
+
+    actor, sid, accepts, commits = asyncio.run(run())
+    assert accepts == (0, 0) and commits[0] == commits[1]
+    s = actor.store.sessions[sid]
+    assert (s.frames_received, s.frames_processed, s.windows, len(s.records)) == (1, 1, 1, 1)
+    reloaded = SessionActor(LIMITS, None, cfg).store.sessions[sid]
+    assert [r.seq for r in reloaded.records] == [commits[0][0]] and reloaded.frames_processed == 1
+
+
 def test_backend_config():
     assert SessionActorConfig().effective_backend == "memory"
     assert SessionActorConfig(state_dir="/tmp/x").effective_backend == "journal"
