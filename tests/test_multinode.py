@@ -19,9 +19,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -104,9 +107,13 @@ class Cluster:
                               f"--gcs-address={self.address}", str(self.tmp)])
 
 
-def run_scenario(backend: str, redis_url: str | None, tmp_path: Path) -> dict:
+def run_scenario(backend: str, redis_url: str | None) -> dict:
+    # A short root: Ray's socket paths under it must fit AF_UNIX's 107 bytes (pytest's tmp_path does not).
+    tmp_path = Path(tempfile.mkdtemp(prefix="da3mn", dir="/tmp"))
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'clients'}", "RAY_DEDUP_LOGS": "0",
-           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           # token authentication with this cluster's own token, for every node and the driver
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     cluster = Cluster(tmp_path, env)
     try:
         cluster.start()
@@ -118,16 +125,19 @@ def run_scenario(backend: str, redis_url: str | None, tmp_path: Path) -> dict:
         if not lines:
             raise AssertionError(f"scenario failed (rc {res.returncode}):\n{res.stdout[-4000:]}\n"
                                  f"{res.stderr[-6000:]}")
-        return json.loads(lines[-1][len("RESULT "):])
+        result = json.loads(lines[-1][len("RESULT "):])
+        print(f"multinode {backend}: " + json.dumps(result))  # the figures, for the log (pytest -s)
+        return result
     finally:
         cluster.stop()
         time.sleep(1)
         left = _procs_matching([f"--gcs-address={cluster.address}", f"--gcs_server_port={cluster.gcs_port}"])
+        shutil.rmtree(tmp_path, ignore_errors=True)
         assert not left, f"processes of the test cluster left running: {left}"
 
 
-def test_node_loss_with_redis_backend_loses_nothing(redis_url, tmp_path):
-    r = run_scenario("redis", redis_url, tmp_path)
+def test_node_loss_with_redis_backend_loses_nothing(redis_url):
+    r = run_scenario("redis", redis_url)
     assert r["actor_node"] == r["node_a"] and r["restarted_on"] == r["node_b"], r
     base = r["baseline"]
     assert base["frames_processed"] == FRAMES and not base["errors"]
@@ -138,8 +148,8 @@ def test_node_loss_with_redis_backend_loses_nothing(redis_url, tmp_path):
         assert s["server_frames_processed"] == FRAMES
 
 
-def test_node_loss_with_memory_backend_reports_session_lost(tmp_path):
-    r = run_scenario("memory", None, tmp_path)
+def test_node_loss_with_memory_backend_reports_session_lost():
+    r = run_scenario("memory", None)
     assert r["actor_node"] == r["node_a"], r
     for s in r["sessions"]:
         assert s["error"] == "SESSION_LOST" or "SESSION_LOST" in s["errors"], s
@@ -198,7 +208,7 @@ async def _scenario(spec: dict) -> dict:
     from serve_app.deployments.session_actor import SessionActor
     from serve_app.synthetic import SceneSpec, render_sequence
 
-    scene = {"seed": 3, "num_frames": spec["frames"], "width": 96, "height": 72, "trajectory": "orbit"}
+    scene = {"seed": 3, "num_frames": spec["frames"], "width": 154, "height": 112, "trajectory": "orbit"}
     images = render_sequence(SceneSpec.from_dict(scene)).images
     ray.init(address=spec["address"], namespace=STORE_NS)
     nodes = {n["NodeID"]: n for n in ray.nodes() if n["Alive"]}
@@ -208,7 +218,7 @@ async def _scenario(spec: dict) -> dict:
     if spec["redis_url"]:
         store_cfg["redis_url"] = spec["redis_url"]
     args = {"model": {"backend": "oracle", "oracle_scene": scene},
-            "session_defaults": {"process_res": 84, "window_size": 4, "overlap": 2, "max_points_per_frame": 500},
+            "session_defaults": {"process_res": 140, "window_size": 4, "overlap": 2, "max_points_per_frame": 500},
             "limits": {"max_sessions": 10, "max_in_flight": 12, "sweep_interval_s": 1.0},
             "session_actor": store_cfg}
     cfg = parse_args(args)
@@ -242,8 +252,8 @@ async def _scenario(spec: dict) -> dict:
         go_on.set()
         sessions = await asyncio.wait_for(asyncio.gather(*tasks), 600)
         restarted_on = ""
-        deadline = time.time() + 120
-        while time.time() < deadline and not restarted_on:
+        deadline = time.time() + 120  # the GCS notices the lost node after its health checks fail
+        while time.time() < deadline and restarted_on in ("", node_a):
             restarted_on = _actor_node(actor)
             await asyncio.sleep(0.5)
         async with httpx.AsyncClient(timeout=30) as http:
