@@ -121,6 +121,8 @@ def run_scenario(backend: str, redis_url: str | None) -> dict:
                 "http_port": _free_port()}
         res = subprocess.run([sys.executable, __file__, json.dumps(spec)], env=env, capture_output=True,
                              text=True, timeout=900, check=False)
+        # the driver's output (with the cluster's logs) stays for a look after a failure
+        Path(f"/tmp/da3-multinode-{backend}.log").write_text(res.stdout + "\n---- stderr\n" + res.stderr)
         lines = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
         if not lines:
             raise AssertionError(f"scenario failed (rc {res.returncode}):\n{res.stdout[-4000:]}\n"
@@ -214,7 +216,9 @@ async def _scenario(spec: dict) -> dict:
     nodes = {n["NodeID"]: n for n in ray.nodes() if n["Alive"]}
     node_a = next(i for i, n in nodes.items() if "node_a" in n["Resources"])
     node_b = next(i for i, n in nodes.items() if "node_b" in n["Resources"])
-    store_cfg = {"name": STORE_NAME, "namespace": STORE_NS, "backend": spec["backend"]}
+    # Calls in flight when the node dies are retried on the restarted actor until it is back (the store's
+    # accept and commit are idempotent on retry); 3 retries run out while the GCS is still noticing the loss.
+    store_cfg = {"name": STORE_NAME, "namespace": STORE_NS, "backend": spec["backend"], "max_task_retries": -1}
     if spec["redis_url"]:
         store_cfg["redis_url"] = spec["redis_url"]
     args = {"model": {"backend": "oracle", "oracle_scene": scene},
@@ -225,7 +229,7 @@ async def _scenario(spec: dict) -> dict:
     # The store on worker A, never the head (`store` exists on the workers only); soft affinity, so Ray
     # restarts it on worker B when A is gone. The app's get_session_actor finds it by name (get_if_exists).
     actor = ray.remote(SessionActor).options(
-        name=STORE_NAME, namespace=STORE_NS, lifetime="detached", max_restarts=-1, max_task_retries=3,
+        name=STORE_NAME, namespace=STORE_NS, lifetime="detached", max_restarts=-1, max_task_retries=-1,
         num_cpus=0, max_concurrency=1000, resources={"store": 0.01},
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_a, soft=True),
     ).remote(cfg.limits.model_dump(), None, cfg.session_actor.model_dump())
