@@ -141,6 +141,7 @@ def run_scenario(backend: str, redis_url: str | None) -> dict:
 def test_node_loss_with_redis_backend_loses_nothing(redis_url):
     r = run_scenario("redis", redis_url)
     assert r["actor_node"] == r["node_a"] and r["restarted_on"] == r["node_b"], r
+    assert sum(k["acked"] - k["processed"] for k in r["at_kill"]) > 0, r["at_kill"]  # frames were in flight
     base = r["baseline"]
     assert base["frames_processed"] == FRAMES and not base["errors"]
     for s in r["sessions"]:
@@ -159,17 +160,24 @@ def test_node_loss_with_memory_backend_reports_session_lost():
 
 # --- the scenario, in a child process ---------------------------------------------------------------------------
 
-async def _session(client, sid, images, half_sent, go_on) -> dict:
+async def _session(client, sid, images, half_sent, go_on, streams: list | None = None) -> dict:
+    import asyncio
+
     from da3_client import Da3Error
 
     out = {"sid": sid, "error": None, "errors": []}
     s = client.stream(sid, backoff_s=0.3, max_reconnects=30)
+    if streams is not None:
+        streams.append(s)
     try:
         await s.connect()
         n = len(images)
         for i in range(n // 2):
             await s.send_frame(images[i], frame_id=i)
         await s.flush()
+        deadline = time.time() + 120
+        while s.frames_acked < n // 2 and time.time() < deadline:  # the kill comes right after these acks
+            await asyncio.sleep(0.01)
         half_sent.set()
         await go_on.wait()
         for i in range(n // 2, n):
@@ -249,9 +257,12 @@ async def _scenario(spec: dict) -> dict:
         sids = [(await client.create_session())["session_id"] for _ in range(2)]
         halves = [asyncio.Event() for _ in sids]
         go_on = asyncio.Event()
-        tasks = [asyncio.create_task(_session(client, sid, images, h, go_on))
+        streams: list = []
+        tasks = [asyncio.create_task(_session(client, sid, images, h, go_on, streams))
                  for sid, h in zip(sids, halves, strict=True)]
         await asyncio.wait_for(asyncio.gather(*(h.wait() for h in halves)), 300)
+        # acked but not yet processed when the node goes: these are what the store must not lose
+        at_kill = [{"acked": s.frames_acked, "processed": s.frames_processed} for s in streams]
         killed = kill_matching(node_needles(node_a))  # worker A is gone: raylet, agents, the store's worker
         go_on.set()
         sessions = await asyncio.wait_for(asyncio.gather(*tasks), 600)
@@ -266,7 +277,7 @@ async def _scenario(spec: dict) -> dict:
                 s["server_status"] = r.status_code
                 s["server_frames_processed"] = r.json().get("frames_processed") if r.status_code == 200 else None
     return {"node_a": node_a, "node_b": node_b, "actor_node": actor_node, "restarted_on": restarted_on,
-            "killed_processes": killed, "baseline": baseline, "sessions": sessions}
+            "killed_processes": killed, "at_kill": at_kill, "baseline": baseline, "sessions": sessions}
 
 
 if __name__ == "__main__":
