@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 DA3_SPEC   ?= depth-anything-3==0.1.1
 
-.PHONY: install browser test demo serve-local bench lint clean
+.PHONY: install browser system-deps test demo serve-local bench lint clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,7 +24,11 @@ install: $(STAMP)
 browser:
 	bash .ci/install-chromium
 
-test: $(STAMP) browser
+# Debian redis-server for the redis session backend's tests (the tests start their own on a free port).
+system-deps: browser
+	bash .ci/install-redis
+
+test: $(STAMP) system-deps
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)

@@ -318,6 +318,27 @@ class SessionActorConfig(_Strict):
     # other node they fall back to the head, with a log line. False: Ray's SPREAD strategy over all nodes.
     avoid_head_node: bool = True
 
+    # Where sessions persist (serve_app/state_backends.py): memory (lost with the actor), journal (files in
+    # state_dir, lost with the node), redis (survives the node). None: journal if state_dir is set, else memory.
+    backend: Literal["memory", "journal", "redis"] | None = None
+    redis_url: str | None = None  # redis://host:port/db (rediss:// for TLS); None: read from redis_url_env
+    redis_url_env: str = "DA3_REDIS_URL"
+    redis_prefix: str | None = None  # key prefix; None: "da3:<namespace>/<name>:" (apps may share one Redis)
+    # Keys live this long past the session's own expiry (the actor's sweep deletes them first; a touch is not
+    # written to Redis, so the grace covers an idle session that clients kept alive with touches only).
+    redis_expiry_grace_s: float = Field(3600.0, ge=0)
+    redis_timeout_s: float = Field(5.0, gt=0)  # per command; a Redis that does not answer fails the call
+
+    @property
+    def effective_backend(self) -> str:
+        return self.backend or ("journal" if self.state_dir else "memory")
+
+    @model_validator(mode="after")
+    def _backend_needs(self) -> SessionActorConfig:
+        if self.backend == "journal" and not self.state_dir:
+            raise ValueError("session_actor.backend journal needs session_actor.state_dir")
+        return self
+
 
 _TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 

@@ -29,6 +29,49 @@ META_FIELDS = ("session_id", "owner", "created_at", "updated_at", "state", "fram
                "frames_failed", "windows", "last_seq", "points_total", "error", "finished_at", "worker_epoch")
 
 
+def meta_dict(s: Session) -> dict:
+    """The session's small, JSON-able metadata (no records, frames or snapshot)."""
+    meta = {k: getattr(s, k) for k in META_FIELDS}
+    meta["params"] = s.params.model_dump()
+    meta["stream_state"] = None  # opaque worker state is stored apart
+    return meta
+
+
+def session_from_meta(meta: dict) -> Session:
+    """A Session from meta_dict's output; raises on a torn or foreign one."""
+    s = Session(session_id=meta["session_id"], owner=meta["owner"],
+                params=SessionParams.model_validate(meta["params"]),
+                created_at=meta["created_at"], updated_at=meta["updated_at"])
+    for k in META_FIELDS[2:]:
+        if k in meta:
+            setattr(s, k, meta[k])
+    return s
+
+
+def corrections_json(s: Session) -> str:
+    """The session's (compacted) correction messages as stored: JSON, bounded by one row per window."""
+    return json.dumps([{"message": c.message, "epoch": c.epoch} for c in s.corrections], separators=(",", ":"))
+
+
+def apply_corrections(s: Session, text: str | bytes) -> None:
+    """Correction records (as corrections_json wrote them) and the per-window state they build, into `s`. A
+    correction written just before a crash that kept the metadata from saving its seq is kept (its row set
+    already dropped rows it supersedes). Torn or foreign text is ignored."""
+    try:
+        stored = json.loads(text)
+        recs = [CorrectionRecord(seq=int(c["message"]["seq"]), message=c["message"], epoch=c.get("epoch"))
+                for c in stored]
+        state: dict = {}
+        for c in recs:
+            state = corrections.merge(state, corrections.from_message(c.message))
+    except (ValueError, KeyError, TypeError):
+        return  # torn or foreign: the map is served uncorrected until the next optimisation
+    s.corrections, s.transforms = recs, state
+    if recs:
+        s.last_seq = max(s.last_seq, recs[-1].seq)
+        s.correction_version = max(s.correction_version, int(recs[-1].message.get("version", 0)))
+
+
 class SessionJournal:
     def __init__(self, directory: str | Path, compact_slack_bytes: int = 1 << 20):
         self.dir = Path(directory)
@@ -37,9 +80,7 @@ class SessionJournal:
         self.compactions = 0
 
     def save_meta(self, s: Session) -> None:
-        meta = {k: getattr(s, k) for k in META_FIELDS}
-        meta["params"] = s.params.model_dump()
-        meta["stream_state"] = None  # opaque worker state lives in the .state file
+        meta = meta_dict(s)
         tmp = self.dir / f"{s.session_id}.json.tmp"
         tmp.write_text(json.dumps(meta))
         os.replace(tmp, self.dir / f"{s.session_id}.json")  # atomic: a crash leaves the old or the new file
@@ -82,29 +123,18 @@ class SessionJournal:
         """`<id>.corr` (JSON): the session's (compacted) correction messages, rewritten atomically; JSON, and
         bounded by one row per window."""
         tmp = self.dir / f"{s.session_id}.corr.tmp"
-        tmp.write_text(json.dumps([{"message": c.message, "epoch": c.epoch} for c in s.corrections],
-                                  separators=(",", ":")))
+        tmp.write_text(corrections_json(s))
         os.replace(tmp, self.dir / f"{s.session_id}.corr")
 
     def load_corrections(self, s: Session) -> None:
         """Correction records and the per-window state they build. A correction written just before a crash
         that kept the metadata from saving its seq is kept (its file already dropped rows it supersedes)."""
         path = self.dir / f"{s.session_id}.corr"
-        if not path.exists():
-            return
         try:
-            stored = json.loads(path.read_text())
-            recs = [CorrectionRecord(seq=int(c["message"]["seq"]), message=c["message"], epoch=c.get("epoch"))
-                    for c in stored]
-            state: dict = {}
-            for c in recs:
-                state = corrections.merge(state, corrections.from_message(c.message))
-        except (OSError, ValueError, KeyError, TypeError):
-            return  # torn or foreign: the map is served uncorrected until the next optimisation
-        s.corrections, s.transforms = recs, state
-        if recs:
-            s.last_seq = max(s.last_seq, recs[-1].seq)
-            s.correction_version = max(s.correction_version, int(recs[-1].message.get("version", 0)))
+            text = path.read_text()
+        except OSError:
+            return
+        apply_corrections(s, text)
 
     def save_stream_state(self, s: Session) -> None:
         tmp = self.dir / f"{s.session_id}.state.tmp"
@@ -161,15 +191,9 @@ class SessionJournal:
         out = []
         for meta_path in sorted(self.dir.glob("*.json")):
             try:
-                meta = json.loads(meta_path.read_text())
-                s = Session(session_id=meta["session_id"], owner=meta["owner"],
-                            params=SessionParams.model_validate(meta["params"]),
-                            created_at=meta["created_at"], updated_at=meta["updated_at"])
+                s = session_from_meta(json.loads(meta_path.read_text()))
             except Exception:  # noqa: BLE001, S112 - a torn or foreign file: skipped, its session is SESSION_LOST
                 continue
-            for k in META_FIELDS[2:]:
-                if k in meta:
-                    setattr(s, k, meta[k])
             rec_path = meta_path.with_suffix(".rec")
             if rec_path.exists():
                 for rec in self.read_records(rec_path):

@@ -240,6 +240,9 @@ class SessionStore:
         (when given: the worker numbered the frames itself) must be the next one."""
         s = self.sessions[session_id]
         self._check_epoch(s, epoch)
+        if (index is not None and count == 1 and index < s.frames_received and index in s.pending
+                and payloads is not None and self._same_frame(s.pending[index], payloads[0])):
+            return index  # Ray retried a call whose answer was lost (the store restarted after saving it)
         if s.state in ("complete", "failed", "finalizing"):
             raise finalized_error(s.state)
         if s.frames_received + count > s.params.max_frames:
@@ -263,6 +266,11 @@ class SessionStore:
         return first
 
     @staticmethod
+    def _same_frame(a: Any, b: Any) -> bool:
+        return getattr(a, "frame_id", a) == getattr(b, "frame_id", b) and \
+            getattr(a, "encoded", None) == getattr(b, "encoded", None)
+
+    @staticmethod
     def _check_epoch(s: Session, epoch: int | None) -> None:
         if epoch is not None and epoch != s.worker_epoch:
             raise ServiceError(ErrorCode.SESSION_BUSY, "another server replica has taken this session over; "
@@ -283,6 +291,10 @@ class SessionStore:
                       epoch: int | None = None) -> ResultRecord:
         """Store one processed window; enforces the session point budget by evicting the oldest points."""
         s = self.sessions[session_id]
+        indices = [f.get("index") for f in frames if f.get("index") is not None]
+        if indices and s.records and s.records[-1].epoch == epoch and max(indices) < s.frames_received and \
+                not any(i in s.pending for i in indices) and set(indices) <= {f.get("index") for f in s.records[-1].frames}:
+            return s.records[-1]  # Ray retried a commit whose answer was lost: it is stored already
         s.last_seq += 1
         for f in frames:
             s.pending.pop(f.get("index"), None)

@@ -124,3 +124,50 @@ def secure_url(serve_url):
         limits={"max_sessions_per_key": 3, "frames_per_s": 2.0, "max_in_flight": 12},
     )
     return deploy(serve_url, "secure", args)
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    """A real redis-server (Debian package; `make test` installs it) on a free loopback port, for this test
+    session only: no persistence, its own temp dir, stopped at the end."""
+    import shutil
+    import subprocess
+    import time
+
+    import redis
+
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.fail("redis-server is not installed: run `make test` (it runs .ci/install-redis)")
+    port = free_port()
+    workdir = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", str(workdir), "--daemonize", "no", "--logfile", str(workdir / "redis.log")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        deadline = time.time() + 20
+        while True:
+            try:
+                if redis.Redis.from_url(url, socket_timeout=1).ping():
+                    break
+            except redis.exceptions.ConnectionError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise
+                time.sleep(0.05)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def redis_app(serve_url, redis_url):
+    """Oracle backend whose session actor keeps its sessions in the test session's redis-server."""
+    args = app_args(model={"backend": "oracle", "oracle_scene": SCENE},
+                    session_actor={"backend": "redis", "redis_url": redis_url})
+    return deploy(serve_url, "redisapp", args), args

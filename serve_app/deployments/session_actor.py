@@ -17,28 +17,30 @@ from serve_app import shards as sharding
 from serve_app.config import LimitsConfig, SessionActorConfig, SessionParams
 from serve_app.errors import ServiceError
 from serve_app.ray_env import in_effect
-from serve_app.session_journal import SessionJournal
 from serve_app.session_store import SessionStore, concat_parts
+from serve_app.state_backends import make_backend
 
 log = logging.getLogger("ray.serve.da3.sessions")
 
 
 class SessionActor:
-    def __init__(self, limits: dict[str, Any], state_dir: str | None = None, shard: int = 0, shards: int = 1):
+    def __init__(self, limits: dict[str, Any], state_dir: str | None = None, shard: int = 0, shards: int = 1,
+                 backend: dict | None = None):
         self.store = SessionStore(LimitsConfig.model_validate(limits))
         self.store.id_prefix = sharding.shard_prefix(shard, shards)  # the shard is read back from the id
         self._conds: dict[str, asyncio.Condition] = {}
         self._sweeper: asyncio.Task | None = None
-        self.journal = SessionJournal(state_dir) if state_dir else None
-        if self.journal is not None:
-            restored = self.journal.load_all()
+        # Persistence (serve_app/state_backends.py): None = memory only; `backend` is the SessionActorConfig.
+        self.backend = make_backend({**(backend or {}), "state_dir": state_dir})  # the shard's directory
+        if self.backend is not None:
+            restored = self.backend.load_all()
             self.store.restore(restored)
-            log.warning("session store started; restored %d sessions from %s", len(restored), state_dir)
+            log.warning("session store started; restored %d sessions from %s", len(restored), self.backend.name)
 
-    def _save(self, sid: str) -> None:
+    async def _save(self, sid: str) -> None:
         s = self.store.sessions.get(sid)
-        if self.journal is not None and s is not None:
-            self.journal.save_meta(s)
+        if self.backend is not None and s is not None:
+            await self.backend.save_meta(s)
 
     # Conditions are created lazily: __init__ runs before the actor's event loop exists.
     def _cond(self, sid: str) -> asyncio.Condition:
@@ -64,8 +66,8 @@ class SessionActor:
     async def sweep(self) -> list[str]:
         gone = self.store.sweep(time.time())
         for sid in gone:
-            if self.journal is not None:
-                self.journal.delete(sid)
+            if self.backend is not None:
+                await self.backend.delete(sid)
             log.info("session expired", extra={"session_id": sid})
             await self._notify(sid)
             self._conds.pop(sid, None)
@@ -79,12 +81,12 @@ class SessionActor:
         self._ensure_sweeper()
         s = self.store.create(SessionParams.model_validate(params), owner, time.time())
         try:
-            self._save(s.session_id)
+            await self._save(s.session_id)
             return s.info()
         except BaseException:  # a session nobody was told about must not stay and count against the limits
             self.store.sessions.pop(s.session_id, None)
-            if self.journal is not None:
-                self.journal.delete(s.session_id)
+            if self.backend is not None:
+                await self.backend.delete(s.session_id)
             raise
 
     async def info(self, sid: str, owner: str | None) -> dict:
@@ -92,8 +94,8 @@ class SessionActor:
 
     async def delete(self, sid: str, owner: str | None) -> dict:
         s = self.store.delete(sid, owner)
-        if self.journal is not None:
-            self.journal.delete(sid)
+        if self.backend is not None:
+            await self.backend.delete(sid)
         await self._notify(sid)
         self._conds.pop(sid, None)
         return s.info()
@@ -114,10 +116,8 @@ class SessionActor:
         frame.index = index
         if frame.frame_id is None:
             frame.frame_id = index
-        if self.journal is not None:
-            s = self.store.sessions[sid]
-            self.journal.save_pending(s, index)  # before the metadata: an unsaved acceptance ignores this file
-            self.journal.save_meta(s)
+        if self.backend is not None:
+            await self.backend.accept(self.store.sessions[sid], index)  # the frame, then its acceptance
         return index
 
     async def take_worker(self, sid: str) -> dict:
@@ -126,7 +126,7 @@ class SessionActor:
         if sid not in self.store.sessions:
             self.store.get(sid, None)  # raises SESSION_NOT_FOUND / SESSION_EXPIRED
         epoch = self.store.take_worker(sid)
-        self._save(sid)
+        await self._save(sid)
         s = self.store.sessions[sid]
         return {"epoch": epoch, "stream_state": s.stream_state, "info": s.info(),
                 "pending": [s.pending[i] for i in sorted(s.pending)]}
@@ -140,7 +140,7 @@ class SessionActor:
         if s.state == "complete":
             return True
         self.store.set_state(sid, "complete", time.time())
-        self._save(sid)
+        await self._save(sid)
         await self._notify(sid)
         return True
 
@@ -151,7 +151,7 @@ class SessionActor:
         if sid not in self.store.sessions:
             return {}
         s = self.store.set_state(sid, state, time.time(), error)
-        self._save(sid)
+        await self._save(sid)
         await self._notify(sid)
         return s.info()
 
@@ -166,12 +166,9 @@ class SessionActor:
             return -2, 0
         rec = self.store.commit_window(sid, window, frames, points, colors, stream_state, time.time(), failed,
                                        epoch)
-        if self.journal is not None:
-            s = self.store.sessions[sid]
-            self.journal.append_record(s, rec)  # first: a crash in between keeps (and then skips) the files
-            self.journal.drop_pending(sid, [f.get("index") for f in frames])
-            if stream_state is not None:
-                self.journal.save_stream_state(s)
+        if self.backend is not None and not await self.backend.commit(
+                self.store.sessions[sid], rec, [f.get("index") for f in frames], stream_state is not None, epoch):
+            return -2, 0  # the store's server fenced it: another actor instance took the session over
         await self._notify(sid)
         return rec.seq, len(rec.points)
 
@@ -183,10 +180,8 @@ class SessionActor:
         if epoch is not None and not self.store.is_current_worker(sid, epoch):
             return -2, 0
         rec = self.store.commit_correction(sid, message, time.time(), epoch)
-        if self.journal is not None:
-            s = self.store.sessions[sid]
-            self.journal.save_corrections(s)  # first, like a window record: a crash in between keeps it
-            self.journal.save_meta(s)
+        if self.backend is not None and not await self.backend.commit_correction(self.store.sessions[sid], epoch):
+            return -2, 0  # fenced in the store's server, like a window
         await self._notify(sid)
         return rec.seq, rec.message["version"]
 
@@ -210,6 +205,8 @@ class SessionActor:
             s = self.store.sessions.get(sid)
             if s is None:
                 return {"gone": self.store.gone_reason(sid)}
+            if s.connection_id is None and self.backend is not None:
+                s.connection_id = connection_id  # reloaded after a restart: the live stream that asks holds it
             if s.connection_id != connection_id:
                 return {"displaced": True}
             recs = self.store.records_after(sid, after_seq, skip_epoch)  # window and correction records
@@ -369,7 +366,17 @@ def get_session_actor(cfg: SessionActorConfig, limits: LimitsConfig, shard: int 
         max_concurrency=1000, scheduling_strategy=strategy,
         # the creating ingress's values (its app's runtime_env), so the records it returns travel the same way
         runtime_env={"env_vars": {k: v for k, v in in_effect().items() if v is not None}},
-    ).remote(limits.model_dump(), shard_state_dir(cfg.state_dir, shard), shard, cfg.shards)
+    ).remote(limits.model_dump(), shard_state_dir(cfg.state_dir, shard), shard, cfg.shards,
+             shard_backend(cfg, shard))
+
+
+def shard_backend(cfg: SessionActorConfig, shard: int) -> dict:
+    """One shard's persistence settings: its own name (the default Redis key prefix is made from it) and, with
+    an explicit prefix, its own sub-prefix, so a restarted shard reloads only its own sessions."""
+    out = {**cfg.model_dump(), "name": sharding.actor_name(cfg.name, shard)}
+    if cfg.redis_prefix and shard:
+        out["redis_prefix"] = f"{cfg.redis_prefix}shard{shard}:"
+    return out
 
 
 def get_session_shards(cfg: SessionActorConfig, limits: LimitsConfig) -> SessionShards:
