@@ -275,3 +275,17 @@ async def test_two_shards_serve_list_limit_delete_and_expire(sharded_app, synthe
         await asyncio.sleep(0.5)
     assert codes == [410, 410]  # SESSION_EXPIRED, from each shard's own tombstone
     assert httpx.get(f"{url}/ws/sessions", headers=KEYS["op"]).json()["counts"]["total"] == 0
+
+
+def test_each_shard_persists_under_its_own_name_and_prefix():
+    """A restarted shard reloads only its own sessions: its Redis prefix (default: from its name) and journal
+    directory are its own; shard 0 keeps today's, so growing from one shard keeps every stored session."""
+    from serve_app.config import SessionActorConfig
+    from serve_app.deployments.session_actor import shard_backend
+    from serve_app.state_backends import make_backend
+
+    cfg = SessionActorConfig(name="sessions", namespace="ns", backend="redis", redis_url="redis://127.0.0.1:1/0")
+    prefixes = [make_backend(shard_backend(cfg, k)).prefix for k in range(3)]
+    assert prefixes[0] == "da3:ns/sessions:" and len(set(prefixes)) == 3
+    explicit = cfg.model_copy(update={"redis_prefix": "p:"})
+    assert [shard_backend(explicit, k)["redis_prefix"] for k in range(2)] == ["p:", "p:shard1:"]

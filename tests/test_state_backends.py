@@ -103,7 +103,7 @@ def test_actor_restart_reloads_every_stored_kind(kind, redis_url, tmp_path):
     cfg = _backend_cfg(kind, redis_url, tmp_path)
 
     async def run():
-        actor = SessionActor(LIMITS, None, cfg)
+        actor = SessionActor(LIMITS, None, backend=cfg)
         sid, _ = await _stream(actor, n_windows=5)
         other, _ = await _stream(actor, n_windows=1)
         gone, _ = await _stream(actor, n_windows=1)
@@ -113,7 +113,7 @@ def test_actor_restart_reloads_every_stored_kind(kind, redis_url, tmp_path):
 
     actor, sid, other, _gone = asyncio.run(run())
     assert len(actor.store.sessions[sid].pending) == 3
-    again = SessionActor(LIMITS, None, cfg)  # the restarted actor: loads in its constructor
+    again = SessionActor(LIMITS, None, backend=cfg)  # the restarted actor: loads in its constructor
     assert set(again.store.sessions) == {sid, other}
     _same_session(actor.store.sessions[sid], again.store.sessions[sid])
     assert again.store.sessions[other].state == "complete"
@@ -130,7 +130,7 @@ def test_actor_restart_reloads_every_stored_kind(kind, redis_url, tmp_path):
 
     seq = asyncio.run(resume())
     assert seq == actor.store.sessions[sid].last_seq + 1
-    third = SessionActor(LIMITS, None, cfg)
+    third = SessionActor(LIMITS, None, backend=cfg)
     s = third.store.sessions[sid]
     assert s.pending == {} and s.frames_processed == 13 and s.last_seq == seq
 
@@ -142,9 +142,9 @@ def test_stale_epoch_is_refused_atomically_in_the_server(redis_url, tmp_path):
     cfg = _backend_cfg("redis", redis_url, tmp_path)
 
     async def run():
-        old = SessionActor(LIMITS, None, cfg)
+        old = SessionActor(LIMITS, None, backend=cfg)
         sid, epoch = await _stream(old, n_windows=2)
-        new = SessionActor(LIMITS, None, cfg)
+        new = SessionActor(LIMITS, None, backend=cfg)
         await new.take_worker(sid)  # epoch + 1 stored in Redis
         backend: RedisBackend = new.backend
         r = redis.Redis.from_url(redis_url)
@@ -176,7 +176,7 @@ def test_keys_expire_with_the_session(redis_url, tmp_path):
     r = redis.Redis.from_url(redis_url)
 
     async def run():
-        actor = SessionActor(LIMITS, None, cfg)
+        actor = SessionActor(LIMITS, None, backend=cfg)
         sid, _ = await _stream(actor, n_windows=2, params={"ttl_s": 600, "idle_ttl_s": 120})
         s = actor.store.sessions[sid]
         expected = s.expires_at() + 30 - time.time()
@@ -237,7 +237,7 @@ def test_retried_calls_are_not_applied_twice(kind, redis_url, tmp_path):
     cfg = _backend_cfg(kind, redis_url, tmp_path)
 
     async def run():
-        actor = SessionActor(LIMITS, None, cfg)
+        actor = SessionActor(LIMITS, None, backend=cfg)
         sid = (await actor.create({}, None))["session_id"]
         epoch = (await actor.take_worker(sid))["epoch"]
         a = await actor.accept_frame(sid, None, epoch, _frame(0), index=0)
@@ -251,7 +251,7 @@ def test_retried_calls_are_not_applied_twice(kind, redis_url, tmp_path):
     assert accepts == (0, 0) and commits[0] == commits[1]
     s = actor.store.sessions[sid]
     assert (s.frames_received, s.frames_processed, s.windows, len(s.records)) == (1, 1, 1, 1)
-    reloaded = SessionActor(LIMITS, None, cfg).store.sessions[sid]
+    reloaded = SessionActor(LIMITS, None, backend=cfg).store.sessions[sid]
     assert [r.seq for r in reloaded.records] == [commits[0][0]] and reloaded.frames_processed == 1
 
 

@@ -31,7 +31,8 @@ class SessionActor:
         self._conds: dict[str, asyncio.Condition] = {}
         self._sweeper: asyncio.Task | None = None
         # Persistence (serve_app/state_backends.py): None = memory only; `backend` is the SessionActorConfig.
-        self.backend = make_backend({**(backend or {}), "state_dir": state_dir})  # the shard's directory
+        # A shard's own journal directory (state_dir) wins over the config's.
+        self.backend = make_backend({**(backend or {}), **({"state_dir": state_dir} if state_dir else {})})
         if self.backend is not None:
             restored = self.backend.load_all()
             self.store.restore(restored)
