@@ -164,6 +164,101 @@ class PoseGraph:
                      fixed=ids[0] if fixed is None else fixed)
 
 
+def _jr_inv(phi: np.ndarray) -> np.ndarray:
+    """Inverse right Jacobian of SO(3) at rotation vectors (m, 3): Log(R Exp(w)) ≈ phi + Jr^-1(phi) w."""
+    th = np.linalg.norm(phi, axis=-1)
+    small = th < 1e-5
+    ths = np.where(small, 1.0, th)
+    c = np.where(small, 1.0 / 12.0, 1.0 / ths ** 2 - (1.0 + np.cos(ths)) / (2.0 * ths * np.sin(ths)))
+    K = _hat(phi)
+    return np.eye(3) + 0.5 * K + c[:, None, None] * (K @ K)
+
+
+def _residuals_jac(xa, xb, zinv, sig):
+    """Whitened residuals (m, 7) of E = Z^-1 ∘ A^-1 ∘ B and their analytic Jacobians (m, 7, 7) with respect to
+    the `_retract` increments of A and B (columns: rotation vector, translation, log scale)."""
+    f = _compose(_inverse(xa), xb)  # F = A^-1 ∘ B
+    sE, RE, tE = _compose(zinv, f)
+    phi = so3_log(RE)
+    r = np.concatenate([phi, tE, np.log(sE)[:, None]], 1) / sig
+    m = len(sE)
+    jri = _jr_inv(phi)
+    Jb = np.zeros((m, 7, 7))
+    Jb[:, :3, :3] = jri  # E ∘ Exp(d): rotation Log(R_E Exp(w)), translation s_E R_E u, log scale + lambda
+    Jb[:, 3:6, 3:6] = sE[:, None, None] * RE
+    Jb[:, 6, 6] = 1.0
+    # Z^-1 ∘ Exp(d)^-1 ∘ F: rotation R_E Exp(-R_F^T w); translation s_Zi R_Zi (t_F x w - u - lambda t_F)
+    sZ, RZ, _ = zinv
+    M = sZ[:, None, None] * RZ
+    Ja = np.zeros((m, 7, 7))
+    Ja[:, :3, :3] = -jri @ np.swapaxes(f[1], 1, 2)
+    Ja[:, 3:6, :3] = M @ _hat(f[2])
+    Ja[:, 3:6, 3:6] = -M
+    Ja[:, 3:6, 6] = -np.einsum("nij,nj->ni", M, f[2])
+    Ja[:, 6, 6] = -1.0
+    return r, Ja / sig[None, :, None], Jb / sig[None, :, None]
+
+
+class _NormalPattern:
+    """The sparsity of the (7F x 7F) normal matrix H of F free nodes, computed once per solve: where each edge's
+    four 7x7 blocks and two 7-gradients land in H's CSC data, so an iteration sums them with one bincount. Free
+    nodes are numbered in a fill-reducing order of the node graph (minimum degree on the 7x smaller node
+    pattern), so SuperLU factors H in its natural order without re-ordering the big matrix every iteration."""
+
+    def __init__(self, ia: np.ndarray, ib: np.ndarray, free: np.ndarray):
+        n = len(free)
+        nf = int(free.sum())
+        fa, fb = free[ia], free[ib]
+        # Node-level ordering among the free nodes.
+        fidx = np.full(n, -1)
+        fidx[free] = np.arange(nf)
+        both = fa & fb
+        pa, pb = fidx[ia[both]], fidx[ib[both]]
+        A = sp.coo_matrix((np.ones(2 * len(pa) + nf), (np.r_[pa, pb, np.arange(nf)], np.r_[pb, pa, np.arange(nf)])),
+                          shape=(nf, nf)).tocsc()
+        if nf > 2:
+            perm_c = spla.splu(A + sp.identity(nf, format="csc") * nf, permc_spec="MMD_AT_PLUS_A",
+                               options={"SymmetricMode": True}).perm_c
+            order = np.argsort(perm_c)  # order[k]: free node (fidx) in position k
+        else:
+            order = np.arange(nf)
+        rank = np.empty(nf, np.int64)
+        rank[order] = np.arange(nf)
+        self.col_of = np.full(n, -1)
+        self.col_of[free] = rank[np.arange(nf)]
+        self.nv = nv = 7 * nf
+        ca, cb = self.col_of[ia], self.col_of[ib]
+        e7 = np.arange(7)
+        # Block contributions: (edge, which in aa/ab/ba/bb) -> 49 entries at (7*row + i, 7*col + j).
+        rowb = np.stack([ca, ca, cb, cb], 1)
+        colb = np.stack([ca, cb, ca, cb], 1)
+        self.keep = (rowb >= 0) & (colb >= 0)  # (m, 4)
+        R = (7 * rowb[self.keep])[:, None, None] + e7[None, :, None]
+        C = (7 * colb[self.keep])[:, None, None] + e7[None, None, :]
+        R, C = np.broadcast_arrays(R, C)
+        diag = np.arange(nv)
+        key = np.r_[C.ravel(), diag].astype(np.int64) * nv + np.r_[R.ravel(), diag]
+        uniq, target = np.unique(key, return_inverse=True)  # sorted by column then row: CSC order
+        self.target = target.ravel()
+        self.indices = (uniq % nv).astype(np.int32)
+        self.indptr = np.r_[0, np.cumsum(np.bincount(uniq // nv, minlength=nv))].astype(np.int32)
+        self.nnz = len(uniq)
+        self.diag_tail = np.full(nv, 1e-9)  # a tiny ridge: H stays factorable along a gauge-free direction
+        self.ga, self.gb = ca, cb
+
+    def assemble(self, r, Ja, Jb, w):
+        """(H in CSC, gradient) of sum_e w_e |r_e|^2 / 2 linearised."""
+        wa, wb = Ja * w[:, None, None], Jb * w[:, None, None]
+        JaT, JbT = np.swapaxes(wa, 1, 2), np.swapaxes(wb, 1, 2)
+        blocks = np.stack([JaT @ Ja, JaT @ Jb, JbT @ Ja, JbT @ Jb], 1)[self.keep]  # (k, 7, 7), [i, j] = H[row i, col j]
+        data = np.bincount(self.target, np.r_[blocks.reshape(-1), self.diag_tail], minlength=self.nnz)
+        H = sp.csc_matrix((data, self.indices, self.indptr), shape=(self.nv, self.nv))
+        g = np.zeros((self.nv // 7 + 1, 7))  # row -1 collects fixed nodes' parts (dropped)
+        np.add.at(g, self.ga, np.einsum("nji,nj->ni", wa, r))
+        np.add.at(g, self.gb, np.einsum("nji,nj->ni", wb, r))
+        return H, g[:-1].reshape(-1)
+
+
 def solve(ids: list[int], poses: list[Sim3], edges: list[Edge], params: GraphParams,
           fixed: int | set[int] | list[int]) -> SolveResult:
     """Robust Gauss-Newton over the graph, the `fixed` node(s) held (at least one: the gauge). Returns the poses
@@ -188,17 +283,15 @@ def solve(ids: list[int], poses: list[Sim3], edges: list[Edge], params: GraphPar
         raise ValueError("solve needs at least one fixed and one free node")
     # A part of the graph not connected to a fixed node (e.g. windows whose edges a session takeover lost) has
     # no gauge: hold its oldest node too, so it moves rigidly with nothing instead of drifting off.
-    ncomp, comp = connected_components(sp.coo_matrix((np.ones(len(edges)), (
-        [pos[e.a] for e in edges], [pos[e.b] for e in edges])), shape=(n, n)), directed=False)
+    ncomp, comp = connected_components(sp.coo_matrix((np.ones(m), (ia, ib)), shape=(n, n)), directed=False)
     for c in range(ncomp):
         members = np.flatnonzero(comp == c)
         if free[members].all():
             free[members[0]] = False
     if not free.any():
         return SolveResult(dict(zip(ids, poses)), 0, 0.0, 0.0)
-    col_of = np.full(n, -1)
-    col_of[free] = np.arange(int(free.sum()))
-    nv = 7 * int(free.sum())
+    pattern = _NormalPattern(ia, ib, free)
+    col_of = pattern.col_of
 
     def sel(xx, idx):
         return xx[0][idx], xx[1][idx], xx[2][idx]
@@ -208,43 +301,21 @@ def solve(ids: list[int], poses: list[Sim3], edges: list[Edge], params: GraphPar
 
     r = res(x)
     cost0 = float((base_w * (r ** 2).sum(1)).sum())
-    # Sparsity pattern of J (m*7 rows; columns 7*node), fixed across iterations.
-    rows = np.repeat(np.arange(7 * m).reshape(m, 7), 7, axis=1)  # (m, 49) per side
-    eps = 1e-6
     it = 0
     w = base_w.copy()
     robust = False
     for it in range(1, params.max_iterations + 1):
-        xa, xb = sel(x, ia), sel(x, ib)
-        r = _residuals(xa, xb, zinv, sig)
+        r, Ja, Jb = _residuals_jac(sel(x, ia), sel(x, ib), zinv, sig)
         if robust:
             nrm = np.sqrt((r ** 2).sum(1))
             w = base_w * np.where(nrm <= params.huber, 1.0, params.huber / np.maximum(nrm, 1e-300))
-        Ja = np.empty((m, 7, 7))
-        Jb = np.empty((m, 7, 7))
-        for k in range(7):
-            d = np.zeros((m, 7))
-            d[:, k] = eps
-            Ja[:, :, k] = (_residuals(_retract(xa, d), xb, zinv, sig) - r) / eps
-            Jb[:, :, k] = (_residuals(xa, _retract(xb, d), zinv, sig) - r) / eps
-        sw = np.sqrt(w)[:, None]
-        blocks, cols, rr = [], [], []
-        for J, node in ((Ja, ia), (Jb, ib)):
-            ok = free[node]
-            c = (7 * col_of[node])[:, None, None] + np.arange(7)[None, None, :]
-            blocks.append((J * sw[:, :, None])[ok].reshape(-1))
-            cols.append(np.broadcast_to(c, (m, 7, 7))[ok].reshape(-1))
-            rr.append(rows.reshape(m, 7, 7)[ok].reshape(-1))
-        J = sp.csr_matrix((np.concatenate(blocks), (np.concatenate(rr), np.concatenate(cols))), shape=(7 * m, nv))
-        rw = (r * sw).reshape(-1)
-        H = (J.T @ J).tocsc()
-        g = J.T @ rw
-        H = H + sp.identity(nv, format="csc") * 1e-9
-        delta = -spla.splu(H, permc_spec="MMD_AT_PLUS_A", options={"SymmetricMode": True}).solve(g)
+        H, g = pattern.assemble(r, Ja, Jb, w)
+        delta = -spla.splu(H, permc_spec="NATURAL", diag_pivot_thresh=0.0,
+                           options={"SymmetricMode": True}).solve(g)
         if not np.isfinite(delta).all():
             break
         D = np.zeros((n, 7))
-        D[free] = delta.reshape(-1, 7)
+        D[free] = delta.reshape(-1, 7)[col_of[free]]
         x = _retract(x, D)
         step = float(np.abs(delta).max())
         if step < params.tol:
@@ -258,7 +329,7 @@ def solve(ids: list[int], poses: list[Sim3], edges: list[Edge], params: GraphPar
     r = res(x)
     nrm = np.sqrt((r ** 2).sum(1))
     cost1 = float((base_w * (r ** 2).sum(1)).sum())
-    down = [i for i in range(m) if nrm[i] > 2 * params.huber]
+    down = np.flatnonzero(nrm > 2 * params.huber).tolist()
     out = {k: Sim3(x[0][i], x[1][i], x[2][i]) for k, i in pos.items()}
     return SolveResult(out, it, cost0, cost1, down)
 
