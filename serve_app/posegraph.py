@@ -71,8 +71,8 @@ def _inverse(a):
 
 
 def _stack(sims: list[Sim3]):
-    return (np.array([x.s for x in sims], np.float64), np.stack([x.R for x in sims]).astype(np.float64),
-            np.stack([x.t for x in sims]).astype(np.float64))
+    return (np.fromiter((x.s for x in sims), np.float64, len(sims)), np.array([x.R for x in sims], np.float64),
+            np.array([x.t for x in sims], np.float64))
 
 
 def _retract(x, d):
@@ -199,6 +199,9 @@ def _residuals_jac(xa, xb, zinv, sig):
     return r, Ja / sig[None, :, None], Jb / sig[None, :, None]
 
 
+REFACTOR_STEP = 1e-2  # largest update (radians / depth units / log scale) after which H is factored afresh
+
+
 class _NormalPattern:
     """The sparsity of the (7F x 7F) normal matrix H of F free nodes, computed once per solve: where each edge's
     four 7x7 blocks and two 7-gradients land in H's CSC data, so an iteration sums them with one bincount. Free
@@ -228,22 +231,29 @@ class _NormalPattern:
         self.col_of[free] = rank[np.arange(nf)]
         self.nv = nv = 7 * nf
         ca, cb = self.col_of[ia], self.col_of[ib]
-        e7 = np.arange(7)
-        # Block contributions: (edge, which in aa/ab/ba/bb) -> 49 entries at (7*row + i, 7*col + j).
+        # Block contributions (edge, aa/ab/ba/bb) -> unique 7x7 blocks in block-CSC order (by column, then row).
         rowb = np.stack([ca, ca, cb, cb], 1)
         colb = np.stack([ca, cb, ca, cb], 1)
         self.keep = (rowb >= 0) & (colb >= 0)  # (m, 4)
-        R = (7 * rowb[self.keep])[:, None, None] + e7[None, :, None]
-        C = (7 * colb[self.keep])[:, None, None] + e7[None, None, :]
-        R, C = np.broadcast_arrays(R, C)
-        diag = np.arange(nv)
-        key = np.r_[C.ravel(), diag].astype(np.int64) * nv + np.r_[R.ravel(), diag]
-        uniq, target = np.unique(key, return_inverse=True)  # sorted by column then row: CSC order
-        self.target = target.ravel()
-        self.indices = (uniq % nv).astype(np.int32)
-        self.indptr = np.r_[0, np.cumsum(np.bincount(uniq // nv, minlength=nv))].astype(np.int32)
-        self.nnz = len(uniq)
-        self.diag_tail = np.full(nv, 1e-9)  # a tiny ridge: H stays factorable along a gauge-free direction
+        bkey = np.r_[colb[self.keep], np.arange(nf)].astype(np.int64) * nf + np.r_[rowb[self.keep], np.arange(nf)]
+        ukey, slot = np.unique(bkey, return_inverse=True)
+        brow, bcol = ukey % nf, ukey // nf
+        per_col = np.bincount(bcol, minlength=nf)
+        bptr = np.r_[0, np.cumsum(per_col)]
+        k_in_col = np.arange(len(ukey)) - bptr[bcol]
+        # Scalar CSC: column 7c + j holds, block by block, rows 7r + 0..6; block u's (i, j) entry sits at
+        # 49 * bptr[c] + j * 7 * per_col[c] + 7 * k + i.
+        e7 = np.arange(7)
+        base = 49 * bptr[bcol] + 7 * k_in_col  # (u,)
+        pos = base[:, None, None] + e7[None, :, None] + (e7[None, None, :] * 7 * per_col[bcol][:, None, None])
+        self.target = pos[slot[: int(self.keep.sum())]].reshape(-1)
+        self.nnz = 49 * len(ukey)
+        self.diag_pos = pos[np.flatnonzero(brow == bcol)][:, e7, e7].reshape(-1)
+        rows = (7 * brow[:, None, None] + e7[None, :, None] + 0 * e7[None, None, :])
+        ind = np.empty(self.nnz, np.int32)
+        ind[pos.reshape(-1)] = rows.reshape(-1)
+        self.indices = ind
+        self.indptr = np.r_[0, np.cumsum(np.repeat(7 * per_col, 7))].astype(np.int32)
         self.ga, self.gb = ca, cb
 
     def assemble(self, r, Ja, Jb, w):
@@ -251,7 +261,8 @@ class _NormalPattern:
         wa, wb = Ja * w[:, None, None], Jb * w[:, None, None]
         JaT, JbT = np.swapaxes(wa, 1, 2), np.swapaxes(wb, 1, 2)
         blocks = np.stack([JaT @ Ja, JaT @ Jb, JbT @ Ja, JbT @ Jb], 1)[self.keep]  # (k, 7, 7), [i, j] = H[row i, col j]
-        data = np.bincount(self.target, np.r_[blocks.reshape(-1), self.diag_tail], minlength=self.nnz)
+        data = np.bincount(self.target, blocks.reshape(-1), minlength=self.nnz)
+        data[self.diag_pos] += 1e-9  # a tiny ridge: H stays factorable along a gauge-free direction
         H = sp.csc_matrix((data, self.indices, self.indptr), shape=(self.nv, self.nv))
         g = np.zeros((self.nv // 7 + 1, 7))  # row -1 collects fixed nodes' parts (dropped)
         np.add.at(g, self.ga, np.einsum("nji,nj->ni", wa, r))
@@ -304,14 +315,18 @@ def solve(ids: list[int], poses: list[Sim3], edges: list[Edge], params: GraphPar
     it = 0
     w = base_w.copy()
     robust = False
+    lu, step = None, np.inf
     for it in range(1, params.max_iterations + 1):
         r, Ja, Jb = _residuals_jac(sel(x, ia), sel(x, ib), zinv, sig)
         if robust:
             nrm = np.sqrt((r ** 2).sum(1))
             w = base_w * np.where(nrm <= params.huber, 1.0, params.huber / np.maximum(nrm, 1e-300))
         H, g = pattern.assemble(r, Ja, Jb, w)
-        delta = -spla.splu(H, permc_spec="NATURAL", diag_pivot_thresh=0.0,
-                           options={"SymmetricMode": True}).solve(g)
+        # Close to the minimum H hardly changes: keep the last factorisation (a chord step, still converging to
+        # the same point because g is exact) and refactor only after a large step.
+        if lu is None or step > REFACTOR_STEP:
+            lu = spla.splu(H, permc_spec="NATURAL", diag_pivot_thresh=0.0, options={"SymmetricMode": True})
+        delta = -lu.solve(g)
         if not np.isfinite(delta).all():
             break
         D = np.zeros((n, 7))
