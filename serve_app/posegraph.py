@@ -229,7 +229,7 @@ class _NormalPattern:
         rank[order] = np.arange(nf)
         self.col_of = np.full(n, -1)
         self.col_of[free] = rank[np.arange(nf)]
-        self.nv = nv = 7 * nf
+        self.nv = 7 * nf
         ca, cb = self.col_of[ia], self.col_of[ib]
         # Block contributions (edge, aa/ab/ba/bb) -> unique 7x7 blocks in block-CSC order (by column, then row).
         rowb = np.stack([ca, ca, cb, cb], 1)
