@@ -199,7 +199,7 @@ def _residuals_jac(xa, xb, zinv, sig):
     return r, Ja / sig[None, :, None], Jb / sig[None, :, None]
 
 
-REFACTOR_STEP = 1e-2  # largest update (radians / depth units / log scale) after which H is factored afresh
+REFACTOR_STEP = 0.03  # largest update (radians / depth units / log scale) after which H is factored afresh
 
 
 class _NormalPattern:
