@@ -75,6 +75,14 @@ def _stack(sims: list[Sim3]):
             np.array([x.t for x in sims], np.float64))
 
 
+def _sim3_of(s: float, R: np.ndarray, t: np.ndarray) -> Sim3:
+    """Sim3 from a solver row without __post_init__'s conversions (float, float64 (3, 3) and (3,) already): a
+    1,000-node solve builds 1,000 of them."""
+    x = object.__new__(Sim3)
+    x.s, x.R, x.t = s, R, t
+    return x
+
+
 def _retract(x, d):
     """x ∘ Exp(d) for d (n, 7) = (rotation vector, translation, log scale)."""
     s, R, t = x
@@ -258,15 +266,17 @@ class _NormalPattern:
 
     def assemble(self, r, Ja, Jb, w):
         """(H in CSC, gradient) of sum_e w_e |r_e|^2 / 2 linearised."""
-        wa, wb = Ja * w[:, None, None], Jb * w[:, None, None]
-        JaT, JbT = np.swapaxes(wa, 1, 2), np.swapaxes(wb, 1, 2)
-        blocks = np.stack([JaT @ Ja, JaT @ Jb, JbT @ Ja, JbT @ Jb], 1)[self.keep]  # (k, 7, 7), [i, j] = H[row i, col j]
+        J = np.concatenate([Ja, Jb], 2)  # (m, 7, 14): one batched product gives all four blocks
+        wJ = J * w[:, None, None]
+        JtJ = np.swapaxes(wJ, 1, 2) @ J
+        blocks = JtJ.reshape(-1, 2, 7, 2, 7).transpose(0, 1, 3, 2, 4).reshape(-1, 4, 7, 7)[self.keep]
         data = np.bincount(self.target, blocks.reshape(-1), minlength=self.nnz)
         data[self.diag_pos] += 1e-9  # a tiny ridge: H stays factorable along a gauge-free direction
         H = sp.csc_matrix((data, self.indices, self.indptr), shape=(self.nv, self.nv))
+        gab = np.einsum("nji,nj->ni", wJ, r)  # (m, 14): gradient parts of a and b
         g = np.zeros((self.nv // 7 + 1, 7))  # row -1 collects fixed nodes' parts (dropped)
-        np.add.at(g, self.ga, np.einsum("nji,nj->ni", wa, r))
-        np.add.at(g, self.gb, np.einsum("nji,nj->ni", wb, r))
+        np.add.at(g, self.ga, gab[:, :7])
+        np.add.at(g, self.gb, gab[:, 7:])
         return H, g[:-1].reshape(-1)
 
 
@@ -345,7 +355,7 @@ def solve(ids: list[int], poses: list[Sim3], edges: list[Edge], params: GraphPar
     nrm = np.sqrt((r ** 2).sum(1))
     cost1 = float((base_w * (r ** 2).sum(1)).sum())
     down = np.flatnonzero(nrm > 2 * params.huber).tolist()
-    out = {k: Sim3(x[0][i], x[1][i], x[2][i]) for k, i in pos.items()}
+    out = dict(zip(ids, map(_sim3_of, x[0].tolist(), x[1], x[2])))
     return SolveResult(out, it, cost0, cost1, down)
 
 
