@@ -254,7 +254,10 @@ class _NormalPattern:
         e7 = np.arange(7)
         base = 49 * bptr[bcol] + 7 * k_in_col  # (u,)
         pos = base[:, None, None] + e7[None, :, None] + (e7[None, None, :] * 7 * per_col[bcol][:, None, None])
-        self.target = pos[slot[: int(self.keep.sum())]].reshape(-1)
+        # Where each entry of an edge's (14 x 14) [a b]^T [a b] product goes; blocks of held nodes to a dump slot.
+        tgt = np.full((len(ia), 4, 7, 7), 49 * len(ukey), np.int64)
+        tgt[self.keep] = pos[slot[: int(self.keep.sum())]]
+        self.target = tgt.reshape(-1, 2, 2, 7, 7).transpose(0, 1, 3, 2, 4).reshape(-1)  # (edge, p, i, q, j) order
         self.nnz = 49 * len(ukey)
         self.diag_pos = pos[np.flatnonzero(brow == bcol)][:, e7, e7].reshape(-1)
         rows = (7 * brow[:, None, None] + e7[None, :, None] + 0 * e7[None, None, :])
@@ -269,8 +272,7 @@ class _NormalPattern:
         J = np.concatenate([Ja, Jb], 2)  # (m, 7, 14): one batched product gives all four blocks
         wJ = J * w[:, None, None]
         JtJ = np.swapaxes(wJ, 1, 2) @ J
-        blocks = JtJ.reshape(-1, 2, 7, 2, 7).transpose(0, 1, 3, 2, 4).reshape(-1, 4, 7, 7)[self.keep]
-        data = np.bincount(self.target, blocks.reshape(-1), minlength=self.nnz)
+        data = np.bincount(self.target, JtJ.reshape(-1), minlength=self.nnz + 1)[:-1]
         data[self.diag_pos] += 1e-9  # a tiny ridge: H stays factorable along a gauge-free direction
         H = sp.csc_matrix((data, self.indices, self.indptr), shape=(self.nv, self.nv))
         gab = np.einsum("nji,nj->ni", wJ, r)  # (m, 14): gradient parts of a and b
