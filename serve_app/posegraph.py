@@ -337,8 +337,9 @@ def solve(ids: list[int], poses: list[Sim3], edges: list[Edge], params: GraphPar
             w = base_w * np.where(nrm <= params.huber, 1.0, params.huber / np.maximum(nrm, 1e-300))
         H, g = pattern.assemble(r, Ja, Jb, w)
         # Close to the minimum H hardly changes: keep the last factorisation (a chord step, still converging to
-        # the same point because g is exact) and refactor only after a large step.
-        if lu is None or step > REFACTOR_STEP:
+        # the same point because g is exact) and refactor only after a large step. Robust steps always refactor:
+        # their weights change every iteration (and a wrong edge can keep them from settling).
+        if lu is None or step > REFACTOR_STEP or robust:
             lu = spla.splu(H, permc_spec="NATURAL", diag_pivot_thresh=0.0, options={"SymmetricMode": True})
         delta = -lu.solve(g)
         if not np.isfinite(delta).all():
