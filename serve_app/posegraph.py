@@ -238,7 +238,7 @@ class _NormalPattern:
         rank = np.empty(nf, np.int64)
         rank[order] = np.arange(nf)
         self.col_of = np.full(n, -1)
-        self.col_of[free] = rank[np.arange(nf)]
+        self.col_of[free] = rank  # free node -> its block column in H
         self.nv = 7 * nf
         ca, cb = self.col_of[ia], self.col_of[ib]
         # Block contributions (edge, aa/ab/ba/bb) -> unique 7x7 blocks in block-CSC order (by column, then row).
@@ -262,7 +262,7 @@ class _NormalPattern:
         self.target = tgt.reshape(-1, 2, 2, 7, 7).transpose(0, 1, 3, 2, 4).reshape(-1)  # (edge, p, i, q, j) order
         self.nnz = 49 * len(ukey)
         self.diag_pos = pos[np.flatnonzero(brow == bcol)][:, e7, e7].reshape(-1)
-        rows = (7 * brow[:, None, None] + e7[None, :, None] + 0 * e7[None, None, :])
+        rows = np.broadcast_to(7 * brow[:, None, None] + e7[None, :, None], pos.shape)
         ind = np.empty(self.nnz, np.int32)
         ind[pos.reshape(-1)] = rows.reshape(-1)
         self.indices = ind
