@@ -97,3 +97,96 @@ def test_solve_holds_every_fixed_node_and_refuses_no_fixed_node():
         solve(list(range(20)), est, edges, params, fixed=[])
     with pytest.raises(KeyError):
         PoseGraph().add_edge(Edge(0, 1, Sim3.identity()))
+
+
+def _random_sims(rng, m: int, scale: float = 1.0):
+    from serve_app.posegraph import _stack
+
+    return _stack([Sim3(np.exp(rng.normal() * 0.3), so3_exp(rng.normal(size=3) * scale), rng.normal(size=3))
+                   for _ in range(m)])
+
+
+def test_analytic_jacobians_match_finite_differences():
+    from serve_app.posegraph import _inverse, _residuals, _residuals_jac, _retract
+
+    rng = np.random.default_rng(5)
+    m = 30
+    xa, xb, z = _random_sims(rng, m), _random_sims(rng, m), _random_sims(rng, m)
+    # edges that nearly hold (the solver's regime) and far-off ones (a wrong loop, a drifted start)
+    zb = (z[0], z[1], z[2])
+    for ztrue in (False, True):
+        if ztrue:
+            from serve_app.posegraph import _compose
+            rel = _compose(_inverse(xa), xb)
+            zb = _compose(rel, _random_sims(rng, m, 0.05))
+        zinv = _inverse(zb)
+        sig = GraphParams().sig
+        r, Ja, Jb = _residuals_jac(xa, xb, zinv, sig)
+        assert np.allclose(r, _residuals(xa, xb, zinv, sig))
+        eps = 1e-7
+        for k in range(7):
+            d = np.zeros((m, 7))
+            d[:, k] = eps
+            fa = (_residuals(_retract(xa, d), xb, zinv, sig) - _residuals(_retract(xa, -d), xb, zinv, sig)) / (2 * eps)
+            fb = (_residuals(xa, _retract(xb, d), zinv, sig) - _residuals(xa, _retract(xb, -d), zinv, sig)) / (2 * eps)
+            assert np.allclose(Ja[:, :, k], fa, rtol=1e-4, atol=1e-3 * np.abs(fa).max()), k
+            assert np.allclose(Jb[:, :, k], fb, rtol=1e-4, atol=1e-3 * np.abs(fb).max()), k
+
+
+def test_normal_matrix_pattern_equals_dense_jtwj():
+    from serve_app.posegraph import _NormalPattern
+
+    rng = np.random.default_rng(6)
+    n, m = 12, 30
+    ia, ib = rng.integers(0, n, m), rng.integers(0, n, m)
+    ia[ia == ib] = (ib[ia == ib] + 1) % n
+    free = np.ones(n, bool)
+    free[[0, 5]] = False  # held nodes have no columns
+    pat = _NormalPattern(ia, ib, free)
+    r, Ja, Jb, w = rng.normal(size=(m, 7)), rng.normal(size=(m, 7, 7)), rng.normal(size=(m, 7, 7)), rng.uniform(size=m)
+    H, g = pat.assemble(r, Ja, Jb, w)
+    J = np.zeros((7 * m, 7 * n))  # dense Jacobian in node order
+    for e in range(m):
+        J[7 * e:7 * e + 7, 7 * ia[e]:7 * ia[e] + 7] += Ja[e]
+        J[7 * e:7 * e + 7, 7 * ib[e]:7 * ib[e] + 7] += Jb[e]
+    cols = np.concatenate([7 * i + np.arange(7) for i in range(n) if free[i]])
+    J = J[:, cols]
+    W = np.repeat(w, 7)
+    order = np.concatenate([7 * pat.col_of[i] + np.arange(7) for i in range(n) if free[i]])  # node -> H position
+    Hd = np.zeros_like(J.T @ J)
+    Hd[np.ix_(order, order)] = J.T @ (W[:, None] * J)
+    gd = np.zeros(len(order))
+    gd[order] = J.T @ (W * r.reshape(-1))
+    assert H.has_sorted_indices
+    assert np.allclose(H.toarray() - 1e-9 * np.eye(len(order)), Hd)
+    assert np.allclose(g, gd)
+
+
+def test_solution_matches_a_plain_dense_gauss_newton():
+    """The sparse machinery (pattern, ordering, chord steps) changes speed, not the answer."""
+    from serve_app.posegraph import _inverse, _residuals, _retract, _stack
+
+    _, est, edges, rel = _ring(30, seed=7)
+    edges = edges + [Edge(0, 29, rel(0, 29, 0.5), kind="loop"), Edge(3, 17, rel(3, 17), kind="loop")]
+    params = GraphParams(sigma_rot_deg=0.5, sigma_trans=0.01, sigma_scale=0.01, huber=1e9, max_iterations=30,
+                         tol=1e-10)
+    res = solve(list(range(30)), est, edges, params, fixed=0)
+    x = _stack(est)
+    ia, ib = np.array([e.a for e in edges]), np.array([e.b for e in edges])
+    zinv = _inverse(_stack([e.z for e in edges]))
+
+    def rr(xx):
+        return _residuals(tuple(v[ia] for v in xx), tuple(v[ib] for v in xx), zinv, params.sig).reshape(-1)
+
+    for _ in range(15):  # dense GN with central-difference Jacobians, node 0 held
+        r0 = rr(x)
+        J = np.zeros((len(r0), 7 * 29))
+        for c in range(7 * 29):
+            d = np.zeros((30, 7))
+            d[1 + c // 7, c % 7] = 1e-6
+            J[:, c] = (rr(_retract(x, d)) - rr(_retract(x, -d))) / 2e-6
+        D = np.zeros((30, 7))
+        D[1:] = np.linalg.solve(J.T @ J, -J.T @ r0).reshape(29, 7)
+        x = _retract(x, D)
+    for i in range(30):
+        assert np.allclose(res.poses[i].matrix(), Sim3(x[0][i], x[1][i], x[2][i]).matrix(), atol=1e-6)
