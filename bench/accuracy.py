@@ -260,7 +260,8 @@ def served_args(spec: SceneSpec, errors: dict, oracle_seed: int, window: int, ov
         "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.0},
         "session_defaults": {"process_res": max(spec.width, spec.height), "window_size": window,
                              "overlap": overlap, "point_encoding": "float32", "max_points": 10_000_000},
-        "limits": {"max_in_flight": 32, "model_timeout_s": 600.0, "sessions_per_minute": 10000.0},
+        "limits": {"max_in_flight": 32, "model_timeout_s": 600.0, "sessions_per_minute": 10000.0,
+                   "max_session_points": 10_000_000},  # never trim the map: Chamfer needs all of it
         "session_actor": {"name": f"bench_acc_{uuid.uuid4().hex[:8]}", "namespace": "da3-bench"},
     }
 
