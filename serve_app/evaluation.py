@@ -117,6 +117,22 @@ def segment_ate_pct(est_c2w: np.ndarray, gt_c2w: np.ndarray, sim: Sim3, segments
     return [100.0 * float(np.sqrt((e ** 2).mean())) / length for e in np.array_split(err, segments)]
 
 
+def rotation_only_errors_deg(est_c2w: np.ndarray, gt_c2w: np.ndarray) -> np.ndarray:
+    """Per frame: rotation error after the best single rotation taking the estimated orientations onto the true
+    ones (chordal least squares), i.e. how consistent the orientations are among themselves. The Sim(3) fitted
+    on camera centres also tilts a nearly planar path by its small height errors; this figure does not."""
+    R_est = np.asarray(est_c2w, np.float64)[:, :3, :3]
+    R_gt = np.asarray(gt_c2w, np.float64)[:, :3, :3]
+    u, _, vt = np.linalg.svd(np.einsum("nij,nkj->ik", R_gt, R_est))  # argmax_R sum tr(R_gt^T R R_est)
+    R = u @ np.diag([1.0, 1.0, np.linalg.det(u @ vt)]) @ vt
+    return rotation_angle_deg(np.einsum("nji,jk,nkl->nil", R_gt, R, R_est))
+
+
+def segment_median(values: np.ndarray, segments: int) -> list[float]:
+    """Median of each of `segments` equal consecutive parts of per-frame values (e.g. rotation errors per lap)."""
+    return [float(np.median(v)) for v in np.array_split(np.asarray(values, np.float64), segments)]
+
+
 def _prep(p: np.ndarray, max_points: int, rng: np.random.Generator) -> np.ndarray:
     p = np.asarray(p, dtype=np.float64).reshape(-1, 3)
     p = p[np.isfinite(p).all(1)]

@@ -10,7 +10,9 @@ from serve_app.evaluation import (
     loop_gap,
     rotation_angle_deg,
     rotation_errors_deg,
+    rotation_only_errors_deg,
     segment_ate_pct,
+    segment_median,
     trajectory_metrics,
 )
 from serve_app.geometry import Sim3
@@ -50,6 +52,24 @@ def test_known_rotation_error_is_measured(loop):
     np.testing.assert_allclose(errs[10:], 2.0, atol=1e-4)
     assert m.rot_median_deg == pytest.approx(2.0, abs=1e-4) and m.rot_max_deg == pytest.approx(2.0, abs=1e-4)
     assert rotation_angle_deg(rot([1, 0, 0], 33)) == pytest.approx(33)
+
+
+def test_rotation_only_error_ignores_a_global_rotation_but_not_a_tilt_of_some_views(loop):
+    # A global rotation of all orientations (what a tilted centres-only fit adds) scores zero...
+    est = loop.astype(np.float64).copy()
+    est[:, :3, :3] = rot([1, 0, 0], 5.0) @ est[:, :3, :3]
+    np.testing.assert_allclose(rotation_only_errors_deg(est, loop), 0, atol=1e-5)
+    # ...while the centres-only Sim(3) (centres untouched) reads it as 5 degrees everywhere.
+    _, sim = trajectory_metrics(est, loop)
+    np.testing.assert_allclose(rotation_errors_deg(est, loop, sim), 5.0, atol=1e-4)
+    # Half the views turned by 4 degrees: the best single rotation splits it, ~2 degrees each side.
+    est = loop.astype(np.float64).copy()
+    est[60:, :3, :3] = rot([0, 1, 0], 4.0) @ est[60:, :3, :3]
+    errs = rotation_only_errors_deg(est, loop)
+    np.testing.assert_allclose(errs, 2.0, atol=0.05)
+    # Per-lap medians: growth from lap 1 to lap 3 shows.
+    vals = np.concatenate([np.full(40, 1.0), np.full(40, 2.0), np.full(40, 3.0)])
+    assert segment_median(vals, 3) == [1.0, 2.0, 3.0]
 
 
 def test_open_loop_gap_ate_and_drift(loop):
