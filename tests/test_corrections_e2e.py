@@ -206,7 +206,9 @@ def test_cli_writes_the_corrected_ply_and_trajectory(corr_app, synthetic_seq, tm
 
 
 # --- the browser viewer -------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
+# Function scope: sync Playwright keeps an event loop running in this thread while it is open, and the async
+# test after it could not start its own.
+@pytest.fixture
 def browser():
     if not os.path.exists(CHROMIUM):
         pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (`apt-get install -y chromium`)")

@@ -240,7 +240,7 @@ async def _scenario(spec: dict) -> dict:
         name=STORE_NAME, namespace=STORE_NS, lifetime="detached", max_restarts=-1, max_task_retries=-1,
         num_cpus=0, max_concurrency=1000, resources={"store": 0.01},
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_a, soft=True),
-    ).remote(cfg.limits.model_dump(), None, cfg.session_actor.model_dump())
+    ).remote(cfg.limits.model_dump(), None, backend=cfg.session_actor.model_dump())
     await actor.ping.remote()
     actor_node = _actor_node(actor)
 
