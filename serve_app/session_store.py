@@ -17,7 +17,7 @@ import numpy as np
 from serve_app import corrections
 from serve_app.config import LimitsConfig, SessionParams
 from serve_app.errors import ErrorCode, ServiceError
-from serve_app.limits import TokenBucket
+from serve_app.shards import Admission
 
 # created -> streaming -> finalizing -> complete; any live state -> failed; expiry removes the session.
 LIVE_STATES = ("created", "streaming", "finalizing")
@@ -161,7 +161,7 @@ class SessionStore:
         self.sessions: dict[str, Session] = {}
         self.expired: dict[str, float] = {}  # tombstones: id -> expired at
         self.expired_owner: dict[str, str | None] = {}  # whose tombstone: only its owner learns "expired"
-        self.create_buckets: dict[str | None, TokenBucket] = {}
+        self.admission = Admission(self.limits)  # the same creation rules a sharded server applies to all shards
         self.deleted: dict[str, float] = {}  # tombstones, so streams can tell "deleted" from "lost"
 
     # --- lookup -------------------------------------------------------------------------------------
@@ -183,22 +183,9 @@ class SessionStore:
 
     # --- lifecycle ----------------------------------------------------------------------------------
     def create(self, params: SessionParams, owner: str | None, now: float) -> Session:
-        if len(self.sessions) >= self.limits.max_sessions:
-            raise ServiceError(ErrorCode.SESSION_LIMIT,
-                               f"server is at its limit of {self.limits.max_sessions} sessions; retry later")
-        cap = self.limits.sessions_per_key
+        # Without keys (auth none) max_sessions is the only limit.
         mine = sum(1 for s in self.sessions.values() if s.owner == owner) if owner is not None else 0
-        if mine >= cap:  # without keys (auth none) max_sessions is the only limit
-            raise ServiceError(ErrorCode.KEY_SESSION_LIMIT,
-                               f"this key has {mine} open sessions (limit {cap}); delete or finish one first")
-        per_min = self.limits.sessions_per_minute
-        bucket = self.create_buckets.setdefault(owner, TokenBucket(rate=per_min / 60.0, burst=max(per_min, 1.0),
-                                                                   stamp=now))
-        wait = bucket.take(1, now)
-        if wait:
-            raise ServiceError(ErrorCode.RATE_LIMITED,
-                               f"too many sessions created (limit {per_min:g}/min); retry in {wait:.1f}s",
-                               details={"retry_after_s": round(wait, 2)})
+        self.admission.check(len(self.sessions), mine, owner, now)
         sid = self.id_prefix + new_session_id()  # the shard's prefix (serve_app/shards.py), "" with one shard
         s = Session(session_id=sid, owner=owner, params=params, created_at=now, updated_at=now)
         self.sessions[sid] = s
