@@ -21,8 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import LocalApp, app_args, check_loopback, rss_mb, stats, stream_session, synthetic_frames  # noqa: E402
-from measure import fmt, pct, print_table  # noqa: E402
+from common import LocalApp, app_args, check_loopback, rss_mb, stats, stream_session, synthetic_frames
+from measure import fmt, pct, print_table
 
 
 async def run_load(url: str, frames, sessions: int, fps: float, duration: float, finalize_timeout: float,

@@ -17,7 +17,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from measure import median_time_s, parse_pair  # noqa: E402
+from measure import median_time_s, parse_pair
 
 from serve_app.prediction import WindowRequest
 from serve_app.runtime import COMPILE_BACKENDS, DA3Runtime, compiled_graph_count

@@ -35,17 +35,17 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import LocalApp, app_args, rss_mb, stats, stream_many, stream_session, synthetic_frames  # noqa: E402
-from measure import fmt, mean, median_time_s, parse_pair, pct, print_table  # noqa: E402
+from common import LocalApp, app_args, rss_mb, stats, stream_many, stream_session, synthetic_frames
+from measure import fmt, mean, median_time_s, parse_pair, pct, print_table
 
-from serve_app.backends import make_backend  # noqa: E402
-from serve_app.config import ModelConfig, SessionParams  # noqa: E402
-from serve_app.exports import glb_bytes  # noqa: E402
-from serve_app.imaging import decode_image  # noqa: E402
-from serve_app.prediction import WindowRequest  # noqa: E402
-from serve_app.preprocess import resize_for_model  # noqa: E402
+from serve_app.backends import make_backend
+from serve_app.config import ModelConfig, SessionParams
+from serve_app.exports import glb_bytes
+from serve_app.imaging import decode_image
+from serve_app.prediction import WindowRequest
+from serve_app.preprocess import resize_for_model
 from serve_app.protocol import ENC_FLOAT16
-from serve_app.reconstruction import FrameInput, StreamReconstructor  # noqa: E402
+from serve_app.reconstruction import FrameInput, StreamReconstructor
 
 
 def verdict(ok: bool | None) -> str:
@@ -98,7 +98,7 @@ def summarize(results, wall: float) -> dict:
     lat = [v for r in results for v in r.frame_latency_ms.values()]
     frames = sum(len(r.results) for r in results)
     windows = sum(len(r.windows) for r in results)
-    g = lambda k, q: pct([w[k] for w in rows], q)  # noqa: E731
+    g = lambda k, q: pct([w[k] for w in rows], q)
     return {
         "frames": frames, "windows": windows, "wall": wall, "fps": frames / wall, "wps": windows / wall,
         "mean_batch": mean([w["batch_size"] for w in rows]), "lat50": pct(lat, 50), "lat95": pct(lat, 95),
@@ -200,10 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     raw_b1_ms = raw[1]["s_per_batch"] * 1000.0
 
     app = LocalApp(omp_threads=a.threads)
-    base = dict(model=a.model, backend=a.backend, process_res=a.process_res, window_size=a.window,
-                overlap=a.overlap, batch_wait_timeout_s=a.batch_wait,
-                oracle_scene={"seed": 3, "num_frames": 48, "width": a.width, "height": a.height,
-                              "trajectory": "orbit"})
+    base = {"model": a.model, "backend": a.backend, "process_res": a.process_res, "window_size": a.window,
+            "overlap": a.overlap, "batch_wait_timeout_s": a.batch_wait,
+            "oracle_scene": {"seed": 3, "num_frames": 48, "width": a.width, "height": a.height,
+                             "trajectory": "orbit"}}
     actor = f"bench_sessions_{int(time.time())}"
     targets = []
     try:
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
             rows = r.window_rows()
             lat = list(r.frame_latency_ms.values())
             sustained = len(r.results) / r.span_s
-            p50 = lambda k: pct([w[k] for w in rows if w.get(k) is not None], 50)  # noqa: E731
+            p50 = lambda k: pct([w[k] for w in rows if w.get(k) is not None], 50)
             print_table(f"(f) one session paced at {a.fps:g} fps, {a.single_frames} frames: p50 over {len(rows)} "
                         f"windows (ms) of the last new frame sent -> its points received",
                         ["sustained fps", "frame->points (p50 frames)", "last->points", "model (forward)",
@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
             rows = longres.window_rows()
             if "d" not in skip and len(rows) >= 20:
                 first, last = rows[:10], rows[-10:]
-                work = lambda ws: [w["total"] - w["queue"] for w in ws]  # noqa: E731
+                work = lambda ws: [w["total"] - w["queue"] for w in ws]
                 table = []
                 for name, f in (("geometry", lambda ws: [w["geometry"] for w in ws]),
                                 ("model", lambda ws: [w["model"] for w in ws]),

@@ -9,8 +9,15 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
-                      model_validator)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from serve_app.errors import ErrorCode, ServiceError
 
@@ -378,7 +385,7 @@ class AuthConfig(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _keys_when_required(self) -> "AuthConfig":
+    def _keys_when_required(self) -> AuthConfig:
         if self.mode == "api_key" and not self.resolved_keys():
             raise ValueError(
                 f"auth.mode is 'api_key' but no key is configured: set auth.api_keys or the "

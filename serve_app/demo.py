@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         res = subprocess.run([sys.executable, str(ROOT / "clients" / "websocket_client.py"), "--url", url,
                               "--images", str(sample), "--output", str(out),
                               "--trajectory", str(out.with_suffix(".trajectory.json")), "--json"],
-                             capture_output=True, text=True, cwd=ROOT)
+                             capture_output=True, text=True, cwd=ROOT, check=False)
         sys.stderr.write(res.stderr[-4000:])
         if res.returncode != 0:
             print(res.stdout)
@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
             proc.wait(60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-        subprocess.run([str(Path(sys.executable).with_name("ray")), "stop", "--force"], capture_output=True)
+        subprocess.run([str(Path(sys.executable).with_name("ray")), "stop", "--force"], capture_output=True,
+                       check=False)
 
 
 if __name__ == "__main__":

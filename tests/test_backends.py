@@ -9,6 +9,7 @@ import httpx
 import numpy as np
 import pytest
 import websockets
+from conftest import SCENE, app_args, deployed
 
 from serve_app.alignment import ate_rmse
 from serve_app.backends import make_backend
@@ -16,7 +17,6 @@ from serve_app.config import ModelConfig, parse_args
 from serve_app.imaging import encode_image
 from serve_app.prediction import WindowRequest
 from serve_app.protocol import encode_frame_message
-from conftest import SCENE, app_args, deployed
 
 PLUGIN = "tests.backend_plugin:make_backend"
 

@@ -32,7 +32,7 @@ def test_cli_streams_images_and_writes_outputs(serve_url, synthetic_seq, tmp_pat
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["frames_sent"] == 9 and summary["frames_processed"] == 9 and summary["poses"] == 9
-    pts, cols = read_ply(out)
+    pts, _cols = read_ply(out)
     assert len(pts) == summary["points_total"] > 0
     frames = json.loads(traj.read_text())["frames"]
     assert len(frames) == 9

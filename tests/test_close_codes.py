@@ -1,6 +1,7 @@
 """The Python client names every close code the server sends (a missing one surfaced as INTERNAL_ERROR)."""
 
 from da3_client.errors import CLOSE_CODES, CLOSE_SESSION_DELETED
+
 from serve_app.errors import WS_CLOSE, WS_CLOSE_SESSION_DELETED
 
 

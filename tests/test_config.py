@@ -1,7 +1,6 @@
 import pytest
 
-from serve_app.config import parse_args
-from serve_app.config import AppArgs, AuthConfig, SessionParams, merge_session_params
+from serve_app.config import AppArgs, AuthConfig, SessionParams, merge_session_params, parse_args
 from serve_app.errors import ErrorCode, ServiceError
 
 

@@ -9,8 +9,14 @@ from serve_app.alignment import ate_rmse, trajectory_length
 from serve_app.config import SessionParams
 from serve_app.geometry import invert_pose
 from serve_app.oracle import OracleModel
-from serve_app.reconstruction import (FrameInput, StreamReconstructor, VoxelOccupancy, is_keyframe, prior_sim3,
-                                      voxel_keys)
+from serve_app.reconstruction import (
+    FrameInput,
+    StreamReconstructor,
+    VoxelOccupancy,
+    is_keyframe,
+    prior_sim3,
+    voxel_keys,
+)
 from serve_app.synthetic import SceneSpec, render_sequence
 
 W, H = 112, 84  # small frames keep the oracle's re-rendering cheap
@@ -120,7 +126,7 @@ def test_static_camera_adds_points_only_in_the_first_window(depth):
 def test_moving_camera_keeps_accuracy(slow, noise, limit):
     length = trajectory_length(slow.c2w)
     p = params(window_size=6, overlap=3)
-    rec, outs = stream(slow, p, OracleModel(SLOW, depth_noise=noise, seed=3), depth=2)
+    _rec, outs = stream(slow, p, OracleModel(SLOW, depth_noise=noise, seed=3), depth=2)
     ids, est = poses(outs)
     assert ids == list(range(SLOW.num_frames))
     rmse, _ = ate_rmse(est, slow.c2w[ids])
@@ -220,7 +226,7 @@ def test_revisiting_the_orbit_does_not_duplicate_points(orbit):
 # --- client priors ------------------------------------------------------------------------------------------
 
 def test_pose_priors_put_the_stream_in_the_client_world(orbit):
-    rec, outs = stream(orbit, params(), OracleModel(ORBIT, scale_range=(0.3, 3.0), seed=4), priors=True, depth=2)
+    _rec, outs = stream(orbit, params(), OracleModel(ORBIT, scale_range=(0.3, 3.0), seed=4), priors=True, depth=2)
     assert all(o.ok and o.window["alignment"]["mode"] == "priors" for o in outs)
     ids, est = poses(outs)
     assert ids == list(range(ORBIT.num_frames))
@@ -258,7 +264,7 @@ def test_priors_without_baseline_fall_back(orbit):
         np.testing.assert_allclose(np.array(f["pose"]), seq.c2w[0], atol=1e-4)
     # the pure fit: collinear but distinct centres are enough; priors that contradict the cameras are refused
     pred = orbit.c2w[:5].astype(np.float64)
-    sim, info = prior_sim3(pred, pred * 1.0, depth=3.0)
+    sim, _info = prior_sim3(pred, pred * 1.0, depth=3.0)
     assert sim is not None and abs(sim.s - 1.0) < 1e-9
     bad = pred.copy()
     bad[:, :3, 3] = bad[::-1, :3, 3]

@@ -79,7 +79,7 @@ def test_noisy_oracle_stays_within_one_percent(seq):
 
 def test_failed_window_leaves_map_untouched_and_recovers(seq):
     params = SessionParams(process_res=140, window_size=4, overlap=2)
-    rec, outs = run(seq, params, OracleModel(SPEC, seed=4), corrupt=2)
+    _rec, outs = run(seq, params, OracleModel(SPEC, seed=4), corrupt=2)
     bad = outs[2]
     assert not bad.ok and bad.reason and len(bad.points) == 0
     assert all(f["pose"] is None and f.get("failed") for f in bad.frames)
@@ -127,7 +127,7 @@ def _homog(p):
 
 def test_failed_first_window_lets_the_next_one_become_the_reference(seq):
     params = SessionParams(process_res=140, window_size=4, overlap=2)
-    rec, outs = run(seq, params, OracleModel(SPEC, seed=4), pipeline_depth=2, corrupt=0)
+    _rec, outs = run(seq, params, OracleModel(SPEC, seed=4), pipeline_depth=2, corrupt=0)
     assert not outs[0].ok and all(o.ok for o in outs[1:])
     # window 1 was planned (context: window 0's frames) before window 0 failed; it anchors the world instead
     assert outs[1].window["alignment"]["mode"] == "reference" and len(outs[1].points) > 0

@@ -172,7 +172,7 @@ async def test_full_stream_results_for_every_frame_and_ply(serve_url, synthetic_
 
 
 async def test_json_base64_frames(serve_url, synthetic_seq):
-    sid, col = await stream_all(serve_url, synthetic_seq, 5, binary=False)
+    _sid, col = await stream_all(serve_url, synthetic_seq, 5, binary=False)
     assert col.close_code == 1000 and not col.of("error")
     assert sorted(r["frame_id"] for r in col.of("frame_result")) == [f"f{i}" for i in range(5)]
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 import httpx
 
@@ -48,7 +48,7 @@ class Da3Client:
         self._http: httpx.AsyncClient | None = None
 
     # --- lifecycle ------------------------------------------------------------------------------------------
-    async def __aenter__(self) -> Da3Client:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -118,7 +118,7 @@ class Da3Client:
                 if resp.status_code >= 400:
                     await resp.aread()
                     raise _error_from_response(resp)
-                with path.open("wb") as fh:
+                with path.open("wb") as fh:  # noqa: ASYNC230 - a local file, written as the download arrives
                     async for block in resp.aiter_bytes():
                         fh.write(block)
         except httpx.HTTPError as exc:

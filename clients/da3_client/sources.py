@@ -56,13 +56,11 @@ def iter_image_files(dir_or_glob: str | os.PathLike, every: int = 1, max_frames:
     files = list_image_files(dir_or_glob)
     if not files:
         raise FileNotFoundError(f"no image files match {dir_or_glob}")
-    n = 0
     for i, f in enumerate(files[::max(1, every)]):
-        if max_frames is not None and n >= max_frames:
+        if max_frames is not None and i >= max_frames:
             return
         stem = Path(f).stem
         yield (stem if 0 < len(stem) <= 64 else i), resize_longest(load_image(f), resize)
-        n += 1
 
 
 def iter_video_frames(path: str | os.PathLike, every: int = 1, fps: float | None = None,

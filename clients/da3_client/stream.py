@@ -20,7 +20,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
@@ -125,7 +125,7 @@ class StreamSession:
         self._pongs: dict[str, asyncio.Future] = {}
 
     # --- context manager ------------------------------------------------------------------------------------
-    async def __aenter__(self) -> StreamSession:
+    async def __aenter__(self) -> Self:
         await self.connect()
         return self
 
@@ -155,7 +155,7 @@ class StreamSession:
         if self._ws is not None:
             try:
                 await self._ws.close()
-            except Exception:  # noqa: BLE001 - already closed
+            except Exception:  # noqa: BLE001, S110 - already closed
                 pass
         if self._recv_task is not None:
             try:
@@ -224,7 +224,7 @@ class StreamSession:
         if self._recv_task is not None:  # the server closes with 1000 right after the summary
             try:
                 await asyncio.wait_for(asyncio.shield(self._recv_task), 5)
-            except (TimeoutError, Exception):  # noqa: BLE001
+            except Exception:  # noqa: BLE001, S110 - the summary is already here
                 pass
         return self.summary
 
@@ -274,11 +274,10 @@ class StreamSession:
             while self._outbox:
                 self._check()
                 got = await self._wait(self._has_credit, deadline, "in-flight credit", poll=self._probe_s)
-                if not got:
-                    # Quiet for a while: our count may be stale (acks race with results). Probe with one frame;
-                    # a QUEUE_FULL answer re-queues it and lengthens the next quiet period.
-                    if not self._connected.is_set() or self._unacked:
-                        continue
+                # Quiet for a while: our count may be stale (acks race with results). Probe with one frame;
+                # a QUEUE_FULL answer re-queues it and lengthens the next quiet period.
+                if not got and (not self._connected.is_set() or self._unacked):
+                    continue
                 if not self._outbox:
                     break
                 hold = self._hold_until - asyncio.get_running_loop().time()

@@ -9,9 +9,9 @@ import json
 import logging
 import time
 import uuid
-from pathlib import Path
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -31,8 +31,14 @@ from serve_app.decode_pool import DecodeGate
 from serve_app.deployments.drain import replica_draining
 from serve_app.deployments.session_actor import call, get_session_shards
 from serve_app.deployments.session_worker import SessionWorker
-from serve_app.errors import (WS_CLOSE, WS_CLOSE_NORMAL, WS_CLOSE_SERVICE_RESTART, WS_CLOSE_SESSION_DELETED,
-                              ErrorCode, ServiceError)
+from serve_app.errors import (
+    WS_CLOSE,
+    WS_CLOSE_NORMAL,
+    WS_CLOSE_SERVICE_RESTART,
+    WS_CLOSE_SESSION_DELETED,
+    ErrorCode,
+    ServiceError,
+)
 from serve_app.flow_control import FlowControl
 from serve_app.imaging import ImageLimits, decode_image
 from serve_app.limits import FrameRateLimiter
@@ -153,7 +159,7 @@ class Connection:
         try:
             async with self.lock:
                 await self.ws.close(code=code, reason=reason[:120])
-        except Exception:  # noqa: BLE001 - already gone
+        except Exception:  # noqa: BLE001, S110 - already gone
             pass
 
     async def fail(self, exc: ServiceError, frame_id: Any = None) -> None:
@@ -648,7 +654,7 @@ class Ingress:
                      extra={"session_id": session_id, "connection_id": conn.id})
             try:
                 await self.store.of(session_id).detach.remote(session_id, conn.id)
-            except Exception:  # noqa: BLE001 - actor restarting; attachment is advisory
+            except Exception:  # noqa: BLE001, S110 - actor restarting; attachment is advisory
                 pass
 
     async def _receive_loop(self, conn: Connection, websocket: WebSocket, sid: str, owner: str | None,
@@ -801,7 +807,7 @@ class Ingress:
             conn.acked.clear()
             try:
                 await asyncio.wait_for(conn.acked.wait(), lim.slow_reader_timeout_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self._count_error(ErrorCode.SLOW_CONSUMER.value, sid)
                 await conn.fail(ServiceError(
                     ErrorCode.SLOW_CONSUMER,
@@ -894,7 +900,7 @@ class Ingress:
                 if fut is not None:
                     fut.cancel()
             raise
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("result sender failed for %s", sid)
             await conn.fail(ServiceError(ErrorCode.INTERNAL_ERROR, "result stream failed", fatal=True))
             await conn.close(4500, "INTERNAL_ERROR")

@@ -15,8 +15,9 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Executor
-from typing import Any, Callable
+from typing import Any
 
 from serve_app import corrections
 from serve_app.config import LimitsConfig, SessionParams
@@ -59,7 +60,7 @@ def window_timings(plan: WindowPlan, res: dict, geometry_started: float, geometr
 
 class SessionWorker:
     def __init__(self, session_id: str, params: SessionParams, model, actor, limits: LimitsConfig,
-                 pool: Executor, on_gone: Callable[[str, "SessionWorker"], None],
+                 pool: Executor, on_gone: Callable[[str, SessionWorker], None],
                  on_window: Callable[[dict, int, str | None], None] | None = None,
                  recon: StreamReconstructor | None = None, processed: int = 0, epoch: int = 0):
         self.sid = session_id
@@ -149,7 +150,7 @@ class SessionWorker:
         for fn in list(self.listeners):
             try:
                 fn(msg)
-            except Exception:  # noqa: BLE001 - a dead listener must not stop processing
+            except Exception:
                 log.debug("listener failed", exc_info=True)
 
     async def _run(self, fn, *args):
