@@ -161,6 +161,9 @@ class SessionStore:
         self.sessions: dict[str, Session] = {}
         self.expired: dict[str, float] = {}  # tombstones: id -> expired at
         self.expired_owner: dict[str, str | None] = {}  # whose tombstone: only its owner learns "expired"
+        # Set by an actor that Ray restarted with nothing to reload: an unknown id is then most likely a session
+        # it lost, and clients are told so (SESSION_LOST) rather than "not found".
+        self.restarted_without_state = False
         self.admission = Admission(self.limits)  # the same creation rules a sharded server applies to all shards
         self.deleted: dict[str, float] = {}  # tombstones, so streams can tell "deleted" from "lost"
 
@@ -171,6 +174,9 @@ class SessionStore:
         if s is None or (s.owner is not None and not hmac.compare_digest(s.owner, owner or "")):
             if session_id in self.expired and s is None and self._owns_tombstone(session_id, owner):
                 raise ServiceError(ErrorCode.SESSION_EXPIRED, f"session {session_id} has expired", fatal=True)
+            if s is None and self.restarted_without_state and session_id not in self.deleted:
+                raise ServiceError(ErrorCode.SESSION_LOST, f"session {session_id} is unknown to the session store, "
+                                   "which restarted without stored state (backend memory)", fatal=True)
             raise ServiceError(ErrorCode.SESSION_NOT_FOUND, f"session {session_id} not found", fatal=True)
         return s
 

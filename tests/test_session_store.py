@@ -342,3 +342,21 @@ def test_a_session_whose_create_fails_after_creation_is_removed(tmp_path):
     state.mkdir()
     info = asyncio.run(actor.create(SessionParams().model_dump(), None))  # the one slot is still free
     assert list(actor.store.sessions) == [info["session_id"]]
+
+
+def test_a_store_restarted_without_state_answers_session_lost_for_unknown_ids():
+    """After Ray restarted a memory-only store, a client coming back is told its session was lost, not that it
+    never existed; a session deleted since, or another key's, still answers like any missing one."""
+    st = _store()
+    st.restarted_without_state = True
+    with pytest.raises(ServiceError) as ei:
+        st.get("gone-with-the-node", "alice")
+    assert ei.value.code is ErrorCode.SESSION_LOST and ei.value.fatal
+    s = st.create(SessionParams(), "alice", 0)
+    with pytest.raises(ServiceError) as ei:
+        st.get(s.session_id, "bob")
+    assert ei.value.code is ErrorCode.SESSION_NOT_FOUND
+    st.delete(s.session_id, "alice")
+    with pytest.raises(ServiceError) as ei:
+        st.get(s.session_id, "alice")
+    assert ei.value.code is ErrorCode.SESSION_NOT_FOUND

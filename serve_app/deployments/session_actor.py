@@ -23,6 +23,14 @@ from serve_app.state_backends import make_backend
 log = logging.getLogger("ray.serve.da3.sessions")
 
 
+def _reconstructed() -> bool:
+    """Whether Ray restarted this actor (False outside an actor, e.g. in unit tests)."""
+    try:
+        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+    except Exception:  # noqa: BLE001 - not inside an actor
+        return False
+
+
 class SessionActor:
     def __init__(self, limits: dict[str, Any], state_dir: str | None = None, shard: int = 0, shards: int = 1,
                  backend: dict | None = None):
@@ -33,6 +41,8 @@ class SessionActor:
         # Persistence (serve_app/state_backends.py): None = memory only; `backend` is the SessionActorConfig.
         # A shard's own journal directory (state_dir) wins over the config's.
         self.backend = make_backend({**(backend or {}), **({"state_dir": state_dir} if state_dir else {})})
+        if self.backend is None:
+            self.store.restarted_without_state = _reconstructed()
         if self.backend is not None:
             restored = self.backend.load_all()
             self.store.restore(restored)
