@@ -9,7 +9,7 @@ seq order ends in the same state as having received them live.
 
 Wire form (compact; tests/test_corrections.py::test_a_thousand_windows_fit_in_100_kB measures 85-90 bytes per
 window, so 1,000 windows < 100 kB):
-    {"type":"correction","seq":12,"version":3,"transforms":[[w, s, qx, qy, qz, qw, tx, ty, tz], ...]}
+    {"type":"correction","seq":12,"version":3,"loops_accepted":2,"transforms":[[w, s, qx, qy, qz, qw, tx, ...]]}
 Numbers are rounded to float32-level precision (see to_row) in their shortest form; the server keeps exactly the
 transforms it sent (decoded from the message), so a client that applies them reproduces the server's exports.
 """
@@ -32,6 +32,9 @@ ROW = 9  # window, s, qx, qy, qz, qw, tx, ty, tz
 class Correction:
     version: int  # increases with each optimisation of the session
     transforms: dict[int, Sim3] = field(default_factory=dict)  # window -> ABSOLUTE: corrected = T @ original
+    # Loop closures accepted in the session so far (None: not reported). Loops verified after the last window
+    # reach clients only here: each accepted batch of loops is followed by a global solve and its correction.
+    loops_accepted: int | None = None
 
 
 class CorrectionError(ValueError):
@@ -113,7 +116,10 @@ def to_message(corr: Correction, seq: int = 0) -> dict:
     """The wire message (rows sorted by window). `seq` is the session store's, 0 until it is committed."""
     t_dec = t_decimals(max((max(abs(v) for v in T.t.tolist()) for T in corr.transforms.values()), default=0.0))
     rows = [to_row(w, corr.transforms[w], t_dec) for w in sorted(corr.transforms)]
-    return {"type": MESSAGE_TYPE, "seq": int(seq), "version": int(corr.version), "transforms": rows}
+    msg = {"type": MESSAGE_TYPE, "seq": int(seq), "version": int(corr.version), "transforms": rows}
+    if corr.loops_accepted is not None:
+        msg["loops_accepted"] = int(corr.loops_accepted)
+    return msg
 
 
 def from_message(msg: dict) -> Correction:
@@ -123,11 +129,14 @@ def from_message(msg: dict) -> Correction:
     version, rows = msg.get("version"), msg.get("transforms")
     if isinstance(version, bool) or not isinstance(version, int) or not isinstance(rows, list):
         raise CorrectionError("a correction needs an integer version and a list of transforms")
+    loops = msg.get("loops_accepted")
+    if loops is not None and (isinstance(loops, bool) or not isinstance(loops, int) or loops < 0):
+        raise CorrectionError("loops_accepted must be an integer >= 0")
     out: dict[int, Sim3] = {}
     for row in rows:
         w, T = from_row(row)
         out[w] = T
-    return Correction(version, out)
+    return Correction(version, out, loops)
 
 
 def quantize(corr: Correction) -> Correction:

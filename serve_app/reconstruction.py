@@ -715,7 +715,7 @@ class StreamReconstructor:
         if d is not None and self.last_keyframe is not None:
             self.last_keyframe = (d.transform_c2w(self.last_keyframe[0]), self.last_keyframe[1] * d.s)
         self.occ_dirty = True
-        return Correction(version=cons.version, transforms=absolute)
+        return Correction(version=cons.version, transforms=absolute, loops_accepted=cons.loops_accepted)
 
     def _move_occupancy(self) -> None:
         """Re-key the occupied voxels of every corrected window (voxel centre moved by the change of its window's

@@ -366,3 +366,32 @@ def test_client_reconstruction_applies_corrections_like_the_server_store():
         resumed.apply(m)
     assert np.array_equal(resumed.points(), live.points()) and resumed.corrections == 2
     assert decode_points(all_msgs[5]).seq == 2
+
+
+def test_the_loop_count_travels_in_the_correction_and_the_client_keeps_the_latest():
+    """After the last window, loops verified later reach the client only in a correction (issue 16): the count
+    survives the wire, the store (and its compaction), malformed counts are refused, and the client's
+    Reconstruction keeps the largest count of window and correction messages."""
+    from da3_client import Reconstruction
+
+    rng = np.random.default_rng(3)
+    corr = C.Correction(2, {0: random_sim3(rng)}, loops_accepted=5)
+    msg = C.to_message(corr)
+    assert msg["loops_accepted"] == 5 and C.from_message(json.loads(json.dumps(msg))).loops_accepted == 5
+    assert "loops_accepted" not in C.to_message(C.Correction(1, {0: random_sim3(rng)}))  # not reported
+    for bad in (-1, 1.5, "3", True):
+        with pytest.raises(C.CorrectionError):
+            C.from_message({**msg, "loops_accepted": bad})
+    st = SessionStore(LimitsConfig())
+    _, sid = _session(st)
+    st.commit_correction(sid, C.to_message(C.Correction(1, {0: random_sim3(rng)}, loops_accepted=1)), 1.0)
+    st.commit_correction(sid, msg, 2.0)
+    stored = [r.message for r in st.records_after(sid, 0) if isinstance(r, CorrectionRecord)]
+    assert [m["loops_accepted"] for m in stored] == [1, 5]
+    rec = Reconstruction()
+    assert rec.loops_accepted is None
+    rec.apply({"type": "window", "seq": 1, "window": 0, "alignment": {"ok": True, "loops_accepted": 3}})
+    assert rec.loops_accepted == 3
+    for m in stored:
+        rec.apply(m)
+    assert rec.loops_accepted == 5

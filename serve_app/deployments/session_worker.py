@@ -294,8 +294,8 @@ class SessionWorker:
         """After each placed window: odometry edges and loop retrieval (pool, under the lock, milliseconds), the
         pose-graph solve (pool, WITHOUT the lock: the next window integrates meanwhile), its result applied
         (under the lock) and published as a correction; loop candidates go through the model like a window
-        (same deployment and batching) and are verified under the lock; an accepted loop makes the next solve
-        global. Never on the event loop."""
+        (same deployment and batching) and are verified under the lock, all of those due before one global solve
+        for the loops accepted among them. Never on the event loop."""
         loop = asyncio.get_running_loop()
         while not self.closed:
             await self.graph_wake.wait()
@@ -321,21 +321,31 @@ class SessionWorker:
                     await self.publish_correction(corr)
                 if rec.maintenance_due:
                     await self._run(rec.maintain)
-            async with self.lock:
-                plan = rec.next_loop()
-            if plan is None:
+            # Verify every loop candidate due (an accepted one may queue more), then ONE global solve for all
+            # the loops accepted: a solve per loop made a busy revisit fall behind the windows (issue 16).
+            accepted = 0
+            while not self.closed:
+                async with self.lock:
+                    plan = rec.next_loop()
+                if plan is None:
+                    break
+                accepted += bool((await self._verify_loop(plan)).get("accepted"))
+            if not accepted:
                 return
-            pred = None
-            try:
-                res = await asyncio.wait_for(self._call_model(plan.request(tag=f"{self.sid}:loop{-plan.window}")),
-                                             self.limits.model_timeout_s)
-                pred = res["prediction"] if res.get("ok") else None
-            except Exception as exc:  # noqa: BLE001 - a lost loop check is only a missed loop
-                log.warning("session %s: loop window failed: %s", self.sid, exc, extra={"session_id": self.sid})
-            report = await self._run(rec.integrate_loop, plan, pred)
-            log.info("session %s: loop %s", self.sid, report, extra={"session_id": self.sid})
-            if not report.get("accepted"):
-                return
+
+    async def _verify_loop(self, plan) -> dict:
+        """One loop window through the model (same deployment and batching as the windows), verified under the
+        lock; the report."""
+        pred = None
+        try:
+            res = await asyncio.wait_for(self._call_model(plan.request(tag=f"{self.sid}:loop{-plan.window}")),
+                                         self.limits.model_timeout_s)
+            pred = res["prediction"] if res.get("ok") else None
+        except Exception as exc:  # noqa: BLE001 - a lost loop check is only a missed loop
+            log.warning("session %s: loop window failed: %s", self.sid, exc, extra={"session_id": self.sid})
+        report = await self._run(self.recon.integrate_loop, plan, pred)
+        log.info("session %s: loop %s", self.sid, report, extra={"session_id": self.sid})
+        return report
 
     # Both run in the pool under the lock; the snapshot lets another replica continue the session.
     def _integrate(self, plan: WindowPlan, pred):
