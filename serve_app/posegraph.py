@@ -20,9 +20,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import scipy.linalg as sla
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
-from scipy.sparse.csgraph import connected_components
+from scipy.sparse.csgraph import connected_components, reverse_cuthill_mckee
 
 from serve_app.geometry import Sim3
 
@@ -113,6 +114,7 @@ class SolveResult:
     cost_before: float
     cost_after: float
     downweighted: list[int] = field(default_factory=list)  # edges the robust kernel cut below half weight
+    factorisations: int = 0  # of the normal matrix
 
 
 @dataclass
@@ -210,6 +212,60 @@ def _residuals_jac(xa, xb, zinv, sig):
 
 
 REFACTOR_STEP = 0.03  # largest update (radians / depth units / log scale) after which H is factored afresh
+BANDED_MAX_BLOCKS = 40  # "banded": block bandwidth (nodes) beyond which SuperLU is used instead
+
+
+class _Banded:
+    """H in a reverse Cuthill-McKee order of the free nodes, factored by LAPACK's banded Cholesky
+    (scipy.linalg.cholesky_banded): for a chain of windows the band is a few nodes wide."""
+
+    def __init__(self, H, perm: np.ndarray):
+        Hp = H[perm][:, perm].tocoo()
+        low = Hp.row >= Hp.col
+        off = (Hp.row - Hp.col)[low]
+        ab = np.zeros((int(off.max()) + 1, H.shape[0]))
+        ab[off, Hp.col[low]] = Hp.data[low]
+        self.c, self.perm = sla.cholesky_banded(ab, lower=True, check_finite=False), perm
+
+    def solve(self, b: np.ndarray) -> np.ndarray:
+        x = np.empty_like(b)
+        x[self.perm] = sla.cho_solve_banded((self.c, True), b[self.perm], check_finite=False)
+        return x
+
+
+class _LDL:
+    """qdldl (an optional package, for bench/posegraph.py): AMD ordering and symbolic analysis once, a numeric
+    LDL^T per factorisation."""
+
+    def __init__(self):
+        self.s = None
+
+    def factor(self, H) -> _LDL:
+        import qdldl
+
+        if self.s is None:
+            self.s = qdldl.Solver(H)
+        else:
+            self.s.update(H)
+        return self
+
+    def solve(self, b: np.ndarray) -> np.ndarray:
+        return self.s.solve(b)
+
+
+def _rcm_perm(pattern) -> np.ndarray | None:
+    """Scalar permutation of H putting the free nodes in reverse Cuthill-McKee order; None if the band it gives
+    is wider than BANDED_MAX_BLOCKS nodes (a graph with long-range loops: SuperLU is cheaper)."""
+    nf = pattern.nv // 7
+    ok = (pattern.ga >= 0) & (pattern.gb >= 0)
+    ga, gb = pattern.ga[ok], pattern.gb[ok]
+    A = sp.coo_matrix((np.ones(len(ga)), (ga, gb)), shape=(nf, nf)).tocsr()
+    order = reverse_cuthill_mckee(A + A.T, symmetric_mode=True)
+    rank = np.empty(nf, np.int64)
+    rank[order] = np.arange(nf)
+    if len(ga) and int(np.abs(rank[ga] - rank[gb]).max()) > BANDED_MAX_BLOCKS:
+        return None
+    return (7 * order[:, None] + np.arange(7)).reshape(-1)
 
 
 class _NormalPattern:
@@ -285,9 +341,11 @@ class _NormalPattern:
 
 
 def solve(ids: list[int], poses: list[Sim3], edges: list[Edge], params: GraphParams,
-          fixed: int | set[int] | list[int]) -> SolveResult:
+          fixed: int | set[int] | list[int], linear: str = "lu") -> SolveResult:
     """Robust Gauss-Newton over the graph, the `fixed` node(s) held (at least one: the gauge). Returns the poses
-    by id."""
+    by id. `linear`: the factorisation of the normal matrix H: "lu" SuperLU; "banded" LAPACK's banded Cholesky in
+    a reverse Cuthill-McKee order (SuperLU when the band is wide); "ldl" qdldl (optional package). Same steps,
+    so the same solution to rounding; bench/posegraph.py measures them."""
     n = len(ids)
     pos = {k: i for i, k in enumerate(ids)}
     edges = [e for e in edges if e.a in pos and e.b in pos]
@@ -330,6 +388,9 @@ def solve(ids: list[int], poses: list[Sim3], edges: list[Edge], params: GraphPar
     w = base_w.copy()
     robust = False
     lu, step = None, np.inf
+    factorisations = 0
+    perm = _rcm_perm(pattern) if linear == "banded" else None
+    ldl = _LDL() if linear == "ldl" else None
     for it in range(1, params.max_iterations + 1):
         r, Ja, Jb = _residuals_jac(sel(x, ia), sel(x, ib), zinv, sig)
         if robust:
@@ -340,7 +401,13 @@ def solve(ids: list[int], poses: list[Sim3], edges: list[Edge], params: GraphPar
         # the same point because g is exact) and refactor only after a large step. Robust steps always refactor:
         # their weights change every iteration (and a wrong edge can keep them from settling).
         if lu is None or step > REFACTOR_STEP or robust:
-            lu = spla.splu(H, permc_spec="NATURAL", diag_pivot_thresh=0.0, options={"SymmetricMode": True})
+            if perm is not None:
+                lu = _Banded(H, perm)
+            elif ldl is not None:
+                lu = ldl.factor(H)
+            else:
+                lu = spla.splu(H, permc_spec="NATURAL", diag_pivot_thresh=0.0, options={"SymmetricMode": True})
+            factorisations += 1
         delta = -lu.solve(g)
         if not np.isfinite(delta).all():
             break
@@ -361,7 +428,7 @@ def solve(ids: list[int], poses: list[Sim3], edges: list[Edge], params: GraphPar
     cost1 = float((base_w * (r ** 2).sum(1)).sum())
     down = np.flatnonzero(nrm > 2 * params.huber).tolist()
     out = dict(zip(ids, map(_sim3_of, x[0].tolist(), x[1], x[2])))
-    return SolveResult(out, it, cost0, cost1, down)
+    return SolveResult(out, it, cost0, cost1, down, factorisations)
 
 
 def solve_gtsam(ids: list[int], poses: list[Sim3], edges: list[Edge], params: GraphParams, fixed: int

@@ -190,3 +190,34 @@ def test_solution_matches_a_plain_dense_gauss_newton():
         x = _retract(x, D)
     for i in range(30):
         assert np.allclose(res.poses[i].matrix(), Sim3(x[0][i], x[1][i], x[2][i]).matrix(), atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", [3, 4, 5])
+def test_the_banded_cholesky_gives_the_sparse_lu_solution_with_loops_and_a_wrong_edge(seed, monkeypatch):
+    """The linear algebra changes speed, not the answer: on random rings with loop edges and one wrong edge the
+    banded Cholesky (RCM order) and SuperLU take the same steps to the same poses, cutting the same edge; a graph
+    whose band is too wide falls back to SuperLU."""
+    import serve_app.posegraph as pg
+
+    rng = np.random.default_rng(seed)
+    n = 50
+    _, est, edges, rel = _ring(n, seed)
+    pairs = {(int(a), int(a) + int(rng.integers(12, n - a))) for a in rng.integers(0, n - 13, size=4)}
+    loops = [Edge(a, b, rel(a, b, 0.5), kind="loop") for a, b in sorted(pairs)]
+    bad = Edge(5, 30, rel(15, 30, 0.5), kind="loop")  # claims node 30 is where node 15 is
+    all_edges = edges + loops + [bad]
+    params = GraphParams(sigma_rot_deg=0.5, sigma_trans=0.01, sigma_scale=0.01, max_iterations=30, huber=3.0)
+    ids = list(range(n))
+    free = np.ones(n, bool)
+    free[0] = False
+    pattern = pg._NormalPattern(np.array([e.a for e in all_edges]), np.array([e.b for e in all_edges]), free)
+    assert pg._rcm_perm(pattern) is not None  # the banded path is the one taken
+    lu = solve(ids, est, all_edges, params, fixed=0, linear="lu")
+    band = solve(ids, est, all_edges, params, fixed=0, linear="banded")
+    assert (band.iterations, band.factorisations) == (lu.iterations, lu.factorisations)
+    assert max(np.abs(band.poses[i].matrix() - lu.poses[i].matrix()).max() for i in ids) < 1e-8
+    assert band.downweighted == lu.downweighted and len(all_edges) - 1 in band.downweighted  # the wrong edge
+    monkeypatch.setattr(pg, "BANDED_MAX_BLOCKS", 1)
+    assert pg._rcm_perm(pattern) is None
+    wide = solve(ids, est, all_edges, params, fixed=0, linear="banded")
+    assert max(np.abs(wide.poses[i].matrix() - lu.poses[i].matrix()).max() for i in ids) == 0.0
