@@ -8,7 +8,8 @@ the steps in this order (docs/ARCHITECTURE.md "Global consistency"):
 2. `prepare` (pool, under the worker's lock, a few ms): odometry edges fitted per earlier window (one robust
    Sim(3) each: a window whose context frames come from two windows gets two edges, the sliding graph's
    redundancy), loop retrieval, and a solve job: the newest `graph_local_windows` nodes after an ordinary
-   window, the whole graph after an accepted loop.
+   window, the whole graph after accepted loops (the worker verifies every loop candidate due first, so one
+   global solve covers a batch of loops).
 3. `run_job` (pool, without the lock: integration of the next window goes on meanwhile): the solve.
 4. `apply` (pool, under the lock): new node poses -> corrections. Windows integrated while the job ran follow
    the newest solved node rigidly. Returns {window: delta Sim3} for the reconstructor to move its world frames
