@@ -288,6 +288,9 @@ async def test_global_consistency_session_streams_corrections_clients_apply(loop
             await s.finalize(timeout=300)
         rec = s.reconstruction
         assert rec.corrections >= 1, "no correction was published"
+        # The loop closed, and its count reached the client (a correction carries it: loops verified after the
+        # last window are in no window message).
+        assert rec.loops_accepted is not None and rec.loops_accepted >= 1, rec.loops_accepted
         ply, traj, _ = server_exports(url, sid)
         assert close_clouds(rec.points(), read_ply(ply)[0]) < 2e-3
         assert_poses_match(rec.trajectory(), traj["frames"])
