@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 DA3_SPEC   ?= depth-anything-3==0.1.1
 
-.PHONY: install browser system-deps test demo serve-local bench lint clean
+.PHONY: install browser system-deps test test-fast test-e2e demo serve-local bench lint clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,8 +28,15 @@ browser:
 system-deps: browser
 	bash .ci/install-redis
 
-test: $(STAMP) system-deps
-	$(PY) -m pytest -q tests
+# Two tiers: the fast one (pure logic, no Ray, about a minute) first, then the end-to-end one (real Ray Serve,
+# browser, Redis, notebook). A test that uses a Ray fixture is put in the second tier by tests/conftest.py.
+test: test-fast test-e2e
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not ray" tests
+
+test-e2e: $(STAMP) system-deps
+	$(PY) -m pytest -q -m ray tests
 
 demo: $(STAMP)
 	$(PY) -m serve_app.demo --config configs/local.yaml --output out/demo.ply

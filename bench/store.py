@@ -47,9 +47,9 @@ def make_payloads(width: int, height: int, window: int, overlap: int) -> dict:
     import cv2
 
     from serve_app.config import SessionParams
-    from serve_app.oracle import OracleModel
-    from serve_app.reconstruction import FrameInput, StreamReconstructor
-    from serve_app.synthetic import SceneSpec, render_sequence
+    from serve_app.evaluation.synthetic import SceneSpec, render_sequence
+    from serve_app.model.oracle import OracleModel
+    from serve_app.recon.reconstruction import FrameInput, StreamReconstructor
 
     spec = SceneSpec.from_dict({"seed": 3, "num_frames": window + 2 * (window - overlap), "width": width,
                                 "height": height, "trajectory": "orbit"})
@@ -128,7 +128,7 @@ class Stream:
             self.nbytes["point_cloud"] += int(pts.nbytes * 1.25)  # + uint8 colours
 
     async def window(self) -> None:
-        from serve_app.reconstruction import FrameInput
+        from serve_app.recon.reconstruction import FrameInput
 
         p = self.p
         frames = []

@@ -23,11 +23,8 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from ray import serve
 
-from serve_app import exports, protocol, ray_env
-from serve_app.admission import ConcurrencyGate
-from serve_app.auth import AccessMiddleware, AccessPolicy, bearer_token
+from serve_app import protocol, ray_env
 from serve_app.config import AppArgs, LimitsConfig, SessionParams, merge_session_params
-from serve_app.decode_pool import DecodeGate
 from serve_app.deployments.drain import replica_draining
 from serve_app.deployments.session_actor import call, get_session_shards
 from serve_app.deployments.session_worker import SessionWorker
@@ -39,16 +36,20 @@ from serve_app.errors import (
     ErrorCode,
     ServiceError,
 )
-from serve_app.flow_control import FlowControl
-from serve_app.imaging import ImageLimits, decode_image
+from serve_app.ingress.auth import AccessMiddleware, AccessPolicy, bearer_token
+from serve_app.ingress.flow_control import FlowControl
 from serve_app.limits import FrameRateLimiter
-from serve_app.metrics import IngressMetrics
-from serve_app.preprocess import resize_for_model
-from serve_app.reconstruction import FrameInput, StreamReconstructor
-from serve_app.session_store import CorrectionRecord, ResultRecord
-from serve_app.status_cache import CachedCall
-from serve_app.uploads import classify_upload, limited_request
-from serve_app.video import VideoFrames, VideoLimits
+from serve_app.media.decode_pool import DecodeGate
+from serve_app.media.imaging import ImageLimits, decode_image
+from serve_app.media.uploads import classify_upload, limited_request
+from serve_app.media.video import VideoFrames, VideoLimits
+from serve_app.model.preprocess import resize_for_model
+from serve_app.observability.metrics import IngressMetrics
+from serve_app.observability.status_cache import CachedCall
+from serve_app.recon import exports
+from serve_app.recon.reconstruction import FrameInput, StreamReconstructor
+from serve_app.sessions.admission import ConcurrencyGate
+from serve_app.sessions.session_store import CorrectionRecord, ResultRecord
 
 log = logging.getLogger("ray.serve.da3.ingress")  # child of ray.serve: goes to the replica log files
 
@@ -94,7 +95,7 @@ class LocalRecords:
 class Connection:
     """One WebSocket; sends are serialised because the receive loop, the sender and workers all write.
 
-    Flow control (serve_app/flow_control.py): Serve queues whatever the replica sends without limit, so every
+    Flow control (serve_app/ingress/flow_control.py): Serve queues whatever the replica sends without limit, so every
     message sent is counted until the client's `received` covers it; the result sender pauses at
     max_unacked_result_bytes, and a client that leaves that much of other messages unread is closed."""
 
@@ -179,7 +180,7 @@ class Ingress:
     def __init__(self, model, args: dict[str, Any]):
         self.args = AppArgs.model_validate(args)
         self.model = model
-        # the session-store shards: a session's actor is self.store.of(its id) (serve_app/shards.py)
+        # the session-store shards: a session's actor is self.store.of(its id) (serve_app/sessions/shards.py)
         self.store = get_session_shards(self.args.session_actor, self.args.limits)
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="da3-cpu")
         # Parallelism here comes from the pool; library thread pools on top would fight the model replica's

@@ -1,6 +1,6 @@
 """The detached, named Ray actor that owns every session's state and runs the expiry sweep.
 
-A thin async wrapper over SessionStore (serve_app/session_store.py holds the rules). Methods that wait
+A thin async wrapper over SessionStore (serve_app/sessions/session_store.py holds the rules). Methods that wait
 (`wait_records`) use per-session asyncio conditions, so one actor serves many long-polling streams.
 """
 
@@ -13,12 +13,12 @@ from typing import Any
 
 import ray
 
-from serve_app import shards as sharding
 from serve_app.config import LimitsConfig, SessionActorConfig, SessionParams
 from serve_app.errors import ServiceError
 from serve_app.ray_env import in_effect
-from serve_app.session_store import SessionStore, concat_parts
-from serve_app.state_backends import make_backend
+from serve_app.sessions import shards as sharding
+from serve_app.sessions.session_store import SessionStore, concat_parts
+from serve_app.sessions.state_backends import make_backend
 
 log = logging.getLogger("ray.serve.da3.sessions")
 
@@ -38,7 +38,7 @@ class SessionActor:
         self.store.id_prefix = sharding.shard_prefix(shard, shards)  # the shard is read back from the id
         self._conds: dict[str, asyncio.Condition] = {}
         self._sweeper: asyncio.Task | None = None
-        # Persistence (serve_app/state_backends.py): None = memory only; `backend` is the SessionActorConfig.
+        # Persistence (serve_app/sessions/state_backends.py): None = memory only; `backend` is the SessionActorConfig.
         # A shard's own journal directory (state_dir) wins over the config's.
         self.backend = make_backend({**(backend or {}), **({"state_dir": state_dir} if state_dir else {})})
         if self.backend is None:
@@ -184,7 +184,7 @@ class SessionActor:
         return rec.seq, len(rec.points)
 
     async def commit_correction(self, sid: str, message: dict, epoch: int | None = None) -> tuple[int, int]:
-        """Store a `correction` message (serve_app/corrections.py) as the session's next record: (seq, version
+        """Store a `correction` message (serve_app/recon/corrections.py) as the session's next record: (seq, version
         as stored). seq is -1 if the session is gone, -2 if the caller is a stale (fenced) worker."""
         if sid not in self.store.sessions:
             return -1, 0

@@ -19,14 +19,19 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Any
 
-from serve_app import corrections
 from serve_app.config import LimitsConfig, SessionParams
-from serve_app.corrections import Correction
 from serve_app.deployments.session_actor import call
 from serve_app.errors import ErrorCode
 from serve_app.protocol import PointBody, encode_point_body
-from serve_app.reconstruction import FrameInput, StreamReconstructor, WindowPlan
-from serve_app.session_store import CorrectionRecord, ResultRecord, finalized_error, frame_limit_error
+from serve_app.recon import corrections
+from serve_app.recon.corrections import Correction
+from serve_app.recon.reconstruction import FrameInput, StreamReconstructor, WindowPlan
+from serve_app.sessions.session_store import (
+    CorrectionRecord,
+    ResultRecord,
+    finalized_error,
+    frame_limit_error,
+)
 
 log = logging.getLogger("ray.serve.da3.worker")
 
