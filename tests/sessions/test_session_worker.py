@@ -35,7 +35,7 @@ def test_window_timings_of_a_failed_model_call():
 
 
 def test_local_records_are_bounded_by_bytes_and_flag_what_they_drop():
-    from serve_app.deployments.ingress import LocalRecords
+    from serve_app.ingress.connection import LocalRecords
     from serve_app.sessions.session_store import ResultRecord
 
     def rec(seq: int, n: int) -> ResultRecord:  # n points = 15 n bytes
