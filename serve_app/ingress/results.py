@@ -86,9 +86,9 @@ class ResultStreaming:
                 if not poll.done():
                     continue
                 res, poll = poll.result(), None
-                if "gone" in res:
-                    if res["gone"] in (ErrorCode.SESSION_EXPIRED.value, ErrorCode.SESSION_LOST.value):
-                        code = ErrorCode(res["gone"])
+                if res.gone is not None:
+                    if res.gone in (ErrorCode.SESSION_EXPIRED.value, ErrorCode.SESSION_LOST.value):
+                        code = ErrorCode(res.gone)
                         msg = ("session expired" if code is ErrorCode.SESSION_EXPIRED else
                                "the session store restarted without this session's state; start a new session")
                         await conn.fail(ServiceError(code, msg, fatal=True))
@@ -98,19 +98,19 @@ class ResultStreaming:
                                                      fatal=True))
                         await conn.close(WS_CLOSE_SESSION_DELETED, "SESSION_DELETED")
                     return
-                if res.get("displaced"):
+                if res.displaced:
                     await conn.fail(ServiceError(ErrorCode.SESSION_BUSY,
                                                  "another connection took over this session", fatal=True))
                     await conn.close(WS_CLOSE[ErrorCode.SESSION_BUSY], "SESSION_BUSY")
                     return
-                for rec in res["records"]:
+                for rec in res.records:
                     if rec.seq <= seq:
                         continue  # already sent from the local queue
                     if not await self._send_record(conn, sid, rec, encoding, loop):
                         return
                     seq = rec.seq
                     self.records_sent["long_poll"] += 1
-                info = res["info"]
+                info = res.info
                 full = seq < info["last_seq"]  # the actor has a record this stream lacks: fetch it
                 if info["state"] in ("complete", "failed") and seq >= info["last_seq"]:
                     dur = (info.get("updated_at") or time.time()) - info["created_at"]

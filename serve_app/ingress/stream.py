@@ -47,7 +47,7 @@ class StreamRoute:
             await conn.fail(exc)
             await conn.close(WS_CLOSE.get(exc.code, 4500), exc.code.value)
             return
-        info = att["info"]
+        info = att.info
         params = SessionParams.model_validate(info["params"])
         try:
             worker = await self._worker(session_id, params, owner, info)

@@ -53,7 +53,7 @@ class WorkerOwnership:
                     return w
                 self._drop_worker(sid, w)  # superseded by a worker on another replica
             took = await call(self.store.of(sid).take_worker, sid)
-            info, snap = took["info"], took["stream_state"]
+            info, snap = took.info, took.stream_state
             recon = None
             if snap is not None:
                 pts, _ = await call(self.store.of(sid).point_cloud, sid, owner)
@@ -63,16 +63,16 @@ class WorkerOwnership:
                     lambda data: self._prepare(data, params.process_res, size)[1])
             w = SessionWorker(sid, params, self.model, self.store.of(sid), self.args.limits, self.pool,
                               on_gone=self._drop_worker, on_window=self._on_window, recon=recon,
-                              processed=info["frames_processed"], epoch=took["epoch"])
+                              processed=info["frames_processed"], epoch=took.epoch)
             pending = await asyncio.get_running_loop().run_in_executor(
-                self.pool, self._decode_stored, took["pending"], params.process_res, w.recon.input_size)
+                self.pool, self._decode_stored, took.pending, params.process_res, w.recon.input_size)
             for frame in pending:
                 if w.recon.input_size is None:
                     w.recon.input_size = (int(frame.image.shape[1]), int(frame.image.shape[0]))
                 w.add_frame(frame)
-            if took["pending"]:
+            if took.pending:
                 log.info("session %s: worker epoch %d resumes %d accepted frames", sid, w.epoch,
-                         len(took["pending"]), extra={"session_id": sid})
+                         len(took.pending), extra={"session_id": sid})
             if info["state"] == "finalizing":
                 w.finalizing = True
                 w.flush()

@@ -263,8 +263,7 @@ def test_publish_correction_commits_fenced_and_hands_the_record_to_local_streams
         actor = SessionActor(LimitsConfig().model_dump())
         info = await actor.create(SessionParams().model_dump(), None)
         sid = info["session_id"]
-        epoch = await actor.take_worker(sid)
-        epoch = epoch["epoch"]
+        epoch = (await actor.take_worker(sid)).epoch
         got: list = []
         w = SessionWorker.__new__(SessionWorker)  # publish_correction's state only: no loop tasks or model
         w.sid, w.actor, w.epoch, w.record_listeners = sid, InProcess(actor), epoch, [got.append]
@@ -278,12 +277,12 @@ def test_publish_correction_commits_fenced_and_hands_the_record_to_local_streams
         assert msg == stored  # the stream sends exactly what a resume replays
         # a stream on another replica gets it from the long-poll; this replica's stream skips it there
         res = await actor.wait_records(sid, 0, None, 0.1)
-        assert res.get("displaced") or [r.seq for r in res["records"]] == [1]
+        assert res.displaced or [r.seq for r in res.records] == [1]
         await actor.attach(sid, None, "c1")
         res = await actor.wait_records(sid, 0, "c1", 0.1)
-        assert [type(r) for r in res["records"]] == [CorrectionRecord]
+        assert [type(r) for r in res.records] == [CorrectionRecord]
         res = await actor.wait_records(sid, 0, "c1", 0.05, skip_epoch=epoch)
-        assert res["records"] == []
+        assert res.records == []
         # a superseded worker's correction is refused and reaches nobody
         await actor.take_worker(sid)
         await w.publish_correction(correction(rng, [0], version=2))

@@ -70,7 +70,7 @@ def hand_made(windows, version, seed) -> dict:
 
 
 async def commit(args, sid, msg) -> int:
-    seq, _ = await session_actor(args).commit_correction.remote(sid, msg, None)
+    seq = (await session_actor(args).commit_correction.remote(sid, msg, None)).seq
     assert seq > 0
     return seq
 
@@ -189,7 +189,7 @@ def test_cli_writes_the_corrected_ply_and_trajectory(corr_app, synthetic_seq, tm
         frames = httpx.get(f"{url}/ws/session/{sid}/trajectory.json").json()["frames"]
         windows = {int(f["window"]) for f in frames}
         msg = hand_made(sorted(windows), 1, seed=3)
-        seq, _ = ray.get(session_actor(args).commit_correction.remote(sid, msg, None))
+        seq = ray.get(session_actor(args).commit_correction.remote(sid, msg, None)).seq
         assert seq > 0
         stdout, stderr = cli.communicate(timeout=180)
     finally:
@@ -237,7 +237,7 @@ def test_browser_viewer_applies_a_correction(corr_app, synthetic_seq, browser):
     windows = sorted({int(f["window"]) for f in httpx.get(f"{url}/ws/session/{sid}/trajectory.json")
                       .json()["frames"]})
     msg = hand_made(windows[1:], 1, seed=4)  # window 0 stays where it was
-    seq, _ = ray.get(session_actor(args).commit_correction.remote(sid, msg, None))  # Playwright owns the loop
+    seq = ray.get(session_actor(args).commit_correction.remote(sid, msg, None)).seq  # Playwright owns the loop
     assert seq > 0
     page.wait_for_function("() => window.da3.state.corrections === 1", timeout=60_000)
     page.evaluate("() => window.da3.finalize()")

@@ -17,6 +17,7 @@ from serve_app.deployments.session_actor import SessionActor
 from serve_app.recon import corrections as C
 from serve_app.recon.geometry import Sim3
 from serve_app.recon.reconstruction import FrameInput
+from serve_app.sessions.replies import CommitStatus
 from serve_app.sessions.session_store import SessionStore
 from serve_app.sessions.state_backends import RedisBackend, make_backend
 
@@ -55,7 +56,7 @@ async def _stream(actor: SessionActor, n_windows: int, per_window: int = 2, poin
     uncommitted and one correction committed."""
     info = await actor.create(params or {}, "alice")
     sid = info["session_id"]
-    epoch = (await actor.take_worker(sid))["epoch"]
+    epoch = (await actor.take_worker(sid)).epoch
     idx = 0
     for w in range(n_windows):
         frames = []
@@ -64,9 +65,9 @@ async def _stream(actor: SessionActor, n_windows: int, per_window: int = 2, poin
             frames.append({"index": i, "frame_id": f"f{i}", "pose": np.eye(4).tolist()})
             idx += 1
         pts, cols = _points(w, points)
-        seq, _kept = await actor.commit_window(sid, {"window": w}, frames, pts, cols, _snapshot(w), epoch=epoch)
+        seq = (await actor.commit_window(sid, {"window": w}, frames, pts, cols, _snapshot(w), epoch=epoch)).seq
         assert seq > 0
-    seq, _ = await actor.commit_correction(sid, _correction(range(n_windows), 1), epoch=epoch)
+    seq = (await actor.commit_correction(sid, _correction(range(n_windows), 1), epoch=epoch)).seq
     assert seq > 0
     for _ in range(3):
         await actor.accept_frame(sid, "alice", epoch, _frame(idx))
@@ -120,13 +121,13 @@ def test_actor_restart_reloads_every_stored_kind(kind, redis_url, tmp_path):
 
     async def resume():  # a new worker takes over with what was stored and carries on
         took = await again.take_worker(sid)
-        assert took["epoch"] == actor.store.sessions[sid].worker_epoch + 1
-        assert [f.index for f in took["pending"]] == sorted(actor.store.sessions[sid].pending)
-        assert took["stream_state"]["windows_integrated"] == 4
-        frames = [{"index": f.index, "frame_id": f.frame_id} for f in took["pending"]]
-        seq, _ = await again.commit_window(sid, {"window": 5}, frames, *_points(5, 50), _snapshot(5),
-                                           epoch=took["epoch"])
-        return seq
+        assert took.epoch == actor.store.sessions[sid].worker_epoch + 1
+        assert [f.index for f in took.pending] == sorted(actor.store.sessions[sid].pending)
+        assert took.stream_state["windows_integrated"] == 4
+        frames = [{"index": f.index, "frame_id": f.frame_id} for f in took.pending]
+        reply = await again.commit_window(sid, {"window": 5}, frames, *_points(5, 50), _snapshot(5),
+                                          epoch=took.epoch)
+        return reply.seq
 
     seq = asyncio.run(resume())
     assert seq == actor.store.sessions[sid].last_seq + 1
@@ -164,10 +165,10 @@ def test_stale_epoch_is_refused_atomically_in_the_server(redis_url, tmp_path):
         return stale, stale_corr, before, after, epoch_after, fresh, epoch
 
     stale, stale_corr, before, after, epoch_after, fresh, epoch = asyncio.run(run())
-    assert stale == (-2, 0) and stale_corr == (-2, 0)
+    assert stale.status is stale_corr.status is CommitStatus.FENCED
     assert after == before
     assert epoch_after == epoch + 1
-    assert fresh[0] > 0
+    assert fresh.stored and fresh.seq > 0
 
 
 def test_keys_expire_with_the_session(redis_url, tmp_path):
@@ -239,7 +240,7 @@ def test_retried_calls_are_not_applied_twice(kind, redis_url, tmp_path):
     async def run():
         actor = SessionActor(LIMITS, None, backend=cfg)
         sid = (await actor.create({}, None))["session_id"]
-        epoch = (await actor.take_worker(sid))["epoch"]
+        epoch = (await actor.take_worker(sid)).epoch
         a = await actor.accept_frame(sid, None, epoch, _frame(0), index=0)
         again = await actor.accept_frame(sid, None, epoch, _frame(0), index=0)
         frames = [{"index": 0, "frame_id": "f0"}]
@@ -252,7 +253,7 @@ def test_retried_calls_are_not_applied_twice(kind, redis_url, tmp_path):
     s = actor.store.sessions[sid]
     assert (s.frames_received, s.frames_processed, s.windows, len(s.records)) == (1, 1, 1, 1)
     reloaded = SessionActor(LIMITS, None, backend=cfg).store.sessions[sid]
-    assert [r.seq for r in reloaded.records] == [commits[0][0]] and reloaded.frames_processed == 1
+    assert [r.seq for r in reloaded.records] == [commits[0].seq] and reloaded.frames_processed == 1
 
 
 def test_backend_config():
