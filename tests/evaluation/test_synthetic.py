@@ -4,9 +4,8 @@ import cv2
 import numpy as np
 import pytest
 
+from serve_app.evaluation.scenes import ROOM_MAX, ROOM_MIN
 from serve_app.evaluation.synthetic import (
-    ROOM_MAX,
-    ROOM_MIN,
     SceneSpec,
     camera_intrinsics,
     camera_poses,
