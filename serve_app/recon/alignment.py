@@ -276,6 +276,33 @@ def chamfer_distance(a: np.ndarray, b: np.ndarray, max_points: int = 20000, seed
     return float(0.5 * (nearest_distances(a, b).mean() + nearest_distances(b, a).mean()))
 
 
+def irls_scale_translation(a: np.ndarray, b: np.ndarray, w0: np.ndarray, *, iters: int, floor: float,
+                           huber_k: float = 1.345, tol: float = 0.0
+                           ) -> tuple[float, np.ndarray, np.ndarray, np.ndarray, float]:
+    """Huber IRLS of b ≈ s a + t (rotation already applied to `a`), prior weights w0, the Huber threshold
+    huber_k robust sigmas of the residuals (at least `floor`). Stops early when the relative change of s and t
+    falls under `tol` (0: runs all iters). Returns (s, t, residuals, weights, threshold) of the last iteration."""
+    w = w0.copy()
+    s, t = 1.0, np.zeros(3)
+    r = np.zeros(len(a))
+    thresh = np.inf
+    for _ in range(iters):
+        s_prev, t_prev = s, t
+        wn = w / w.sum()
+        ma, mb = wn @ a, wn @ b
+        da, db = a - ma, b - mb
+        s = float((wn * np.einsum("ij,ij->i", da, db)).sum() / max((wn * np.einsum("ij,ij->i", da, da)).sum(),
+                                                                   1e-300))
+        t = mb - s * ma
+        r = np.linalg.norm(s * a + t - b, axis=1)
+        thresh = max(huber_k * MAD_TO_SIGMA * median(r), floor)
+        w = w0 * np.where(r <= thresh, 1.0, thresh / np.maximum(r, 1e-300))
+        if tol and (abs(s - s_prev) / max(abs(s), 1e-300)
+                    + float(np.abs(t - t_prev).max()) / (1.0 + float(np.abs(t).max()))) < tol:
+            break
+    return s, t, r, w, thresh
+
+
 def robust_scale_translation(src: np.ndarray, dst: np.ndarray, R: np.ndarray, weights: np.ndarray | None = None, *,
                              iters: int = 10, huber_k: float = 1.345, min_points: int = 50, max_points: int = 2000,
                              seed: int = 0, tol: float = 1e-6) -> AlignmentResult:
@@ -292,22 +319,8 @@ def robust_scale_translation(src: np.ndarray, dst: np.ndarray, R: np.ndarray, we
     if len(keep) > max_points:  # four unknowns: a couple of thousand points fix them (and keep this cheap)
         keep = np.sort(np.random.default_rng(seed).choice(keep, size=max_points, replace=False))
     a, b, w0 = src[keep] @ np.asarray(R, np.float64).T, dst[keep], w0[keep]
-    w = w0.copy()
-    s, t = 1.0, np.zeros(3)
-    thresh = np.inf
-    for _ in range(iters):
-        s_prev, t_prev = s, t
-        wn = w / w.sum()
-        ma, mb = wn @ a, wn @ b
-        da, db = a - ma, b - mb
-        s = float((wn * np.einsum("ij,ij->i", da, db)).sum() / max((wn * np.einsum("ij,ij->i", da, da)).sum(),
-                                                                   1e-300))
-        t = mb - s * ma
-        r = np.linalg.norm(s * a + t - b, axis=1)
-        thresh = max(huber_k * MAD_TO_SIGMA * median(r), 1e-9 * (1.0 + float(np.abs(b).max())))
-        w = w0 * np.where(r <= thresh, 1.0, thresh / np.maximum(r, 1e-300))
-        if abs(s - s_prev) / max(abs(s), 1e-300) + float(np.abs(t - t_prev).max()) / (1.0 + float(np.abs(t).max())) < tol:
-            break
+    s, t, _, _, thresh = irls_scale_translation(a, b, w0, iters=iters, floor=1e-9 * (1.0 + float(np.abs(b).max())),
+                                                huber_k=huber_k, tol=tol)
     if not (np.isfinite(s) and s > 0 and np.isfinite(t).all()):
         return _fail(f"bad scale {s:.3g}", len(a))
     r = np.linalg.norm(s * a + t - b, axis=1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from serve_app.recon.alignment import MAD_TO_SIGMA
+from serve_app.recon.alignment import MAD_TO_SIGMA, irls_scale_translation
 from serve_app.recon.geometry import Sim3, median, orthonormalize, rotation_angle_deg
 
 PRIOR_MIN_BASELINE = 0.01  # camera-centre spread / median depth below which priors cannot fix the scale
@@ -48,17 +48,7 @@ def prior_sim3(pred_c2w: np.ndarray, prior_c2w: np.ndarray, depth: float, *,
     if n < 2 or base_pred < min_baseline * depth or base_prior <= 1e-9 * (1.0 + float(np.abs(b).max())):
         info["reason"] = "pose priors have no baseline (fewer than 2 distinct camera centres)"
         return None, info
-    w = np.ones(n)
-    s, t = 1.0, np.zeros(3)
-    for _ in range(iters):
-        wn = w / w.sum()
-        ma, mb = wn @ a, wn @ b
-        da, db = a - ma, b - mb
-        s = float((wn * np.einsum("ij,ij->i", da, db)).sum() / max((wn * np.einsum("ij,ij->i", da, da)).sum(),
-                                                                   1e-300))
-        t = mb - s * ma
-        r = np.linalg.norm(s * a + t - b, axis=1)
-        w = _huber(r, 1e-9 * (1.0 + base_prior))
+    s, t, r, w, _ = irls_scale_translation(a, b, np.ones(n), iters=iters, floor=1e-9 * (1.0 + base_prior))
     rmse = float(np.sqrt(np.average(r ** 2, weights=w)))
     info.update(scale=s, rmse=rmse, inlier_ratio=float((w >= 1.0).mean()))
     if not (np.isfinite(s) and s > 0 and np.isfinite(t).all()):
