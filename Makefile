@@ -28,15 +28,16 @@ browser:
 system-deps: browser
 	bash .ci/install-redis
 
-# Two tiers: the fast one (pure logic, no Ray, about a minute) first, then the end-to-end one (real Ray Serve,
-# browser, Redis, notebook). A test that uses a Ray fixture is put in the second tier by tests/conftest.py.
+# Two tiers: the fast one (pure logic, no Ray, under a minute) first, then the rest: end to end (real Ray Serve,
+# browser, Redis, notebook; tests/conftest.py marks every test that uses a Ray fixture `ray`) and the pure tests
+# marked `slow` (the DA3 network, long synthetic streams).
 test: test-fast test-e2e
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not ray" tests
+	$(PY) -m pytest -q -m "not ray and not slow" tests
 
 test-e2e: $(STAMP) system-deps
-	$(PY) -m pytest -q -m ray tests
+	$(PY) -m pytest -q -m "ray or slow" tests
 
 demo: $(STAMP)
 	$(PY) -m serve_app.demo --config configs/local.yaml --output out/demo.ply

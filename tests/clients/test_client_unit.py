@@ -169,6 +169,7 @@ def test_iter_video_frames(tmp_path):
 
 
 # --- CLI as a plain script -------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_cli_runs_as_script_and_reports_errors(tmp_path):
     cmd = [sys.executable, str(ROOT / "clients" / "websocket_client.py")]
     r = subprocess.run([*cmd, "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=60)

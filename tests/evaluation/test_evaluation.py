@@ -90,6 +90,7 @@ def test_open_loop_gap_ate_and_drift(loop):
     assert len(seg) == 3 and seg[2] > 1.5 * max(seg[0], seg[1])
 
 
+@pytest.mark.slow
 def test_cloud_accuracy_and_completeness_separately():
     spec = SceneSpec(num_frames=24, width=77, height=56, trajectory="loop")
     surf = surface_points(spec, 8000, seed=0)

@@ -72,6 +72,7 @@ def test_intrinsics_and_scaling():
                                rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_sequence_shapes_determinism_and_motion(seq):
     assert seq.images.shape == (12, 112, 154, 3) and seq.depths.shape == (12, 112, 154)
     assert seq.c2w.shape == (12, 4, 4) and np.isfinite(seq.depths).all() and (seq.depths > 0.3).all()
@@ -168,6 +169,7 @@ def test_loop_path_ends_where_it_starts():
         SceneSpec(trajectory="loop", loops=0)
 
 
+@pytest.mark.slow
 def test_loop_views_see_the_room():
     spec = SceneSpec(num_frames=120, trajectory="loop")
     seq = render_sequence(SceneSpec(num_frames=120, trajectory="loop", width=77, height=56))
@@ -176,6 +178,7 @@ def test_loop_views_see_the_room():
     np.testing.assert_array_equal(seq.images[-1], seq.images[0])
 
 
+@pytest.mark.slow
 def test_lookalike_places_look_alike_but_are_far_apart():
     from serve_app.model.oracle import OracleModel, image_descriptor
 

@@ -115,6 +115,7 @@ def row_problems(row: dict) -> list[str]:
     return bad
 
 
+@pytest.mark.slow
 def test_every_row_names_a_real_limit_code_and_test():
     rows = parse(DOC.read_text())
     problems = [f"docs/SECURITY.md:{r['line']}: {p}" for r in rows for p in row_problems(r)]

@@ -163,6 +163,7 @@ def test_encode_image_rejects_bad_input():
 
 @settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=400))
+@pytest.mark.slow
 def test_property_arbitrary_bytes(data):
     for blob in (data, b"\x89PNG\r\n\x1a\n" + data, b"\xff\xd8\xff" + data, b"RIFF" + data[:4] + b"WEBP" + data):
         try:
@@ -210,6 +211,7 @@ def test_decoded_bytes_limit_checked_before_decoding():
     assert decode_image(data, ImageLimits(max_decoded_bytes=12 * 16 * 3)).shape == (12, 16, 3)
 
 
+@pytest.mark.slow
 def test_16bit_conversion_matches_the_formula_without_int64_copies():
     import tracemalloc
 

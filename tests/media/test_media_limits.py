@@ -179,6 +179,7 @@ def test_decoded_bytes_and_time_caps():
     assert e.code is ErrorCode.VIDEO_TOO_LARGE and "s to decode" in e.message
 
 
+@pytest.mark.slow
 def test_bomb_memory_is_bounded_when_streamed():
     """40 frames of 1920x1080 (a few KB): streaming holds one frame, not all of them."""
     bomb = encode_video([np.zeros((1080, 1920, 3), np.uint8)] * 40, "mpeg4")

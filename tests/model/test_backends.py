@@ -21,6 +21,7 @@ from serve_app.recon.alignment import ate_rmse
 PLUGIN = "tests.model.backend_plugin:make_backend"
 
 
+@pytest.mark.slow
 def test_import_path_backend_is_built_with_its_args():
     cfg = ModelConfig(backend=PLUGIN, backend_args={"scene": SCENE, "label": "mine", "errors": "white"})
     backend = make_backend(cfg)

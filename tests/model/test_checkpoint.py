@@ -22,6 +22,9 @@ from serve_app.model.checkpoint import (
     resolve_checkpoint,
 )
 
+# Builds and runs the DA3 network: the second tier (`make test-e2e`), not `make test-fast`.
+pytestmark = pytest.mark.slow
+
 REPO = "someorg/da3-test"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

@@ -106,6 +106,7 @@ def test_chaining_windows_recovers_relative_poses(oracle):
     np.testing.assert_allclose(rel, gt[:, :3, :3], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_noise_options():
     o = OracleModel(SPEC, depth_noise=0.02, pose_noise=1.0, seed=3)
     idx = [0, 1, 2]
@@ -252,6 +253,7 @@ def test_confidence_informativeness_knob():
     assert np.corrcoef(c[:, :, :-1].ravel(), c[:, :, 1:].ravel())[0, 1] > 0.95
 
 
+@pytest.mark.slow
 def test_forward_applies_drawn_errors():
     errs = OracleErrors.model_validate("realistic")
     o = OracleModel(SPEC, scale_range=(1.0, 1.0), seed=5, errors=errs)

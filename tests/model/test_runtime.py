@@ -15,6 +15,9 @@ from serve_app.model.preprocess import normalize_images
 from serve_app.model.runtime import DA3Runtime, default_intrinsics, normalize_prior_extrinsics
 from serve_app.prediction import WindowPrediction, WindowRequest
 
+# Builds and runs the DA3 network: the second tier (`make test-e2e`), not `make test-fast`.
+pytestmark = pytest.mark.slow
+
 REPO = "someorg/da3-small-test"
 COMMIT = "89abcdef0123456789abcdef0123456789abcdef"
 H, W = 56, 84

@@ -276,6 +276,7 @@ def test_property_arbitrary_bytes(data):
 
 @settings(max_examples=300, deadline=None)
 @given(_headers, st.binary(max_size=20), st.integers(0, 70000))
+@pytest.mark.slow
 def test_property_structured_headers(header, image, hlen):
     body = json.dumps(header, allow_nan=True).encode()
     _parse_binary_or_service_error(raw_frame(body, image))
@@ -286,6 +287,7 @@ def test_property_structured_headers(header, image, hlen):
 @given(st.one_of(st.text(max_size=300), st.binary(max_size=300),
                  st.builds(lambda h, t: json.dumps({**h, "type": t}, allow_nan=True), _headers,
                            st.sampled_from(["frame", "flush", "finalize", "ping", "other"]))))
+@pytest.mark.slow
 def test_property_text_messages(text):
     try:
         msg = P.parse_text_message(text, max_bytes=200)

@@ -128,6 +128,7 @@ def test_ate_zero_for_sim3_copy_and_positive_for_perturbed():
     assert trajectory_length(gt) == pytest.approx(np.linalg.norm(np.diff(gt[:, :3, 3], axis=0), axis=1).sum())
 
 
+@pytest.mark.slow
 def test_chamfer():
     rng = np.random.default_rng(9)
     a = rng.uniform(-1, 1, size=(3000, 3)) + 100.0  # far from the origin: precision must hold

@@ -255,6 +255,7 @@ class InProcess:
         return type("M", (), {"remote": staticmethod(lambda *a, **k: method(*a, **k))})
 
 
+@pytest.mark.slow
 def test_publish_correction_commits_fenced_and_hands_the_record_to_local_streams():
     from serve_app.deployments.session_actor import SessionActor
     from serve_app.deployments.session_worker import SessionWorker

@@ -123,6 +123,7 @@ def test_static_camera_adds_points_only_in_the_first_window(depth):
 
 
 @pytest.mark.parametrize("noise,limit", [(0.0, 1e-3), (0.02, 1e-2)])
+@pytest.mark.slow
 def test_moving_camera_keeps_accuracy(slow, noise, limit):
     length = trajectory_length(slow.c2w)
     p = params(window_size=6, overlap=3)
@@ -191,6 +192,7 @@ def test_voxel_occupancy_levels_match_a_plain_newest_n_set(capacity):
     assert keys[np.argsort(order)].tolist() == newest  # counters give the insertion order back
 
 
+@pytest.mark.slow
 def test_integrate_leaves_the_occupancy_merge_to_maintain(orbit):
     """integrate() inserts into the small recent level only; maintain() (run by the session worker after a
     window is delivered) merges it into the map-sized level, with the same voxel set either way."""
@@ -203,6 +205,7 @@ def test_integrate_leaves_the_occupancy_merge_to_maintain(orbit):
     assert all(np.array_equal(a.points, b.points) for a, b in zip(outs, outs2))
 
 
+@pytest.mark.slow
 def test_revisiting_the_orbit_does_not_duplicate_points(orbit):
     n = ORBIT.num_frames
     order = list(range(n)) * 2
@@ -225,6 +228,7 @@ def test_revisiting_the_orbit_does_not_duplicate_points(orbit):
 
 # --- client priors ------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_pose_priors_put_the_stream_in_the_client_world(orbit):
     _rec, outs = stream(orbit, params(), OracleModel(ORBIT, scale_range=(0.3, 3.0), seed=4), priors=True, depth=2)
     assert all(o.ok and o.window["alignment"]["mode"] == "priors" for o in outs)
@@ -254,6 +258,7 @@ def test_window_request_carries_priors_only_when_every_frame_has_them(orbit):
     assert req.extrinsics is None and req.intrinsics.shape == (5, 3, 3)
 
 
+@pytest.mark.slow
 def test_priors_without_baseline_fall_back(orbit):
     seq = render_sequence(STATIC)
     _, outs = stream(seq, params(), OracleModel(STATIC, seed=1), priors=True)
@@ -272,6 +277,7 @@ def test_priors_without_baseline_fall_back(orbit):
 
 
 @pytest.mark.parametrize("corrupt", ["reversed", "scattered"])
+@pytest.mark.slow
 def test_priors_the_fit_refuses_on_the_first_window_place_it_rigidly(orbit, corrupt):
     """Priors the fit refuses on the very first window (a negative scale, or centres that disagree with the
     cameras): there is no world to align to, so the window goes into the client's world at the model's scale and
@@ -294,6 +300,7 @@ def test_priors_the_fit_refuses_on_the_first_window_place_it_rigidly(orbit, corr
 # --- memory -------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("max_points,frames", [(2_000_000, 100), (3000, 45)])
+@pytest.mark.slow
 def test_memory_is_bounded_on_a_long_stream(orbit, max_points, frames):
     """Laps of the same orbit: dedupe saturates the map, the world keeps only context candidates, and a small
     point budget caps the occupancy (oldest voxels forgotten)."""

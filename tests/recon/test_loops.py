@@ -85,6 +85,7 @@ def loop_oracle():
     return OracleModel(SceneSpec(num_frames=80, trajectory="loop", **SIZE), errors="realistic", seed=1)
 
 
+@pytest.mark.slow
 def test_a_closed_loop_under_realistic_errors_is_found_verified_and_removes_the_drift(loop_oracle):
     _, ate_off, _, _, _, _ = drive(loop_oracle, params(False))
     rec, ate_on, reports, corrections, _, corr = drive(loop_oracle, params(True))
@@ -102,6 +103,7 @@ def test_a_closed_loop_under_realistic_errors_is_found_verified_and_removes_the_
     assert cons.loops_accepted >= 1 and cons.version == len(corrections)
 
 
+@pytest.mark.slow
 def test_the_look_alike_scene_gives_no_accepted_loop():
     oracle = OracleModel(SceneSpec(num_frames=80, trajectory="lookalike", **SIZE), errors="realistic", seed=1)
     rec, _, reports, _, _, _ = drive(oracle, params(True))
@@ -152,6 +154,7 @@ def test_a_correction_moves_world_frames_and_the_occupancy_and_survives_a_snapsh
     assert set(rec2.consistency.graph.nodes) == set(rec.consistency.graph.nodes)
 
 
+@pytest.mark.slow
 def test_a_restored_session_with_pipelined_windows_keeps_placing(loop_oracle):
     """A takeover restores the graph without the newest window's edges (they are fitted after the snapshot):
     that part of the graph has no fixed node, and must move rigidly or not at all, never drift off (it once

@@ -162,6 +162,7 @@ def test_normal_matrix_pattern_equals_dense_jtwj():
     assert np.allclose(g, gd)
 
 
+@pytest.mark.slow
 def test_solution_matches_a_plain_dense_gauss_newton():
     """The sparse machinery (pattern, ordering, chord steps) changes speed, not the answer."""
     from serve_app.recon.posegraph import _inverse, _residuals, _retract, _stack

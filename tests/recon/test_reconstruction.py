@@ -46,6 +46,7 @@ def poses(outs):
     return idx, np.stack([got[i] for i in idx])
 
 
+@pytest.mark.slow
 def test_noise_free_oracle_stream_is_globally_consistent(seq):
     params = SessionParams(process_res=140, window_size=5, overlap=2)
     rec, outs = run(seq, params, OracleModel(SPEC, scale_range=(0.3, 3.0), seed=1))
@@ -60,6 +61,7 @@ def test_noise_free_oracle_stream_is_globally_consistent(seq):
     assert len(rec.world) <= params.overlap + params.window_size
 
 
+@pytest.mark.slow
 def test_pipelined_planning_gives_the_same_map(seq):
     params = SessionParams(process_res=140, window_size=4, overlap=2)
     _, a = run(seq, params, OracleModel(SPEC, seed=2), pipeline_depth=1)
@@ -69,6 +71,7 @@ def test_pipelined_planning_gives_the_same_map(seq):
     np.testing.assert_allclose(pa, pb, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_noisy_oracle_stays_within_one_percent(seq):
     params = SessionParams(process_res=140, window_size=6, overlap=3)
     _, outs = run(seq, params, OracleModel(SPEC, depth_noise=0.02, seed=3))
@@ -77,6 +80,7 @@ def test_noisy_oracle_stays_within_one_percent(seq):
     assert rmse / trajectory_length(seq.c2w) < 0.01
 
 
+@pytest.mark.slow
 def test_failed_window_leaves_map_untouched_and_recovers(seq):
     params = SessionParams(process_res=140, window_size=4, overlap=2)
     _rec, outs = run(seq, params, OracleModel(SPEC, seed=4), corrupt=2)
@@ -99,6 +103,7 @@ def test_flush_forces_partial_first_window(seq):
     assert [f.index for f in plan.frames] == [0, 1, 2] and rec.next_window(force=True) is None
 
 
+@pytest.mark.slow
 def test_points_are_on_the_true_surface(seq):
     params = SessionParams(process_res=140, window_size=5, overlap=2, conf_percentile=0)
     _, outs = run(seq, params, OracleModel(SPEC, scale_range=(1.0, 1.0), seed=0))
@@ -125,6 +130,7 @@ def _homog(p):
     return np.concatenate([p, np.ones((len(p), 1))], 1)
 
 
+@pytest.mark.slow
 def test_failed_first_window_lets_the_next_one_become_the_reference(seq):
     params = SessionParams(process_res=140, window_size=4, overlap=2)
     _rec, outs = run(seq, params, OracleModel(SPEC, seed=4), pipeline_depth=2, corrupt=0)
@@ -138,6 +144,7 @@ def test_failed_first_window_lets_the_next_one_become_the_reference(seq):
 
 
 @pytest.mark.parametrize("variant", ["arrays", "encoded", "old_format"])
+@pytest.mark.slow
 def test_restored_reconstructor_continues_the_map(seq, variant):
     # Snapshot mid-stream (what the session actor holds), restore elsewhere, stream the rest: one consistent map.
     # encoded: frames carry the client's encoding, the snapshot sends that instead of the image and the restore
