@@ -1,6 +1,6 @@
-"""Pose-graph solve time and accuracy: serve_app.posegraph (scipy.sparse Gauss-Newton, SuperLU) vs the same steps
-with other factorisations (LAPACK banded Cholesky in an RCM order; qdldl when installed), the solver it replaced
-(`solve_reference`, kept here only) and gtsam 4.3 (LM) when installed; and one factorisation by each method.
+"""Pose-graph solve time and accuracy: serve_app.recon.posegraph (scipy.sparse Gauss-Newton, SuperLU) vs the same
+steps with other factorisations (LAPACK banded Cholesky in an RCM order; qdldl when installed), the solver it
+replaced (`solve_reference`, kept here only) and gtsam 4.3 (LM) when installed; and one factorisation by each method.
 
     python bench/posegraph.py --nodes 1000 --loops 20 --repeat 3
 
@@ -28,8 +28,8 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 from scipy.sparse.csgraph import connected_components
 
-from serve_app.geometry import Sim3
-from serve_app.posegraph import (
+from serve_app.recon.geometry import Sim3
+from serve_app.recon.posegraph import (
     Edge,
     GraphParams,
     PoseGraph,
@@ -250,7 +250,7 @@ def main() -> None:
         print(f"{name:18s} cold {cold_w:7.1f} ms wall / {cold_c:7.1f} ms CPU   warm {warm_w:7.1f} / {warm_c:7.1f}   "
               f"rot median {rot:.3f} deg  position RMSE {pos:.4f}{diff}")
     # The linear algebra alone: one factorisation of the cold problem's first normal matrix by each method.
-    from serve_app import posegraph as pg
+    from serve_app.recon import posegraph as pg
 
     free_nodes = np.ones(a.nodes, bool)
     free_nodes[0] = False
@@ -279,7 +279,7 @@ def main() -> None:
         fw, fc, _ = _median_ms(fn, H, a.repeat)
         print(f"factorisation of H ({H.shape[0]} x {H.shape[0]}, {H.nnz} nonzeros), {name}: {fw:.1f} ms wall / "
               f"{fc:.1f} ms CPU")
-    # Local: what follows an ordinary window in serve_app/consistency.py: the newest `graph_local_windows` (8)
+    # Local: what follows an ordinary window in serve_app/recon/consistency.py: the newest `graph_local_windows` (8)
     # nodes free, their edges' other ends held.
     free = set(ids[-8:])
     ledges = [e for e in edges if e.a in free or e.b in free]
