@@ -5,6 +5,7 @@ in a function is still a circle). No Ray, no server."""
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from graphlib import CycleError, TopologicalSorter
@@ -119,3 +120,60 @@ def test_each_module_imports_alone_in_dependency_order():
         loaded = set(proc.stdout.split())
         assert module in loaded and loaded <= below, (module, loaded, below)
     assert order.index("stream") < order.index("client")
+
+
+# --- the browser client (serve_app/static): the same layering, checked on its ES module imports ---------------
+STATIC = ROOT / "serve_app" / "static"
+JS_IMPORT = re.compile(r"^(?:import|export)\s+(?:\{([^}]*)\}|\*(?:\s+as\s+\w+)?|\w+)\s+from\s+'(\./[^']+)';",
+                       re.MULTILINE)
+JS_EXPORT = re.compile(r"^export\s+(?:async\s+)?(?:function|class|const|let)\s+(\w+)", re.MULTILINE)
+JS_EXPORT_LIST = re.compile(r"^export\s+\{([^}]*)\}", re.MULTILINE)
+
+
+def js_exports(text: str) -> set[str] | None:
+    """Names a module exports; None when it re-exports everything of another (`export * from`)."""
+    if re.search(r"^export\s+\*", text, re.MULTILINE):
+        return None
+    names = set(JS_EXPORT.findall(text))
+    for group in JS_EXPORT_LIST.findall(text):
+        names |= {n.strip().split(" as ")[-1].strip() for n in group.split(",") if n.strip()}
+    return names
+
+
+def js_modules() -> dict[str, str]:
+    return {p.name: p.read_text() for p in STATIC.glob("*.js")}
+
+
+def test_browser_modules_import_what_exists_without_a_circle():
+    """Every relative import names a module that is there and exports the names asked for; no circle; stream.js
+    knows neither the page nor the HTTP client, sources.js and viewer.js import nothing of the client."""
+    mods = js_modules()
+    graph: dict[str, set[str]] = {}
+    for name, text in mods.items():
+        graph[name] = set()
+        for names, target in JS_IMPORT.findall(text):
+            target = target.removeprefix("./")
+            if target.startswith("vendor/"):
+                assert (STATIC / target).is_file(), (name, target)
+                continue
+            assert target in mods, f"{name} imports {target}, which is missing"
+            exported = js_exports(mods[target])
+            wanted = {n.strip().split(" as ")[0].strip() for n in names.split(",") if n.strip()}
+            assert exported is None or wanted <= exported, (name, target, wanted - (exported or set()))
+            graph[name].add(target)
+    dependency_order(graph)  # raises CycleError
+    assert graph["stream.js"] <= {"errors.js", "protocol.js"}, graph["stream.js"]
+    assert graph["sources.js"] == set() and graph["viewer.js"] == set()
+    assert "settings.js" in graph["app.js"] and "settings.js" in graph["dashboard.js"]
+
+
+def test_pages_share_one_copy_of_the_connection_settings():
+    """The storage keys and the key guard live in settings.js only (the dashboard had its own copy)."""
+    for name, text in js_modules().items():
+        if name == "settings.js":
+            continue
+        for needle in ("localStorage", "sessionStorage", "'da3.token'", "'da3.url'", "confirm("):
+            assert needle not in text, (name, needle)
+    for page in ("index.html", "dashboard.html"):
+        html = (STATIC / page).read_text()
+        assert re.findall(r'<script type="module" src="static/(\w+\.js)"></script>', html), page
