@@ -4,7 +4,7 @@
 //   stream.js    the WebSocket: DA3F frames out, results in, flow control, resume
 //   sources.js   images, a video file, the webcam                    viewer.js   three.js points, frustums, corrections
 //   protocol.js  DA3F/DA3P binary framing
-// Test hooks live on `window.da3` (state, streamUrls, finalize, ...); see tests/test_web_client.py.
+// Test hooks live on `window.da3` (state, streamUrls, finalize, ...); see tests/clients/test_web_client.py.
 import { createSession, EXPORTS, fetchExport } from './client.js';
 import { ServerError } from './errors.js';
 import { decodePoints, encodeFrame, halfToFloat } from './protocol.js';
