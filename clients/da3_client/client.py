@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Self
+from typing import Any, Self
 
 import httpx
 
 from da3_client.errors import Da3Error
-
-if TYPE_CHECKING:
-    from da3_client.stream import StreamSession
+from da3_client.stream import StreamSession
 
 EXPORTS = {"ply": "reconstruction.ply", "glb": "reconstruction.glb", "trajectory": "trajectory.json",
            "tum": "trajectory.txt"}
@@ -134,6 +132,4 @@ class Da3Client:
 
     def stream(self, session_id: str, **kwargs: Any) -> StreamSession:
         """A StreamSession; use as `async with client.stream(session_id) as s:` (kwargs: see StreamSession)."""
-        from da3_client.stream import StreamSession
-
         return StreamSession(self, session_id, **kwargs)

@@ -20,7 +20,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Self
+from typing import Any, Protocol, Self
 
 import numpy as np
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
@@ -36,9 +36,6 @@ from da3_client.errors import CLOSE_CODES, CLOSE_NORMAL, RETRYABLE_CLOSES, Da3Er
 from da3_client.reconstruction import Reconstruction
 from da3_client.wire import PointChunk, decode_points, encode_frame, encode_jpeg, frame_header
 
-if TYPE_CHECKING:
-    from da3_client.client import Da3Client
-
 log = logging.getLogger("da3_client")
 
 # Error codes that answer one frame message (the frame was not accepted).
@@ -52,6 +49,18 @@ NO_MORE_FRAMES = {"FRAME_LIMIT_EXCEEDED", "SESSION_FINALIZED"}
 # Handshake refusals worth retrying during a reconnect (our own stale connection may still hold the session).
 RETRYABLE_CODES = {"CONNECTION_ERROR", "TIMEOUT", "SESSION_BUSY", "INTERNAL_ERROR", "MODEL_UNAVAILABLE"}
 MAX_PROBE_S = 8.0
+
+
+class Endpoint(Protocol):
+    """What a stream needs from its client (Da3Client is one). Declared here so stream.py never imports
+    client.py: the package's imports go one way, wire/errors/sources/reconstruction -> stream -> client."""
+
+    timeout: float
+
+    @property
+    def headers(self) -> dict[str, str]: ...
+
+    def websocket_url(self, session_id: str, resume_from: int | None = None) -> str: ...
 
 
 @dataclass
@@ -77,7 +86,7 @@ class StreamSession:
                     while deflating and inflating them adds ~10 ms per window on loopback (see WEBSOCKET_API.md)
     """
 
-    def __init__(self, client: Da3Client, session_id: str, *, on_message: Callable[[Any], Any] | None = None,
+    def __init__(self, client: Endpoint, session_id: str, *, on_message: Callable[[Any], Any] | None = None,
                  reconstruction: Reconstruction | None = None, resume_from: int | None = None,
                  jpeg_quality: int = 90, max_reconnects: int = 5, backoff_s: float = 0.5,
                  credit_timeout: float = 600.0, compression: bool = False):

@@ -1,26 +1,14 @@
 // Operator dashboard: polls GET /stats every 2 s and renders it (an operator key when the server has keys).
 // Test hooks on `window.da3dash`.
-import { keyFor } from './keyguard.js';
+import { errorFromResponse } from './errors.js';
+import { ConnectionSettings } from './settings.js';
 
 const $ = (id) => document.getElementById(id);
-const TOKEN_KEY = 'da3.token';
-const URL_KEY = 'da3.url';
 const POLL_MS = 2000;
 
 const dash = { polls: 0, failures: 0, last: null, error: null };
 window.da3dash = dash;
-
-function defaultBase() {
-  return new URL('.', location.href).href.replace(/\/$/, '');
-}
-{
-  const q = new URLSearchParams(location.search);
-  $('server-url').placeholder = defaultBase();
-  $('server-url').value = q.get('url') || localStorage.getItem(URL_KEY) || '';
-  $('token').value = localStorage.getItem(TOKEN_KEY) || ''; // never from the URL: URLs are logged
-  $('server-url').addEventListener('change', () => { localStorage.setItem(URL_KEY, $('server-url').value.trim()); poll(); });
-  $('token').addEventListener('change', () => { localStorage.setItem(TOKEN_KEY, $('token').value.trim()); poll(); });
-}
+const settings = new ConnectionSettings($('server-url'), $('token'), { onChange: () => poll() });
 
 /** Build an element: el('td', {class: 'num'}, 'text', childNode). Text is always set as text, never HTML. */
 function el(tag, attrs = {}, ...children) {
@@ -145,15 +133,11 @@ let inFlight = false;
 async function poll() {
   if (inFlight) return;
   inFlight = true;
-  const base = ($('server-url').value.trim() || defaultBase()).replace(/\/$/, '');
-  const token = keyFor(base, $('token').value.trim()); // '' for another origin unless the user confirmed it
   try {
-    const r = await fetch(`${base}/stats`, { headers: token ? { Authorization: `Bearer ${token}` } : {}, cache: 'no-store' });
+    // settings.authHeaders(): no key for another origin unless the user confirmed it
+    const r = await fetch(`${settings.base}/stats`, { headers: settings.authHeaders(), cache: 'no-store' });
+    if (!r.ok) throw await errorFromResponse(r);
     const body = await r.json().catch(() => ({}));
-    if (!r.ok) {
-      const e = body.error || { code: `HTTP_${r.status}`, message: r.statusText };
-      throw new Error(`${e.code}: ${e.message}`);
-    }
     dash.last = body;
     dash.error = null;
     dash.polls += 1;

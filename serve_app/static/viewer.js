@@ -185,6 +185,14 @@ export class Viewer {
     this.dirty = true;
   }
 
+  /** The camera of a frame_result message, sized by its depth; false when it has no pose. */
+  addFrameResult(m) {
+    if (!(m.pose && m.intrinsics && m.image_size)) return false;
+    const depth = m.depth && m.depth.median > 0 ? m.depth.median * 0.15 : 0.1;
+    this.addFrustum(m.pose, m.intrinsics, m.image_size, depth, undefined, m.window ?? 0);
+    return true;
+  }
+
   /** A `correction` message's rows [window, s, qx, qy, qz, qw, tx, ty, tz]: each named window's absolute transform
    * (docs/WEBSOCKET_API.md 3.5.1). Windows not seen yet keep it for when their points arrive. */
   applyCorrection(rows) {

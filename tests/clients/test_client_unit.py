@@ -1,11 +1,13 @@
 """Client library without Ray: wire compatibility with serve_app.protocol, the Reconstruction accumulator, PLY
 output, frame sources, the CLI as a script, and StreamSession flow control / resume against a small protocol
 peer (a WebSocket server built from serve_app.protocol that can drop connections on demand, which the real
-server cannot be made to do; the lead's end-to-end tests run the client against the real server)."""
+server cannot be made to do; the lead's end-to-end tests run the client against the real server), and the
+browser page's stream.js against the same peer in headless Chromium."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import subprocess
 import sys
@@ -27,6 +29,8 @@ from da3_client import (
 from da3_client.sources import resize_longest
 from plyfile import PlyData
 from websockets.asyncio.server import serve
+from websockets.datastructures import Headers
+from websockets.http11 import Response
 
 from serve_app import protocol as P
 from serve_app.media.imaging import decode_image, encode_image
@@ -443,3 +447,69 @@ async def test_stream_applies_and_acknowledges_a_correction_record_live_and_on_r
     assert np.allclose(out[:6], Tq.apply(raw[:6]), atol=1e-6) and np.array_equal(out[6:], raw[6:])
     assert np.allclose(rec.poses[0], Tq.transform_c2w(rec.original_poses[0]), atol=1e-6)
     assert np.array_equal(rec.poses[2], rec.original_poses[2])  # window 1 came after: identity
+
+
+# --- the browser client (serve_app/static/stream.js) against the same peer --------------------------------------
+CHROMIUM = "/usr/bin/chromium"
+STATIC = ROOT / "serve_app" / "static"
+TYPES = {".js": "text/javascript", ".css": "text/css", ".html": "text/html"}
+
+
+@pytest.mark.slow  # a browser start and a 1 s reconnect backoff
+async def test_browser_stream_resumes_after_going_away():
+    """The page's stream.js through a real headless Chromium: the peer drops the connection (1001) after it
+    accepted frame 2 and before it acks it; the page resumes from the last record it has (resume_from=1), counts
+    the frames whose acks were lost, answers every points message with `received`, and finalizes."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (.ci/install-chromium)")
+    from playwright.async_api import async_playwright
+
+    peer = Peer(window=2, max_in_flight=4, drop_after=3)
+    received: list[int] = []
+
+    def page_files(connection, request):
+        """Plain GETs on the peer's port get the page and its modules from serve_app/static (the page must come
+        from a real loopback origin: Chromium blocks a WebSocket to loopback from a page of no address space)."""
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            return None
+        path = urlparse(request.path).path
+        f = STATIC / ("index.html" if path == "/" else path.removeprefix("/static/"))
+        if not (path == "/" or path.startswith("/static/")) or not f.is_file():
+            return connection.respond(404, "")
+        return Response(200, "OK", Headers({"Content-Type": TYPES.get(f.suffix, "application/octet-stream"),
+                                            "Content-Length": str(f.stat().st_size)}), f.read_bytes())
+
+    async def create(route):
+        await route.fulfill(json={"session_id": "s1", "params": {"process_res": 154}})
+
+    images = ["data:image/png;base64," + base64.b64encode(encode_image(img, "PNG")).decode()
+              for img in frames(6)]
+    async with serve(peer.handler, "127.0.0.1", 0, subprotocols=["da3.v1"], process_request=page_files) as server:
+        origin = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        async with async_playwright() as pw:
+            browser = await pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+            try:
+                page = await browser.new_page()
+                errors: list[str] = []
+                page.on("pageerror", lambda exc: errors.append(str(exc)))
+                page.on("websocket", lambda ws: ws.on("framesent", lambda p: received.append(json.loads(p)["seq"])
+                                                      if isinstance(p, str) and '"received"' in p else None))
+                await page.route(f"{origin}/ws/session/create", create)
+                await page.goto(origin + "/")
+                await page.wait_for_function("() => window.da3 && window.da3.state")
+                outcome = await page.evaluate(
+                    "(u) => window.da3.streamUrls(u, {}, {}).then((s) => s.type, (e) => String(e))", images)
+                state = await page.evaluate("() => JSON.parse(JSON.stringify(window.da3.state))")
+            finally:
+                await browser.close()
+    assert outcome == "summary" and state["status"] == "complete" and errors == [], (outcome, state["errors"])
+    assert state["reconnects"] == 1 and len(peer.connections) == 2
+    assert "resume_from" not in peer.connections[0] and peer.connections[1]["resume_from"] == "1"
+    # Frames sent and never acknowledged before the drop count as lost (the page does not resend them).
+    assert state["framesSent"] == 6 and state["framesLost"] >= 1
+    assert len(set(peer.accepted)) == len(peer.accepted) == 6 - state["framesLost"] + 1  # frame 2 got in
+    # Every record once: none replayed twice after the resume, and each points message acknowledged in order.
+    assert state["windows"] == len(peer.records) and state["lastSeq"] == len(peer.records)
+    assert received == list(range(1, len(peer.records) + 1))
+    assert state["framesProcessed"] == peer.processed and state["pointsReceived"] == 4 * peer.processed
+    assert state["frustums"] == peer.processed and state["errors"] == []

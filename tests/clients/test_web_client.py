@@ -189,6 +189,26 @@ def test_dashboard_shows_session_and_batches(streamed, browser, serve_url):
         ctx.close()
 
 
+def test_static_modules_are_served_as_javascript(serve_url):
+    """Browsers refuse a module script without a JavaScript MIME type: every module of both pages (the ingress
+    serves /static) comes with one, and a Content-Security-Policy on the pages, if any, lets same-origin
+    scripts run."""
+    static = Path(__file__).resolve().parents[2] / "serve_app" / "static"
+    modules = sorted(p.relative_to(static).as_posix() for p in static.rglob("*.js"))
+    assert {"app.js", "dashboard.js", "settings.js", "stream.js", "sources.js", "viewer.js"} <= set(modules)
+    with httpx.Client(base_url=serve_url, timeout=30) as http:
+        for name in modules:
+            r = http.get(f"/static/{name}")
+            assert r.status_code == 200 and r.content == (static / name).read_bytes(), name
+            assert r.headers["content-type"].split(";")[0] in ("text/javascript", "application/javascript"), (
+                name, r.headers["content-type"])
+        for page in ("/", "/dashboard"):
+            csp = http.get(page).headers.get("content-security-policy", "")
+            for rule in (d.strip().split() for d in csp.split(";") if d.strip()):
+                if rule[0] in ("script-src", "default-src"):
+                    assert "'self'" in rule[1:], (page, csp)
+
+
 def test_page_protocol_codec_matches_server(page, serve_url):
     """The page's DA3P decoder and DA3F encoder against serve_app.protocol, both float encodings."""
     open_client(page, serve_url)
