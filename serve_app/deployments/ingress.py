@@ -5,7 +5,6 @@ image decoding, resizing, geometry and export encoding run in a thread pool."""
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import time
 import uuid
@@ -44,6 +43,7 @@ from serve_app.imaging import ImageLimits, decode_image
 from serve_app.limits import FrameRateLimiter
 from serve_app.metrics import IngressMetrics
 from serve_app.preprocess import resize_for_model
+from serve_app.protocol import messages as wire
 from serve_app.reconstruction import FrameInput, StreamReconstructor
 from serve_app.session_store import CorrectionRecord, ResultRecord
 from serve_app.status_cache import CachedCall
@@ -56,7 +56,7 @@ api = FastAPI(title="da3-serve", version="0.1.0",
               description="Real-time 3D reconstruction with Depth Anything 3. Protocol: docs/WEBSOCKET_API.md")
 
 
-WS_SUBPROTOCOL = "da3.v1"
+WS_SUBPROTOCOL = protocol.framing.WS_SUBPROTOCOL
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 api.mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static")
 
@@ -134,8 +134,8 @@ class Connection:
             f"(limit {self.flow.hard_limit}); reconnect with resume_from={self.flow.acked_seq}", fatal=True))
         await self.close(WS_CLOSE[ErrorCode.SLOW_CONSUMER], ErrorCode.SLOW_CONSUMER.value)
 
-    async def send_json(self, msg: dict, seq: int | None = None) -> None:
-        await self.send_text(json.dumps(msg, separators=(",", ":")), seq)
+    async def send_msg(self, msg: wire.ServerMessage, seq: int | None = None) -> None:
+        await self.send_text(msg.json_text(), seq)
 
     # Counted before the send: the client's `received` for it may arrive while the send is still awaited.
     async def send_text(self, text: str, seq: int | None = None) -> None:
@@ -163,9 +163,8 @@ class Connection:
             pass
 
     async def fail(self, exc: ServiceError, frame_id: Any = None) -> None:
-        msg = protocol.msg_error(exc.code.value, exc.message, fatal=exc.fatal, frame_id=frame_id,
-                                 details=exc.details)
-        await self.send_json(msg)
+        await self.send_msg(wire.Error.of(exc.code, exc.message, fatal=exc.fatal, frame_id=frame_id,
+                                          details=exc.details))
 
 
 @serve.deployment(
@@ -279,11 +278,11 @@ class Ingress:
         token = self._bearer(request)
         res = await self.store.list(self._owner(token))
         if self.policy.is_operator(token):
-            return res
+            return wire.SessionList.model_validate(res).wire()
         # A user sees their own sessions and counts, nothing about the cluster.
         counts = Counter(s["state"] for s in res["sessions"])
-        return {"sessions": res["sessions"], "counts": {"total": len(res["sessions"]), **counts},
-                "limits": res["limits"]}
+        return wire.SessionList(sessions=res["sessions"], counts={"total": len(res["sessions"]), **counts},
+                                limits=res["limits"]).wire()
 
     @api.get("/ws/session/{session_id}/reconstruction.ply")
     async def export_ply(self, session_id: str, request: Request) -> Response:
@@ -384,7 +383,7 @@ class Ingress:
         traj = await self.export_trajectory(sid, request)
         return JSONResponse({"session_id": sid, "state": done.get("state"), "frames": done.get("frames_processed"),
                              "frames_failed": done.get("frames_failed"), "points_total": done.get("points_total"),
-                             "trajectory": traj["frames"], "exports": protocol.export_paths(sid)})
+                             "trajectory": traj["frames"], "exports": wire.ExportPaths.of(sid).model_dump()})
 
     async def _upload_part(self, sid: str, owner: str | None, worker: SessionWorker, up, taken: int,
                            every: int) -> int:
@@ -615,20 +614,19 @@ class Ingress:
         conn.flow.resume(resume_from)
         self.connections.add(conn)
 
-        def listener(msg: dict) -> None:
-            asyncio.ensure_future(conn.send_json(msg))
+        def listener(msg: wire.ServerMessage) -> None:
+            asyncio.ensure_future(conn.send_msg(msg))
 
         local = LocalRecords(self.args.limits.max_unacked_result_bytes)
         worker.listeners.append(listener)
         worker.record_listeners.append(local.put)
         self.streams += 1
         self.metrics.active_sessions.set(self.streams)
-        await conn.send_json({
-            "type": "ready", "protocol": protocol.PROTOCOL_VERSION, "session_id": session_id,
-            "params": info["params"], "state": info["state"], "frames_received": info["frames_received"],
-            "frames_processed": info["frames_processed"], "points_total": info["points_total"],
-            "last_seq": info["last_seq"], "max_in_flight": self.args.limits.max_in_flight,
-            "in_flight": worker.in_flight})
+        await conn.send_msg(wire.Ready(
+            session_id=session_id, params=info["params"], state=info["state"],
+            frames_received=info["frames_received"], frames_processed=info["frames_processed"],
+            points_total=info["points_total"], last_seq=info["last_seq"],
+            max_in_flight=self.args.limits.max_in_flight, in_flight=worker.in_flight))
         log.info("session %s: stream connected (resume_from=%s)", session_id, resume_from,
                  extra={"session_id": session_id, "connection_id": conn.id})
         sender = asyncio.create_task(self._send_results(conn, session_id, resume_from, params.point_encoding,
@@ -687,7 +685,7 @@ class Ingress:
                 elif kind == "finalize":
                     await worker.finalize()
                 elif kind == "ping":
-                    await conn.send_json({"type": "pong", "t": cmsg.t, "server_time": time.time()})
+                    await conn.send_msg(wire.Pong.of(cmsg.t))
                 elif kind == "received":
                     conn.on_received(cmsg.seq)
             except ServiceError as exc:
@@ -733,8 +731,8 @@ class Ingress:
         except ServiceError as exc:
             exc.frame_id = frame.meta.frame_id
             raise
-        await conn.send_json({"type": "ack", "frame_id": fid, "index": index, "frames_received": index + 1,
-                              "in_flight": worker.in_flight, "max_in_flight": self.args.limits.max_in_flight})
+        await conn.send_msg(wire.Ack.of(fid, index, in_flight=worker.in_flight,
+                                        max_in_flight=self.args.limits.max_in_flight))
 
     async def _admit(self, sid: str, owner: str | None, worker: SessionWorker, image: bytes | np.ndarray,
                      meta: protocol.FrameMeta) -> tuple[int, Any]:
@@ -888,11 +886,11 @@ class Ingress:
                 full = seq < info["last_seq"]  # the actor has a record this stream lacks: fetch it
                 if info["state"] in ("complete", "failed") and seq >= info["last_seq"]:
                     dur = (info.get("updated_at") or time.time()) - info["created_at"]
-                    await conn.send_json({
-                        "type": "summary", "state": info["state"], "frames_received": info["frames_received"],
-                        "frames_processed": info["frames_processed"], "frames_failed": info["frames_failed"],
-                        "points_total": info["points_total"], "windows": info["windows"], "duration_s": dur,
-                        "exports": protocol.export_paths(sid)})
+                    await conn.send_msg(wire.Summary(
+                        state=info["state"], frames_received=info["frames_received"],
+                        frames_processed=info["frames_processed"], frames_failed=info["frames_failed"],
+                        points_total=info["points_total"], windows=info["windows"], duration_s=dur,
+                        exports=wire.ExportPaths.of(sid)))
                     await conn.close(WS_CLOSE_NORMAL, "complete")
                     return
         except asyncio.CancelledError:
@@ -910,11 +908,11 @@ class Ingress:
         if not await self._wait_for_reader(conn, sid):
             return False
         if isinstance(rec, CorrectionRecord):  # a correction record is one JSON message (no points)
-            text = rec.text or json.dumps(rec.message, separators=(",", ":"))
+            text = rec.text or await loop.run_in_executor(self.pool, wire.correction_text, rec.message)
             await conn.send_text(text, rec.seq)
             return not conn.closed
-        texts = [json.dumps({"type": "window", **rec.window}, separators=(",", ":"))]
-        texts += [json.dumps({"type": "frame_result", **fr}, separators=(",", ":")) for fr in rec.frames]
+        texts = [wire.Window.model_validate(rec.window).json_text()]
+        texts += [wire.FrameResult.model_validate(fr).json_text() for fr in rec.frames]
         body = rec.body
         if body is None or body.requested != encoding:  # from the long-poll: encode here
             body = await loop.run_in_executor(self.pool, protocol.encode_point_body, rec.points, rec.colors,
