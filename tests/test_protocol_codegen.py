@@ -118,6 +118,6 @@ def test_the_static_js_has_no_hand_written_framing_constants():
 def test_docs_tables_name_every_code():
     doc = (ROOT / codegen.DOCS).read_text()
     for code in ErrorCode:
-        assert re.search(rf"^\| `{code.value}` \| {POLICY[code].http} \|", doc, re.M), code
+        assert re.search(rf"^\| `{code.value}` \| {POLICY[code].http} \|", doc, re.MULTILINE), code
     for c in close_table():
-        assert re.search(rf"^\| {c.code} \| ", doc, re.M), c
+        assert re.search(rf"^\| {c.code} \| ", doc, re.MULTILINE), c

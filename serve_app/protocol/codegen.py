@@ -6,7 +6,8 @@
 Sources: serve_app/protocol/framing.py (binary framing), serve_app/errors.py (POLICY: each error code's HTTP
 status, close code, fatality, per-frame and retry rules; the close codes). Targets: the Python client's
 constants (clients/da3_client/_protocol.py: the client package never imports serve_app), the browser's
-(serve_app/static/protocol_constants.js) and the tables of docs/WEBSOCKET_API.md between marker comments.
+(serve_app/static/protocol_constants.js) and the tables of docs/WEBSOCKET_API.md between marker comments
+(also the server -> client messages' keys, from serve_app/protocol/messages.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,13 @@ from pathlib import Path
 
 from serve_app.errors import POLICY, ErrorCode, close_table, codes_where
 from serve_app.protocol import framing
+from serve_app.protocol.messages import (
+    OPERATOR_ONLY_LIST_FIELDS,
+    SERVER_MESSAGES,
+    Ready,
+    RecordMessage,
+    SessionList,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 PY_CLIENT = "clients/da3_client/_protocol.py"
@@ -135,7 +143,34 @@ def docs_close_table() -> str:
     return "\n".join(rows)
 
 
-DOC_SECTIONS: dict[str, Callable[[], str]] = {"error-codes": docs_error_table, "close-codes": docs_close_table}
+def docs_message_table() -> str:
+    """The server -> client JSON messages: their keys in wire order, from serve_app/protocol/messages.py."""
+    rows = ["| `type` | Keys (in this order; `[key]`: optional, left out when absent) | More keys may follow |", "|---|---|---|"]
+    for model in SERVER_MESSAGES:
+        keys = []
+        for name, field in model.model_fields.items():
+            if name == "type":
+                continue
+            required = field.is_required() or (model is Ready)
+            keys.append(f"`{name}`" if required else f"[`{name}`]")
+        if issubclass(model, RecordMessage):  # seq goes last, after any extra key
+            keys.remove("`seq`")
+            keys.append("..., `seq`" if model.model_config.get("extra") == "allow" else "`seq`")
+        more = "yes" if model.model_config.get("extra") == "allow" else "no"
+        rows.append(f"| `{model.TYPE}` | {', '.join(keys)} | {more} |")
+    return "\n".join(rows)
+
+
+def docs_session_list_keys() -> str:
+    fields = SessionList.model_fields
+    users = ", ".join(f"`{k}`" for k in fields if k not in OPERATOR_ONLY_LIST_FIELDS)
+    ops = ", ".join(f"`{k}`" for k in OPERATOR_ONLY_LIST_FIELDS)
+    return f"`GET /ws/sessions` answers an object with the keys {users}; for an operator key also {ops} (when set)."
+
+
+DOC_SECTIONS: dict[str, Callable[[], str]] = {"error-codes": docs_error_table, "close-codes": docs_close_table,
+                                              "server-messages": docs_message_table,
+                                              "session-list": docs_session_list_keys}
 
 
 def _markers(name: str) -> tuple[str, str]:

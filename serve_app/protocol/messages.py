@@ -151,7 +151,7 @@ class Summary(ServerMessage):
     exports: ExportPaths
 
 
-class _SeqLast(ServerMessage):
+class RecordMessage(ServerMessage):
     """A record message: the record's `seq` goes last, after any extra key (the body is built before the seq)."""
 
     def wire(self) -> dict[str, Any]:
@@ -160,7 +160,7 @@ class _SeqLast(ServerMessage):
         return d
 
 
-class Window(_SeqLast):
+class Window(RecordMessage):
     """A result record's first message (3.5); the body comes from the reconstruction, `seq` is added last."""
 
     model_config = ConfigDict(extra="allow")
@@ -181,7 +181,7 @@ class Window(_SeqLast):
         return cls.model_validate(body if seq is None else {**body, "seq": seq})
 
 
-class FrameResult(_SeqLast):
+class FrameResult(RecordMessage):
     """One per new frame of a result record (3.5)."""
 
     model_config = ConfigDict(extra="allow")
