@@ -18,7 +18,7 @@ from serve_app import flow_control
 from serve_app.errors import HTTP_STATUS, POLICY, WS_CLOSE, ErrorCode, close_table, codes_where
 from serve_app.protocol import codegen, framing
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").exists())
 
 
 def test_generated_files_match_the_declaration():

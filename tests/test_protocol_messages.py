@@ -20,7 +20,7 @@ from serve_app.protocol import messages as M
 from serve_app.reconstruction import FrameInput, StreamReconstructor
 from serve_app.synthetic import SceneSpec, render_sequence
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").exists())
 DOC = (ROOT / "docs/WEBSOCKET_API.md").read_text()
 BY_TYPE = {m.TYPE: m for m in M.SERVER_MESSAGES}
 
