@@ -11,13 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serve_app import corrections
-from serve_app.config import SessionParams
+from serve_app import corrections, ray_env
+from serve_app.config import LimitsConfig, SessionParams
 from serve_app.deployments.session_worker import window_timings
 from serve_app.geometry import Sim3, orthonormalize
 from serve_app.oracle import OracleModel
 from serve_app.protocol import messages as M
 from serve_app.reconstruction import FrameInput, StreamReconstructor
+from serve_app.session_store import SessionStore
+from serve_app.shards import merge_lists
 from serve_app.synthetic import SceneSpec, render_sequence
 
 ROOT = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").exists())
@@ -152,3 +154,18 @@ def test_the_session_list_reply_is_documented_key_by_key():
         assert key in documented, key
     user = M.SessionList(sessions=[], counts={"total": 0}, limits={"max_sessions": 4}).wire()
     assert list(user) == ["sessions", "counts", "limits"]
+
+
+def test_the_session_list_model_takes_what_the_shards_answer():
+    """The reply's parts as the session actor builds them (session_actor.list), merged over two shards."""
+    parts = []
+    for _ in range(2):
+        store = SessionStore(LimitsConfig())
+        found = [store.create(SessionParams(), None, 0.0) for _ in range(2)]
+        parts.append({"sessions": [s.info() for s in found], "counts": store.counts(),
+                      "limits": {"max_sessions": store.limits.max_sessions}, "ray_env": ray_env.in_effect()})
+    merged = M.SessionList.model_validate(merge_lists(parts)).wire()
+    assert list(merged) == ["sessions", "counts", "limits", "ray_env", "shards"]
+    assert merged["counts"]["total"] == 4 and merged["shards"] == [2, 2]
+    one = M.SessionList.model_validate(merge_lists(parts[:1])).wire()
+    assert "shards" not in one and one["counts"]["total"] == 2
