@@ -98,18 +98,24 @@ def test_numbers_keep_their_type_and_wrong_types_are_refused():
                 points_total=0, last_seq=0, max_in_flight=1, in_flight=0, surprise=1)  # no undeclared keys
 
 
-def _records(global_consistency: bool, corrupt: int | None) -> list:
+SPEC = SceneSpec(seed=3, num_frames=10, width=64, height=48, trajectory="orbit")
+
+
+@pytest.fixture(scope="module")
+def sequence():
+    return render_sequence(SPEC)
+
+
+def _records(seq, global_consistency: bool, corrupt: int | None) -> list:
     """Window outputs of a real streaming reconstruction, finished as the session worker finishes them."""
-    spec = SceneSpec(seed=3, num_frames=14, width=96, height=72, trajectory="orbit")
-    seq = render_sequence(spec)
-    oracle = OracleModel(spec, seed=2)
+    oracle = OracleModel(SPEC, seed=2)
     rec = StreamReconstructor(SessionParams(process_res=140, window_size=4, overlap=2,
                                             global_consistency=global_consistency))
     outs = []
     for i in range(len(seq.images)):
         ts = float(i) / 5 if i % 2 else None
         rec.add_frame(FrameInput(index=i, frame_id=i if i % 3 else f"f{i}", image=seq.images[i],
-                                 original_size=(96, 72), timestamp=ts))
+                                 original_size=(64, 48), timestamp=ts))
         while (plan := rec.next_window(force=i == len(seq.images) - 1)) is not None:
             started = time.time()
             pred = oracle.forward_windows([plan.request()])[0]
@@ -126,8 +132,8 @@ def _records(global_consistency: bool, corrupt: int | None) -> list:
 
 
 @pytest.mark.parametrize(("global_consistency", "corrupt"), [(False, 1), (True, None)])
-def test_result_records_keep_their_bytes(global_consistency, corrupt):
-    outs = _records(global_consistency, corrupt)
+def test_result_records_keep_their_bytes(sequence, global_consistency, corrupt):
+    outs = _records(sequence, global_consistency, corrupt)
     assert any(not o.ok for o in outs) == (corrupt is not None)
     for seq, out in enumerate(outs, 1):
         window = {**out.window, "seq": seq}  # as the session store keeps it
