@@ -47,7 +47,7 @@ class ErrorCode(str, Enum):
 @dataclass(frozen=True)
 class Policy:
     """How one code behaves on each transport. The one declaration: `python -m serve_app.protocol.codegen` writes
-    the clients' tables and docs/WEBSOCKET_API.md's from it (tests/test_protocol_codegen.py checks they match)."""
+    the clients' tables and docs/WEBSOCKET_API.md's from it (tests/protocol/test_protocol_codegen.py checks they match)."""
 
     http: int  # status when an HTTP route returns it
     meaning: str  # the docs' sentence
