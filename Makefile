@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 DA3_SPEC   ?= depth-anything-3==0.1.1
 
-.PHONY: install browser system-deps test test-fast test-e2e demo serve-local bench lint clean
+.PHONY: install browser system-deps test test-fast test-e2e demo serve-local bench lint protocol clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,10 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check serve_app clients tests bench
+
+# Regenerate the protocol's copies (clients' constants, docs tables) from serve_app/protocol + serve_app/errors.py.
+protocol: $(STAMP)
+	$(PY) -m serve_app.protocol.codegen
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -1,10 +1,12 @@
 """Stable error codes shared by HTTP routes, the WebSocket protocol and the clients.
 
-docs/WEBSOCKET_API.md lists each code with its meaning; keep the two in step.
+POLICY below is the one declaration of what each code means on each transport; docs/WEBSOCKET_API.md's tables
+and the clients' constants are generated from it (`make protocol`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import Enum
 
 
@@ -42,60 +44,172 @@ class ErrorCode(str, Enum):
     INTERNAL_ERROR = "INTERNAL_ERROR"
 
 
-# HTTP status for each code when it is returned by an HTTP route.
-HTTP_STATUS: dict[ErrorCode, int] = {
-    ErrorCode.INVALID_MESSAGE: 400,
-    ErrorCode.MESSAGE_TOO_LARGE: 413,
-    ErrorCode.INVALID_IMAGE: 400,
-    ErrorCode.UNSUPPORTED_FORMAT: 415,
-    ErrorCode.IMAGE_TOO_LARGE: 413,
-    ErrorCode.TOO_MANY_PIXELS: 413,
-    ErrorCode.INVALID_PARAMS: 422,
-    ErrorCode.QUEUE_FULL: 429,
-    ErrorCode.FRAME_LIMIT_EXCEEDED: 409,
-    ErrorCode.SESSION_NOT_FOUND: 404,
-    ErrorCode.SESSION_EXPIRED: 410,
-    ErrorCode.SESSION_LOST: 410,
-    ErrorCode.SESSION_FINALIZED: 409,
-    ErrorCode.SESSION_LIMIT: 429,
-    ErrorCode.KEY_SESSION_LIMIT: 429,
-    ErrorCode.SESSION_BUSY: 409,
-    ErrorCode.ALIGNMENT_FAILED: 422,
-    ErrorCode.MODEL_UNAVAILABLE: 503,
-    ErrorCode.UNAUTHORIZED: 401,
-    ErrorCode.FORBIDDEN: 403,
-    ErrorCode.RATE_LIMITED: 429,
-    ErrorCode.FRAME_RATE_LIMITED: 429,
-    ErrorCode.BYTE_RATE_LIMITED: 429,
-    ErrorCode.SLOW_CONSUMER: 429,
-    ErrorCode.DECODE_BUDGET_EXCEEDED: 429,
-    ErrorCode.VIDEO_TOO_LARGE: 413,
-    ErrorCode.INVALID_PRIOR: 422,
-    ErrorCode.TOO_MANY_ERRORS: 400,
-    ErrorCode.IDLE_TIMEOUT: 408,
-    ErrorCode.EXPORT_BUSY: 503,
-    ErrorCode.INTERNAL_ERROR: 500,
-}
+@dataclass(frozen=True)
+class Policy:
+    """How one code behaves on each transport. The one declaration: `python -m serve_app.protocol.codegen` writes
+    the clients' tables and docs/WEBSOCKET_API.md's from it (tests/protocol/test_protocol_codegen.py checks they match)."""
 
-# WebSocket close codes (4000-4999 are application-defined).
-WS_CLOSE: dict[ErrorCode, int] = {
-    ErrorCode.UNAUTHORIZED: 4401,
-    ErrorCode.FORBIDDEN: 4403,
-    ErrorCode.SESSION_NOT_FOUND: 4404,
-    ErrorCode.SESSION_EXPIRED: 4410,
-    ErrorCode.SESSION_LOST: 4412,
-    ErrorCode.SESSION_BUSY: 4409,
-    ErrorCode.RATE_LIMITED: 4429,
-    ErrorCode.SLOW_CONSUMER: 4408,
-    ErrorCode.INTERNAL_ERROR: 4500,
-    ErrorCode.MODEL_UNAVAILABLE: 4503,
-    ErrorCode.TOO_MANY_ERRORS: 4400,
-    ErrorCode.IDLE_TIMEOUT: 4420,
+    http: int  # status when an HTTP route returns it
+    meaning: str  # the docs' sentence
+    close: int | None = None  # WebSocket close code when it ends a stream
+    fatal: str = "no"  # on a stream: "yes", "no", "-" (never sent on a stream) or a sentence
+    per_frame: bool = False  # answers one frame message, which was not accepted (carries its frame_id)
+    resend: bool = False  # the frame was refused for now: clients send it again
+    retry_after: bool = False  # carries details.retry_after_s
+    no_more_frames: bool = False  # the session takes no more frames
+    protocol_error: bool = False  # a client mistake: counts towards limits.max_protocol_errors
+    reconnect: bool = False  # a handshake refusal worth retrying while reconnecting
+    close_meaning: str = ""  # the close-code table's text (codes with `close`)
+    close_action: str = "stop"
+
+
+_C = ErrorCode
+POLICY: dict[ErrorCode, Policy] = {
+    _C.INVALID_MESSAGE: Policy(
+        400, "unparsable, unknown or malformed client message (bad DA3F header, JSON, type, field)",
+        per_frame=True, protocol_error=True),
+    _C.MESSAGE_TOO_LARGE: Policy(
+        413, "the message or the frame header is over the byte limit", per_frame=True, protocol_error=True),
+    _C.INVALID_IMAGE: Policy(
+        400, "the bytes do not decode to an image (empty, truncated, corrupt)", per_frame=True, protocol_error=True),
+    _C.UNSUPPORTED_FORMAT: Policy(
+        415, "the image format is not in `allowed_formats` (default JPEG, PNG, WEBP), e.g. BMP or GIF, or its bit "
+        "depth is over `max_image_bit_depth`; on the one-shot route, a file sent as a video whose bytes are no "
+        "supported container", per_frame=True, protocol_error=True),
+    _C.IMAGE_TOO_LARGE: Policy(
+        413, "the image is over `max_image_bytes`, or would decode to more than `max_image_decoded_bytes` (from the "
+        "header, then checked on the result)", per_frame=True, protocol_error=True),
+    _C.TOO_MANY_PIXELS: Policy(
+        413, "the image (or video) header declares more than `max_image_pixels`, checked before decoding "
+        "(decompression bombs); for a video, also any decoded frame over it, whatever its header said",
+        per_frame=True, protocol_error=True),
+    _C.INVALID_PARAMS: Policy(422, "session parameters rejected; the message names the field", fatal="-"),
+    _C.QUEUE_FULL: Policy(
+        429, "the frame arrived while `in_flight >= max_in_flight`; send it again after results arrive",
+        per_frame=True, resend=True),
+    _C.FRAME_LIMIT_EXCEEDED: Policy(
+        409, "the session has reached `max_frames`; later frames are rejected", per_frame=True, no_more_frames=True),
+    _C.SESSION_NOT_FOUND: Policy(
+        404, "no such session (or not yours)", close=4404, fatal="yes", close_meaning="session not found"),
+    _C.SESSION_EXPIRED: Policy(
+        410, "the session reached `idle_ttl_s` or `ttl_s`", close=4410, fatal="yes",
+        close_meaning="session expired"),
+    _C.SESSION_LOST: Policy(
+        410, "the session store restarted and had no journal for this session", close=4412, fatal="yes",
+        close_meaning="session lost: the session store restarted without a journal (`session_actor.state_dir`)",
+        close_action="start a new session"),
+    _C.SESSION_FINALIZED: Policy(
+        409, "a frame arrived after `finalize`", per_frame=True, no_more_frames=True),
+    _C.SESSION_LIMIT: Policy(429, "the server has `max_sessions` open sessions", fatal="-"),
+    _C.KEY_SESSION_LIMIT: Policy(
+        429, "this API key has `max_sessions_per_key` open sessions (default `max_sessions // 8`; keys only: with "
+        "auth `none`, `max_sessions` is the limit)", fatal="-"),
+    _C.SESSION_BUSY: Policy(
+        409, "another connection took the session over (or, on a frame, another server replica did, or the frame's "
+        "index is out of step with the session store)", close=4409, fatal="yes", reconnect=True,
+        close_meaning="session busy: another live connection holds it",
+        close_action="stop (or reconnect if that connection was your own stale one)"),
+    _C.ALIGNMENT_FAILED: Policy(
+        422, "a window could not be placed in the world; the map is left untouched and its frames report "
+        "`pose: null`"),
+    _C.MODEL_UNAVAILABLE: Policy(
+        503, "model calls failed after retries", close=4503, fatal="no for one window, yes when the stream stops",
+        reconnect=True, close_meaning="model unavailable", close_action="retry later"),
+    _C.UNAUTHORIZED: Policy(
+        401, "missing or invalid API key", close=4401, fatal="yes", close_meaning="unauthorized"),
+    _C.FORBIDDEN: Policy(
+        403, "an operator route without an operator key; a `Host` header, client address or WebSocket `Origin` the "
+        "server does not take (`details.reason`: `operator`, `host`, `remote_client`, `origin`)", close=4403,
+        fatal="yes", close_meaning="forbidden: Host, client address or Origin refused (section 1)"),
+    _C.RATE_LIMITED: Policy(
+        429, "over `sessions_per_minute` session creations for this key; `details.retry_after_s`", close=4429,
+        fatal="-", retry_after=True, close_meaning="rate limited", close_action="retry later"),
+    _C.FRAME_RATE_LIMITED: Policy(
+        429, "the session is over `frames_per_s` (burst 2x); the frame is not accepted; `details.retry_after_s`",
+        per_frame=True, resend=True, retry_after=True),
+    _C.BYTE_RATE_LIMITED: Policy(
+        429, "the session is over `bytes_per_s` of uploads (burst 2x); the frame is not accepted; "
+        "`details.retry_after_s`", per_frame=True, resend=True, retry_after=True),
+    _C.SLOW_CONSUMER: Policy(
+        429, "results unacknowledged past `max_unacked_result_bytes` for `slow_reader_timeout_s`, or other messages "
+        "unacknowledged past `max_unacked_result_bytes` (3.7)", close=4408, fatal="yes",
+        close_meaning="slow consumer: results unacknowledged past the limit (3.7)",
+        close_action="reconnect with `resume_from` and send `received`"),
+    _C.DECODE_BUDGET_EXCEEDED: Policy(
+        429, "the session spent its image decode CPU (`decode_cpu_s_per_s`, burst `decode_cpu_burst_s`): costly "
+        "images (large, 16-bit) are refused until it refills; the frame is not accepted; `details.retry_after_s`. "
+        "The one-shot route waits instead", per_frame=True, resend=True, retry_after=True),
+    _C.VIDEO_TOO_LARGE: Policy(
+        413, "one-shot route: a video decodes to more than `max_video_decoded_bytes` or takes more than "
+        "`max_video_decode_s` to decode", fatal="-"),
+    _C.INVALID_PRIOR: Policy(
+        422, "a frame's `pose` or `intrinsics` prior is unusable as float32 or not a rotation (3.2); carries "
+        "`frame_id` and `details.field`", protocol_error=True),
+    _C.TOO_MANY_ERRORS: Policy(
+        400, "`max_protocol_errors` malformed messages on one connection (3.3)", close=4400, fatal="yes",
+        close_meaning="too many errors: `limits.max_protocol_errors` malformed messages on this connection (3.3)",
+        close_action="fix the client; a new connection starts from zero"),
+    _C.IDLE_TIMEOUT: Policy(
+        408, "no frames for `ws_idle_timeout_s` and nothing in flight (3.3)", close=4420, fatal="yes",
+        close_meaning="idle timeout: no frames for `limits.ws_idle_timeout_s` and nothing in flight (3.3)",
+        close_action="reconnect when there is something to send"),
+    _C.EXPORT_BUSY: Policy(
+        503, "`max_concurrent_exports` PLY/GLB exports are running on this replica; `details.retry_after_s` and a "
+        "`Retry-After` header", fatal="-", retry_after=True),
+    _C.INTERNAL_ERROR: Policy(
+        500, "server bug or a failed internal component; with `fatal:false`, placing one window raised: its frames "
+        "fail as with `ALIGNMENT_FAILED` and the stream goes on", close=4500, fatal="yes (no for one window)",
+        reconnect=True, close_meaning="internal error", close_action="stop, or reconnect once"),
 }
+del _C
+
+# HTTP status for each code when it is returned by an HTTP route; WebSocket close code (4000-4999 are
+# application-defined) when it ends a stream. Both from POLICY.
+HTTP_STATUS: dict[ErrorCode, int] = {code: p.http for code, p in POLICY.items()}
+WS_CLOSE: dict[ErrorCode, int] = {code: p.close for code, p in POLICY.items() if p.close is not None}
 WS_CLOSE_NORMAL = 1000  # finalized or deleted by the client
 WS_CLOSE_GOING_AWAY = 1001  # server going away: clients reconnect
 WS_CLOSE_SERVICE_RESTART = 1012  # this replica is draining (redeploy, downscale): clients reconnect
 WS_CLOSE_SESSION_DELETED = 4000  # deleted through DELETE /ws/session/{id}
+
+
+@dataclass(frozen=True)
+class Close:
+    """A close code that is not an error code's (those are in POLICY)."""
+
+    code: int
+    name: str
+    meaning: str
+    action: str
+    reconnect: bool = False  # reconnecting with resume_from can help
+
+
+OTHER_CLOSES: tuple[Close, ...] = (
+    Close(WS_CLOSE_NORMAL, "NORMAL", "finalized (after `summary`) or normal close", "done"),
+    Close(WS_CLOSE_GOING_AWAY, "GOING_AWAY", "server going away", "reconnect with `resume_from`", True),
+    Close(1005, "NO_STATUS", "closed without a status code", "reconnect with `resume_from`", True),
+    Close(1006, "ABNORMAL", "abnormal drop (no close frame)", "reconnect with `resume_from`", True),
+    Close(1011, "SERVER_ERROR", "unexpected server condition (sent by proxies and WebSocket servers)",
+          "reconnect with `resume_from`", True),
+    Close(WS_CLOSE_SERVICE_RESTART, "SERVICE_RESTART",
+          "service restart: this server replica is being drained (redeploy, downscale)",
+          "reconnect with `resume_from`", True),
+    Close(1013, "TRY_AGAIN_LATER", "try again later (sent by proxies)", "reconnect with `resume_from`", True),
+    Close(1014, "BAD_GATEWAY", "bad gateway (sent by proxies)", "reconnect with `resume_from`", True),
+    Close(WS_CLOSE_SESSION_DELETED, "SESSION_DELETED", "session deleted (`DELETE /ws/session/{id}`)", "stop"),
+)
+
+
+def close_table() -> list[Close]:
+    """Every close code of the protocol, by number: OTHER_CLOSES and the error codes' (named by their code)."""
+    rows = list(OTHER_CLOSES) + [Close(p.close, code.value, p.close_meaning or code.value, p.close_action)
+                                 for code, p in POLICY.items() if p.close is not None]
+    return sorted(rows, key=lambda c: c.code)
+
+
+def codes_where(flag: str) -> frozenset[ErrorCode]:
+    """The codes whose Policy has `flag` set (e.g. "per_frame", "resend")."""
+    return frozenset(code for code, p in POLICY.items() if getattr(p, flag))
 
 
 class ServiceError(Exception):

@@ -4,27 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-# WebSocket close codes of the protocol (docs/WEBSOCKET_API.md, "Close codes").
-CLOSE_NORMAL = 1000
-CLOSE_GOING_AWAY = 1001
-CLOSE_SESSION_DELETED = 4000
-CLOSE_CODES: dict[int, str] = {
-    4000: "SESSION_DELETED",
-    4400: "TOO_MANY_ERRORS",
-    4401: "UNAUTHORIZED",
-    4403: "FORBIDDEN",
-    4404: "SESSION_NOT_FOUND",
-    4408: "SLOW_CONSUMER",
-    4409: "SESSION_BUSY",
-    4410: "SESSION_EXPIRED",
-    4412: "SESSION_LOST",
-    4420: "IDLE_TIMEOUT",
-    4429: "RATE_LIMITED",
-    4500: "INTERNAL_ERROR",
-    4503: "MODEL_UNAVAILABLE",
-}
-# Closes after which reconnecting with resume_from can help (going away, abnormal, restart, try again later).
-RETRYABLE_CLOSES = {1001, 1005, 1006, 1011, 1012, 1013, 1014}
+# WebSocket close codes of the protocol (docs/WEBSOCKET_API.md 3.9), generated from the server's declaration.
+from da3_client._protocol import (  # noqa: F401 - the client's names for them
+    CLOSE_CODES,
+    CLOSE_GOING_AWAY,
+    CLOSE_NORMAL,
+    CLOSE_SESSION_DELETED,
+    RETRYABLE_CLOSES,
+)
 
 
 class Da3Error(Exception):

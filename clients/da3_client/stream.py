@@ -32,22 +32,18 @@ except ImportError:  # websockets < 13
     from websockets.client import connect as ws_connect  # type: ignore[no-redef]
     HEADERS_KW = "extra_headers"
 
+from da3_client._protocol import FRAME_ERRORS, NO_MORE_FRAMES, RECONNECT_CODES, RETRY_LATER, WS_SUBPROTOCOL
 from da3_client.errors import CLOSE_CODES, CLOSE_NORMAL, RETRYABLE_CLOSES, Da3Error
 from da3_client.reconstruction import Reconstruction
 from da3_client.wire import PointChunk, decode_points, encode_frame, encode_jpeg, frame_header
 
 log = logging.getLogger("da3_client")
 
-# Error codes that answer one frame message (the frame was not accepted).
-FRAME_ERRORS = {"QUEUE_FULL", "FRAME_RATE_LIMITED", "BYTE_RATE_LIMITED", "INVALID_IMAGE", "IMAGE_TOO_LARGE",
-                "TOO_MANY_PIXELS", "UNSUPPORTED_FORMAT", "FRAME_LIMIT_EXCEEDED",
-                "SESSION_FINALIZED", "INVALID_MESSAGE", "MESSAGE_TOO_LARGE", "DECODE_BUDGET_EXCEEDED"}
-# The frame was refused for now: it is sent again (after details.retry_after_s for the rate limits).
-RETRY_LATER = {"QUEUE_FULL", "FRAME_RATE_LIMITED", "BYTE_RATE_LIMITED", "DECODE_BUDGET_EXCEEDED"}
-# After these the session takes no more frames: send_frame raises.
-NO_MORE_FRAMES = {"FRAME_LIMIT_EXCEEDED", "SESSION_FINALIZED"}
+# The server's code sets (generated from its error policy, da3_client/_protocol.py): FRAME_ERRORS answer one frame
+# message (the frame was not accepted); RETRY_LATER frames are sent again (after details.retry_after_s for the rate
+# limits); after NO_MORE_FRAMES send_frame raises.
 # Handshake refusals worth retrying during a reconnect (our own stale connection may still hold the session).
-RETRYABLE_CODES = {"CONNECTION_ERROR", "TIMEOUT", "SESSION_BUSY", "INTERNAL_ERROR", "MODEL_UNAVAILABLE"}
+RETRYABLE_CODES = frozenset({"CONNECTION_ERROR", "TIMEOUT"}) | RECONNECT_CODES
 MAX_PROBE_S = 8.0
 
 
@@ -320,7 +316,7 @@ class StreamSession:
         timeout = self.client.timeout
         try:
             ws = await asyncio.wait_for(ws_connect(url, max_size=None, open_timeout=timeout,
-                                                      compression=self.compression, subprotocols=["da3.v1"],
+                                                      compression=self.compression, subprotocols=[WS_SUBPROTOCOL],
                                                       # session affinity (Serve's consistent-hash router)
                                                       **{HEADERS_KW: {**self.client.headers,
                                                                       "x-session-id": self.session_id}}), timeout)

@@ -12,14 +12,20 @@ from typing import Any
 
 import numpy as np
 
+from da3_client._protocol import (  # generated from serve_app/protocol/framing.py
+    ENC_FLOAT16,
+    ENC_FLOAT32,
+    FRAME_FLAGS,
+    FRAME_MAGIC,
+    MAX_FRAME_ID_CHARS,
+    MAX_HEADER_BYTES,
+    POINTS_MAGIC,
+    PREFIX_FORMAT,
+    PROTOCOL_VERSION,
+)
 from da3_client.errors import Da3Error
 
-PROTOCOL_VERSION = 1
-FRAME_MAGIC = b"DA3F"
-POINTS_MAGIC = b"DA3P"
-ENC_FLOAT16 = 1
-ENC_FLOAT32 = 2
-_PREFIX = struct.Struct("<4sBBH")  # magic, version, flags (frames) / encoding (points), header_len
+_PREFIX = struct.Struct(PREFIX_FORMAT)  # magic, version, flags (frames) / encoding (points), header_len
 _DTYPES = {ENC_FLOAT16: np.dtype("<f2"), ENC_FLOAT32: np.dtype("<f4")}
 
 
@@ -56,8 +62,8 @@ def frame_header(frame_id: int | str | None = None, timestamp: float | None = No
             raise ValueError("frame_id must be an int >= 0 or a string")
         if isinstance(frame_id, int) and frame_id < 0:
             raise ValueError("frame_id must be >= 0")
-        if isinstance(frame_id, str) and not 1 <= len(frame_id) <= 64:
-            raise ValueError("a string frame_id must have 1..64 characters")
+        if isinstance(frame_id, str) and not 1 <= len(frame_id) <= MAX_FRAME_ID_CHARS:
+            raise ValueError(f"a string frame_id must have 1..{MAX_FRAME_ID_CHARS} characters")
         header["frame_id"] = frame_id
     if timestamp is not None:
         t = float(timestamp)
@@ -76,9 +82,9 @@ def encode_frame(image: bytes, header: dict | None = None) -> bytes:
     if not image:
         raise ValueError("image bytes are empty")
     h = json.dumps(header, separators=(",", ":")).encode() if header else b""
-    if len(h) > 0xFFFF:
+    if len(h) > MAX_HEADER_BYTES:
         raise ValueError("frame header too long")
-    return _PREFIX.pack(FRAME_MAGIC, PROTOCOL_VERSION, 0, len(h)) + h + bytes(image)
+    return _PREFIX.pack(FRAME_MAGIC, PROTOCOL_VERSION, FRAME_FLAGS, len(h)) + h + bytes(image)
 
 
 def encode_jpeg(image: np.ndarray, quality: int = 90) -> bytes:

@@ -12,7 +12,6 @@ elsewhere) takes over with the snapshot plus those frames, and the old worker's 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from serve_app.config import LimitsConfig, SessionParams
 from serve_app.deployments.session_actor import call
 from serve_app.errors import ErrorCode
 from serve_app.protocol import PointBody, encode_point_body
+from serve_app.protocol import messages as wire
 from serve_app.recon import corrections
 from serve_app.recon.corrections import Correction
 from serve_app.recon.reconstruction import FrameInput, StreamReconstructor, WindowPlan
@@ -91,7 +91,7 @@ class SessionWorker:
         self.finalizing = False
         self.completing = False
         self.closed = False
-        self.listeners: list[Callable[[dict], Any]] = []
+        self.listeners: list[Callable[[wire.ServerMessage], Any]] = []
         self.record_listeners: list[Callable[[ResultRecord], Any]] = []  # get each record once it is committed
         self.rate = None  # FrameRateLimiter, created by the ingress
         self.storing: dict[int, asyncio.Future] = {}  # frame index -> the session actor's accept_frame call
@@ -152,7 +152,7 @@ class SessionWorker:
         for t in self.tasks:
             t.cancel()
 
-    def _emit(self, msg: dict) -> None:
+    def _emit(self, msg: wire.ServerMessage) -> None:
         for fn in list(self.listeners):
             try:
                 fn(msg)
@@ -179,9 +179,9 @@ class SessionWorker:
                 await self.slots.acquire()
                 task = asyncio.create_task(self._infer(plan))
                 await self.order.put((plan, task))
-                self._emit({"type": "progress", "stage": "inference", "window": plan.window,
-                            "frames_received": self.accepted, "frames_processed": self.processed,
-                            "in_flight": self.in_flight, "windows_pending": self.order.qsize()})
+                self._emit(wire.Progress(stage="inference", window=plan.window, frames_received=self.accepted,
+                                         frames_processed=self.processed, in_flight=self.in_flight,
+                                         windows_pending=self.order.qsize()))
             await self._maybe_complete()
 
     async def _infer(self, plan: WindowPlan) -> dict:
@@ -243,9 +243,8 @@ class SessionWorker:
                 self._gone()
                 return
             if not out.ok:
-                self._emit({"type": "error", "code": code.value, "fatal": False,
-                            "message": f"window {plan.window} frames {out.window['frame_ids']} not placed: "
-                                       f"{out.reason}"})
+                self._emit(wire.Error.of(code, f"window {plan.window} frames {out.window['frame_ids']} not "
+                                                f"placed: {out.reason}", fatal=False))
             if out.ok and self.recon.consistency is not None:
                 self.graph_busy = True
                 self.graph_wake.set()  # the pose graph and loop closure follow in _graph_loop, off this path
@@ -291,7 +290,7 @@ class SessionWorker:
             return
         seq = reply.seq
         msg = {**msg, "seq": seq, "version": reply.version}
-        text = json.dumps(msg, separators=(",", ":"))
+        text = await asyncio.get_running_loop().run_in_executor(self.pool, wire.correction_text, msg)
         rec = CorrectionRecord(seq=seq, message=msg, epoch=self.epoch, text=text)
         for fn in list(self.record_listeners):
             fn(rec)

@@ -9,12 +9,13 @@ import ipaddress
 import json
 from urllib.parse import urlsplit
 
-from serve_app import protocol
 from serve_app.config import AuthConfig
 from serve_app.errors import WS_CLOSE, ErrorCode, ServiceError
+from serve_app.protocol import messages
+from serve_app.protocol.framing import BEARER_SUBPROTOCOL_PREFIX
 from serve_app.sessions.session_store import owner_of
 
-BEARER_PROTOCOL_PREFIX = "bearer."  # browsers offer ["da3.v1", "bearer.<key>"]; only da3.v1 is echoed
+BEARER_PROTOCOL_PREFIX = BEARER_SUBPROTOCOL_PREFIX  # browsers offer ["da3.v1", "bearer.<key>"]; da3.v1 is echoed
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
@@ -161,6 +162,6 @@ class AccessMiddleware:
         if msg["type"] != "websocket.connect":
             return
         await send({"type": "websocket.accept"})
-        err = protocol.msg_error(exc.code, exc.message, fatal=True, details=exc.details)
-        await send({"type": "websocket.send", "text": json.dumps(err, separators=(",", ":"))})
+        err = messages.Error.of(exc.code, exc.message, fatal=True, details=exc.details)
+        await send({"type": "websocket.send", "text": err.json_text()})
         await send({"type": "websocket.close", "code": WS_CLOSE[exc.code], "reason": exc.code.value})

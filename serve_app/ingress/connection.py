@@ -3,7 +3,6 @@ replica's worker committed for it. No FastAPI or Ray: the socket is anything wit
 
 
 import asyncio
-import json
 import logging
 import time
 import uuid
@@ -11,7 +10,6 @@ from typing import Any
 
 from fastapi import WebSocket
 
-from serve_app import protocol
 from serve_app.config import LimitsConfig
 from serve_app.errors import (
     WS_CLOSE,
@@ -19,12 +17,14 @@ from serve_app.errors import (
     ServiceError,
 )
 from serve_app.ingress.flow_control import FlowControl
+from serve_app.protocol import framing
+from serve_app.protocol import messages as wire
 from serve_app.sessions.session_store import ResultRecord
 
 log = logging.getLogger("ray.serve.da3.ingress")  # child of ray.serve: goes to the replica log files
 
 
-WS_SUBPROTOCOL = "da3.v1"
+WS_SUBPROTOCOL = framing.WS_SUBPROTOCOL
 
 
 class LocalRecords:
@@ -93,8 +93,8 @@ class Connection:
             f"(limit {self.flow.hard_limit}); reconnect with resume_from={self.flow.acked_seq}", fatal=True))
         await self.close(WS_CLOSE[ErrorCode.SLOW_CONSUMER], ErrorCode.SLOW_CONSUMER.value)
 
-    async def send_json(self, msg: dict, seq: int | None = None) -> None:
-        await self.send_text(json.dumps(msg, separators=(",", ":")), seq)
+    async def send_msg(self, msg: wire.ServerMessage, seq: int | None = None) -> None:
+        await self.send_text(msg.json_text(), seq)
 
     # Counted before the send: the client's `received` for it may arrive while the send is still awaited.
     async def send_text(self, text: str, seq: int | None = None) -> None:
@@ -122,6 +122,5 @@ class Connection:
             pass
 
     async def fail(self, exc: ServiceError, frame_id: Any = None) -> None:
-        msg = protocol.msg_error(exc.code.value, exc.message, fatal=exc.fatal, frame_id=frame_id,
-                                 details=exc.details)
-        await self.send_json(msg)
+        await self.send_msg(wire.Error.of(exc.code, exc.message, fatal=exc.fatal, frame_id=frame_id,
+                                          details=exc.details))

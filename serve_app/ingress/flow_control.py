@@ -17,13 +17,11 @@ from __future__ import annotations
 
 from collections import deque
 
-from serve_app.errors import ErrorCode, ServiceError
+from serve_app.errors import ErrorCode, ServiceError, codes_where
 
 # Client mistakes that count as protocol errors: malformed messages and unusable frames. Rate and queue refusals
 # (QUEUE_FULL, FRAME_RATE_LIMITED, ...) do not: well-behaved clients meet them and retry.
-PROTOCOL_ERROR_CODES = frozenset({
-    ErrorCode.INVALID_MESSAGE, ErrorCode.MESSAGE_TOO_LARGE, ErrorCode.INVALID_PRIOR, ErrorCode.INVALID_IMAGE,
-    ErrorCode.UNSUPPORTED_FORMAT, ErrorCode.IMAGE_TOO_LARGE, ErrorCode.TOO_MANY_PIXELS})
+PROTOCOL_ERROR_CODES = codes_where("protocol_error")  # serve_app/errors.py POLICY
 
 
 class FlowControl:

@@ -18,6 +18,7 @@ from serve_app.errors import (
 )
 from serve_app.media.uploads import classify_upload, limited_request
 from serve_app.media.video import VideoFrames
+from serve_app.protocol import messages as wire
 
 log = logging.getLogger("ray.serve.da3.ingress")  # child of ray.serve: goes to the replica log files
 
@@ -76,7 +77,7 @@ class OneShotUpload:
         traj = await self.export_trajectory(sid, request)
         return JSONResponse({"session_id": sid, "state": done.get("state"), "frames": done.get("frames_processed"),
                              "frames_failed": done.get("frames_failed"), "points_total": done.get("points_total"),
-                             "trajectory": traj["frames"], "exports": protocol.export_paths(sid)})
+                             "trajectory": traj["frames"], "exports": wire.ExportPaths.of(sid).model_dump()})
 
     async def _upload_part(self, sid: str, owner: str | None, worker: SessionWorker, up, taken: int,
                            every: int) -> int:

@@ -3,7 +3,6 @@ while the client has not read enough (a mixin of the Ingress deployment)."""
 
 
 import asyncio
-import json
 import logging
 import time
 
@@ -16,6 +15,7 @@ from serve_app.errors import (
     ServiceError,
 )
 from serve_app.ingress.connection import Connection, LocalRecords
+from serve_app.protocol import messages as wire
 from serve_app.sessions.session_store import CorrectionRecord
 
 log = logging.getLogger("ray.serve.da3.ingress")  # child of ray.serve: goes to the replica log files
@@ -114,11 +114,11 @@ class ResultStreaming:
                 full = seq < info["last_seq"]  # the actor has a record this stream lacks: fetch it
                 if info["state"] in ("complete", "failed") and seq >= info["last_seq"]:
                     dur = (info.get("updated_at") or time.time()) - info["created_at"]
-                    await conn.send_json({
-                        "type": "summary", "state": info["state"], "frames_received": info["frames_received"],
-                        "frames_processed": info["frames_processed"], "frames_failed": info["frames_failed"],
-                        "points_total": info["points_total"], "windows": info["windows"], "duration_s": dur,
-                        "exports": protocol.export_paths(sid)})
+                    await conn.send_msg(wire.Summary(
+                        state=info["state"], frames_received=info["frames_received"],
+                        frames_processed=info["frames_processed"], frames_failed=info["frames_failed"],
+                        points_total=info["points_total"], windows=info["windows"], duration_s=dur,
+                        exports=wire.ExportPaths.of(sid)))
                     await conn.close(WS_CLOSE_NORMAL, "complete")
                     return
         except asyncio.CancelledError:
@@ -136,11 +136,11 @@ class ResultStreaming:
         if not await self._wait_for_reader(conn, sid):
             return False
         if isinstance(rec, CorrectionRecord):  # a correction record is one JSON message (no points)
-            text = rec.text or json.dumps(rec.message, separators=(",", ":"))
+            text = rec.text or await loop.run_in_executor(self.pool, wire.correction_text, rec.message)
             await conn.send_text(text, rec.seq)
             return not conn.closed
-        texts = [json.dumps({"type": "window", **rec.window}, separators=(",", ":"))]
-        texts += [json.dumps({"type": "frame_result", **fr}, separators=(",", ":")) for fr in rec.frames]
+        texts = [wire.Window.model_validate(rec.window).json_text()]
+        texts += [wire.FrameResult.model_validate(fr).json_text() for fr in rec.frames]
         body = rec.body
         if body is None or body.requested != encoding:  # from the long-poll: encode here
             body = await loop.run_in_executor(self.pool, protocol.encode_point_body, rec.points, rec.colors,

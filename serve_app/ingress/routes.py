@@ -17,6 +17,7 @@ from serve_app import protocol, ray_env
 from serve_app.config import merge_session_params
 from serve_app.deployments.session_actor import call
 from serve_app.ingress.app import STATIC_DIR
+from serve_app.protocol import messages as wire
 from serve_app.recon import exports
 
 log = logging.getLogger("ray.serve.da3.ingress")  # child of ray.serve: goes to the replica log files
@@ -61,11 +62,11 @@ class SessionRoutes:
         token = self._bearer(request)
         res = await self.store.list(self._owner(token))
         if self.policy.is_operator(token):
-            return res
+            return wire.SessionList.model_validate(res).wire()
         # A user sees their own sessions and counts, nothing about the cluster.
         counts = Counter(s["state"] for s in res["sessions"])
-        return {"sessions": res["sessions"], "counts": {"total": len(res["sessions"]), **counts},
-                "limits": res["limits"]}
+        return wire.SessionList(sessions=res["sessions"], counts={"total": len(res["sessions"]), **counts},
+                                limits=res["limits"]).wire()
 
 
 class ExportRoutes:

@@ -23,6 +23,7 @@ from serve_app.errors import (
 )
 from serve_app.ingress.connection import WS_SUBPROTOCOL, Connection, LocalRecords
 from serve_app.limits import FrameRateLimiter
+from serve_app.protocol import messages as wire
 from serve_app.recon.reconstruction import FrameInput
 
 log = logging.getLogger("ray.serve.da3.ingress")  # child of ray.serve: goes to the replica log files
@@ -62,20 +63,19 @@ class StreamRoute:
         conn.flow.resume(resume_from)
         self.connections.add(conn)
 
-        def listener(msg: dict) -> None:
-            asyncio.ensure_future(conn.send_json(msg))
+        def listener(msg: wire.ServerMessage) -> None:
+            asyncio.ensure_future(conn.send_msg(msg))
 
         local = LocalRecords(self.args.limits.max_unacked_result_bytes)
         worker.listeners.append(listener)
         worker.record_listeners.append(local.put)
         self.streams += 1
         self.metrics.active_sessions.set(self.streams)
-        await conn.send_json({
-            "type": "ready", "protocol": protocol.PROTOCOL_VERSION, "session_id": session_id,
-            "params": info["params"], "state": info["state"], "frames_received": info["frames_received"],
-            "frames_processed": info["frames_processed"], "points_total": info["points_total"],
-            "last_seq": info["last_seq"], "max_in_flight": self.args.limits.max_in_flight,
-            "in_flight": worker.in_flight})
+        await conn.send_msg(wire.Ready(
+            session_id=session_id, params=info["params"], state=info["state"],
+            frames_received=info["frames_received"], frames_processed=info["frames_processed"],
+            points_total=info["points_total"], last_seq=info["last_seq"],
+            max_in_flight=self.args.limits.max_in_flight, in_flight=worker.in_flight))
         log.info("session %s: stream connected (resume_from=%s)", session_id, resume_from,
                  extra={"session_id": session_id, "connection_id": conn.id})
         sender = asyncio.create_task(self._send_results(conn, session_id, resume_from, params.point_encoding,
@@ -134,7 +134,7 @@ class StreamRoute:
                 elif kind == "finalize":
                     await worker.finalize()
                 elif kind == "ping":
-                    await conn.send_json({"type": "pong", "t": cmsg.t, "server_time": time.time()})
+                    await conn.send_msg(wire.Pong.of(cmsg.t))
                 elif kind == "received":
                     conn.on_received(cmsg.seq)
             except ServiceError as exc:
@@ -180,8 +180,8 @@ class StreamRoute:
         except ServiceError as exc:
             exc.frame_id = frame.meta.frame_id
             raise
-        await conn.send_json({"type": "ack", "frame_id": fid, "index": index, "frames_received": index + 1,
-                              "in_flight": worker.in_flight, "max_in_flight": self.args.limits.max_in_flight})
+        await conn.send_msg(wire.Ack.of(fid, index, in_flight=worker.in_flight,
+                                        max_in_flight=self.args.limits.max_in_flight))
 
     async def _admit(self, sid: str, owner: str | None, worker: SessionWorker, image: bytes | np.ndarray,
                      meta: protocol.FrameMeta) -> tuple[int, Any]:

@@ -1,10 +1,12 @@
-// The browser side of the wire protocol (docs/WEBSOCKET_API.md; serve_app/protocol.py is the server side).
+// The browser side of the wire protocol (docs/WEBSOCKET_API.md; serve_app/protocol/ is the server side).
 // Typed arrays use the platform byte order; every browser platform in use is little-endian like the wire.
+// The constants come from protocol_constants.js, generated from the server's declaration (`make protocol`).
+import {
+  ENC_FLOAT16, ENC_FLOAT32, FRAME_FLAGS, FRAME_MAGIC, MAX_HEADER_BYTES, POINTS_MAGIC, PREFIX_BYTES,
+  PROTOCOL_VERSION,
+} from './protocol_constants.js';
 
-export const PROTOCOL_VERSION = 1;
-export const ENC_FLOAT16 = 1;
-export const ENC_FLOAT32 = 2;
-const PREFIX_BYTES = 8;
+export * from './protocol_constants.js';
 const utf8 = new TextEncoder();
 const fromUtf8 = new TextDecoder();
 
@@ -17,9 +19,9 @@ export function encodeFrame(image, meta = null) {
   const img = image instanceof Uint8Array ? image : new Uint8Array(image);
   if (!img.length) throw new Error('image bytes are empty');
   const header = meta && Object.keys(meta).length ? utf8.encode(JSON.stringify(meta)) : new Uint8Array(0);
-  if (header.length > 0xffff) throw new Error('frame header too long');
+  if (header.length > MAX_HEADER_BYTES) throw new Error('frame header too long');
   const out = new Uint8Array(PREFIX_BYTES + header.length + img.length);
-  out.set([0x44, 0x41, 0x33, 0x46, PROTOCOL_VERSION, 0]);
+  out.set([...FRAME_MAGIC].map((c) => c.charCodeAt(0)).concat([PROTOCOL_VERSION, FRAME_FLAGS]));
   new DataView(out.buffer).setUint16(6, header.length, true);
   out.set(header, PREFIX_BYTES);
   out.set(img, PREFIX_BYTES + header.length);
@@ -53,7 +55,7 @@ export function decodePoints(buffer, { useNativeFloat16 = true } = {}) {
     buffer = buffer.buffer.slice(buffer.byteOffset, buffer.byteOffset + buffer.byteLength);
   }
   const u8 = new Uint8Array(buffer);
-  if (u8.length < PREFIX_BYTES || magic(u8) !== 'DA3P') throw new Error('not a DA3P points message');
+  if (u8.length < PREFIX_BYTES || magic(u8) !== POINTS_MAGIC) throw new Error('not a DA3P points message');
   const version = u8[4];
   const encoding = u8[5];
   const headerLen = new DataView(buffer).getUint16(6, true);

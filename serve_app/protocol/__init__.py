@@ -11,7 +11,6 @@ import binascii
 import json
 import math
 import struct
-import time
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -28,17 +27,23 @@ from pydantic import (
 )
 
 from serve_app.errors import ErrorCode, ServiceError
+from serve_app.protocol import messages as M
+from serve_app.protocol.framing import (
+    ENC_FLOAT16,
+    ENC_FLOAT32,
+    ENCODINGS,
+    FRAME_FLAGS,
+    FRAME_MAGIC,
+    MAX_FRAME_ID_CHARS,
+    POINTS_ALIGN,
+    POINTS_MAGIC,
+    PREFIX_BYTES,
+    PREFIX_FORMAT,
+    PROTOCOL_VERSION,
+)
 
-PROTOCOL_VERSION = 1
-FRAME_MAGIC = b"DA3F"
-POINTS_MAGIC = b"DA3P"
-ENC_FLOAT16 = 1
-ENC_FLOAT32 = 2
-ENCODINGS = {"float16": ENC_FLOAT16, "float32": ENC_FLOAT32}
 _ENC_DTYPE = {ENC_FLOAT16: np.dtype("<f2"), ENC_FLOAT32: np.dtype("<f4")}
-_PREFIX = struct.Struct("<4sBBH")  # magic, version, flags/encoding, header_len
-PREFIX_BYTES = _PREFIX.size  # 8
-MAX_FRAME_ID_CHARS = 64
+_PREFIX = struct.Struct(PREFIX_FORMAT)
 _F16_MAX = 65000.0  # keep clear of float16's 65504 limit
 
 
@@ -228,8 +233,8 @@ def parse_binary_message(data: bytes, *, max_header_bytes: int = 16384) -> Incom
     _, version, flags, header_len = _PREFIX.unpack_from(data)
     if version != PROTOCOL_VERSION:
         raise _bad(f"unsupported DA3F version {version} (this server speaks {PROTOCOL_VERSION})")
-    if flags != 0:
-        raise _bad(f"DA3F flags must be 0 (got {flags})")
+    if flags != FRAME_FLAGS:
+        raise _bad(f"DA3F flags must be {FRAME_FLAGS} (got {flags})")
     if header_len > max_header_bytes:
         raise _bad(f"frame header of {header_len} bytes exceeds {max_header_bytes}", ErrorCode.MESSAGE_TOO_LARGE)
     end = PREFIX_BYTES + header_len
@@ -314,7 +319,7 @@ def encode_frame_message(image: bytes, meta: dict | FrameMeta | None = None) -> 
     header = json.dumps(_meta_dict(meta), separators=(",", ":")).encode() if meta else b""
     if header == b"{}":
         header = b""
-    return _PREFIX.pack(FRAME_MAGIC, PROTOCOL_VERSION, 0, len(header)) + header + bytes(image)
+    return _PREFIX.pack(FRAME_MAGIC, PROTOCOL_VERSION, FRAME_FLAGS, len(header)) + header + bytes(image)
 
 
 # --- server -> client: points --------------------------------------------------------------------------------
@@ -371,7 +376,7 @@ def frame_points(body: PointBody, *, seq: int, window: int, frame_ids: list) -> 
     """The DA3P message: prefix, JSON header, then the body."""
     header = json.dumps({"seq": int(seq), "window": int(window), "frame_ids": list(frame_ids),
                          "count": body.count, "origin": list(body.origin)}, separators=(",", ":")).encode()
-    header += b" " * (-(PREFIX_BYTES + len(header)) % 4)  # typed arrays in browsers need 4-byte alignment
+    header += b" " * (-(PREFIX_BYTES + len(header)) % POINTS_ALIGN)  # typed arrays in browsers need 4-byte alignment
     return b"".join((_PREFIX.pack(POINTS_MAGIC, PROTOCOL_VERSION, body.encoding, len(header)), header, body.data))
 
 
@@ -411,56 +416,39 @@ def decode_points(data: bytes) -> PointChunk:
                       origin=tuple(float(v) for v in org))
 
 
-# --- server -> client: JSON messages -------------------------------------------------------------------------
-def msg_ready(*, session_id: str, params: dict, state: str, frames_received: int, frames_processed: int,
-              points_total: int, last_seq: int, max_in_flight: int, in_flight: int) -> dict:
-    return {"type": "ready", "protocol": PROTOCOL_VERSION, "session_id": session_id, "params": params,
-            "state": state, "frames_received": frames_received, "frames_processed": frames_processed,
-            "points_total": points_total, "last_seq": last_seq, "max_in_flight": max_in_flight,
-            "in_flight": in_flight}
+# --- server -> client: JSON messages (the models are in serve_app/protocol/messages.py) ------------------------
+def msg_ready(**fields: Any) -> dict:
+    return M.Ready(**fields).wire()
 
 
 def msg_ack(frame_id: Any, index: int, *, in_flight: int, max_in_flight: int) -> dict:
-    return {"type": "ack", "frame_id": frame_id, "index": index, "frames_received": index + 1,
-            "in_flight": in_flight, "max_in_flight": max_in_flight}
+    return M.Ack.of(frame_id, index, in_flight=in_flight, max_in_flight=max_in_flight).wire()
 
 
 def msg_error(code: ErrorCode | str, message: str, fatal: bool = False, frame_id: Any = None,
               details: dict | None = None) -> dict:
-    msg = {"type": "error", "code": ErrorCode(code).value, "message": message, "fatal": bool(fatal)}
-    if frame_id is not None:
-        msg["frame_id"] = frame_id
-    if details:
-        msg["details"] = details
-    return msg
+    return M.Error.of(code, message, fatal, frame_id, details).wire()
 
 
-def msg_progress(*, frames_received: int, frames_processed: int, in_flight: int, windows_pending: int,
-                 **extra: Any) -> dict:
-    return {"type": "progress", "frames_received": frames_received, "frames_processed": frames_processed,
-            "in_flight": in_flight, "windows_pending": windows_pending, **extra}
+def msg_progress(**fields: Any) -> dict:
+    return M.Progress(**fields).wire()
 
 
 def msg_window(seq: int, body: dict) -> dict:
-    return {"type": "window", **body, "seq": seq}
+    return M.Window.of(body, seq).wire()
 
 
 def msg_frame_result(seq: int, body: dict) -> dict:
-    return {"type": "frame_result", **body, "seq": seq}
+    return M.FrameResult.of(body, seq).wire()
 
 
 def export_paths(session_id: str) -> dict:
-    base = f"/ws/session/{session_id}"
-    return {"ply": f"{base}/reconstruction.ply", "glb": f"{base}/reconstruction.glb",
-            "trajectory": f"{base}/trajectory.json", "tum": f"{base}/trajectory.txt"}
+    return M.ExportPaths.of(session_id).model_dump()
 
 
-def msg_summary(session_id: str, *, frames_received: int, frames_processed: int, points_total: int, windows: int,
-                duration_s: float, **extra: Any) -> dict:
-    return {"type": "summary", "frames_received": frames_received, "frames_processed": frames_processed,
-            "points_total": points_total, "windows": windows, "duration_s": duration_s,
-            "exports": export_paths(session_id), **extra}
+def msg_summary(session_id: str, **fields: Any) -> dict:
+    return M.Summary(exports=M.ExportPaths.of(session_id), **fields).wire()
 
 
 def msg_pong(t: Any) -> dict:
-    return {"type": "pong", "t": t, "server_time": time.time()}
+    return M.Pong.of(t).wire()
