@@ -144,7 +144,7 @@ POLICY: dict[ErrorCode, Policy] = {
         "`max_video_decode_s` to decode", fatal="-"),
     _C.INVALID_PRIOR: Policy(
         422, "a frame's `pose` or `intrinsics` prior is unusable as float32 or not a rotation (3.2); carries "
-        "`frame_id` and `details.field`", protocol_error=True),
+        "`frame_id` and `details.field`", per_frame=True, protocol_error=True),
     _C.TOO_MANY_ERRORS: Policy(
         400, "`max_protocol_errors` malformed messages on one connection (3.3)", close=4400, fatal="yes",
         close_meaning="too many errors: `limits.max_protocol_errors` malformed messages on this connection (3.3)",

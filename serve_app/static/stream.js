@@ -5,7 +5,9 @@
 // acknowledged are counted as lost. Points and corrections go to `viewer` (viewer.js) and are answered with
 // `received` (result flow control, docs/WEBSOCKET_API.md 3.7).
 import { ServerError } from './errors.js';
-import { decodePoints, encodeFrame } from './protocol.js';
+import {
+  BEARER_SUBPROTOCOL_PREFIX, CLOSE, RETRYABLE_CLOSES, WS_SUBPROTOCOL, decodePoints, encodeFrame,
+} from './protocol.js';
 
 const FLUSH_AFTER_MS = 3000; // flow control stuck this long (window larger than max_in_flight): ask for a flush
 const MAX_RECONNECTS = 3;
@@ -102,7 +104,7 @@ export class StreamSession {
   /** Drop any previous stream and reset for a new session (status "creating"). */
   begin({ maxInFlight = Infinity } = {}) {
     if (this.isRunning()) throw new Error('a session is already running');
-    if (this.ws) this.ws.close(1000);
+    if (this.ws) this.ws.close(CLOSE.NORMAL);
     this.ws = null;
     this.viewer.clear();
     this.resetState();
@@ -159,7 +161,7 @@ export class StreamSession {
   stop() {
     this.stopRequested = true;
     if (!this.isEnded()) this.state.status = 'stopped';
-    if (this.ws) this.ws.close(1000);
+    if (this.ws) this.ws.close(CLOSE.NORMAL);
     if (this.done) this.done.reject(new Error('stopped'));
     this.notify();
   }
@@ -234,11 +236,11 @@ export class StreamSession {
   connect(resumeFrom) {
     return new Promise((resolve, reject) => {
       const url = websocketUrl(this.settings.base, this.state.sessionId, resumeFrom);
-      // The key rides as a subprotocol (never in the URL); the server answers with da3.v1 only.
+      // The key rides as a subprotocol (never in the URL); the server answers with WS_SUBPROTOCOL only.
       const key = this.settings.key;
       let sock;
       try {
-        sock = new WebSocket(url, key ? ['da3.v1', `bearer.${key}`] : ['da3.v1']);
+        sock = new WebSocket(url, key ? [WS_SUBPROTOCOL, `${BEARER_SUBPROTOCOL_PREFIX}${key}`] : [WS_SUBPROTOCOL]);
       } catch (err) {
         reject(new ServerError('CLIENT_ERROR', `cannot open the stream: ${err.message} (an API key may hold only `
           + "letters, digits and !#$%&'*+-.^_`|~)"));
@@ -303,8 +305,9 @@ export class StreamSession {
       this.notify();
       return;
     }
-    // Server-chosen 4xxx codes and fatal errors are final; a dropped connection is resumed from the last record.
-    if (this.fatalSeen || ev.code >= 4000 || ev.code === 1000 || state.reconnects >= MAX_RECONNECTS) {
+    // Fatal errors and every close the server's policy does not call retryable are final; a dropped
+    // connection (RETRYABLE_CLOSES, generated from serve_app/errors.py) is resumed from the last record.
+    if (this.fatalSeen || !RETRYABLE_CLOSES.includes(ev.code) || state.reconnects >= MAX_RECONNECTS) {
       this.fail(this.fatalSeen ? null : `connection closed (${ev.code} ${ev.reason || ''})`.trim(),
         'CONNECTION_CLOSED');
       return;

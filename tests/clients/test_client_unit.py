@@ -197,10 +197,11 @@ class Peer:
 
     def __init__(self, window: int = 2, max_in_flight: int = 3, queue_full_once: tuple = (),
                  drop_after: int | None = None, missing: bool = False, fatal_after: int | None = None,
-                 over_budget_once: tuple = ()):
+                 over_budget_once: tuple = (), bad_prior: tuple = ()):
         self.window, self.max_in_flight = window, max_in_flight
         self.queue_full_once = set(queue_full_once)
         self.over_budget_once = set(over_budget_once)  # answered DECODE_BUDGET_EXCEEDED once
+        self.bad_prior = set(bad_prior)  # refused with INVALID_PRIOR (a per-frame refusal, never accepted)
         self.drop_after, self.missing, self.fatal_after = drop_after, missing, fatal_after
         self.accepted: list = []  # frame ids in acceptance order
         self.images: list = []
@@ -239,6 +240,10 @@ class Peer:
                     self.over_budget_once.discard(fid)
                     await ws.send(json.dumps(P.msg_error("DECODE_BUDGET_EXCEEDED", "over budget", frame_id=fid,
                                                          details={"retry_after_s": 0.05})))
+                    continue
+                if fid in self.bad_prior:
+                    await ws.send(json.dumps(P.msg_error("INVALID_PRIOR", "pose is not a rotation", frame_id=fid,
+                                                         details={"field": "pose"})))
                     continue
                 self.accepted.append(fid)
                 self.images.append(decode_image(frame.image))
@@ -329,6 +334,21 @@ async def test_stream_resends_a_frame_refused_for_the_decode_budget():
 
     s = await run_peer(peer, body)
     assert sorted(peer.accepted) == list(range(6)) and s.rejected == [] and s.frames_processed == 6
+
+
+async def test_a_frame_refused_for_its_prior_is_rejected_not_left_pending():
+    peer = Peer(window=2, max_in_flight=3, bad_prior=(2,))
+
+    async def body(client):
+        async with client.stream("s1", backoff_s=0.05) as s:
+            for img in frames(5):
+                await s.send_frame(img)
+            await s.finalize(timeout=30)
+        return s
+
+    s = await run_peer(peer, body)
+    assert sorted(peer.accepted) == [0, 1, 3, 4] and s.pending == 0
+    assert [(m["code"], m["frame_id"]) for m in s.rejected] == [("INVALID_PRIOR", 2)]
 
 
 async def test_stream_resumes_after_going_away():

@@ -89,7 +89,7 @@ def test_the_python_client_takes_every_constant_from_the_generated_module():
     assert client_stream.FRAME_ERRORS == {c.value for c in codes_where("per_frame")} == {
         "QUEUE_FULL", "FRAME_RATE_LIMITED", "BYTE_RATE_LIMITED", "INVALID_IMAGE", "IMAGE_TOO_LARGE",
         "TOO_MANY_PIXELS", "UNSUPPORTED_FORMAT", "FRAME_LIMIT_EXCEEDED", "SESSION_FINALIZED", "INVALID_MESSAGE",
-        "MESSAGE_TOO_LARGE", "DECODE_BUDGET_EXCEEDED"}
+        "MESSAGE_TOO_LARGE", "DECODE_BUDGET_EXCEEDED", "INVALID_PRIOR"}
     assert client_stream.RETRY_LATER == {"QUEUE_FULL", "FRAME_RATE_LIMITED", "BYTE_RATE_LIMITED",
                                          "DECODE_BUDGET_EXCEEDED"}
     assert client_stream.NO_MORE_FRAMES == {"FRAME_LIMIT_EXCEEDED", "SESSION_FINALIZED"}
