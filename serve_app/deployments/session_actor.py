@@ -13,6 +13,7 @@ from typing import Any
 
 import ray
 
+from serve_app import corrections
 from serve_app import shards as sharding
 from serve_app.config import LimitsConfig, SessionActorConfig, SessionParams
 from serve_app.errors import ServiceError
@@ -88,6 +89,7 @@ class SessionActor:
         self._ensure_sweeper()
         return True
 
+    @ray.method(max_task_retries=0)  # a retry after a lost answer would leave a session nobody knows about
     async def create(self, params: dict, owner: str | None) -> dict:
         self._ensure_sweeper()
         s = self.store.create(SessionParams.model_validate(params), owner, time.time())
@@ -259,7 +261,12 @@ class SessionActor:
         return await asyncio.to_thread(concat_parts, parts)
 
     async def trajectory(self, sid: str, owner: str | None, corrected: bool = True) -> list[dict]:
-        return self.store.trajectory(sid, owner, corrected)
+        s = self.store.get(sid, owner)
+        if not corrected or not s.transforms:
+            return list(s.frames)
+        # a pose per frame through its window's correction: thousands of small matrix products, in a thread
+        # (on a copy of the frame list; frame dicts and the transforms dict are replaced, never edited)
+        return await asyncio.to_thread(corrections.corrected_frames, list(s.frames), s.transforms)
 
     async def stream_state(self, sid: str) -> Any:
         s = self.store.sessions.get(sid)
