@@ -29,7 +29,7 @@ from serve_app.auth import AccessMiddleware, AccessPolicy, bearer_token
 from serve_app.config import AppArgs, LimitsConfig, SessionParams, merge_session_params
 from serve_app.decode_pool import DecodeGate
 from serve_app.deployments.drain import replica_draining
-from serve_app.deployments.session_actor import call, get_session_shards
+from serve_app.deployments.session_actor import call, get_session_shards, store_unavailable
 from serve_app.deployments.session_worker import SessionWorker
 from serve_app.errors import (
     WS_CLOSE,
@@ -533,7 +533,8 @@ class Ingress:
                     lambda data: self._prepare(data, params.process_res, size)[1])
             w = SessionWorker(sid, params, self.model, self.store.of(sid), self.args.limits, self.pool,
                               on_gone=self._drop_worker, on_window=self._on_window, recon=recon,
-                              processed=info["frames_processed"], epoch=took["epoch"])
+                              processed=info["frames_processed"], epoch=took["epoch"],
+                              on_store_lost=self._on_store_lost)
             pending = await asyncio.get_running_loop().run_in_executor(
                 self.pool, self._decode_stored, took["pending"], params.process_res, w.recon.input_size)
             for frame in pending:
@@ -575,6 +576,24 @@ class Ingress:
             if not w.oneshot:  # an upload request is an ongoing request: Serve waits for it
                 self._drop_worker(sid, w)
 
+    # --- the session store gone (its actor restarting, its node lost) -----------------------------------------
+    STORE_GONE_REASON = "session store restarting; reconnect with resume_from"
+
+    def _on_store_lost(self, sid: str, worker: SessionWorker) -> None:
+        """A session worker stopped because the store failed a call: its streams here reconnect (1012) and the
+        worker that takes the session over redoes what was not committed."""
+        for c in list(self.connections):
+            if getattr(c, "sid", None) == sid:
+                asyncio.ensure_future(self._close_store_gone(c, sid))
+
+    async def _close_store_gone(self, conn: Connection, sid: str) -> None:
+        """Close with 1012 (docs/WEBSOCKET_API.md 3.9: reconnect with resume_from), no fatal error: the session
+        is intact in a durable store, and a memory-only store answers SESSION_LOST on the reconnect."""
+        self._count_error("STORE_UNAVAILABLE", sid)
+        log.warning("session %s: session store unavailable; closing the stream with 1012", sid,
+                    extra={"session_id": sid, "connection_id": conn.id})
+        await conn.close(WS_CLOSE_SERVICE_RESTART, self.STORE_GONE_REASON)
+
     def _on_window(self, window: dict, frames: int, error_code: str | None) -> None:
         self.metrics.frames_out.inc(frames)
         t = window.get("timings_ms", {})
@@ -588,6 +607,7 @@ class Ingress:
         offered = [p.strip() for p in websocket.headers.get("sec-websocket-protocol", "").split(",")]
         await websocket.accept(subprotocol=WS_SUBPROTOCOL if WS_SUBPROTOCOL in offered else None)
         conn = Connection(websocket, limits=self.args.limits)
+        conn.sid = session_id  # type: ignore[attr-defined]  # for _on_store_lost
         if self.draining:  # routed here just before Serve took this replica out of rotation
             await conn.close(WS_CLOSE_SERVICE_RESTART, "server restarting; reconnect")
             return
@@ -600,6 +620,11 @@ class Ingress:
             await conn.fail(exc)
             await conn.close(WS_CLOSE.get(exc.code, 4500), exc.code.value)
             return
+        except Exception as exc:
+            if not store_unavailable(exc):
+                raise
+            await self._close_store_gone(conn, session_id)
+            return
         info = att["info"]
         params = SessionParams.model_validate(info["params"])
         try:
@@ -607,6 +632,11 @@ class Ingress:
         except ServiceError as exc:  # deleted or expired between attach and takeover
             await conn.fail(exc)
             await conn.close(WS_CLOSE.get(exc.code, 4500), exc.code.value)
+            return
+        except Exception as exc:
+            if not store_unavailable(exc):
+                raise
+            await self._close_store_gone(conn, session_id)
             return
         try:
             resume_from = int(websocket.query_params.get("resume_from", info["last_seq"]))
@@ -701,6 +731,11 @@ class Ingress:
                         ErrorCode.TOO_MANY_ERRORS, f"{conn.flow.protocol_errors} malformed messages on this "
                         f"stream (limit {conn.flow.max_protocol_errors})", fatal=True))
                     return
+            except Exception as exc:  # the frame was not acked: the client resends it after reconnecting
+                if not store_unavailable(exc):
+                    raise
+                await self._close_store_gone(conn, sid)
+                return
 
     async def _close_with(self, conn: Connection, sid: str, exc: ServiceError) -> None:
         self._count_error(exc.code.value, sid)
@@ -900,7 +935,10 @@ class Ingress:
                 if fut is not None:
                     fut.cancel()
             raise
-        except Exception:
+        except Exception as exc:
+            if store_unavailable(exc):  # the long-poll's store died or restarted: the client reconnects
+                await self._close_store_gone(conn, sid)
+                return
             log.exception("result sender failed for %s", sid)
             await conn.fail(ServiceError(ErrorCode.INTERNAL_ERROR, "result stream failed", fatal=True))
             await conn.close(4500, "INTERNAL_ERROR")

@@ -26,6 +26,8 @@ log = logging.getLogger("ray.serve.da3.sessions")
 
 def _reconstructed() -> bool:
     """Whether Ray restarted this actor (False outside an actor, e.g. in unit tests)."""
+    if not ray.is_initialized():  # a plain object in a unit test or a bench: asking would start Ray
+        return False
     try:
         return bool(ray.get_runtime_context().was_current_actor_reconstructed)
     except Exception:  # noqa: BLE001 - not inside an actor
@@ -412,6 +414,12 @@ def get_session_shards(cfg: SessionActorConfig, limits: LimitsConfig) -> Session
     ).remote(limits.model_dump(), [sharding.actor_name(cfg.name, k) for k in range(cfg.shards)],
              cfg.namespace)
     return SessionShards(actors, admission)
+
+
+def store_unavailable(exc: BaseException) -> bool:
+    """A store call failed because its actor died or cannot be reached (restarting, its node lost, retries
+    spent): not the session's fault, and worth a reconnect once the store is back (close 1012)."""
+    return isinstance(exc, ray.exceptions.RayActorError)
 
 
 async def call(actor_method, *args, **kwargs):
