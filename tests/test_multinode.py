@@ -115,6 +115,8 @@ def run_scenario(backend: str, redis_url: str | None) -> dict:
     tmp_path = Path(tempfile.mkdtemp(prefix="da3mn", dir="/tmp"))
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'clients'}", "RAY_DEDUP_LOGS": "0",
            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           # a loaded box registers a node slowly: 30 s (Ray's default) failed `ray start` at load average 50
+           "RAY_raylet_start_wait_time_s": "120", "RAY_agent_register_timeout_ms": "180000",
            # token authentication with this cluster's own token, for every node and the driver
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     cluster = Cluster(tmp_path, env)
