@@ -27,7 +27,7 @@ skips serving, coding and the session store, so it is quick but only as good as 
 context frames a window gets depends on how far planning leads integration (timing, in the server), the oracle's
 error draws on the window's frames, and in the server the graph step runs concurrently with the next windows
 (here it always finishes first). Poses and points are kept as first emitted and the final per-window
-corrections applied to them, as a client does (serve_app/corrections.py). With the default lead it reproduced
+corrections applied to them, as a client does (serve_app/recon/corrections.py). With the default lead it reproduced
 the served run exactly with global_consistency off (2026-11-30).
 
 Per case and mode it prints: ATE (% of path), rotation error median/max (deg, after the Sim(3) on camera
@@ -64,7 +64,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from serve_app.config import OracleErrors, SessionParams
-from serve_app.evaluation import (
+from serve_app.evaluation.metrics import (
     cloud_metrics,
     extent,
     rotation_errors_deg,
@@ -73,8 +73,8 @@ from serve_app.evaluation import (
     segment_median,
     trajectory_metrics,
 )
-from serve_app.geometry import Sim3
-from serve_app.synthetic import SceneSpec, render_sequence, surface_points
+from serve_app.evaluation.synthetic import SceneSpec, render_sequence, surface_points
+from serve_app.recon.geometry import Sim3
 
 CHAMFER_POINTS = 20000
 # In-process: windows planned before the oldest is integrated. The served worker plans whenever frames are pending
@@ -194,9 +194,9 @@ def run_in_process(seq, oracle, params: SessionParams, depth: int) -> Run:
     global_consistency on, the worker's off-path graph step after each placed window (in the server it runs
     concurrently with the next windows; here it runs before the next integration, so the next window always sees
     the latest graph). Poses and points are kept as first emitted and the final corrections applied to them, as
-    a client does (serve_app/corrections.py)."""
-    from serve_app.preprocess import resize_for_model
-    from serve_app.reconstruction import FrameInput, StreamReconstructor
+    a client does (serve_app/recon/corrections.py)."""
+    from serve_app.model.preprocess import resize_for_model
+    from serve_app.recon.reconstruction import FrameInput, StreamReconstructor
 
     rec = StreamReconstructor(params)
     poses: dict[int, np.ndarray] = {}
@@ -455,12 +455,12 @@ def main(argv: list[str] | None = None) -> int:
             errors = ERRORS[err_name]
             OracleErrors.model_validate(errors)
             if served is None:
-                from serve_app.oracle import OracleModel
+                from serve_app.model.oracle import OracleModel
 
                 oracle = OracleModel(spec, scale_range=SCALE_RANGE, seed=a.oracle_seed, errors=errors)
                 depth = a.plan_ahead
             else:
-                from serve_app.imaging import encode_image
+                from serve_app.media.imaging import encode_image
 
                 name, url = served.deploy(served_args(spec, errors, a.oracle_seed, a.window, a.overlap))
                 frames = [encode_image(im, "PNG") for im in seq.images]

@@ -1,4 +1,4 @@
-"""Pose-graph solve time and accuracy: serve_app.posegraph (scipy.sparse Gauss-Newton) vs the solver it replaced
+"""Pose-graph solve time and accuracy: serve_app.recon.posegraph (scipy.sparse Gauss-Newton) vs the solver it replaced
 (`solve_reference`, kept here only) and gtsam 4.3 (LM) when installed.
 
     python bench/posegraph.py --nodes 1000 --loops 20 --repeat 3
@@ -27,8 +27,8 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 from scipy.sparse.csgraph import connected_components
 
-from serve_app.geometry import Sim3
-from serve_app.posegraph import (
+from serve_app.recon.geometry import Sim3
+from serve_app.recon.posegraph import (
     Edge,
     GraphParams,
     PoseGraph,
@@ -241,7 +241,7 @@ def main() -> None:
             diff = f"  max |pose - now's| {d:.1e}"
         print(f"{name:18s} cold {cold_w:7.1f} ms wall / {cold_c:7.1f} ms CPU   warm {warm_w:7.1f} / {warm_c:7.1f}   "
               f"rot median {rot:.3f} deg  position RMSE {pos:.4f}{diff}")
-    # Local: what follows an ordinary window in serve_app/consistency.py: the newest `graph_local_windows` (8)
+    # Local: what follows an ordinary window in serve_app/recon/consistency.py: the newest `graph_local_windows` (8)
     # nodes free, their edges' other ends held.
     free = set(ids[-8:])
     ledges = [e for e in edges if e.a in free or e.b in free]

@@ -50,7 +50,7 @@ class SessionParams(_Strict):
     global_consistency: bool = Field(False, description="keyframe pose graph, online loop closure and global "
                                      "re-optimisation of the map (corrections streamed to clients); off = "
                                      "each window is only chained onto the previous ones")
-    # Global consistency (global_consistency: true): pose graph and loop closure (serve_app/posegraph.py, loops.py).
+    # Global consistency (global_consistency: true): pose graph and loop closure (serve_app/recon/posegraph.py, loops.py).
     graph_local_windows: int = Field(8, ge=1, le=1000, description="newest windows re-optimised after each window")
     graph_sigma_rot_deg: float = Field(1.0, gt=0, description="pose-graph edge rotation std (degrees)")
     graph_sigma_trans: float = Field(0.02, gt=0, description="pose-graph edge translation std (x median depth)")
@@ -130,7 +130,7 @@ ORACLE_ERROR_PRESETS: dict[str, dict[str, Any]] = {
 
 
 class OracleErrors(_Strict):
-    """Errors the oracle backend adds to each window's ground truth (serve_app/oracle.py). Drawn per window from
+    """Errors the oracle backend adds to each window's ground truth (serve_app/model/oracle.py). Drawn per window from
     `model.oracle_seed` and the window's frame indices, so independent of batching. A string is a preset name;
     a dict with `preset` takes the preset's values for the fields it does not give."""
 
@@ -204,7 +204,7 @@ class ModelConfig(_Strict):
     def _backend_known_or_importable(cls, v: str) -> str:
         if v in BUILTIN_BACKENDS:
             return v
-        from serve_app.backends import resolve_factory  # lazy: backends imports this module
+        from serve_app.model.backends import resolve_factory  # lazy: backends imports this module
 
         resolve_factory(v)  # ValueError with the reason
         return v
@@ -327,13 +327,13 @@ class SessionActorConfig(_Strict):
     io_threads: int = Field(4, ge=1, le=64, description="threads per store shard for persistence work")
     state_dir: str | None = None  # snapshot directory; None = in memory only
     # Session-store actors (`<name>`, `<name>-1`, ...): the shard is chosen at creation and carried in the
-    # session id (serve_app/shards.py); global limits hold across shards. 1 = today's single actor.
+    # session id (serve_app/sessions/shards.py); global limits hold across shards. 1 = today's single actor.
     shards: int = Field(1, ge=1, le=256, description="session-store actors the sessions are spread over")
     # Keep the shards off the head node (it runs the GCS, the controller and the proxy); on a cluster with no
     # other node they fall back to the head, with a log line. False: Ray's SPREAD strategy over all nodes.
     avoid_head_node: bool = True
 
-    # Where sessions persist (serve_app/state_backends.py): memory (lost with the actor), journal (files in
+    # Where sessions persist (serve_app/sessions/state_backends.py): memory (lost with the actor), journal (files in
     # state_dir, lost with the node), redis (survives the node). None: journal if state_dir is set, else memory.
     backend: Literal["memory", "journal", "redis"] | None = None
     redis_url: str | None = None  # redis://host:port/db (rediss:// for TLS); None: read from redis_url_env
