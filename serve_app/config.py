@@ -316,7 +316,15 @@ class SessionActorConfig(_Strict):
     name: str = "da3_session_store"
     namespace: str = "da3-serve"
     max_restarts: int = -1
-    max_task_retries: int = 3
+    # -1: a call in flight when the store's actor (or its node) dies is re-run on the restarted actor, however
+    # long the GCS takes to notice the loss (a fixed count runs out first, and the stream then fails). Safe
+    # because every hot-path call is idempotent on retry (accept_frame and commit_window find their own result
+    # stored); `create` is never retried (a lost answer must not leave an unknown session counting).
+    max_task_retries: int = Field(-1, ge=-1, description="Ray retries of a store call whose actor died "
+                                  "(-1: until the actor is back; needs max_restarts != 0)")
+    # Threads of each shard that encode and write its journal / Redis payloads off the actor's event loop;
+    # a session's writes stay in order (one at a time per session), sessions write in parallel.
+    io_threads: int = Field(4, ge=1, le=64, description="threads per store shard for persistence work")
     state_dir: str | None = None  # snapshot directory; None = in memory only
     # Session-store actors (`<name>`, `<name>-1`, ...): the shard is chosen at creation and carried in the
     # session id (serve_app/sessions/shards.py); global limits hold across shards. 1 = today's single actor.

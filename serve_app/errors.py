@@ -192,7 +192,8 @@ OTHER_CLOSES: tuple[Close, ...] = (
     Close(1011, "SERVER_ERROR", "unexpected server condition (sent by proxies and WebSocket servers)",
           "reconnect with `resume_from`", True),
     Close(WS_CLOSE_SERVICE_RESTART, "SERVICE_RESTART",
-          "service restart: this server replica is being drained (redeploy, downscale)",
+          "service restart: this server replica is being drained (redeploy, downscale), or the session store "
+          "failed a call (its actor restarting, its node lost)",
           "reconnect with `resume_from`", True),
     Close(1013, "TRY_AGAIN_LATER", "try again later (sent by proxies)", "reconnect with `resume_from`", True),
     Close(1014, "BAD_GATEWAY", "bad gateway (sent by proxies)", "reconnect with `resume_from`", True),

@@ -16,6 +16,7 @@ import ray
 from serve_app.config import LimitsConfig, SessionActorConfig, SessionParams
 from serve_app.errors import ServiceError
 from serve_app.ray_env import in_effect
+from serve_app.recon import corrections
 from serve_app.sessions import shards as sharding
 from serve_app.sessions.replies import Attachment, CommitReply, CommitStatus, RecordsReply, Takeover
 from serve_app.sessions.session_store import SessionStore, concat_parts
@@ -26,6 +27,8 @@ log = logging.getLogger("ray.serve.da3.sessions")
 
 def _reconstructed() -> bool:
     """Whether Ray restarted this actor (False outside an actor, e.g. in unit tests)."""
+    if not ray.is_initialized():  # a plain object in a unit test or a bench: asking would start Ray
+        return False
     try:
         return bool(ray.get_runtime_context().was_current_actor_reconstructed)
     except Exception:  # noqa: BLE001 - not inside an actor
@@ -89,6 +92,7 @@ class SessionActor:
         self._ensure_sweeper()
         return True
 
+    @ray.method(max_task_retries=0)  # a retry after a lost answer would leave a session nobody knows about
     async def create(self, params: dict, owner: str | None) -> dict:
         self._ensure_sweeper()
         s = self.store.create(SessionParams.model_validate(params), owner, time.time())
@@ -260,7 +264,12 @@ class SessionActor:
         return await asyncio.to_thread(concat_parts, parts)
 
     async def trajectory(self, sid: str, owner: str | None, corrected: bool = True) -> list[dict]:
-        return self.store.trajectory(sid, owner, corrected)
+        s = self.store.get(sid, owner)
+        if not corrected or not s.transforms:
+            return list(s.frames)
+        # a pose per frame through its window's correction: thousands of small matrix products, in a thread
+        # (on a copy of the frame list; frame dicts and the transforms dict are replaced, never edited)
+        return await asyncio.to_thread(corrections.corrected_frames, list(s.frames), s.transforms)
 
     async def stream_state(self, sid: str) -> Any:
         s = self.store.sessions.get(sid)
@@ -406,6 +415,12 @@ def get_session_shards(cfg: SessionActorConfig, limits: LimitsConfig) -> Session
     ).remote(limits.model_dump(), [sharding.actor_name(cfg.name, k) for k in range(cfg.shards)],
              cfg.namespace)
     return SessionShards(actors, admission)
+
+
+def store_unavailable(exc: BaseException) -> bool:
+    """A store call failed because its actor died or cannot be reached (restarting, its node lost, retries
+    spent): not the session's fault, and worth a reconnect once the store is back (close 1012)."""
+    return isinstance(exc, ray.exceptions.RayActorError)
 
 
 async def call(actor_method, *args, **kwargs):

@@ -19,7 +19,7 @@ from concurrent.futures import Executor
 from typing import Any
 
 from serve_app.config import LimitsConfig, SessionParams
-from serve_app.deployments.session_actor import call
+from serve_app.deployments.session_actor import call, store_unavailable
 from serve_app.errors import ErrorCode
 from serve_app.protocol import PointBody, encode_point_body
 from serve_app.protocol import messages as wire
@@ -68,7 +68,8 @@ class SessionWorker:
     def __init__(self, session_id: str, params: SessionParams, model, actor, limits: LimitsConfig,
                  pool: Executor, on_gone: Callable[[str, SessionWorker], None],
                  on_window: Callable[[dict, int, str | None], None] | None = None,
-                 recon: StreamReconstructor | None = None, processed: int = 0, epoch: int = 0):
+                 recon: StreamReconstructor | None = None, processed: int = 0, epoch: int = 0,
+                 on_store_lost: Callable[[str, SessionWorker], None] | None = None):
         self.sid = session_id
         self.params = params
         self.model = model
@@ -97,9 +98,12 @@ class SessionWorker:
         self.storing: dict[int, asyncio.Future] = {}  # frame index -> the session actor's accept_frame call
         self.graph_wake = asyncio.Event()  # global consistency: a placed window has graph work for _graph_loop
         self.graph_busy = False
-        self.tasks = [asyncio.create_task(self._plan_loop()), asyncio.create_task(self._integrate_loop())]
+        self.on_store_lost = on_store_lost
+        self.store_lost = False  # a store call failed for want of the store: this worker stopped
+        self.tasks = [asyncio.create_task(self._guard(self._plan_loop())),
+                      asyncio.create_task(self._guard(self._integrate_loop()))]
         if self.recon.consistency is not None:
-            self.tasks.append(asyncio.create_task(self._graph_loop()))
+            self.tasks.append(asyncio.create_task(self._guard(self._graph_loop())))
 
     # --- called by the WebSocket handler ----------------------------------------------------------------
     @property
@@ -162,6 +166,24 @@ class SessionWorker:
     async def _run(self, fn, *args):
         async with self.lock:
             return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    async def _guard(self, loop_coro) -> None:
+        """Run one of the worker's loops. A store call that fails because the store's actor is gone (restarting,
+        its node lost) stops the worker: what it had committed is in the store, what it had not is redone by the
+        worker that takes the session over when the client reconnects (the ingress closes its streams with
+        1012). Without this the loop would die silently and the stream would wait for results forever."""
+        try:
+            await loop_coro
+        except Exception as exc:
+            if not store_unavailable(exc):
+                raise
+            log.warning("session %s: session store unavailable (%s); worker epoch %d stops", self.sid,
+                        type(exc).__name__, self.epoch, extra={"session_id": self.sid})
+            if not self.closed:
+                self.store_lost = True
+                self._gone()
+                if self.on_store_lost is not None:
+                    self.on_store_lost(self.sid, self)
 
     # --- planning and inference -------------------------------------------------------------------------
     async def _plan_loop(self) -> None:

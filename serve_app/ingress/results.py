@@ -7,6 +7,7 @@ import logging
 import time
 
 from serve_app import protocol
+from serve_app.deployments.session_actor import store_unavailable
 from serve_app.errors import (
     WS_CLOSE,
     WS_CLOSE_NORMAL,
@@ -126,7 +127,10 @@ class ResultStreaming:
                 if fut is not None:
                     fut.cancel()
             raise
-        except Exception:
+        except Exception as exc:
+            if store_unavailable(exc):  # the long-poll's store died or restarted: the client reconnects
+                await self._close_store_gone(conn, sid)
+                return
             log.exception("result sender failed for %s", sid)
             await conn.fail(ServiceError(ErrorCode.INTERNAL_ERROR, "result stream failed", fatal=True))
             await conn.close(4500, "INTERNAL_ERROR")

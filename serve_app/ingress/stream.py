@@ -13,7 +13,7 @@ from fastapi import WebSocket, WebSocketDisconnect
 
 from serve_app import protocol
 from serve_app.config import SessionParams
-from serve_app.deployments.session_actor import call
+from serve_app.deployments.session_actor import call, store_unavailable
 from serve_app.deployments.session_worker import SessionWorker
 from serve_app.errors import (
     WS_CLOSE,
@@ -36,6 +36,7 @@ class StreamRoute:
         offered = [p.strip() for p in websocket.headers.get("sec-websocket-protocol", "").split(",")]
         await websocket.accept(subprotocol=WS_SUBPROTOCOL if WS_SUBPROTOCOL in offered else None)
         conn = Connection(websocket, limits=self.args.limits)
+        conn.sid = session_id  # type: ignore[attr-defined]  # for _on_store_lost
         if self.draining:  # routed here just before Serve took this replica out of rotation
             await conn.close(WS_CLOSE_SERVICE_RESTART, "server restarting; reconnect")
             return
@@ -48,6 +49,11 @@ class StreamRoute:
             await conn.fail(exc)
             await conn.close(WS_CLOSE.get(exc.code, 4500), exc.code.value)
             return
+        except Exception as exc:
+            if not store_unavailable(exc):
+                raise
+            await self._close_store_gone(conn, session_id)
+            return
         info = att.info
         params = SessionParams.model_validate(info["params"])
         try:
@@ -55,6 +61,11 @@ class StreamRoute:
         except ServiceError as exc:  # deleted or expired between attach and takeover
             await conn.fail(exc)
             await conn.close(WS_CLOSE.get(exc.code, 4500), exc.code.value)
+            return
+        except Exception as exc:
+            if not store_unavailable(exc):
+                raise
+            await self._close_store_gone(conn, session_id)
             return
         try:
             resume_from = int(websocket.query_params.get("resume_from", info["last_seq"]))
@@ -148,6 +159,29 @@ class StreamRoute:
                         ErrorCode.TOO_MANY_ERRORS, f"{conn.flow.protocol_errors} malformed messages on this "
                         f"stream (limit {conn.flow.max_protocol_errors})", fatal=True))
                     return
+            except Exception as exc:  # the frame was not acked: the client resends it after reconnecting
+                if not store_unavailable(exc):
+                    raise
+                await self._close_store_gone(conn, sid)
+                return
+
+    # --- the session store gone (its actor restarting, its node lost) -----------------------------------------
+    STORE_GONE_REASON = "session store restarting; reconnect with resume_from"
+
+    def _on_store_lost(self, sid: str, worker: SessionWorker) -> None:
+        """A session worker stopped because the store failed a call: its streams here reconnect (1012) and the
+        worker that takes the session over redoes what was not committed."""
+        for c in list(self.connections):
+            if getattr(c, "sid", None) == sid:
+                asyncio.ensure_future(self._close_store_gone(c, sid))
+
+    async def _close_store_gone(self, conn: Connection, sid: str) -> None:
+        """Close with 1012 (docs/WEBSOCKET_API.md 3.9: reconnect with resume_from), no fatal error: the session
+        is intact in a durable store, and a memory-only store answers SESSION_LOST on the reconnect."""
+        self._count_error("STORE_UNAVAILABLE", sid)
+        log.warning("session %s: session store unavailable; closing the stream with 1012", sid,
+                    extra={"session_id": sid, "connection_id": conn.id})
+        await conn.close(WS_CLOSE_SERVICE_RESTART, self.STORE_GONE_REASON)
 
     async def _close_with(self, conn: Connection, sid: str, exc: ServiceError) -> None:
         self._count_error(exc.code.value, sid)

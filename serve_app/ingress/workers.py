@@ -63,7 +63,8 @@ class WorkerOwnership:
                     lambda data: self._prepare(data, params.process_res, size)[1])
             w = SessionWorker(sid, params, self.model, self.store.of(sid), self.args.limits, self.pool,
                               on_gone=self._drop_worker, on_window=self._on_window, recon=recon,
-                              processed=info["frames_processed"], epoch=took.epoch)
+                              processed=info["frames_processed"], epoch=took.epoch,
+                              on_store_lost=self._on_store_lost)
             pending = await asyncio.get_running_loop().run_in_executor(
                 self.pool, self._decode_stored, took.pending, params.process_res, w.recon.input_size)
             for frame in pending:

@@ -51,7 +51,17 @@ def session_from_meta(meta: dict) -> Session:
 
 def corrections_json(s: Session) -> str:
     """The session's (compacted) correction messages as stored: JSON, bounded by one row per window."""
-    return json.dumps([{"message": c.message, "epoch": c.epoch} for c in s.corrections], separators=(",", ":"))
+    return corrections_json_of(corrections_rows(s))
+
+
+def corrections_rows(s: Session) -> list[tuple[dict, int | None]]:
+    """(message, epoch) of each stored correction: taken at once, encoded later (messages are never changed
+    in place: compaction makes new ones)."""
+    return [(c.message, c.epoch) for c in s.corrections]
+
+
+def corrections_json_of(rows: list[tuple[dict, int | None]]) -> str:
+    return json.dumps([{"message": m, "epoch": e} for m, e in rows], separators=(",", ":"))
 
 
 def apply_corrections(s: Session, text: str | bytes) -> None:
@@ -81,10 +91,12 @@ class SessionJournal:
         self.compactions = 0
 
     def save_meta(self, s: Session) -> None:
-        meta = meta_dict(s)
-        tmp = self.dir / f"{s.session_id}.json.tmp"
+        self.write_meta(s.session_id, meta_dict(s))
+
+    def write_meta(self, session_id: str, meta: dict) -> None:
+        tmp = self.dir / f"{session_id}.json.tmp"
         tmp.write_text(json.dumps(meta))
-        os.replace(tmp, self.dir / f"{s.session_id}.json")  # atomic: a crash leaves the old or the new file
+        os.replace(tmp, self.dir / f"{session_id}.json")  # atomic: a crash leaves the old or the new file
 
     @staticmethod
     def _frame(rec: ResultRecord) -> bytes:
@@ -102,6 +114,40 @@ class SessionJournal:
     def live_bytes(s: Session) -> int:
         """About what the session's records take in the journal now (arrays plus per-record overhead)."""
         return sum(r.points.nbytes + r.colors.nbytes + 2048 for r in s.records)
+
+    # Writes from values taken beforehand (the state backend takes them on the actor's loop and writes them
+    # in a thread, while the loop goes on changing the session).
+    def write_record(self, session_id: str, rec: ResultRecord) -> int:
+        """Append one record to `<id>.rec`; returns the file's size after it."""
+        with open(self.dir / f"{session_id}.rec", "ab") as f:
+            f.write(self._frame(rec))
+            f.flush()
+            return os.fstat(f.fileno()).st_size
+
+    def rewrite_records(self, session_id: str, records: list[ResultRecord]) -> None:
+        """`<id>.rec` from `records` alone (compaction), atomically."""
+        tmp = self.dir / f"{session_id}.rec.tmp"
+        with open(tmp, "wb") as f:
+            f.writelines(self._frame(rec) for rec in records)
+        os.replace(tmp, self.dir / f"{session_id}.rec")
+        self.compactions += 1
+
+    def write_stream_state(self, session_id: str, state) -> None:
+        tmp = self.dir / f"{session_id}.state.tmp"
+        tmp.write_bytes(journal_codec.dumps(state))
+        os.replace(tmp, self.dir / f"{session_id}.state")
+
+    def write_pending(self, session_id: str, index: int, payload) -> None:
+        d = self._pending_dir(session_id)
+        d.mkdir(exist_ok=True)
+        tmp = d / f"{index}.tmp"
+        tmp.write_bytes(journal_codec.dumps(payload))
+        os.replace(tmp, d / f"{index}.npz")
+
+    def write_corrections(self, session_id: str, text: str) -> None:
+        tmp = self.dir / f"{session_id}.corr.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, self.dir / f"{session_id}.corr")
 
     def maybe_compact(self, s: Session) -> bool:
         """Rewrite `<id>.rec` from the records in memory (trimmed by the point budget) once the file is more than

@@ -26,10 +26,12 @@ import json
 import logging
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from serve_app.sessions import journal_codec
 from serve_app.sessions import session_journal as sj
+from serve_app.sessions.serial_io import SerialRunner
 from serve_app.sessions.session_journal import SessionJournal
 from serve_app.sessions.session_store import ResultRecord, Session
 
@@ -89,46 +91,95 @@ class StateBackend:
 
 
 class JournalBackend(StateBackend):
-    """Today's local files (session_actor.state_dir), written on the actor's loop as before."""
+    """Today's local files (session_actor.state_dir). What to write is taken on the actor's loop (metadata,
+    references to the frame, record and snapshot, which the store never changes in place); encoding and file
+    I/O run in `io_threads` threads, one call at a time per session and in call order (serial_io), so a slow
+    disk stalls only that session's own writes, never the loop that answers every other call."""
 
     name = "journal"
 
-    def __init__(self, state_dir: str):
+    def __init__(self, state_dir: str, io_threads: int = 4):
         self.journal = SessionJournal(state_dir)
+        self.io = SerialRunner(io_threads, "da3-journal")
         self._written: dict[str, int] = {}  # last record seq in each .rec file: a retried commit is not rewritten
+
+    @property
+    def compactions(self) -> int:
+        return self.journal.compactions
 
     def load_all(self) -> list[Session]:
         out = self.journal.load_all()
         self._written = {s.session_id: s.records[-1].seq for s in out if s.records}
         return out
 
+    async def accept(self, s: Session, index: int) -> None:
+        sid = s.session_id
+        await self.io.run(sid, self._accept_sync, sid, index, s.pending[index], sj.meta_dict(s))
+
+    def _accept_sync(self, sid: str, index: int, payload, meta: dict) -> None:
+        self.journal.write_pending(sid, index, payload)  # before the metadata: an unsaved acceptance ignores it
+        self.journal.write_meta(sid, meta)
+
     async def commit(self, s: Session, rec: ResultRecord, indices, snapshot: bool, epoch: int | None) -> bool:
-        if rec.seq <= self._written.get(s.session_id, 0):
+        sid = s.session_id
+        if rec.seq <= self._written.get(sid, 0):
             return True
-        self._written[s.session_id] = rec.seq
-        return await super().commit(s, rec, indices, snapshot, epoch)
+        self._written[sid] = rec.seq
+        rec = ResultRecord(rec.seq, rec.window, rec.frames, rec.points, rec.colors, rec.epoch)  # as of now
+        size = await self.io.run(sid, self._commit_sync, sid, rec, sj.meta_dict(s), list(indices), snapshot,
+                                 s.stream_state if snapshot else None)
+        if size > 2 * SessionJournal.live_bytes(s) + self.journal.compact_slack_bytes and sid in self._written:
+            # Queued behind every write already asked for, from the records as they are now (which include
+            # those writes' records): the rewritten file holds each live record once.
+            live = [ResultRecord(r.seq, r.window, r.frames, r.points, r.colors, r.epoch) for r in s.records]
+            await self.io.run(sid, self.journal.rewrite_records, sid, live)
+        return True
+
+    def _commit_sync(self, sid: str, rec: ResultRecord, meta: dict, indices: list, snapshot: bool, state) -> int:
+        size = self.journal.write_record(sid, rec)  # first: a crash in between keeps (and then skips) the frames
+        self.journal.write_meta(sid, meta)
+        self.journal.drop_pending(sid, indices)
+        if snapshot:
+            self.journal.write_stream_state(sid, state)
+        return size
+
+    async def commit_correction(self, s: Session, epoch: int | None) -> bool:
+        sid = s.session_id
+        await self.io.run(sid, self._correction_sync, sid, sj.corrections_rows(s), sj.meta_dict(s))
+        return True
+
+    def _correction_sync(self, sid: str, rows: list, meta: dict) -> None:
+        self.journal.write_corrections(sid, sj.corrections_json_of(rows))  # first, like a window record
+        self.journal.write_meta(sid, meta)
 
     async def save_meta(self, s: Session) -> None:
-        self.journal.save_meta(s)
+        await self.io.run(s.session_id, self.journal.write_meta, s.session_id, sj.meta_dict(s))
 
     async def save_pending(self, s: Session, index: int) -> None:
-        self.journal.save_pending(s, index)
+        await self.io.run(s.session_id, self.journal.write_pending, s.session_id, index, s.pending[index])
 
     async def drop_pending(self, session_id: str, indices) -> None:
-        self.journal.drop_pending(session_id, indices)
+        await self.io.run(session_id, self.journal.drop_pending, session_id, list(indices))
 
     async def append_record(self, s: Session, rec: ResultRecord) -> None:
-        self.journal.append_record(s, rec)
+        rec = ResultRecord(rec.seq, rec.window, rec.frames, rec.points, rec.colors, rec.epoch)
+        await self.io.run(s.session_id, self.journal.write_record, s.session_id, rec)
 
     async def save_stream_state(self, s: Session) -> None:
-        self.journal.save_stream_state(s)
+        await self.io.run(s.session_id, self.journal.write_stream_state, s.session_id, s.stream_state)
 
     async def save_corrections(self, s: Session) -> None:
-        self.journal.save_corrections(s)
+        await self.io.run(s.session_id, self._write_corrections, s.session_id, sj.corrections_rows(s))
+
+    def _write_corrections(self, sid: str, rows: list) -> None:
+        self.journal.write_corrections(sid, sj.corrections_json_of(rows))
 
     async def delete(self, session_id: str) -> None:
         self._written.pop(session_id, None)
-        self.journal.delete(session_id)
+        await self.io.run(session_id, self.journal.delete, session_id)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.io.close)
 
 
 # KEYS: meta, pending, recs, state, corr. ARGV: meta json, meta epoch, expire-at, [pending index, frame bytes].
@@ -193,14 +244,29 @@ def record_bytes(rec: ResultRecord) -> bytes:
     return journal_codec.dumps(ResultRecord(rec.seq, rec.window, rec.frames, rec.points, rec.colors, rec.epoch))
 
 
+def _commit_blobs(rec: ResultRecord | None, snapshot: bool, state) -> tuple[bytes, bytes]:
+    return (record_bytes(rec) if rec is not None else b"",
+            journal_codec.dumps(state) if snapshot else b"")
+
+
+def _stream_pairs(records: list[ResultRecord]) -> list:
+    pairs: list[Any] = []
+    for r in records:
+        pairs += [f"{r.seq}-1", record_bytes(r)]
+    return pairs
+
+
 class RedisBackend(StateBackend):
     """Sessions in Redis/Valkey through the asyncio client: the actor's loop never waits on a socket."""
 
     name = "redis"
 
     def __init__(self, url: str, prefix: str, expiry_grace_s: float = 3600.0, timeout_s: float = 5.0,
-                 compact_slack_bytes: int = 1 << 20, max_connections: int = 32):
+                 compact_slack_bytes: int = 1 << 20, max_connections: int = 32, io_threads: int = 4):
         import redis.asyncio as aioredis  # only a redis deployment needs the client
+
+        # Encoding frames, records and snapshots (journal_codec: ~1 ms per 100 kB) runs here, off the loop.
+        self.pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="da3-redis-codec")
 
         self.url, self.prefix = url, prefix
         self.grace, self.timeout_s = expiry_grace_s, timeout_s
@@ -218,6 +284,9 @@ class RedisBackend(StateBackend):
 
     def keys(self, session_id: str) -> list[str]:
         return [f"{self.prefix}{{{session_id}}}:{k}" for k in _KINDS]
+
+    async def _encode(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
     def _lock(self, session_id: str) -> asyncio.Lock:
         lock = self._locks.get(session_id)
@@ -242,10 +311,13 @@ class RedisBackend(StateBackend):
         await self.accept(s, index)
 
     async def accept(self, s: Session, index: int) -> None:
-        blob = journal_codec.dumps(s.pending[index])
+        # Taken now, on the loop; the lock (FIFO) is asked for before the first await, so the session's writes
+        # reach the server in call order whatever the encoding takes.
+        args = [self._meta_json(s), s.worker_epoch, self._expire_at(s), index]
+        payload = s.pending[index]
         async with self._lock(s.session_id):
-            await self._save(keys=self.keys(s.session_id),
-                             args=[self._meta_json(s), s.worker_epoch, self._expire_at(s), index, blob])
+            blob = await self._encode(journal_codec.dumps, payload)
+            await self._save(keys=self.keys(s.session_id), args=[*args, blob])
 
     async def drop_pending(self, session_id: str, indices) -> None:
         indices = [i for i in indices if i is not None]
@@ -271,14 +343,17 @@ class RedisBackend(StateBackend):
     async def _run_commit(self, s: Session, rec: ResultRecord | None, indices, snapshot: bool,
                           epoch: int | None, corr: str | None) -> bool:
         sid = s.session_id
-        blob = record_bytes(rec) if rec is not None else b""
-        state = journal_codec.dumps(s.stream_state) if snapshot else b""
+        if rec is not None:
+            rec = ResultRecord(rec.seq, rec.window, rec.frames, rec.points, rec.colors, rec.epoch)  # as of now
+        state_obj = s.stream_state
         live = SessionJournal.live_bytes(s)
         fence = "" if epoch is None else epoch
-        args = [self._meta_json(s), self._expire_at(s), fence, f"{rec.seq}-1" if rec is not None else "", blob,
-                "1" if snapshot else "0", state, corr or "", live, self.compact_slack_bytes,
-                *[i for i in indices if i is not None]]
+        meta, expire = self._meta_json(s), self._expire_at(s)
+        rest = [corr or "", live, self.compact_slack_bytes, *[i for i in indices if i is not None]]
         async with self._lock(sid):
+            blob, state = await self._encode(_commit_blobs, rec, snapshot, state_obj)
+            args = [meta, expire, fence, f"{rec.seq}-1" if rec is not None else "", blob,
+                    "1" if snapshot else "0", state, *rest]
             res = int(await self._commit(keys=self.keys(sid), args=args))
             if res == FENCED:
                 log.warning("commit refused by the store: stale epoch %s", epoch, extra={"session_id": sid})
@@ -289,9 +364,8 @@ class RedisBackend(StateBackend):
 
     async def _compact(self, s: Session, fence) -> None:
         """Rewrite the session's stream from the records in memory (already trimmed by the point budget)."""
-        pairs: list[Any] = []
-        for r in s.records:
-            pairs += [f"{r.seq}-1", record_bytes(r)]
+        pairs: list[Any] = await self._encode(
+            _stream_pairs, [ResultRecord(r.seq, r.window, r.frames, r.points, r.colors, r.epoch) for r in s.records])
         k = self.keys(s.session_id)
         if int(await self._rewrite(keys=[k[0], k[2]], args=[fence, self._expire_at(s), *pairs])) == 1:
             self.compactions += 1
@@ -303,6 +377,7 @@ class RedisBackend(StateBackend):
 
     async def close(self) -> None:
         await self.client.aclose()
+        self.pool.shutdown(wait=False)
 
     def load_all(self) -> list[Session]:
         """Every session under the prefix, with a blocking client: the actor's constructor runs before its loop
@@ -376,10 +451,11 @@ def make_backend(cfg: dict) -> StateBackend | None:
     kind = cfg.get("backend") or ("journal" if cfg.get("state_dir") else "memory")
     if kind == "memory":
         return None
+    threads = cfg.get("io_threads", 4)
     if kind == "journal":
-        return JournalBackend(cfg["state_dir"])
+        return JournalBackend(cfg["state_dir"], io_threads=threads)
     if kind == "redis":
         prefix = cfg.get("redis_prefix") or f"da3:{cfg.get('namespace', 'da3-serve')}/{cfg.get('name', 'sessions')}:"
         return RedisBackend(redis_url(cfg), prefix, expiry_grace_s=cfg.get("redis_expiry_grace_s", 3600.0),
-                            timeout_s=cfg.get("redis_timeout_s", 5.0))
+                            timeout_s=cfg.get("redis_timeout_s", 5.0), io_threads=threads)
     raise ValueError(f"unknown session_actor.backend {kind!r}")

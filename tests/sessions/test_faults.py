@@ -263,3 +263,38 @@ async def test_redeploy_mid_stream_closes_with_1012_and_the_client_resumes(fault
     while (workers := httpx.get(f"{url}/stats").json()["workers"]) and time.time() < deadline:
         await asyncio.sleep(0.5)
     assert workers == 0
+
+
+async def test_store_call_failing_mid_stream_closes_1012_and_the_client_resumes(serve_url, tmp_path, synthetic_seq):
+    """The session store's actor is killed mid-stream and its calls in flight fail (this app does not retry
+    them: max_task_retries 0, like retries that ran out during a node loss). The ingress closes the stream with
+    1012 (not 4500), the client library reconnects by itself, and with a durable store (the journal) every
+    frame is processed exactly once."""
+    from conftest import SCENE, app_args, deployed
+    from da3_client import Da3Client
+
+    args = app_args(model={"backend": "oracle", "oracle_scene": SCENE},
+                    session_actor={"state_dir": str(tmp_path / "state"), "max_task_retries": 0})
+    n = len(synthetic_seq.images)
+    with deployed(serve_url, "storegone", args) as url:
+        async with Da3Client(url, timeout=60) as client:
+            sid = (await client.create_session())["session_id"]
+            async with client.stream(sid, max_reconnects=10, backoff_s=0.3) as s:
+                for i in range(n):
+                    await s.send_frame(encode_image(synthetic_seq.images[i], "PNG"), frame_id=i)
+                    if i == n // 2:  # frames in flight, and the stream's long-poll always is
+                        actor = ray.get_actor(args["session_actor"]["name"],
+                                              namespace=args["session_actor"]["namespace"])
+                        ray.kill(actor, no_restart=False)  # Ray restarts it; it reloads its journal
+                    await asyncio.sleep(0.1)
+                summary = await s.finalize(timeout=300)
+            info = httpx.get(f"{url}/ws/session/{sid}", timeout=30).json()
+            traj = httpx.get(f"{url}/ws/session/{sid}/trajectory.json", timeout=30).json()["frames"]
+            errors = httpx.get(f"{url}/stats", timeout=30).json()["errors"]
+    assert 1012 in s.reconnect_codes and 4500 not in s.reconnect_codes, s.reconnect_codes
+    assert not [e for e in s.errors if e.get("fatal")], s.errors
+    assert summary["frames_received"] == n and summary["frames_processed"] == n
+    assert info["state"] == "complete" and info["frames_processed"] == n
+    assert sorted(f["frame_id"] for f in traj) == list(range(n))  # nothing lost, nothing twice
+    assert sorted(s.reconstruction.frames) == list(range(n)) and not s.rejected
+    assert errors.get("STORE_UNAVAILABLE", 0) >= 1

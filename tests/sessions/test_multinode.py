@@ -2,12 +2,14 @@
 
 The test starts its own cluster with `ray start`: a head (the Serve controller, proxy, ingress and model
 replicas: it has the CPUs and the logical GPU) and two worker "nodes" with no CPUs and a `store` resource, each
-with its own --temp-dir and ports. The session actor is placed on worker A; mid-stream, every process of worker A
-(its raylet, agents and workers, found by node id in /proc) is killed with SIGKILL - `ray stop` would kill every
-cluster on the machine. Ray restarts the actor on worker B.
-- backend redis: every acked frame is processed, the streams resume, no SESSION_LOST; frame counts and maps equal
-  an undisturbed session of the same frames.
-- backend memory: the sessions on the lost actor report SESSION_LOST.
+with its own --temp-dir and ports. The session store has two shards: shard 0 on worker A, shard 1 on worker B,
+and the sessions are spread over both (the shard is in the id). Mid-stream, every process of worker A (its
+raylet, agents and workers, found by node id in /proc) is killed with SIGKILL - `ray stop` would kill every
+cluster on the machine. Ray restarts shard 0 on worker B.
+- backend redis: on both shards every acked frame is processed, the streams resume, no SESSION_LOST; frame counts
+  and maps equal an undisturbed session of the same frames.
+- backend memory: the sessions of shard 0 report SESSION_LOST; those of shard 1 are untouched (complete, counts
+  and maps equal the undisturbed session's), and shard 1 never restarted.
 
 The scenario runs in a child process (`python tests/sessions/test_multinode.py <json>`): it connects with
 `ray.init(address=...)`, which must not meet this pytest process's own Ray. Every process of the cluster (found
@@ -34,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
 STORE_NAME, STORE_NS = "mn_sessions", "da3-multinode"
 FRAMES = 10
+SESSIONS = 4  # streamed at once, two per shard
 
 pytestmark = pytest.mark.ray
 
@@ -112,6 +115,8 @@ def run_scenario(backend: str, redis_url: str | None) -> dict:
     tmp_path = Path(tempfile.mkdtemp(prefix="da3mn", dir="/tmp"))
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'clients'}", "RAY_DEDUP_LOGS": "0",
            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           # a loaded box registers a node slowly: 30 s (Ray's default) failed `ray start` at load average 50
+           "RAY_raylet_start_wait_time_s": "120", "RAY_agent_register_timeout_ms": "180000",
            # token authentication with this cluster's own token, for every node and the driver
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     cluster = Cluster(tmp_path, env)
@@ -138,24 +143,40 @@ def run_scenario(backend: str, redis_url: str | None) -> dict:
         assert not left, f"processes of the test cluster left running: {left}"
 
 
-def test_node_loss_with_redis_backend_loses_nothing(redis_url):
-    r = run_scenario("redis", redis_url)
-    assert r["actor_node"] == r["node_a"] and r["restarted_on"] == r["node_b"], r
-    assert sum(k["acked"] - k["processed"] for k in r["at_kill"]) > 0, r["at_kill"]  # frames were in flight
+def _untouched(s: dict, base: dict) -> None:
+    """A session that streamed through the node loss exactly like the undisturbed one."""
+    assert s["error"] is None and "SESSION_LOST" not in s["errors"], s
+    assert s["frames_processed"] == FRAMES and s["frames_acked"] == FRAMES and s["frames"] == FRAMES, s
+    assert s["points"] == base["points"] and s["points_sum"] == pytest.approx(base["points_sum"], rel=1e-4), s
+    assert s["server_frames_processed"] == FRAMES, s
+
+
+def _placed(r: dict) -> None:
+    assert r["shard_nodes"] == [r["node_a"], r["node_b"]], r  # two shards on two different worker nodes
+    assert sorted(s["shard"] for s in r["sessions"]) == [0, 0, 1, 1], r["sessions"]
     base = r["baseline"]
     assert base["frames_processed"] == FRAMES and not base["errors"]
+
+
+def test_node_loss_with_redis_backend_loses_nothing(redis_url):
+    r = run_scenario("redis", redis_url)
+    _placed(r)
+    assert r["restarted_on"] == r["node_b"], r  # shard 0 came back on the surviving worker
+    assert sum(k["acked"] - k["processed"] for k in r["at_kill"]) > 0, r["at_kill"]  # frames were in flight
     for s in r["sessions"]:
-        assert s["error"] is None and "SESSION_LOST" not in s["errors"], s
-        assert s["frames_processed"] == FRAMES and s["frames_acked"] == FRAMES and s["frames"] == FRAMES
-        assert s["points"] == base["points"] and s["points_sum"] == pytest.approx(base["points_sum"], rel=1e-4)
-        assert s["server_frames_processed"] == FRAMES
+        _untouched(s, r["baseline"])
 
 
-def test_node_loss_with_memory_backend_reports_session_lost():
+def test_node_loss_with_memory_backend_loses_only_the_lost_shards_sessions():
     r = run_scenario("memory", None)
-    assert r["actor_node"] == r["node_a"], r
-    for s in r["sessions"]:
+    _placed(r)
+    lost = [s for s in r["sessions"] if s["shard"] == 0]
+    kept = [s for s in r["sessions"] if s["shard"] == 1]
+    for s in lost:
         assert s["error"] == "SESSION_LOST" or "SESSION_LOST" in s["errors"], s
+    for s in kept:
+        _untouched(s, r["baseline"])
+    assert r["shard1_restarts"] == 0 and r["shard1_node_after"] == r["node_b"], r
 
 
 # --- the scenario, in a child process ---------------------------------------------------------------------------
@@ -215,8 +236,9 @@ async def _scenario(spec: dict) -> dict:
     from serve_app.app import build_app
     from serve_app.config import parse_args
     from serve_app.demo import wait_healthy
-    from serve_app.deployments.session_actor import SessionActor
+    from serve_app.deployments.session_actor import SessionActor, shard_backend
     from serve_app.evaluation.synthetic import SceneSpec, render_sequence
+    from serve_app.sessions.shards import actor_name, shard_of
 
     scene = {"seed": 3, "num_frames": spec["frames"], "width": 154, "height": 112, "trajectory": "orbit"}
     images = render_sequence(SceneSpec.from_dict(scene)).images
@@ -226,7 +248,7 @@ async def _scenario(spec: dict) -> dict:
     node_b = next(i for i, n in nodes.items() if "node_b" in n["Resources"])
     # Calls in flight when the node dies are retried on the restarted actor until it is back (the store's
     # accept and commit are idempotent on retry); 3 retries run out while the GCS is still noticing the loss.
-    store_cfg = {"name": STORE_NAME, "namespace": STORE_NS, "backend": spec["backend"], "max_task_retries": -1}
+    store_cfg = {"name": STORE_NAME, "namespace": STORE_NS, "backend": spec["backend"], "shards": 2}
     if spec["redis_url"]:
         store_cfg["redis_url"] = spec["redis_url"]
     args = {"model": {"backend": "oracle", "oracle_scene": scene},
@@ -234,15 +256,18 @@ async def _scenario(spec: dict) -> dict:
             "limits": {"max_sessions": 10, "max_in_flight": 12, "sweep_interval_s": 1.0},
             "session_actor": store_cfg}
     cfg = parse_args(args)
-    # The store on worker A, never the head (`store` exists on the workers only); soft affinity, so Ray
-    # restarts it on worker B when A is gone. The app's get_session_actor finds it by name (get_if_exists).
-    actor = ray.remote(SessionActor).options(
-        name=STORE_NAME, namespace=STORE_NS, lifetime="detached", max_restarts=-1, max_task_retries=-1,
-        num_cpus=0, max_concurrency=1000, resources={"store": 0.01},
-        scheduling_strategy=NodeAffinitySchedulingStrategy(node_a, soft=True),
-    ).remote(cfg.limits.model_dump(), None, backend=cfg.session_actor.model_dump())
-    await actor.ping.remote()
-    actor_node = _actor_node(actor)
+    # Shard 0 on worker A, shard 1 on worker B, never the head (`store` exists on the workers only); soft
+    # affinity, so Ray restarts shard 0 on worker B when A is gone. The config's own max_task_retries (-1 by
+    # default) is what keeps calls in flight alive through the loss. The app's get_session_shards finds them
+    # by name (get_if_exists).
+    sa = cfg.session_actor
+    shards = [ray.remote(SessionActor).options(
+        name=actor_name(STORE_NAME, k), namespace=STORE_NS, lifetime="detached", max_restarts=sa.max_restarts,
+        max_task_retries=sa.max_task_retries, num_cpus=0, max_concurrency=1000, resources={"store": 0.01},
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True),
+    ).remote(cfg.limits.model_dump(), None, k, 2, shard_backend(sa, k)) for k, node in enumerate((node_a, node_b))]
+    await asyncio.gather(*[a.ping.remote() for a in shards])
+    shard_nodes = [_actor_node(a) for a in shards]
 
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": spec["http_port"]})
     serve.run(build_app(args), name="mn", route_prefix="/", blocking=False)
@@ -254,7 +279,7 @@ async def _scenario(spec: dict) -> dict:
         ev.set()
         base_sid = (await client.create_session())["session_id"]
         baseline = await _session(client, base_sid, images, asyncio.Event(), ev)
-        sids = [(await client.create_session())["session_id"] for _ in range(2)]
+        sids = [(await client.create_session())["session_id"] for _ in range(SESSIONS)]  # spread over both
         halves = [asyncio.Event() for _ in sids]
         go_on = asyncio.Event()
         streams: list = []
@@ -269,14 +294,18 @@ async def _scenario(spec: dict) -> dict:
         restarted_on = ""
         deadline = time.time() + 120  # the GCS notices the lost node after its health checks fail
         while time.time() < deadline and restarted_on in ("", node_a):
-            restarted_on = _actor_node(actor)
+            restarted_on = _actor_node(shards[0])
             await asyncio.sleep(0.5)
+        for s in sessions:
+            s["shard"] = shard_of(s["sid"], 2)
         async with httpx.AsyncClient(timeout=30) as http:
             for s in sessions:
                 r = await http.get(f"{url}/ws/session/{s['sid']}")
                 s["server_status"] = r.status_code
                 s["server_frames_processed"] = r.json().get("frames_processed") if r.status_code == 200 else None
-    return {"node_a": node_a, "node_b": node_b, "actor_node": actor_node, "restarted_on": restarted_on,
+    info1 = ray._private.state.actors(shards[1]._actor_id.hex())
+    return {"node_a": node_a, "node_b": node_b, "shard_nodes": shard_nodes, "restarted_on": restarted_on,
+            "shard1_restarts": info1.get("NumRestarts"), "shard1_node_after": _actor_node(shards[1]),
             "killed_processes": killed, "at_kill": at_kill, "baseline": baseline, "sessions": sessions}
 
 
