@@ -84,7 +84,7 @@ def test_realistic_errors_still_leave_less_warp(seq):
 
 
 def test_error_free_window_is_left_as_it_is(seq):
-    bad, good = window(seq, {"preset": "none"}, 5)
+    bad, _ = window(seq, {"preset": "none"}, 5)
     res = refine(bad)
     assert res.ok
     assert np.abs(res.coef).max() < 2e-3
