@@ -94,7 +94,7 @@ def _skew_rotation(w: np.ndarray) -> np.ndarray:
 
 def refine_window(depth: np.ndarray, intrinsics: np.ndarray, c2w: np.ndarray, mask: np.ndarray, *,
                   samples_per_view: int = 300, prior_std: float = 0.02, prior_rot_deg: float = 1.0,
-                  prior_trans: float = 0.02, fit_poses: bool = False, tol: float = 0.1, iters: int = 4,
+                  prior_trans: float = 0.02, fit_poses: bool = False, tol: float = 0.1, iters: int = 2,
                   normal_step: int = 2, gauge_mean: bool = True, frame_index: np.ndarray | None = None,
                   max_gap: int | None = None, seed: int = 0) -> RefineResult:
     """Fit each view's low-order depth field, and (fit_poses) a small correction of each view's pose but the
