@@ -801,6 +801,12 @@ class StreamReconstructor:
         conf = pred.conf.astype(np.float32)
         keep = confidence_mask(conf, self.params.conf_percentile, depth=pred.depth)
         p = self.params
+        if p.depth_refine != "off":  # the two views see one place: compare them whatever their frame gap
+            res = refine_window(pred.depth, pred.intrinsics, c2w, keep, samples_per_view=p.depth_refine_samples,
+                                prior_std=p.depth_refine_prior, fit_poses=p.depth_refine == "field+poses",
+                                seed=q)
+            if res.ok:
+                pred, c2w = replace(pred, depth=res.depth), res.c2w
         chk = verify_loop(kq, kc, pred.depth, pred.intrinsics, c2w, keep, min_inliers=p.loop_min_inlier_ratio,
                           max_rmse=p.loop_max_rel_rmse, min_overlap=p.loop_min_overlap, seed=q)
         report.update(chk.info)
