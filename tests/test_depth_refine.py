@@ -71,6 +71,7 @@ def test_a_known_warp_is_mostly_removed(seq, start):
     np.testing.assert_allclose(res.c2w, invert_pose(bad.extrinsics), atol=1e-6)  # fields only: cameras kept
 
 
+@pytest.mark.slow
 def test_realistic_errors_still_leave_less_warp(seq):
     """Warp + pixel noise + confident outlier blobs + pose noise + weakly informative confidence, over windows."""
     before, after = [], []
@@ -119,6 +120,7 @@ def test_a_single_view_is_refused_unchanged(seq):
     assert res.depth is bad.depth
 
 
+@pytest.mark.slow
 def test_the_reconstructor_uses_it_when_asked(seq):
     """depth_refine on: every window reports the refinement, and the map is closer to the true depth."""
     oracle = OracleModel(SPEC, seed=1, errors={"depth_warp": 0.03})
