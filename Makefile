@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 DA3_SPEC   ?= depth-anything-3==0.1.1
 
-.PHONY: install browser system-deps test demo serve-local bench lint clean
+.PHONY: install browser system-deps test test-fast test-e2e demo serve-local bench lint clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,8 +28,16 @@ browser:
 system-deps: browser
 	bash .ci/install-redis
 
-test: $(STAMP) system-deps
-	$(PY) -m pytest -q tests
+# Two tiers: the fast one (pure logic, no Ray, under a minute) first, then the rest: end to end (real Ray Serve,
+# browser, Redis, notebook; tests/conftest.py marks every test that uses a Ray fixture `ray`) and the pure tests
+# marked `slow` (the DA3 network, long synthetic streams).
+test: test-fast test-e2e
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not ray and not slow" tests
+
+test-e2e: $(STAMP) system-deps
+	$(PY) -m pytest -q -m "ray or slow" tests
 
 demo: $(STAMP)
 	$(PY) -m serve_app.demo --config configs/local.yaml --output out/demo.ply

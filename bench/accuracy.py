@@ -27,7 +27,7 @@ skips serving, coding and the session store, so it is quick but only as good as 
 context frames a window gets depends on how far planning leads integration (timing, in the server), the oracle's
 error draws on the window's frames, and in the server the graph step runs concurrently with the next windows
 (here it always finishes first). Poses and points are kept as first emitted and the final per-window
-corrections applied to them, as a client does (serve_app/corrections.py). With the default lead it reproduced
+corrections applied to them, as a client does (serve_app/recon/corrections.py). With the default lead it reproduced
 the served run exactly with global_consistency off (2026-11-30).
 
 Per case and mode it prints: ATE (% of path), rotation error median/max (deg, after the Sim(3) on camera
@@ -64,7 +64,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from serve_app.config import OracleErrors, SessionParams
-from serve_app.evaluation import (
+from serve_app.evaluation.metrics import (
     cloud_metrics,
     extent,
     rotation_errors_deg,
@@ -73,8 +73,8 @@ from serve_app.evaluation import (
     segment_median,
     trajectory_metrics,
 )
-from serve_app.geometry import Sim3
-from serve_app.synthetic import SceneSpec, render_sequence, surface_points
+from serve_app.evaluation.synthetic import SceneSpec, render_sequence, surface_points
+from serve_app.recon.geometry import Sim3
 
 CHAMFER_POINTS = 20000
 # In-process: windows planned before the oldest is integrated. The served worker plans whenever frames are pending
@@ -165,46 +165,58 @@ def apply_corrections(poses: dict[int, np.ndarray], frame_window: dict[int, int]
 
 
 # --- in-process mode ---------------------------------------------------------------------------------------------
-def graph_step(rec, oracle, corr: dict[int, Sim3], stats: dict) -> None:
+def graph_step(rec, oracle, corr: dict[int, Sim3], stats: dict, batch_loops: bool = True) -> None:
     """The session worker's `_graph_step` (serve_app/deployments/session_worker.py) in its order, synchronously:
     graph_prepare -> solve -> graph_apply (the correction merged like a client does: a dict update of absolute
-    per-window transforms) -> maintain when due; then a loop window through the same model -> integrate_loop,
-    again after an accepted loop (the next solve is global), stop after a rejected one or when none is due."""
+    per-window transforms) -> maintain when due; then every loop candidate due through the same model ->
+    integrate_loop; if any was accepted, again (the next solve is global: one per batch of loops).
+    `batch_loops=False` is the order before (--per-loop-solve): one loop window, a global solve after each
+    accepted loop, stop after a rejected one. CPU seconds of the solves and the loop windows go to `stats`."""
     while True:
         job = rec.graph_prepare()
         if job is not None:
+            stats["global_solves"] += job.kind == "global"
+            c0 = time.process_time()
             poses = rec.consistency.run_job(job, rec.graph_params)
+            stats["solve_cpu_s"] += time.process_time() - c0
             c = rec.graph_apply(job, poses)
             if c is not None:
                 stats["corrections"] += 1
                 corr.update(c.transforms)
             if rec.maintenance_due:
                 rec.maintain()
-        plan = rec.next_loop()
-        if plan is None:
-            return
-        res = oracle.forward_windows([plan.request(tag=f"bench:loop{-plan.window}")])[0]
-        report = rec.integrate_loop(plan, res)
-        if not report.get("accepted"):
+        accepted = 0  # every loop candidate due verified, then one global solve for those accepted
+        while (plan := rec.next_loop()) is not None:
+            c0 = time.process_time()
+            res = oracle.forward_windows([plan.request(tag=f"bench:loop{-plan.window}")])[0]
+            c1 = time.process_time()
+            ok = bool(rec.integrate_loop(plan, res).get("accepted"))
+            stats["loop_forward_cpu_s"] += c1 - c0
+            stats["loop_verify_cpu_s"] += time.process_time() - c1
+            accepted += ok
+            if not batch_loops:
+                break
+        if not accepted:
             return
 
 
-def run_in_process(seq, oracle, params: SessionParams, depth: int) -> Run:
+def run_in_process(seq, oracle, params: SessionParams, depth: int, batch_loops: bool = True) -> Run:
     """Stream seq through StreamReconstructor + the oracle window by window, `depth` windows planned ahead; with
     global_consistency on, the worker's off-path graph step after each placed window (in the server it runs
     concurrently with the next windows; here it runs before the next integration, so the next window always sees
     the latest graph). Poses and points are kept as first emitted and the final corrections applied to them, as
-    a client does (serve_app/corrections.py)."""
-    from serve_app.preprocess import resize_for_model
-    from serve_app.reconstruction import FrameInput, StreamReconstructor
+    a client does (serve_app/recon/corrections.py)."""
+    from serve_app.model.preprocess import resize_for_model
+    from serve_app.recon.reconstruction import FrameInput, StreamReconstructor
 
     rec = StreamReconstructor(params)
     poses: dict[int, np.ndarray] = {}
     frame_window: dict[int, int] = {}
     points: dict[int, np.ndarray] = {}
     corr: dict[int, Sim3] = {}
-    lat, geo, off, windows = [], [], [], []
-    stats = {"corrections": 0}
+    lat, geo, off, off_cpu, windows = [], [], [], [], []
+    stats = {"corrections": 0, "global_solves": 0, "solve_cpu_s": 0.0, "loop_forward_cpu_s": 0.0,
+             "loop_verify_cpu_s": 0.0}
     failed = 0
     queue: list = []
     t_start = time.perf_counter()
@@ -227,9 +239,10 @@ def run_in_process(seq, oracle, params: SessionParams, depth: int) -> Run:
         if rec.maintenance_due:  # the worker maintains after each window's results are out
             rec.maintain()
         if out.ok and rec.consistency is not None:
-            t1 = time.perf_counter()
-            graph_step(rec, oracle, corr, stats)
+            t1, c1 = time.perf_counter(), time.process_time()
+            graph_step(rec, oracle, corr, stats, batch_loops)
             off.append((time.perf_counter() - t1) * 1000.0)
+            off_cpu.append((time.process_time() - c1) * 1000.0)
 
     n = len(seq.images)
     for i, img in enumerate(seq.images):
@@ -245,6 +258,9 @@ def run_in_process(seq, oracle, params: SessionParams, depth: int) -> Run:
     final_poses, map_pts = apply_corrections(poses, frame_window, points, corr)
     cons = rec.consistency
     extra = {"windows": window_frames(windows), "corrections": stats["corrections"],
+             "global_solves": stats["global_solves"],
+             "offpath_cpu_ms": float(np.median(off_cpu)) if off_cpu else float("nan"),
+             **{k: v for k, v in stats.items() if k.endswith("_cpu_s")},
              "loops_rejected": cons.loops_rejected if cons is not None else None,
              "offpath_ms": float(np.median(off)) if off else float("nan"),
              "offpath_total_s": sum(off) / 1000.0}
@@ -424,6 +440,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=3, help="scene seed")
     ap.add_argument("--oracle-seed", type=int, default=1, help="seed of the oracle's errors")
     ap.add_argument("--json", help="also write the rows to this file")
+    ap.add_argument("--per-loop-solve", action="store_true",
+                    help="in-process: the graph step before loop batching (a global solve after each accepted loop),"
+                         " to compare the off-path time")
     ap.add_argument("--plan-ahead", type=int, default=PLAN_AHEAD,
                     help="in-process: windows planned before the oldest is integrated (default %(default)s: "
                          "reproduced the served run figure for figure on the 2-core box; the served worker's lead "
@@ -465,12 +484,12 @@ def main(argv: list[str] | None = None) -> int:
             errors = ERRORS[err_name]
             OracleErrors.model_validate(errors)
             if served is None:
-                from serve_app.oracle import OracleModel
+                from serve_app.model.oracle import OracleModel
 
                 oracle = OracleModel(spec, scale_range=SCALE_RANGE, seed=a.oracle_seed, errors=errors)
                 depth = a.plan_ahead
             else:
-                from serve_app.imaging import encode_image
+                from serve_app.media.imaging import encode_image
 
                 name, url = served.deploy(served_args(spec, errors, a.oracle_seed, a.window, a.overlap))
                 frames = [encode_image(im, "PNG") for im in seq.images]
@@ -479,14 +498,19 @@ def main(argv: list[str] | None = None) -> int:
                              "global_consistency": mode == "on", **extra_params}
                 print(f"{case} / global_consistency {mode} ...", flush=True)
                 if served is None:
-                    run = run_in_process(seq, oracle, SessionParams(**overrides), depth)
+                    run = run_in_process(seq, oracle, SessionParams(**overrides), depth, not a.per_loop_solve)
                 else:
                     run = asyncio.run(stream_served(url, frames, overrides))
                 r = {"case": case, "mode": mode, "errors_model": errors, "scene": kind,
                      **evaluate(run, seq, spec, laps, surf, floor)}
                 rows.append(r)
                 print(f"  ATE {r['ate_pct']:.2f} %, rotation {r['rot_median_deg']:.2f}/{r['rot_max_deg']:.2f} deg, "
-                      f"gap {r['loop_gap_pct']:.2f} %, acc {r['acc_pct']:.2f} %, {r['wall_s']:.0f} s", flush=True)
+                      f"gap {r['loop_gap_pct']:.2f} %, acc {r['acc_pct']:.2f} %, {r['wall_s']:.0f} s"
+                      + (f"; off-path per window median {r['offpath_ms']:.0f} ms wall / {r['offpath_cpu_ms']:.0f} ms "
+                         f"CPU, in all {r['offpath_total_s']:.1f} s wall: {r['global_solves']} global solves, CPU "
+                         f"{r['solve_cpu_s']:.1f} s solving, {r['loop_forward_cpu_s']:.1f} s loop windows' forwards, "
+                         f"{r['loop_verify_cpu_s']:.1f} s verifying" if r.get("global_solves") is not None else ""),
+                      flush=True)
             if served is not None:
                 from ray import serve
 

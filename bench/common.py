@@ -24,10 +24,10 @@ import websockets
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from serve_app.imaging import encode_image
+from serve_app.evaluation.synthetic import SceneSpec, render_sequence
+from serve_app.media.imaging import encode_image
 from serve_app.protocol import decode_points, encode_frame_message
 from serve_app.ray_env import RAY_ENV_VARS
-from serve_app.synthetic import SceneSpec, render_sequence
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -46,14 +46,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from measure import fmt, median_time_s, parse_pair, print_table
 
 from serve_app.config import SessionParams
-from serve_app.imaging import decode_image, encode_image
-from serve_app.oracle import OracleModel
+from serve_app.evaluation.synthetic import SceneSpec, render_sequence
+from serve_app.media.imaging import decode_image, encode_image
+from serve_app.model.oracle import OracleModel
+from serve_app.model.preprocess import resize_for_model
+from serve_app.model.runtime import DA3Runtime
 from serve_app.prediction import WindowRequest
-from serve_app.preprocess import resize_for_model
 from serve_app.protocol import encode_points
-from serve_app.reconstruction import FrameInput, StreamReconstructor
-from serve_app.runtime import DA3Runtime
-from serve_app.synthetic import SceneSpec, render_sequence
+from serve_app.recon.reconstruction import FrameInput, StreamReconstructor
 
 
 class Report:
@@ -280,8 +280,8 @@ class FormerCopies(DA3Runtime):
 def section_check(rep: Report, args) -> dict:
     """forward_windows (pinned staging, pinned fetch) against a plain forward with ordinary copies, with and
     without pose priors: the outputs must match."""
-    from serve_app.preprocess import normalize_images
-    from serve_app.runtime import normalize_prior_extrinsics
+    from serve_app.model.preprocess import normalize_images
+    from serve_app.model.runtime import normalize_prior_extrinsics
 
     rt = DA3Runtime("random:da3-small", device=args.device, amp=args.amp)
     rng = np.random.default_rng(1)

@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHILD = r"""
 import json, resource, sys, time
 sys.path.insert(0, sys.argv[1])
-from serve_app import imaging, video
+from serve_app.media import imaging, video
 from serve_app.errors import ServiceError
 mode, path, every = sys.argv[2], sys.argv[3], int(sys.argv[4])
 data = open(path, "rb").read()

@@ -1,5 +1,6 @@
-"""Pose-graph solve time and accuracy: serve_app.posegraph (scipy.sparse Gauss-Newton) vs the solver it replaced
-(`solve_reference`, kept here only) and gtsam 4.3 (LM) when installed.
+"""Pose-graph solve time and accuracy: serve_app.recon.posegraph (scipy.sparse Gauss-Newton, SuperLU) vs the same
+steps with other factorisations (LAPACK banded Cholesky in an RCM order; qdldl when installed), the solver it
+replaced (`solve_reference`, kept here only) and gtsam 4.3 (LM) when installed; and one factorisation by each method.
 
     python bench/posegraph.py --nodes 1000 --loops 20 --repeat 3
 
@@ -27,8 +28,8 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 from scipy.sparse.csgraph import connected_components
 
-from serve_app.geometry import Sim3
-from serve_app.posegraph import (
+from serve_app.recon.geometry import Sim3
+from serve_app.recon.posegraph import (
     Edge,
     GraphParams,
     PoseGraph,
@@ -214,7 +215,14 @@ def main() -> None:
     good = next(e for e in edges if e.kind == "loop")
     print(f"loop gate (squared whitened discrepancy per odometry step): true loop "
           f"{g.loop_discrepancy(good, good.b - good.a):.2f}, wrong loop {g.loop_discrepancy(bad, steps):.2f}")
-    solvers = {"scipy GN (now)": lambda p: solve(ids, p, edges, params, 0).poses}
+    solvers = {"scipy GN (now)": lambda p: solve(ids, p, edges, params, 0).poses,
+               "GN banded (RCM)": lambda p: solve(ids, p, edges, params, 0, linear="banded").poses}
+    try:
+        import qdldl  # noqa: F401 - optional: a sparse LDL^T with a numeric-only refactorisation
+
+        solvers["GN qdldl"] = lambda p: solve(ids, p, edges, params, 0, linear="ldl").poses
+    except ImportError:
+        print("qdldl not installed: pip install qdldl to compare a sparse LDL^T factorisation")
     if not a.no_reference:
         solvers["scipy GN (before)"] = lambda p: solve_reference(ids, p, edges, params, 0).poses
     if not a.no_gtsam:
@@ -241,7 +249,37 @@ def main() -> None:
             diff = f"  max |pose - now's| {d:.1e}"
         print(f"{name:18s} cold {cold_w:7.1f} ms wall / {cold_c:7.1f} ms CPU   warm {warm_w:7.1f} / {warm_c:7.1f}   "
               f"rot median {rot:.3f} deg  position RMSE {pos:.4f}{diff}")
-    # Local: what follows an ordinary window in serve_app/consistency.py: the newest `graph_local_windows` (8)
+    # The linear algebra alone: one factorisation of the cold problem's first normal matrix by each method.
+    from serve_app.recon import posegraph as pg
+
+    free_nodes = np.ones(a.nodes, bool)
+    free_nodes[0] = False
+    pat = pg._NormalPattern(np.array([e.a for e in edges]), np.array([e.b for e in edges]), free_nodes)
+    x0 = _stack(init)
+    ia, ib = np.array([e.a for e in edges]), np.array([e.b for e in edges])
+    r, Ja, Jb = pg._residuals_jac(tuple(v[ia] for v in x0), tuple(v[ib] for v in x0),
+                                  _inverse(_stack([e.z for e in edges])), params.sig)
+    H, _ = pat.assemble(r, Ja, Jb, np.ones(len(edges)))
+    perm = pg._rcm_perm(pat)
+    band = ""
+    if perm is not None:
+        rank = np.argsort(perm[::7])  # node (column of H / 7) -> its RCM position
+        both = (pat.ga >= 0) & (pat.gb >= 0)
+        band = f" (RCM band {int(np.abs(rank[pat.ga[both]] - rank[pat.gb[both]]).max())} nodes)"
+    facts = {"SuperLU": lambda H: spla.splu(H, permc_spec="NATURAL", diag_pivot_thresh=0.0,
+                                             options={"SymmetricMode": True})}
+    if perm is not None:
+        facts["banded Cholesky" + band] = lambda H: pg._Banded(H, perm)
+    if "GN qdldl" in rows:
+        ldl = pg._LDL()
+        facts["qdldl (first: AMD + symbolic)"] = lambda H: pg._LDL().factor(H)
+        ldl.factor(H)
+        facts["qdldl (numeric refactor)"] = lambda H: ldl.factor(H)
+    for name, fn in facts.items():
+        fw, fc, _ = _median_ms(fn, H, a.repeat)
+        print(f"factorisation of H ({H.shape[0]} x {H.shape[0]}, {H.nnz} nonzeros), {name}: {fw:.1f} ms wall / "
+              f"{fc:.1f} ms CPU")
+    # Local: what follows an ordinary window in serve_app/recon/consistency.py: the newest `graph_local_windows` (8)
     # nodes free, their edges' other ends held.
     free = set(ids[-8:])
     ledges = [e for e in edges if e.a in free or e.b in free]

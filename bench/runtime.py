@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from measure import median_time_s, parse_pair
 
+from serve_app.model.runtime import COMPILE_BACKENDS, DA3Runtime, compiled_graph_count
 from serve_app.prediction import WindowRequest
-from serve_app.runtime import COMPILE_BACKENDS, DA3Runtime, compiled_graph_count
 
 
 def main(argv: list[str] | None = None) -> None:

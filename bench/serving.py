@@ -38,14 +38,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import LocalApp, app_args, rss_mb, stats, stream_many, stream_session, synthetic_frames
 from measure import fmt, mean, median_time_s, parse_pair, pct, print_table
 
-from serve_app.backends import make_backend
 from serve_app.config import ModelConfig, SessionParams
-from serve_app.exports import glb_bytes
-from serve_app.imaging import decode_image
+from serve_app.media.imaging import decode_image
+from serve_app.model.backends import make_backend
+from serve_app.model.preprocess import resize_for_model
 from serve_app.prediction import WindowRequest
-from serve_app.preprocess import resize_for_model
 from serve_app.protocol import ENC_FLOAT16
-from serve_app.reconstruction import FrameInput, StreamReconstructor
+from serve_app.recon.exports import glb_bytes
+from serve_app.recon.reconstruction import FrameInput, StreamReconstructor
 
 
 def verdict(ok: bool | None) -> str:

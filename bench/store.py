@@ -47,9 +47,9 @@ def make_payloads(width: int, height: int, window: int, overlap: int) -> dict:
     import cv2
 
     from serve_app.config import SessionParams
-    from serve_app.oracle import OracleModel
-    from serve_app.reconstruction import FrameInput, StreamReconstructor
-    from serve_app.synthetic import SceneSpec, render_sequence
+    from serve_app.evaluation.synthetic import SceneSpec, render_sequence
+    from serve_app.model.oracle import OracleModel
+    from serve_app.recon.reconstruction import FrameInput, StreamReconstructor
 
     spec = SceneSpec.from_dict({"seed": 3, "num_frames": window + 2 * (window - overlap), "width": width,
                                 "height": height, "trajectory": "orbit"})
@@ -122,13 +122,13 @@ class Stream:
 
     async def take_over(self) -> None:
         took = await self.timed("take_worker", self.actor.take_worker, self.sid)
-        self.epoch = took["epoch"]
-        if took["stream_state"] is not None:
+        self.epoch = took.epoch
+        if took.stream_state is not None:
             pts, _ = await self.timed("point_cloud", self.actor.point_cloud, self.sid, None)
             self.nbytes["point_cloud"] += int(pts.nbytes * 1.25)  # + uint8 colours
 
     async def window(self) -> None:
-        from serve_app.reconstruction import FrameInput
+        from serve_app.recon.reconstruction import FrameInput
 
         p = self.p
         frames = []
@@ -157,10 +157,10 @@ class Stream:
         while time.perf_counter() < until:
             res = await self.timed("wait_records", self.actor.wait_records, self.sid, seq, conn,
                                    max(until - time.perf_counter(), 0.05), None)
-            recs = res.get("records") or []
+            recs = res.records
             if recs:
                 seq = recs[-1].seq
-            if res.get("gone") or res.get("displaced"):
+            if res.gone or res.displaced:
                 return
 
 
@@ -227,7 +227,7 @@ async def storm(cfg, sessions: int, windows: int, payloads: dict, max_points: in
         conn = uuid.uuid4().hex
         await s.actor.attach.remote(s.sid, None, conn)
         res = await s.actor.wait_records.remote(s.sid, 0, conn, 30.0, None)
-        assert res.get("records"), res
+        assert res.records, res
         return time.perf_counter() - t0
 
     t0 = time.perf_counter()

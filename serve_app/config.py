@@ -50,7 +50,7 @@ class SessionParams(_Strict):
     global_consistency: bool = Field(False, description="keyframe pose graph, online loop closure and global "
                                      "re-optimisation of the map (corrections streamed to clients); off = "
                                      "each window is only chained onto the previous ones")
-    # Global consistency (global_consistency: true): pose graph and loop closure (serve_app/posegraph.py, loops.py).
+    # Global consistency (global_consistency: true): pose graph and loop closure (serve_app/recon/posegraph.py, loops.py).
     graph_local_windows: int = Field(8, ge=1, le=1000, description="newest windows re-optimised after each window")
     graph_sigma_rot_deg: float = Field(1.0, gt=0, description="pose-graph edge rotation std (degrees)")
     graph_sigma_trans: float = Field(0.02, gt=0, description="pose-graph edge translation std (x median depth)")
@@ -69,7 +69,7 @@ class SessionParams(_Strict):
     multiview_depth_tol: float = Field(0.1, ge=0.0, le=1.0, description="with global_consistency: a map point "
                                        "is dropped when both neighbouring views of its window see it at a depth "
                                        "off by more than this fraction (0 = off)")
-    # Multi-view depth refinement (serve_app/depth_refine.py), before a window is placed.
+    # Multi-view depth refinement (serve_app/recon/depth_refine.py), before a window is placed.
     depth_refine: Literal["off", "field", "field+poses"] = Field(
         "off", description="fit each view's low-order depth field (tilt + bowl) and optionally small per-view pose "
         "corrections so the window's views agree with each other, before placement")
@@ -139,7 +139,7 @@ ORACLE_ERROR_PRESETS: dict[str, dict[str, Any]] = {
 
 
 class OracleErrors(_Strict):
-    """Errors the oracle backend adds to each window's ground truth (serve_app/oracle.py). Drawn per window from
+    """Errors the oracle backend adds to each window's ground truth (serve_app/model/oracle.py). Drawn per window from
     `model.oracle_seed` and the window's frame indices, so independent of batching. A string is a preset name;
     a dict with `preset` takes the preset's values for the fields it does not give."""
 
@@ -213,7 +213,7 @@ class ModelConfig(_Strict):
     def _backend_known_or_importable(cls, v: str) -> str:
         if v in BUILTIN_BACKENDS:
             return v
-        from serve_app.backends import resolve_factory  # lazy: backends imports this module
+        from serve_app.model.backends import resolve_factory  # lazy: backends imports this module
 
         resolve_factory(v)  # ValueError with the reason
         return v
@@ -328,13 +328,13 @@ class SessionActorConfig(_Strict):
     max_task_retries: int = 3
     state_dir: str | None = None  # snapshot directory; None = in memory only
     # Session-store actors (`<name>`, `<name>-1`, ...): the shard is chosen at creation and carried in the
-    # session id (serve_app/shards.py); global limits hold across shards. 1 = today's single actor.
+    # session id (serve_app/sessions/shards.py); global limits hold across shards. 1 = today's single actor.
     shards: int = Field(1, ge=1, le=256, description="session-store actors the sessions are spread over")
     # Keep the shards off the head node (it runs the GCS, the controller and the proxy); on a cluster with no
     # other node they fall back to the head, with a log line. False: Ray's SPREAD strategy over all nodes.
     avoid_head_node: bool = True
 
-    # Where sessions persist (serve_app/state_backends.py): memory (lost with the actor), journal (files in
+    # Where sessions persist (serve_app/sessions/state_backends.py): memory (lost with the actor), journal (files in
     # state_dir, lost with the node), redis (survives the node). None: journal if state_dir is set, else memory.
     backend: Literal["memory", "journal", "redis"] | None = None
     redis_url: str | None = None  # redis://host:port/db (rediss:// for TLS); None: read from redis_url_env

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from serve_app.synthetic import SceneSpec, render_sequence, write_sequence
+from serve_app.evaluation.synthetic import SceneSpec, render_sequence, write_sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 

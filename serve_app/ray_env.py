@@ -1,5 +1,5 @@
 """Ray settings the service is tuned for. The shipped Serve configs carry them as the application's
-`runtime_env.env_vars` (tests/test_config_files.py checks they match), so every replica, and the session actor
+`runtime_env.env_vars` (tests/config/test_config_files.py checks they match), so every replica, and the session actor
 the ingress creates, starts with them; the tests and benchmarks pass the same dict to `ray.init`.
 
 Measured on loopback (bench/README.md, "Serving overhead, session 5"): ~10 ms off the time from a window's

@@ -17,6 +17,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 SCENE = {"seed": 3, "num_frames": 24, "width": 154, "height": 112, "trajectory": "orbit"}
 
+# The end-to-end tier: a test that asks for one of these (directly or through another fixture) starts the shared
+# local Ray cluster, so it is marked `ray` here; everything else is the fast tier (`make test-fast`: -m "not ray").
+RAY_FIXTURES = {"serve_url", "faults_app", "lossy_app", "secure_url", "redis_app"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.ray)
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -41,7 +51,7 @@ def app_args(**overrides) -> dict:
 
 @pytest.fixture(scope="session")
 def synthetic_seq():
-    from serve_app.synthetic import SceneSpec, render_sequence
+    from serve_app.evaluation.synthetic import SceneSpec, render_sequence
 
     return render_sequence(SceneSpec.from_dict(SCENE))
 

@@ -1,6 +1,6 @@
 """Client side of the `correction` message (docs/WEBSOCKET_API.md 3.5): per-window absolute Sim(3) transforms
 from the server's global optimisation. Independent of serve_app on purpose (tests check it against the
-server's serve_app/corrections.py).
+server's serve_app/recon/corrections.py).
 
 corrected = T @ original for a window's points and camera poses as first received; a window no correction
 named keeps its current transform (identity at first).

@@ -33,7 +33,12 @@ class Reconstruction:
         self.transforms: dict[int, Transform] = {}  # window -> current absolute correction
         self.correction_version = 0
         self.corrections = 0  # correction records applied
+        self.loops_accepted: int | None = None  # loop closures the server reported (None: global consistency off)
         self.last_seq = 0
+
+    def _count_loops(self, n) -> None:
+        if isinstance(n, int) and not isinstance(n, bool):  # cumulative on the server: the largest is the latest
+            self.loops_accepted = max(n, self.loops_accepted or 0)
 
     def apply(self, msg: dict | bytes | PointChunk) -> PointChunk | None:
         """Apply one message (JSON dict, raw DA3P bytes or a decoded chunk); other message types are ignored.
@@ -54,11 +59,13 @@ class Reconstruction:
                 self.correction_version = max(self.correction_version, int(msg.get("version") or 0))
                 self.corrections += 1
                 self.last_seq = max(self.last_seq, seq)
+            self._count_loops(msg.get("loops_accepted"))
             return None
         if kind not in ("window", "frame_result") or (seq and seq <= self.last_seq):
             return None
         if kind == "window":
             self.windows[seq] = msg
+            self._count_loops((msg.get("alignment") or {}).get("loops_accepted"))
         else:
             fid = msg.get("frame_id")
             self.frames[fid] = msg

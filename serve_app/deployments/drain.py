@@ -5,7 +5,7 @@ at `graceful_shutdown_timeout_s` and clients would see an abnormal close (1006).
 
 The flag is private, so it is read defensively: if Ray's internals change, `replica_draining()` returns None,
 the ingress logs one warning, and streams fall back to the force-kill (clients still reconnect on 1006, and no
-accepted frame is lost because accepted frames live in the session actor). tests/test_faults.py redeploys an
+accepted frame is lost because accepted frames live in the session actor). tests/sessions/test_faults.py redeploys an
 app mid-stream and asserts the 1012 close, so an upgrade that breaks this fails the suite.
 """
 

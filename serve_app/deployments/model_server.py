@@ -13,9 +13,9 @@ import torch
 from ray import serve
 
 from serve_app import ray_env
-from serve_app.backends import make_backend, warm_up
 from serve_app.config import BatchConfig, ModelConfig
-from serve_app.metrics import ModelMetrics
+from serve_app.model.backends import make_backend, warm_up
+from serve_app.observability.metrics import ModelMetrics
 from serve_app.prediction import WindowPrediction, WindowRequest
 
 log = logging.getLogger("ray.serve.da3.model")

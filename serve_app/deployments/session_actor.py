@@ -1,6 +1,6 @@
 """The detached, named Ray actor that owns every session's state and runs the expiry sweep.
 
-A thin async wrapper over SessionStore (serve_app/session_store.py holds the rules). Methods that wait
+A thin async wrapper over SessionStore (serve_app/sessions/session_store.py holds the rules). Methods that wait
 (`wait_records`) use per-session asyncio conditions, so one actor serves many long-polling streams.
 """
 
@@ -13,12 +13,13 @@ from typing import Any
 
 import ray
 
-from serve_app import shards as sharding
 from serve_app.config import LimitsConfig, SessionActorConfig, SessionParams
 from serve_app.errors import ServiceError
 from serve_app.ray_env import in_effect
-from serve_app.session_store import SessionStore, concat_parts
-from serve_app.state_backends import make_backend
+from serve_app.sessions import shards as sharding
+from serve_app.sessions.replies import Attachment, CommitReply, CommitStatus, RecordsReply, Takeover
+from serve_app.sessions.session_store import SessionStore, concat_parts
+from serve_app.sessions.state_backends import make_backend
 
 log = logging.getLogger("ray.serve.da3.sessions")
 
@@ -38,7 +39,7 @@ class SessionActor:
         self.store.id_prefix = sharding.shard_prefix(shard, shards)  # the shard is read back from the id
         self._conds: dict[str, asyncio.Condition] = {}
         self._sweeper: asyncio.Task | None = None
-        # Persistence (serve_app/state_backends.py): None = memory only; `backend` is the SessionActorConfig.
+        # Persistence (serve_app/sessions/state_backends.py): None = memory only; `backend` is the SessionActorConfig.
         # A shard's own journal directory (state_dir) wins over the config's.
         self.backend = make_backend({**(backend or {}), **({"state_dir": state_dir} if state_dir else {})})
         if self.backend is None:
@@ -131,7 +132,7 @@ class SessionActor:
             await self.backend.accept(self.store.sessions[sid], index)  # the frame, then its acceptance
         return index
 
-    async def take_worker(self, sid: str) -> dict:
+    async def take_worker(self, sid: str) -> Takeover:
         """Fence out any earlier worker and hand over what the new one needs: the snapshot taken after the last
         committed window, the accepted frames no window has committed yet (by index), and the session info."""
         if sid not in self.store.sessions:
@@ -139,8 +140,8 @@ class SessionActor:
         epoch = self.store.take_worker(sid)
         await self._save(sid)
         s = self.store.sessions[sid]
-        return {"epoch": epoch, "stream_state": s.stream_state, "info": s.info(),
-                "pending": [s.pending[i] for i in sorted(s.pending)]}
+        return Takeover(epoch=epoch, stream_state=s.stream_state, info=s.info(),
+                        pending=[s.pending[i] for i in sorted(s.pending)])
 
     async def complete(self, sid: str, epoch: int) -> bool:
         """Mark the session complete (the client finalized it), only from the current worker and with nothing left
@@ -168,61 +169,61 @@ class SessionActor:
 
     async def commit_window(self, sid: str, window: dict, frames: list[dict], points, colors,
                             stream_state: Any = None, failed: bool = False, epoch: int | None = None
-                            ) -> tuple[int, int]:
-        """(seq, points kept) of the stored record: the session's point budget may drop the oldest of its points.
-        seq is -1 if the session is gone, -2 if the caller is a stale (fenced) worker."""
+                            ) -> CommitReply:
+        """The stored record's seq and the points it kept (the session's point budget may drop the oldest of its
+        points); GONE if the session was deleted or expired meanwhile, FENCED if the caller is a stale worker."""
         if sid not in self.store.sessions:
-            return -1, 0  # deleted or expired while the window was in flight
+            return CommitReply(CommitStatus.GONE)
         if epoch is not None and not self.store.is_current_worker(sid, epoch):
-            return -2, 0
+            return CommitReply(CommitStatus.FENCED)
         rec = self.store.commit_window(sid, window, frames, points, colors, stream_state, time.time(), failed,
                                        epoch)
         if self.backend is not None and not await self.backend.commit(
                 self.store.sessions[sid], rec, [f.get("index") for f in frames], stream_state is not None, epoch):
-            return -2, 0  # the store's server fenced it: another actor instance took the session over
+            return CommitReply(CommitStatus.FENCED)  # the store's server fenced it: another actor took over
         await self._notify(sid)
-        return rec.seq, len(rec.points)
+        return CommitReply(CommitStatus.STORED, rec.seq, kept=len(rec.points))
 
-    async def commit_correction(self, sid: str, message: dict, epoch: int | None = None) -> tuple[int, int]:
-        """Store a `correction` message (serve_app/corrections.py) as the session's next record: (seq, version
-        as stored). seq is -1 if the session is gone, -2 if the caller is a stale (fenced) worker."""
+    async def commit_correction(self, sid: str, message: dict, epoch: int | None = None) -> CommitReply:
+        """Store a `correction` message (serve_app/recon/corrections.py) as the session's next record: its seq and
+        version as stored; GONE / FENCED as for a window."""
         if sid not in self.store.sessions:
-            return -1, 0
+            return CommitReply(CommitStatus.GONE)
         if epoch is not None and not self.store.is_current_worker(sid, epoch):
-            return -2, 0
+            return CommitReply(CommitStatus.FENCED)
         rec = self.store.commit_correction(sid, message, time.time(), epoch)
         if self.backend is not None and not await self.backend.commit_correction(self.store.sessions[sid], epoch):
-            return -2, 0  # fenced in the store's server, like a window
+            return CommitReply(CommitStatus.FENCED)  # fenced in the store's server, like a window
         await self._notify(sid)
-        return rec.seq, rec.message["version"]
+        return CommitReply(CommitStatus.STORED, rec.seq, version=rec.message["version"])
 
-    async def attach(self, sid: str, owner: str | None, connection_id: str) -> dict:
+    async def attach(self, sid: str, owner: str | None, connection_id: str) -> Attachment:
         self.store.get(sid, owner)
         displaced = self.store.attach(sid, connection_id)
         if displaced:
             await self._notify(sid)
-        return {"info": self.store.sessions[sid].info(), "displaced": displaced}
+        return Attachment(self.store.sessions[sid].info(), displaced)
 
     async def detach(self, sid: str, connection_id: str) -> None:
         self.store.detach(sid, connection_id)
 
     async def wait_records(self, sid: str, after_seq: int, connection_id: str, timeout: float,
-                           skip_epoch: int | None = None) -> dict:
+                           skip_epoch: int | None = None) -> RecordsReply:
         """Long-poll: records after `after_seq`, or a status change (gone, displaced, finished). Records committed
         by the worker of epoch `skip_epoch` are left out: that worker hands them to the caller directly."""
         c = self._cond(sid)
 
-        def status() -> dict | None:
+        def status() -> RecordsReply | None:
             s = self.store.sessions.get(sid)
             if s is None:
-                return {"gone": self.store.gone_reason(sid)}
+                return RecordsReply(gone=self.store.gone_reason(sid))
             if s.connection_id is None and self.backend is not None:
                 s.connection_id = connection_id  # reloaded after a restart: the live stream that asks holds it
             if s.connection_id != connection_id:
-                return {"displaced": True}
+                return RecordsReply(displaced=True)
             recs = self.store.records_after(sid, after_seq, skip_epoch)  # window and correction records
             if recs or s.state in ("complete", "failed"):
-                return {"records": recs, "info": s.info()}
+                return RecordsReply(recs, s.info())
             return None
 
         st = status()
@@ -233,7 +234,7 @@ class SessionActor:
                 await asyncio.wait_for(c.wait_for(lambda: status() is not None), timeout)
             except TimeoutError:
                 pass
-        return status() or {"records": [], "info": self.store.sessions[sid].info()}
+        return status() or RecordsReply([], self.store.sessions[sid].info())
 
     async def wait_finished(self, sid: str, timeout: float) -> dict:
         """Wait until the session is complete or failed (or gone); returns its info or {"gone": ...}."""

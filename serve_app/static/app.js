@@ -1,5 +1,5 @@
 // da3-serve browser client: create a session, stream frames over the WebSocket (DA3F), render DA3P points live.
-// Test hooks live on `window.da3` (state, streamUrls, finalize, ...); see tests/test_web_client.py.
+// Test hooks live on `window.da3` (state, streamUrls, finalize, ...); see tests/clients/test_web_client.py.
 import { keyFor } from './keyguard.js';
 import { decodePoints, encodeFrame, halfToFloat } from './protocol.js';
 import { Viewer } from './viewer.js';

@@ -1,0 +1,224 @@
+"""The Sim(3) pose graph (serve_app/recon/posegraph.py): Lie helpers, the robust sparse solve, the loop gate."""
+
+import numpy as np
+import pytest
+
+from serve_app.recon.geometry import Sim3
+from serve_app.recon.posegraph import Edge, GraphParams, PoseGraph, so3_exp, so3_log, solve
+
+
+def test_so3_exp_and_log_are_inverse_and_match_rodrigues():
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(50, 3))
+    w *= rng.uniform(0, 3.0, size=(50, 1)) / np.linalg.norm(w, axis=1, keepdims=True)  # angles below pi
+    w[0] = 0.0
+    w[1] = [1e-9, 0, 0]
+    R = so3_exp(w)
+    assert np.allclose(R @ np.swapaxes(R, 1, 2), np.eye(3), atol=1e-12)
+    assert np.allclose(np.linalg.det(R), 1.0)
+    assert np.allclose(so3_log(R), w, atol=1e-7)
+    # about z by 90 degrees
+    assert np.allclose(so3_exp(np.array([0, 0, np.pi / 2])), [[0, -1, 0], [1, 0, 0], [0, 0, 1]], atol=1e-12)
+
+
+def _ring(n: int, seed: int, rot_deg: float = 0.5, trans: float = 0.01):
+    """Truth on a circle, odometry to the previous node with noise, the chained odometry as the estimate."""
+    rng = np.random.default_rng(seed)
+    truth = [Sim3(1.0, so3_exp(np.array([0.0, a, 0.0])), [2 * np.cos(a), 0.0, 2 * np.sin(a)])
+             for a in 2 * np.pi * np.arange(n) / n]
+
+    def rel(a, b, k=1.0):
+        z = truth[a].inverse().compose(truth[b])
+        return Sim3(z.s * np.exp(rng.normal() * 0.01 * k), so3_exp(rng.normal(size=3) * np.deg2rad(rot_deg) * k) @ z.R,
+                    z.t + rng.normal(size=3) * trans * k)
+
+    edges = [Edge(i - 1, i, rel(i - 1, i)) for i in range(1, n)]
+    est = [truth[0]]
+    for e in edges:
+        est.append(est[-1].compose(e.z))
+    return truth, est, edges, rel
+
+
+def _pos_rmse(poses, truth):
+    return float(np.sqrt(np.mean([np.sum((poses[i].t - truth[i].t) ** 2) for i in range(len(truth))])))
+
+
+def test_a_loop_edge_removes_most_of_the_chained_drift_and_the_fixed_node_stays():
+    truth, est, edges, rel = _ring(60, seed=1)
+    loop = Edge(0, 59, rel(0, 59, 0.5), kind="loop")
+    g = PoseGraph(GraphParams(sigma_rot_deg=0.5, sigma_trans=0.01, sigma_scale=0.01))
+    for i, x in enumerate(est):
+        g.add_node(i, x)
+    for e in edges + [loop]:
+        g.add_edge(e)
+    res = g.solve()
+    before, after = _pos_rmse(est, truth), _pos_rmse(res.poses, truth)
+    assert after < 0.4 * before, (before, after)
+    assert res.cost_after < res.cost_before
+    assert np.allclose(res.poses[0].matrix(), est[0].matrix())  # the gauge: node 0 held
+    # A chain alone is already consistent: nothing moves.
+    chain = solve(list(range(60)), est, edges, g.params, fixed=0)
+    assert max(np.abs(chain.poses[i].matrix() - est[i].matrix()).max() for i in range(60)) < 1e-6
+
+
+def test_a_wrong_edge_pulls_less_with_the_robust_kernel():
+    truth, est, edges, rel = _ring(40, seed=2)
+    good = Edge(0, 39, rel(0, 39, 0.5), kind="loop")
+    bad = Edge(5, 30, rel(15, 30, 0.5), kind="loop")  # claims node 30 is where node 15 is
+    params = GraphParams(sigma_rot_deg=0.5, sigma_trans=0.01, sigma_scale=0.01, max_iterations=30, huber=3.0)
+    plain = solve(list(range(40)), est, edges + [good, bad],
+                  GraphParams(**{**params.__dict__, "huber": 1e9}), fixed=0)
+    robust = solve(list(range(40)), est, edges + [good, bad], params, fixed=0)
+    assert _pos_rmse(robust.poses, truth) < _pos_rmse(plain.poses, truth)
+    assert len(edges) + 1 in robust.downweighted  # the wrong edge is the one cut
+
+
+def test_the_loop_gate_separates_drift_from_another_place():
+    _, est, _, rel = _ring(60, seed=3)
+    g = PoseGraph(GraphParams(sigma_rot_deg=0.5, sigma_trans=0.01, sigma_scale=0.01))
+    for i, x in enumerate(est):
+        g.add_node(i, x)
+    true_loop = Edge(0, 59, rel(0, 59, 0.5), kind="loop")
+    wrong = Edge(0, 59, rel(20, 59, 0.5), kind="loop")  # a look-alike place a third of the way round
+    # (a rotation drift moves the far end by its lever arm: the true loop's figure grows a little with the path)
+    assert g.loop_discrepancy(true_loop, 59) < 50
+    assert g.loop_discrepancy(wrong, 59) > 10 * g.loop_discrepancy(true_loop, 59)
+
+
+def test_solve_holds_every_fixed_node_and_refuses_no_fixed_node():
+    _, est, edges, rel = _ring(20, seed=4)
+    edges = edges + [Edge(0, 19, rel(0, 19, 0.5), kind="loop")]
+    params = GraphParams()
+    res = solve(list(range(20)), est, edges, params, fixed=list(range(10)))
+    for i in range(10):
+        assert np.allclose(res.poses[i].matrix(), est[i].matrix())
+    assert any(not np.allclose(res.poses[i].matrix(), est[i].matrix()) for i in range(10, 20))
+    with pytest.raises(ValueError):
+        solve(list(range(20)), est, edges, params, fixed=[])
+    with pytest.raises(KeyError):
+        PoseGraph().add_edge(Edge(0, 1, Sim3.identity()))
+
+
+def _random_sims(rng, m: int, scale: float = 1.0):
+    from serve_app.recon.posegraph import _stack
+
+    return _stack([Sim3(np.exp(rng.normal() * 0.3), so3_exp(rng.normal(size=3) * scale), rng.normal(size=3))
+                   for _ in range(m)])
+
+
+def test_analytic_jacobians_match_finite_differences():
+    from serve_app.recon.posegraph import _inverse, _residuals, _residuals_jac, _retract
+
+    rng = np.random.default_rng(5)
+    m = 30
+    xa, xb, z = _random_sims(rng, m), _random_sims(rng, m), _random_sims(rng, m)
+    # edges that nearly hold (the solver's regime) and far-off ones (a wrong loop, a drifted start)
+    zb = (z[0], z[1], z[2])
+    for ztrue in (False, True):
+        if ztrue:
+            from serve_app.recon.posegraph import _compose
+            rel = _compose(_inverse(xa), xb)
+            zb = _compose(rel, _random_sims(rng, m, 0.05))
+        zinv = _inverse(zb)
+        sig = GraphParams().sig
+        r, Ja, Jb = _residuals_jac(xa, xb, zinv, sig)
+        assert np.allclose(r, _residuals(xa, xb, zinv, sig))
+        eps = 1e-7
+        for k in range(7):
+            d = np.zeros((m, 7))
+            d[:, k] = eps
+            fa = (_residuals(_retract(xa, d), xb, zinv, sig) - _residuals(_retract(xa, -d), xb, zinv, sig)) / (2 * eps)
+            fb = (_residuals(xa, _retract(xb, d), zinv, sig) - _residuals(xa, _retract(xb, -d), zinv, sig)) / (2 * eps)
+            assert np.allclose(Ja[:, :, k], fa, rtol=1e-4, atol=1e-3 * np.abs(fa).max()), k
+            assert np.allclose(Jb[:, :, k], fb, rtol=1e-4, atol=1e-3 * np.abs(fb).max()), k
+
+
+def test_normal_matrix_pattern_equals_dense_jtwj():
+    from serve_app.recon.posegraph import _NormalPattern
+
+    rng = np.random.default_rng(6)
+    n, m = 12, 30
+    ia, ib = rng.integers(0, n, m), rng.integers(0, n, m)
+    ia[ia == ib] = (ib[ia == ib] + 1) % n
+    free = np.ones(n, bool)
+    free[[0, 5]] = False  # held nodes have no columns
+    pat = _NormalPattern(ia, ib, free)
+    r, Ja, Jb, w = rng.normal(size=(m, 7)), rng.normal(size=(m, 7, 7)), rng.normal(size=(m, 7, 7)), rng.uniform(size=m)
+    H, g = pat.assemble(r, Ja, Jb, w)
+    J = np.zeros((7 * m, 7 * n))  # dense Jacobian in node order
+    for e in range(m):
+        J[7 * e:7 * e + 7, 7 * ia[e]:7 * ia[e] + 7] += Ja[e]
+        J[7 * e:7 * e + 7, 7 * ib[e]:7 * ib[e] + 7] += Jb[e]
+    cols = np.concatenate([7 * i + np.arange(7) for i in range(n) if free[i]])
+    J = J[:, cols]
+    W = np.repeat(w, 7)
+    order = np.concatenate([7 * pat.col_of[i] + np.arange(7) for i in range(n) if free[i]])  # node -> H position
+    Hd = np.zeros_like(J.T @ J)
+    Hd[np.ix_(order, order)] = J.T @ (W[:, None] * J)
+    gd = np.zeros(len(order))
+    gd[order] = J.T @ (W * r.reshape(-1))
+    assert H.has_sorted_indices
+    assert np.allclose(H.toarray() - 1e-9 * np.eye(len(order)), Hd)
+    assert np.allclose(g, gd)
+
+
+@pytest.mark.slow
+def test_solution_matches_a_plain_dense_gauss_newton():
+    """The sparse machinery (pattern, ordering, chord steps) changes speed, not the answer."""
+    from serve_app.recon.posegraph import _inverse, _residuals, _retract, _stack
+
+    _, est, edges, rel = _ring(30, seed=7)
+    edges = edges + [Edge(0, 29, rel(0, 29, 0.5), kind="loop"), Edge(3, 17, rel(3, 17), kind="loop")]
+    params = GraphParams(sigma_rot_deg=0.5, sigma_trans=0.01, sigma_scale=0.01, huber=1e9, max_iterations=30,
+                         tol=1e-10)
+    res = solve(list(range(30)), est, edges, params, fixed=0)
+    x = _stack(est)
+    ia, ib = np.array([e.a for e in edges]), np.array([e.b for e in edges])
+    zinv = _inverse(_stack([e.z for e in edges]))
+
+    def rr(xx):
+        return _residuals(tuple(v[ia] for v in xx), tuple(v[ib] for v in xx), zinv, params.sig).reshape(-1)
+
+    for _ in range(15):  # dense GN with central-difference Jacobians, node 0 held
+        r0 = rr(x)
+        J = np.zeros((len(r0), 7 * 29))
+        for c in range(7 * 29):
+            d = np.zeros((30, 7))
+            d[1 + c // 7, c % 7] = 1e-6
+            J[:, c] = (rr(_retract(x, d)) - rr(_retract(x, -d))) / 2e-6
+        D = np.zeros((30, 7))
+        D[1:] = np.linalg.solve(J.T @ J, -J.T @ r0).reshape(29, 7)
+        x = _retract(x, D)
+    for i in range(30):
+        assert np.allclose(res.poses[i].matrix(), Sim3(x[0][i], x[1][i], x[2][i]).matrix(), atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", [3, 4, 5])
+def test_the_banded_cholesky_gives_the_sparse_lu_solution_with_loops_and_a_wrong_edge(seed, monkeypatch):
+    """The linear algebra changes speed, not the answer: on random rings with loop edges and one wrong edge the
+    banded Cholesky (RCM order) and SuperLU take the same steps to the same poses, cutting the same edge; a graph
+    whose band is too wide falls back to SuperLU."""
+    import serve_app.recon.posegraph as pg
+
+    rng = np.random.default_rng(seed)
+    n = 50
+    _, est, edges, rel = _ring(n, seed)
+    pairs = {(int(a), int(a) + int(rng.integers(12, n - a))) for a in rng.integers(0, n - 13, size=4)}
+    loops = [Edge(a, b, rel(a, b, 0.5), kind="loop") for a, b in sorted(pairs)]
+    bad = Edge(5, 30, rel(15, 30, 0.5), kind="loop")  # claims node 30 is where node 15 is
+    all_edges = edges + loops + [bad]
+    params = GraphParams(sigma_rot_deg=0.5, sigma_trans=0.01, sigma_scale=0.01, max_iterations=30, huber=3.0)
+    ids = list(range(n))
+    free = np.ones(n, bool)
+    free[0] = False
+    pattern = pg._NormalPattern(np.array([e.a for e in all_edges]), np.array([e.b for e in all_edges]), free)
+    assert pg._rcm_perm(pattern) is not None  # the banded path is the one taken
+    lu = solve(ids, est, all_edges, params, fixed=0, linear="lu")
+    band = solve(ids, est, all_edges, params, fixed=0, linear="banded")
+    assert (band.iterations, band.factorisations) == (lu.iterations, lu.factorisations)
+    assert max(np.abs(band.poses[i].matrix() - lu.poses[i].matrix()).max() for i in ids) < 1e-8
+    assert band.downweighted == lu.downweighted and len(all_edges) - 1 in band.downweighted  # the wrong edge
+    monkeypatch.setattr(pg, "BANDED_MAX_BLOCKS", 1)
+    assert pg._rcm_perm(pattern) is None
+    wide = solve(ids, est, all_edges, params, fixed=0, linear="banded")
+    assert max(np.abs(wide.poses[i].matrix() - lu.poses[i].matrix()).max() for i in ids) == 0.0
