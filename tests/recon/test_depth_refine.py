@@ -95,7 +95,7 @@ def test_error_free_window_is_left_as_it_is(seq):
 
 def test_pose_noise_alone_is_corrected_when_poses_are_fitted(seq):
     bad, good = window(seq, {"pose_noise_deg": 0.5}, 8)
-    res = refine(bad, fit_poses=True)
+    res = refine(bad, fit_poses=True, iters=4)
     c2w, truth = invert_pose(bad.extrinsics), invert_pose(good.extrinsics)
 
     def rot_err(a):
