@@ -447,7 +447,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="in-process: windows planned before the oldest is integrated (default %(default)s: "
                          "reproduced the served run figure for figure on the 2-core box; the served worker's lead "
                          "depends on timing)")
+    ap.add_argument("--param", action="append", default=[], metavar="NAME=JSON",
+                    help="a session parameter for every run, e.g. --param depth_refine='\"field\"' (repeatable)")
     a = ap.parse_args(argv)
+    extra_params = {}
+    for item in a.param:
+        k, _, v = item.partition("=")
+        try:
+            extra_params[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            extra_params[k.strip()] = v  # a bare string
+
     size = tuple(int(x) for x in a.size.lower().split("x"))
     cases = [c.strip() for c in a.cases.split(",") if c.strip()]
     modes = [m.strip() for m in a.modes.split(",") if m.strip()]
@@ -485,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
                 frames = [encode_image(im, "PNG") for im in seq.images]
             for mode in modes:
                 overrides = {"process_res": max(size), "window_size": a.window, "overlap": a.overlap,
-                             "global_consistency": mode == "on"}
+                             "global_consistency": mode == "on", **extra_params}
                 print(f"{case} / global_consistency {mode} ...", flush=True)
                 if served is None:
                     run = run_in_process(seq, oracle, SessionParams(**overrides), depth, not a.per_loop_solve)

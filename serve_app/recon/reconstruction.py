@@ -51,6 +51,7 @@ from serve_app.prediction import WindowPrediction
 from serve_app.recon.alignment import robust_scale_translation, robust_sim3
 from serve_app.recon.consistency import Consistency, SolveJob, scale_sim
 from serve_app.recon.corrections import Correction
+from serve_app.recon.depth_refine import refine_window
 from serve_app.recon.geometry import (
     Sim3,
     confidence_mask,
@@ -244,11 +245,16 @@ class StreamReconstructor:
         if int(keep.sum()) < MIN_WINDOW_POINTS:
             return self.fail(plan, f"window has {int(keep.sum())} confident finite depth pixels "
                              f"(need {MIN_WINDOW_POINTS})", time.perf_counter() - t0)
+        refine_info = None
+        if self.params.depth_refine != "off" and pred.num_views > 1:
+            pred, c2w_win, refine_info = self._refine(plan, pred, c2w_win, keep)
         self._obs = []
         sim, align = self._place(plan, pred, c2w_win, conf, keep)
         if sim is None:
             return self.fail(plan, align["reason"], time.perf_counter() - t0)
         cons = self.consistency
+        if refine_info is not None:
+            align["depth_refine"] = refine_info
         if cons is not None:
             gdepth = depth_scale(pred.depth[n_ctx:])
             cons.record_window(plan.window, sim, gdepth, self._obs)
@@ -317,6 +323,22 @@ class StreamReconstructor:
                   "keyframes": int(sum(fr["keyframe"] for fr in frames)),
                   "geometry_ms": round((time.perf_counter() - t0) * 1000.0, 2)}
         return WindowOutput(window=window, frames=frames, points=pts, colors=cols, ok=True)
+
+    def _refine(self, plan: WindowPlan, pred: WindowPrediction, c2w_win, keep
+                ) -> tuple[WindowPrediction, np.ndarray, dict]:
+        """The window's depth (and cameras) made consistent across its views (serve_app/recon/depth_refine.py)."""
+        p = self.params
+        res = refine_window(pred.depth, pred.intrinsics, c2w_win, keep, samples_per_view=p.depth_refine_samples,
+                            prior_std=p.depth_refine_prior, fit_poses=p.depth_refine == "field+poses",
+                            frame_index=np.array([f.index for f in plan.frames]), max_gap=p.depth_refine_max_gap,
+                            seed=plan.window)
+        info = {"ok": res.ok, **{k: round(v, 5) if np.isfinite(v) else None
+                                 for k, v in (("rms_before", res.rms_before), ("rms_after", res.rms_after))}}
+        if not res.ok:
+            info["reason"] = res.reason
+            return pred, c2w_win, info
+        extr = invert_pose(res.c2w)[:, :3, :].astype(np.float32)
+        return replace(pred, depth=res.depth, extrinsics=extr), res.c2w, info
 
     def _multiview_ok(self, pred: WindowPrediction, c2w_win, j: int, idx: np.ndarray) -> np.ndarray:
         """Map points of view j that its neighbours in the window do not contradict (global consistency): a
@@ -513,6 +535,12 @@ class StreamReconstructor:
         conf = pred.conf.astype(np.float32)
         keep = confidence_mask(conf, self.params.conf_percentile, depth=pred.depth)
         p = self.params
+        if p.depth_refine != "off":  # the two views see one place: compare them whatever their frame gap
+            res = refine_window(pred.depth, pred.intrinsics, c2w, keep, samples_per_view=p.depth_refine_samples,
+                                prior_std=p.depth_refine_prior, fit_poses=p.depth_refine == "field+poses",
+                                seed=q)
+            if res.ok:
+                pred, c2w = replace(pred, depth=res.depth), res.c2w
         chk = verify_loop(kq, kc, pred.depth, pred.intrinsics, c2w, keep, min_inliers=p.loop_min_inlier_ratio,
                           max_rmse=p.loop_max_rel_rmse, min_overlap=p.loop_min_overlap, seed=q)
         report.update(chk.info)
