@@ -2,6 +2,8 @@
 
 Everything here is plain pydantic so it is validated at `serve run` time and unit-tested without Ray.
 Every limit the service enforces is a field here with a sane default.
+
+Over 400 lines on purpose: it is the one declaration of every configurable value, each with its comment.
 """
 
 from __future__ import annotations

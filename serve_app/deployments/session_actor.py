@@ -2,6 +2,9 @@
 
 A thin async wrapper over SessionStore (serve_app/sessions/session_store.py holds the rules). Methods that wait
 (`wait_records`) use per-session asyncio conditions, so one actor serves many long-polling streams.
+
+Over 400 lines because it also holds the two other small Ray pieces of the store: the admission actor that
+checks global limits across shards, and the ingress's handle on the shards (placement, routing by id).
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ processed and their results wait in the session actor for the reconnecting clien
 Accepted frames are also stored in the session actor until a window commits them, and every worker holds a
 fencing epoch from the actor: a worker on another replica (after a redeploy, a crash or a reconnect that landed
 elsewhere) takes over with the snapshot plus those frames, and the old worker's late commits are refused.
+
+Over 400 lines because it is one state machine (windows, commits, the graph loop, takeover fencing) whose
+steps share the worker's lock and counters; the pure logic it drives lives in serve_app/recon/.
 """
 
 from __future__ import annotations

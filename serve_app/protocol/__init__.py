@@ -2,6 +2,9 @@
 
 Pure Python + numpy + pydantic, importable without Ray. Every parser here raises only `ServiceError`
 (INVALID_MESSAGE, MESSAGE_TOO_LARGE or INVALID_PRIOR, never fatal): a malformed client message must never take down a stream.
+
+Over 400 lines because every parser of untrusted client input is kept in this one module (with framing.py's
+constants), so the strict rules are read and tested in one place.
 """
 
 from __future__ import annotations

@@ -15,6 +15,8 @@ loops that disagree with the odometry are also refused before they enter, see `l
 bench/posegraph.py compares it with the solver it replaced, with gtsam and with other factorisations of the same
 steps (`solve(linear=...)`): an RCM-ordered banded Cholesky is no faster (a chain with loops has a band of ~17
 nodes); qdldl's numeric refactorisations saved ~1/3 of a cold solve, too little to make it a dependency.
+
+Over 400 lines because the Jacobians, the robust Gauss-Newton and its factorisation variants form one solver.
 """
 
 from __future__ import annotations

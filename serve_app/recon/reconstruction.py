@@ -34,6 +34,10 @@ beyond it the oldest are forgotten, in the same order the session store evicts t
 
 Planning and integration are split so the ingress can send window k+1 to the model before window k is aligned:
 planning needs only images; integration (strictly in window order) needs the context frames' world points.
+
+Over 400 lines because it is one class on purpose: planning, integration, the global-consistency hooks and
+snapshot/restore all read and write the session's world state. What does not need that state lives apart:
+plan.py (the types), occupancy.py, prior.py, alignment.py, depth_refine.py, consistency.py, loops.py.
 """
 
 from __future__ import annotations

@@ -2,6 +2,9 @@
 
 The detached session actor (deployments/session_actor.py) wraps one SessionStore; tests drive it directly with
 an explicit clock. All times are UNIX seconds passed in by the caller.
+
+Over 400 lines because every session rule (lifecycle, limits, ownership, fencing, results, the point budget)
+is kept in this one class, so the memory, journal and Redis backends all apply the same rules.
 """
 
 from __future__ import annotations
