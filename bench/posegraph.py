@@ -26,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
-from scipy.sparse.csgraph import connected_components
 
 from serve_app.recon.geometry import Sim3
 from serve_app.recon.posegraph import (
@@ -38,6 +37,7 @@ from serve_app.recon.posegraph import (
     _residuals,
     _retract,
     _stack,
+    graph_setup,
     so3_exp,
     solve,
     solve_gtsam,
@@ -81,34 +81,11 @@ def solve_reference(ids, poses, edges, params, fixed) -> SolveResult:
     """The solver before issue 16's speed work, kept only here as the yardstick: finite-difference Jacobians (14
     residual evaluations per iteration), J assembled as a scipy CSR and H = J^T J, SuperLU re-ordering H every
     iteration."""
-    n = len(ids)
-    pos = {k: i for i, k in enumerate(ids)}
-    edges = [e for e in edges if e.a in pos and e.b in pos]
-    if not edges or n < 2:
+    g = graph_setup(ids, poses, edges, fixed)
+    if g is None:
         return SolveResult(dict(zip(ids, poses)), 0, 0.0, 0.0)
-    x = _stack(poses)
-    ia = np.array([pos[e.a] for e in edges])
-    ib = np.array([pos[e.b] for e in edges])
-    zinv = _inverse(_stack([e.z for e in edges]))
-    base_w = np.array([e.weight for e in edges], np.float64)
+    n, x, ia, ib, zinv, base_w, m, free = g.n, g.x, g.ia, g.ib, g.zinv, g.base_w, g.m, g.free
     sig = params.sig
-    m = len(edges)
-    free = np.ones(n, bool)
-    for k in ([fixed] if isinstance(fixed, int) else fixed):
-        if k in pos:
-            free[pos[k]] = False
-    if free.all() or not free.any():
-        raise ValueError("solve needs at least one fixed and one free node")
-    # A part of the graph not connected to a fixed node (e.g. windows whose edges a session takeover lost) has
-    # no gauge: hold its oldest node too, so it moves rigidly with nothing instead of drifting off.
-    ncomp, comp = connected_components(sp.coo_matrix((np.ones(len(edges)), (
-        [pos[e.a] for e in edges], [pos[e.b] for e in edges])), shape=(n, n)), directed=False)
-    for c in range(ncomp):
-        members = np.flatnonzero(comp == c)
-        if free[members].all():
-            free[members[0]] = False
-    if not free.any():
-        return SolveResult(dict(zip(ids, poses)), 0, 0.0, 0.0)
     col_of = np.full(n, -1)
     col_of[free] = np.arange(int(free.sum()))
     nv = 7 * int(free.sum())
@@ -172,7 +149,7 @@ def solve_reference(ids, poses, edges, params, fixed) -> SolveResult:
     nrm = np.sqrt((r ** 2).sum(1))
     cost1 = float((base_w * (r ** 2).sum(1)).sum())
     down = [i for i in range(m) if nrm[i] > 2 * params.huber]
-    out = {k: Sim3(x[0][i], x[1][i], x[2][i]) for k, i in pos.items()}
+    out = {k: Sim3(x[0][i], x[1][i], x[2][i]) for i, k in enumerate(ids)}
     return SolveResult(out, it, cost0, cost1, down)
 
 

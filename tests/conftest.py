@@ -181,3 +181,14 @@ def redis_app(serve_url, redis_url):
     args = app_args(model={"backend": "oracle", "oracle_scene": SCENE},
                     session_actor={"backend": "redis", "redis_url": redis_url})
     return deploy(serve_url, "redisapp", args), args
+
+
+class InProcess:
+    """The session actor's class driven in this process: `handle.method.remote(...)` is its coroutine."""
+
+    def __init__(self, actor):
+        self.actor = actor
+
+    def __getattr__(self, name):
+        method = getattr(self.actor, name)
+        return type("M", (), {"remote": staticmethod(lambda *a, **k: method(*a, **k))})

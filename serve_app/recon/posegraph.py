@@ -344,23 +344,33 @@ class _NormalPattern:
         return H, g[:-1].reshape(-1)
 
 
-def solve(ids: list[int], poses: list[Sim3], edges: list[Edge], params: GraphParams,
-          fixed: int | set[int] | list[int], linear: str = "lu") -> SolveResult:
-    """Robust Gauss-Newton over the graph, the `fixed` node(s) held (at least one: the gauge). Returns the poses
-    by id. `linear`: the factorisation of the normal matrix H: "lu" SuperLU; "banded" LAPACK's banded Cholesky in
-    a reverse Cuthill-McKee order (SuperLU when the band is wide); "ldl" qdldl (optional package). Same steps,
-    so the same solution to rounding; bench/posegraph.py measures them."""
+@dataclass
+class GraphSetup:
+    """A solve's inputs as arrays: node states, edge endpoints, inverse measurements, weights, free nodes."""
+
+    n: int
+    x: tuple
+    ia: np.ndarray
+    ib: np.ndarray
+    zinv: tuple
+    base_w: np.ndarray
+    m: int
+    free: np.ndarray
+
+
+def graph_setup(ids, poses, edges, fixed: int | set[int] | list[int]) -> GraphSetup | None:
+    """The arrays a solve works on, with the gauge: the `fixed` node(s), and the oldest node of any part of the
+    graph no fixed node reaches. None when nothing can move (no edge, or every node held)."""
     n = len(ids)
     pos = {k: i for i, k in enumerate(ids)}
     edges = [e for e in edges if e.a in pos and e.b in pos]
     if not edges or n < 2:
-        return SolveResult(dict(zip(ids, poses)), 0, 0.0, 0.0)
+        return None
     x = _stack(poses)
     ia = np.array([pos[e.a] for e in edges])
     ib = np.array([pos[e.b] for e in edges])
     zinv = _inverse(_stack([e.z for e in edges]))
     base_w = np.array([e.weight for e in edges], np.float64)
-    sig = params.sig
     m = len(edges)
     free = np.ones(n, bool)
     for k in ([fixed] if isinstance(fixed, int) else fixed):
@@ -376,7 +386,21 @@ def solve(ids: list[int], poses: list[Sim3], edges: list[Edge], params: GraphPar
         if free[members].all():
             free[members[0]] = False
     if not free.any():
+        return None
+    return GraphSetup(n, x, ia, ib, zinv, base_w, m, free)
+
+
+def solve(ids: list[int], poses: list[Sim3], edges: list[Edge], params: GraphParams,
+          fixed: int | set[int] | list[int], linear: str = "lu") -> SolveResult:
+    """Robust Gauss-Newton over the graph, the `fixed` node(s) held (at least one: the gauge). Returns the poses
+    by id. `linear`: the factorisation of the normal matrix H: "lu" SuperLU; "banded" LAPACK's banded Cholesky in
+    a reverse Cuthill-McKee order (SuperLU when the band is wide); "ldl" qdldl (optional package). Same steps,
+    so the same solution to rounding; bench/posegraph.py measures them."""
+    g = graph_setup(ids, poses, edges, fixed)
+    if g is None:  # nothing to move
         return SolveResult(dict(zip(ids, poses)), 0, 0.0, 0.0)
+    n, x, ia, ib, zinv, base_w, free = g.n, g.x, g.ia, g.ib, g.zinv, g.base_w, g.free
+    sig = params.sig
     pattern = _NormalPattern(ia, ib, free)
     col_of = pattern.col_of
 

@@ -7,6 +7,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from conftest import InProcess
 
 from serve_app.config import AppArgs, LimitsConfig
 from serve_app.deployments.session_actor import SessionActor
@@ -37,17 +38,6 @@ class MemorySocket:
     async def close(self, code: int, reason: str = "") -> None:
         self.closed_with = code
         self.changed.set()
-
-
-class InProcess:
-    """The actor class driven in this process: `handle.method.remote(...)` is its coroutine."""
-
-    def __init__(self, actor):
-        self.actor = actor
-
-    def __getattr__(self, name):
-        method = getattr(self.actor, name)
-        return type("M", (), {"remote": staticmethod(lambda *a, **k: method(*a, **k))})
 
 
 class Shards:

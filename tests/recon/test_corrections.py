@@ -9,6 +9,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import InProcess
 
 from serve_app.config import LimitsConfig, SessionParams
 from serve_app.recon import corrections as C
@@ -244,17 +245,6 @@ def test_journal_restores_corrections(tmp_path):
 
 
 # --- the worker publishes, its streams get it ---------------------------------------------------------------
-class InProcess:
-    """The session actor's class driven in this process: `handle.method.remote(...)` is its coroutine."""
-
-    def __init__(self, actor):
-        self.actor = actor
-
-    def __getattr__(self, name):
-        method = getattr(self.actor, name)
-        return type("M", (), {"remote": staticmethod(lambda *a, **k: method(*a, **k))})
-
-
 @pytest.mark.slow
 def test_publish_correction_commits_fenced_and_hands_the_record_to_local_streams():
     from serve_app.deployments.session_actor import SessionActor
