@@ -172,6 +172,7 @@ class StreamResult:
     send_t: dict = field(default_factory=dict)  # frame_id -> first send time (monotonic)
     errors: Counter = field(default_factory=Counter)
     summary: dict | None = None
+    loops_accepted: int | None = None  # the latest `correction` message's count (loops closed so far)
     close_code: int | None = None
     t_first_send: float = 0.0
     t_last_points: float = 0.0
@@ -317,6 +318,8 @@ async def stream_session(url: str, frames: list[bytes], num_frames: int, *, para
                                 credit.notify_all()
                     elif kind == "summary":
                         res.summary = m
+                    elif kind == "correction" and m.get("loops_accepted") is not None:
+                        res.loops_accepted = max(res.loops_accepted or 0, int(m["loops_accepted"]))
             except websockets.ConnectionClosed:
                 pass
             finally:
