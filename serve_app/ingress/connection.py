@@ -57,9 +57,11 @@ class Connection:
     message sent is counted until the client's `received` covers it; the result sender pauses at
     max_unacked_result_bytes, and a client that leaves that much of other messages unread is closed."""
 
-    def __init__(self, ws: WebSocket, acked_seq: int = 0, limits: LimitsConfig | None = None):
+    def __init__(self, ws: WebSocket, acked_seq: int = 0, limits: LimitsConfig | None = None,
+                 sid: str | None = None):
         self.ws = ws
         self.id = uuid.uuid4().hex
+        self.sid = sid  # the session streamed (its streams are closed together when the store is lost)
         self.lock = asyncio.Lock()
         self.closed = False
         lim = limits or LimitsConfig()

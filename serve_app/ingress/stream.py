@@ -35,37 +35,25 @@ class StreamRoute:
     async def reconstruct(self, websocket: WebSocket, session_id: str) -> None:
         offered = [p.strip() for p in websocket.headers.get("sec-websocket-protocol", "").split(",")]
         await websocket.accept(subprotocol=WS_SUBPROTOCOL if WS_SUBPROTOCOL in offered else None)
-        conn = Connection(websocket, limits=self.args.limits)
-        conn.sid = session_id  # type: ignore[attr-defined]  # for _on_store_lost
+        conn = Connection(websocket, limits=self.args.limits, sid=session_id)
         if self.draining:  # routed here just before Serve took this replica out of rotation
             await conn.close(WS_CLOSE_SERVICE_RESTART, "server restarting; reconnect")
             return
         self._watch_drain()
         try:
             owner = self._owner(self._bearer(websocket))
-            att = await call(self.store.of(session_id).attach, session_id, owner, conn.id)
         except ServiceError as exc:
-            self._count_error(exc.code.value)
-            await conn.fail(exc)
-            await conn.close(WS_CLOSE.get(exc.code, 4500), exc.code.value)
+            await self._refuse(conn, session_id, exc)
             return
-        except Exception as exc:
-            if not store_unavailable(exc):
-                raise
-            await self._close_store_gone(conn, session_id)
+        att = await self._handshake_step(conn, session_id, call(self.store.of(session_id).attach, session_id,
+                                                                 owner, conn.id))
+        if att is None:
             return
         info = att.info
         params = SessionParams.model_validate(info["params"])
-        try:
-            worker = await self._worker(session_id, params, owner, info)
-        except ServiceError as exc:  # deleted or expired between attach and takeover
-            await conn.fail(exc)
-            await conn.close(WS_CLOSE.get(exc.code, 4500), exc.code.value)
-            return
-        except Exception as exc:
-            if not store_unavailable(exc):
-                raise
-            await self._close_store_gone(conn, session_id)
+        # the session may be deleted or expire between attach and takeover
+        worker = await self._handshake_step(conn, session_id, self._worker(session_id, params, owner, info))
+        if worker is None:
             return
         try:
             resume_from = int(websocket.query_params.get("resume_from", info["last_seq"]))
@@ -114,6 +102,24 @@ class StreamRoute:
                 await self.store.of(session_id).detach.remote(session_id, conn.id)
             except Exception:  # noqa: BLE001, S110 - actor restarting; attachment is advisory
                 pass
+
+    async def _handshake_step(self, conn: Connection, sid: str, step):
+        """Await one store step of the handshake. A refusal closes the stream with its code, a store that is gone
+        with 1012 (the client reconnects); either way None."""
+        try:
+            return await step
+        except ServiceError as exc:
+            await self._refuse(conn, sid, exc)
+        except Exception as exc:
+            if not store_unavailable(exc):
+                raise
+            await self._close_store_gone(conn, sid)
+        return None
+
+    async def _refuse(self, conn: Connection, sid: str, exc: ServiceError) -> None:
+        self._count_error(exc.code.value, sid)
+        await conn.fail(exc)
+        await conn.close(WS_CLOSE.get(exc.code, 4500), exc.code.value)
 
     async def _receive_loop(self, conn: Connection, websocket: WebSocket, sid: str, owner: str | None,
                             worker: SessionWorker) -> None:
@@ -172,7 +178,7 @@ class StreamRoute:
         """A session worker stopped because the store failed a call: its streams here reconnect (1012) and the
         worker that takes the session over redoes what was not committed."""
         for c in list(self.connections):
-            if getattr(c, "sid", None) == sid:
+            if c.sid == sid:
                 asyncio.ensure_future(self._close_store_gone(c, sid))
 
     async def _close_store_gone(self, conn: Connection, sid: str) -> None:
