@@ -18,6 +18,7 @@ view and pair and an (N*B)^2 normal system: a few ms per window.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -55,30 +56,38 @@ def basis_at(u: np.ndarray, v: np.ndarray, h: int, w: int, constant: bool = Fals
     return np.stack(cols, axis=-1)
 
 
+@lru_cache(maxsize=8)
+def _grid_basis(h: int, w: int, constant: bool) -> np.ndarray:
+    """(B, H*W) basis over every pixel (cached: a stream's windows share one size)."""
+    v, u = np.mgrid[0:h, 0:w]
+    B = basis_at(u.reshape(-1), v.reshape(-1), h, w, constant=constant).T.copy()
+    B.flags.writeable = False
+    return B
+
+
 def field(coef: np.ndarray, h: int, w: int) -> np.ndarray:
     """(N, H, W) log-warp coef . B over every pixel of each view."""
     coef = np.asarray(coef, np.float64)
-    v, u = np.mgrid[0:h, 0:w]
-    B = basis_at(u.reshape(-1), v.reshape(-1), h, w, constant=coef.shape[1] == 4)  # (HW, B)
-    return (coef @ B.T).reshape(len(coef), h, w)
+    return (coef @ _grid_basis(h, w, coef.shape[1] == 4)).reshape(len(coef), h, w)
 
 
-def _bilinear(depth: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Bilinear depth at (u, v) (inside [0, w-1] x [0, h-1]); NaN where a neighbour is not a positive depth."""
-    h, w = depth.shape
+def _bilinear(depth: np.ndarray, u: np.ndarray, v: np.ndarray, view: np.ndarray | None = None) -> np.ndarray:
+    """Bilinear depth at (u, v) (inside [0, w-1] x [0, h-1]) of a (H, W) map, or of maps[view] for a stack
+    (N, H, W); NaN where a neighbour is not a positive depth."""
+    h, w = depth.shape[-2:]
     u0 = np.clip(np.floor(u).astype(np.int64), 0, w - 2)
     v0 = np.clip(np.floor(v).astype(np.int64), 0, h - 2)
     fu, fv = u - u0, v - v0
     flat = depth.reshape(-1)
     i = v0 * w + u0
+    if view is not None:
+        i = i + np.asarray(view, np.int64) * (h * w)
     d00, d01, d10, d11 = flat[i], flat[i + 1], flat[i + w], flat[i + w + 1]
     d = (d00 * (1 - fu) * (1 - fv) + d01 * fu * (1 - fv) + d10 * (1 - fu) * fv + d11 * fu * fv)
-    good = (d00 > 0) & (d01 > 0) & (d10 > 0) & (d11 > 0)
-    # A depth edge between the neighbours is not a surface to compare against.
+    # A depth edge between the neighbours is not a surface to compare against (nor is a missing depth).
     lo = np.minimum(np.minimum(d00, d01), np.minimum(d10, d11))
     hi = np.maximum(np.maximum(d00, d01), np.maximum(d10, d11))
-    good &= hi <= 1.1 * lo
-    return np.where(good, d, np.nan)
+    return np.where((lo > 0) & (hi <= 1.1 * lo), d, np.nan)
 
 
 def _skew_rotation(w: np.ndarray) -> np.ndarray:
@@ -94,7 +103,7 @@ def _skew_rotation(w: np.ndarray) -> np.ndarray:
 
 def refine_window(depth: np.ndarray, intrinsics: np.ndarray, c2w: np.ndarray, mask: np.ndarray, *,
                   samples_per_view: int = 300, prior_std: float = 0.02, prior_rot_deg: float = 1.0,
-                  prior_trans: float = 0.02, fit_poses: bool = False, tol: float = 0.1, iters: int = 2,
+                  prior_trans: float = 0.02, fit_poses: bool = False, tol: float = 0.1, iters: int = 1, irls: int = 3,
                   normal_step: int = 2, gauge_mean: bool = True, frame_index: np.ndarray | None = None,
                   max_gap: int | None = None, seed: int = 0) -> RefineResult:
     """Fit each view's low-order depth field, and (fit_poses) a small correction of each view's pose but the
@@ -104,7 +113,8 @@ def refine_window(depth: np.ndarray, intrinsics: np.ndarray, c2w: np.ndarray, ma
     depth (N, H, W) z-depth, intrinsics (N, 3, 3), c2w (N, 4, 4), mask (N, H, W) the pixels to sample
     (confident). Priors (zero mean): `prior_std` per field coefficient, `prior_rot_deg` per rotation axis,
     `prior_trans` x the window's median depth per translation axis. Returns the refined depth and cameras
-    (unchanged, ok False, when no two views overlap enough to fit)."""
+    (unchanged, ok False, when no two views overlap enough to fit). All pairs are linearised in one vectorised
+    pass (the cost is a few numpy calls per iteration, not per pair)."""
     import cv2
 
     depth = np.asarray(depth)
@@ -113,32 +123,35 @@ def refine_window(depth: np.ndarray, intrinsics: np.ndarray, c2w: np.ndarray, ma
     c2w = np.asarray(c2w, np.float64)
     K = np.asarray(intrinsics, np.float64)
     Kinv = np.linalg.inv(K)
-    d64 = np.where(np.isfinite(depth) & (depth > 0), depth, 0.0).astype(np.float64)
-    pos = d64[d64 > 0]
+    # Images stay float32 (lookups, smoothing, the refined map); the fit itself is float64 on the samples.
+    d64 = np.where(np.isfinite(depth) & (depth > 0), depth, 0.0).astype(np.float32, copy=False)
 
     def fail(reason: str, used: int = 0) -> RefineResult:
         return RefineResult(np.zeros((n, nb)), depth, float("nan"), float("nan"), used, False, reason, c2w)
 
-    if n < 2 or not pos.size:
+    if n < 2 or not (d64 > 0).any():
         return fail("fewer than 2 views")
-    med = float(np.median(pos))
     rng = np.random.default_rng(seed)
-    # Smoothed depth for normals (per-pixel noise makes 1-pixel differences useless); invalid pixels excluded.
-    valid = (d64 > 0).astype(np.float64)
-    smooth = np.empty_like(d64)
-    for j in range(n):
-        num = cv2.blur(d64[j], (5, 5))
-        den = cv2.blur(valid[j], (5, 5))
-        smooth[j] = np.where(den > 0.99, num / np.maximum(den, 1e-9), 0.0)
-    samp = []
+    # Samples: up to samples_per_view confident pixels per view, drawn uniformly over the image and kept where
+    # the mask allows (listing every candidate costs more than the fit); a sparse mask falls back to the list.
+    ok_pix = np.asarray(mask).reshape(n, -1) & (d64.reshape(n, -1) > 0)
+    draw = rng.integers(0, h * w, (n, 2 * samples_per_view))
+    hit = np.take_along_axis(ok_pix, draw, axis=1)
+    own, pix = [], []
     for i in range(n):
-        cand = np.flatnonzero(np.asarray(mask[i]).reshape(-1) & (d64[i].reshape(-1) > 0))
-        if len(cand) > samples_per_view:
-            cand = rng.choice(cand, samples_per_view, replace=False)
-        v, u = np.divmod(cand, w)
-        pix = np.stack([u, v, np.ones_like(u)]).astype(np.float64)
-        samp.append((basis_at(u, v, h, w), (Kinv[i] @ pix).T, d64[i].reshape(-1)[cand]))
-    npar = 6 + nb
+        cand = np.unique(draw[i, hit[i]][:samples_per_view])  # the first hits: a uniform draw
+        if len(cand) < samples_per_view // 2:
+            cand = np.flatnonzero(ok_pix[i])
+            if len(cand) > samples_per_view:
+                cand = np.unique(cand[rng.integers(0, len(cand), samples_per_view)])
+        own.append(np.full(len(cand), i))
+        pix.append(cand)
+    O, flat_pix = np.concatenate(own), np.concatenate(pix)
+    sv_, su_ = np.divmod(flat_pix, w)
+    BI = basis_at(su_, sv_, h, w)
+    rays = np.einsum("mij,jm->mi", Kinv[O], np.stack([su_, sv_, np.ones_like(su_)]).astype(np.float64))
+    DI = d64.reshape(n, -1)[O, flat_pix].astype(np.float64)
+    med = float(np.median(DI)) if len(DI) else 1.0
     # Pairs compared: every two views, or (max_gap) those at most max_gap frames apart: far views see less of
     # the same surfaces and their pose errors look like depth warps over the longer baseline.
     order = np.arange(n) if frame_index is None else np.asarray(frame_index)
@@ -146,122 +159,132 @@ def refine_window(depth: np.ndarray, intrinsics: np.ndarray, c2w: np.ndarray, ma
     if max_gap is not None:
         paired &= np.abs(order[:, None] - order[None, :]) <= max_gap
     linked = paired.any(axis=1)
+    ps, pj = np.nonzero(paired[O])  # (sample, target view) of every comparison
+    # Smoothed depth for normals (per-pixel noise makes 1-pixel differences useless); invalid pixels excluded.
+    # Only views something is compared against are needed.
+    valid = (d64 > 0).astype(np.float32)
+    smooth = np.zeros_like(d64)
+    for j in np.flatnonzero(paired.any(axis=0)):
+        num = cv2.blur(d64[j], (5, 5))
+        den = cv2.blur(valid[j], (5, 5))
+        smooth[j] = np.where(den > 0.99, num / np.maximum(den, 1e-9), 0.0)
+    npar = 6 + nb
+    # Free parameters: each linked view's field; with fit_poses its rotation and translation too, except view 0
+    # (the window's gauge). The rest stay as they are.
+    free = np.zeros((n, npar), bool)
+    free[linked, 6:] = True
+    if fit_poses:
+        free[linked, :6] = True
+        free[0, :6] = False
+    col = np.full((n, npar), -1)
+    col[free] = np.arange(int(free.sum()))
+    nfree = int(free.sum())
+    prior = np.tile(np.r_[np.full(3, np.radians(prior_rot_deg)), np.full(3, prior_trans), np.full(nb, prior_std)],
+                    (n, 1))[free]
     R = c2w[:, :3, :3].copy()
     C = c2w[:, :3, 3].copy()
     coef = np.zeros((n, nb))
     s = float(normal_step)
 
     def linearise():
-        """Residuals (relative to view j's depth) and their Jacobian rows, per pair, at the current state."""
-        pts, arm, own, bas = [], [], [], []
-        for i in range(n):
-            Bi, rays, di = samp[i]
-            a = (rays @ R[i].T) * (di * np.exp(-(Bi @ coef[i])))[:, None]
-            pts.append(C[i] + a)
-            arm.append(a)
-            own.append(np.full(len(di), i))
-            bas.append(Bi)
-        P, A, O, BI = np.concatenate(pts), np.concatenate(arm), np.concatenate(own), np.concatenate(bas)
-        out = []
-        for j in range(n):
-            sel = np.flatnonzero(paired[O, j])
-            cam = (P[sel] - C[j]) @ R[j]
-            z = cam[:, 2]
-            with np.errstate(divide="ignore", invalid="ignore"):
-                uj = (K[j, 0, 0] * cam[:, 0] + K[j, 0, 1] * cam[:, 1]) / z + K[j, 0, 2]
-                vj = K[j, 1, 1] * cam[:, 1] / z + K[j, 1, 2]
-            ok = (z > 0) & (uj >= 0) & (uj <= w - 1 - s) & (vj >= 0) & (vj <= h - 1 - s)
-            sel, z, uj, vj = sel[ok], z[ok], uj[ok], vj[ok]
-            if len(sel) < 10:
-                continue
-            dj = _bilinear(d64[j], uj, vj)
-            s0 = _bilinear(smooth[j], uj, vj)
-            su = _bilinear(smooth[j], uj + s, vj)
-            sv = _bilinear(smooth[j], uj, vj + s)
-            good = np.isfinite(dj) & np.isfinite(s0) & np.isfinite(su) & np.isfinite(sv)
-            if good.sum() < 10:
-                continue
-            sel, z, uj, vj, dj, s0, su, sv = (x[good] for x in (sel, z, uj, vj, dj, s0, su, sv))
-            Bj = basis_at(uj, vj, h, w)
-            fj = np.exp(-(Bj @ coef[j]))
-            ki = Kinv[j]
-            ray0 = np.stack([uj, vj, np.ones_like(uj)], 1) @ ki.T
-            x0 = ray0 * s0[:, None]
-            xu = (ray0 + s * ki[:, 0]) * su[:, None]
-            xv = (ray0 + s * ki[:, 1]) * sv[:, None]
-            nc = np.cross(xu - x0, xv - x0)
-            nc /= np.maximum(np.linalg.norm(nc, axis=1), 1e-300)[:, None]
-            nw = nc @ R[j].T  # world normal
-            aj = (ray0 * (dj * fj)[:, None]) @ R[j].T  # view j's surface point at q, minus its centre
-            Xj = C[j] + aj
-            Xi, ai, oi = P[sel], A[sel], O[sel]
-            r = np.einsum("ij,ij->i", nw, Xi - Xj) / z
-            inv = 1.0 / z
-            J = np.zeros((len(r), 2 * npar))  # [view i's params | view j's params]
-            J[:, 0:3] = np.cross(ai, nw) * inv[:, None]
-            J[:, 3:6] = nw * (med * inv)[:, None]
-            J[:, 6:9] = -(np.einsum("ij,ij->i", nw, ai) * inv)[:, None] * BI[sel]
-            J[:, 9:12] = -np.cross(aj, nw) * inv[:, None]
-            J[:, 12:15] = -nw * (med * inv)[:, None]
-            J[:, 15:18] = (np.einsum("ij,ij->i", nw, aj) * inv)[:, None] * Bj
-            # Occlusions: the point is far in front of or behind view j's surface along its ray.
-            vis = np.abs(np.log(z / (dj * fj))) <= tol
-            out.append((oi[vis], j, r[vis], J[vis]))
-        return out
+        """Residuals (relative to view j's depth), their Jacobian over the free parameters (dense, one row per
+        comparison), at the current state."""
+        a_s = np.einsum("mij,mj->mi", R[O], rays) * (DI * np.exp(-np.einsum("mk,mk->m", BI, coef[O])))[:, None]
+        Pw = C[O] + a_s
+        Rj = R[pj]
+        cam = np.einsum("ml,mlk->mk", Pw[ps] - C[pj], Rj)
+        z = cam[:, 2]
+        Kj = K[pj]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            uj = (Kj[:, 0, 0] * cam[:, 0] + Kj[:, 0, 1] * cam[:, 1]) / z + Kj[:, 0, 2]
+            vj = Kj[:, 1, 1] * cam[:, 1] / z + Kj[:, 1, 2]
+        ok = (z > 0) & (uj >= 0) & (uj <= w - 1 - s) & (vj >= 0) & (vj <= h - 1 - s)
+        e = np.flatnonzero(ok)
+        z, uj, vj, jv = z[e], uj[e], vj[e], pj[e]
+        dj = _bilinear(d64, uj, vj, jv)
+        s0 = _bilinear(smooth, uj, vj, jv)
+        su = _bilinear(smooth, uj + s, vj, jv)
+        sv = _bilinear(smooth, uj, vj + s, jv)
+        good = np.isfinite(dj) & np.isfinite(s0) & np.isfinite(su) & np.isfinite(sv)
+        e, z, uj, vj, jv, dj, s0, su, sv = (x[good] for x in (e, z, uj, vj, jv, dj, s0, su, sv))
+        Bj = basis_at(uj, vj, h, w)
+        fj = np.exp(-np.einsum("mk,mk->m", Bj, coef[jv]))
+        ki = Kinv[jv]
+        ray0 = ki[:, :, 0] * uj[:, None] + ki[:, :, 1] * vj[:, None] + ki[:, :, 2]
+        x0 = ray0 * s0[:, None]
+        xu = (ray0 + s * ki[:, :, 0]) * su[:, None]
+        xv = (ray0 + s * ki[:, :, 1]) * sv[:, None]
+        nc = np.cross(xu - x0, xv - x0)
+        nc /= np.maximum(np.linalg.norm(nc, axis=1), 1e-300)[:, None]
+        Rv = R[jv]
+        nw = np.einsum("mkl,ml->mk", Rv, nc)  # world normal
+        aj = np.einsum("mkl,ml->mk", Rv, ray0) * (dj * fj)[:, None]  # view j's surface point at q, minus its centre
+        smp = ps[e]
+        iv = O[smp]
+        ai = a_s[smp]
+        inv = 1.0 / z
+        r = np.einsum("ij,ij->i", nw, Pw[smp] - C[jv] - aj) * inv
+        # Occlusions: the point is far in front of or behind view j's surface along its ray.
+        vis = np.abs(np.log(z / (dj * fj))) <= tol
+        m = len(r)
+        Jd = np.zeros((m, nfree))
+        rows = np.arange(m)
+        blocks = [(iv, -(np.einsum("ij,ij->i", nw, ai) * inv)[:, None] * BI[smp], 6),
+                  (jv, (np.einsum("ij,ij->i", nw, aj) * inv)[:, None] * Bj, 6)]
+        if fit_poses:
+            blocks += [(iv, np.cross(ai, nw) * inv[:, None], 0), (iv, nw * (med * inv)[:, None], 3),
+                       (jv, -np.cross(aj, nw) * inv[:, None], 0), (jv, -nw * (med * inv)[:, None], 3)]
+        for view, vals, p0 in blocks:
+            for k in range(3):
+                c = col[view, p0 + k]
+                f = c >= 0
+                if f.any():
+                    Jd[rows[f], c[f]] = vals[f, k]
+        return r[vis], Jd[vis]
 
-    prior = np.tile(np.r_[np.full(3, np.radians(prior_rot_deg)), np.full(3, prior_trans), np.full(nb, prior_std)],
-                    n).reshape(n, npar)
-    if not fit_poses:
-        prior[:, :6] = 1e-9
-    prior[0, :6] = 1e-9  # view 0 is the window's gauge
-    prior[~linked] = 1e-9  # a view compared with none stays as it is
-    state = np.zeros((n, npar))  # accumulated (rotation vector, translation / med, field)
+    state = np.zeros(nfree)  # accumulated (rotation vector, translation / med, field) of the free parameters
+    G = None
+    if gauge_mean:
+        # Gauge: the views' mean field is the identity (a field shared by all views is unobservable).
+        G = np.zeros((nb, nfree))
+        for i in np.flatnonzero(linked):
+            G[:, col[i, 6:]] = np.eye(nb)
+    def robust(r: np.ndarray) -> tuple[np.ndarray, float, float, int]:
+        """Huber weights (a hard cut at tol), the noise scale, the weighted RMS and the inlier count."""
+        a = np.abs(r)
+        inl = a <= tol
+        sigma = max(MAD_TO_SIGMA * float(np.median(a[inl])), 1e-6) if inl.any() else 1e-6
+        k = HUBER_K * sigma
+        wt = np.where(a <= k, 1.0, k / np.maximum(a, 1e-300)) * inl
+        return wt, sigma, float(np.sqrt(np.average(r ** 2, weights=np.maximum(wt, 1e-12)))), int(inl.sum())
+
     rms_before = rms = float("nan")
     used = 0
-    for it in range(iters + 1):
-        rows = linearise()
-        if not rows:
+    pg = 1e4 * G.T @ G if G is not None else np.zeros((nfree, nfree))
+    for it in range(max(iters, 1)):
+        r, J = linearise()
+        if not len(r):
             return fail("no two views overlap")
-        r_all = np.concatenate([x[2] for x in rows])
-        a = np.abs(r_all)
-        inl = a <= tol
-        if inl.sum() < 10 * n:
-            return fail("views disagree everywhere", len(r_all))
-        sigma = max(MAD_TO_SIGMA * float(np.median(a[inl])), 1e-6)
-        k = HUBER_K * sigma
-        wt_all = np.where(a <= k, 1.0, k / np.maximum(a, 1e-300)) * inl
-        rms = float(np.sqrt(np.average(r_all ** 2, weights=np.maximum(wt_all, 1e-12))))
-        used = int(inl.sum())
+        wt, sigma, rms, used = robust(r)
+        if used < 10 * n:
+            return fail("views disagree everywhere", len(r))
         if it == 0:
             rms_before = rms
-        if it == iters:
-            break
-        H = np.diag((sigma / prior.reshape(-1)) ** 2)
-        if gauge_mean:
-            # Gauge: the views' mean field is the identity (a field shared by all views is unobservable).
-            G = np.zeros((nb, n * npar))
-            for i in np.flatnonzero(linked):
-                G[:, i * npar + 6:(i + 1) * npar] = np.eye(nb)
-            H += 1e4 * G.T @ G
-        g = -H @ state.reshape(-1)
-        start = 0
-        for oi, j, r, J in rows:
-            wt = wt_all[start:start + len(r)]
-            start += len(r)
-            for i in np.unique(oi):
-                m = oi == i
-                cols = np.r_[i * npar:(i + 1) * npar, j * npar:(j + 1) * npar]
-                Jm, wm, rm = J[m], wt[m], r[m]
-                Jw = Jm * wm[:, None]
-                H[np.ix_(cols, cols)] += Jw.T @ Jm
-                g[cols] -= Jw.T @ rm
-        step = np.linalg.solve(H, g).reshape(n, npar)
-        state += step
+        # IRLS on this linearisation: the weights follow the predicted residuals r + J step (the fields move
+        # the correspondences by a fraction of a pixel, so one linearisation serves several reweightings).
+        step_free = np.zeros(nfree)
+        for _ in range(max(irls, 1)):
+            P = np.diag((sigma / prior) ** 2) + pg
+            Jw = J * wt[:, None]
+            step_free = np.linalg.solve(P + Jw.T @ J, -P @ state - Jw.T @ r)
+            wt, sigma, rms, used = robust(r + J @ step_free)
+        state += step_free
+        step = np.zeros((n, npar))
+        step[free] = step_free
         R = _skew_rotation(step[:, :3]) @ R
         C = C + step[:, 3:6] * med
         coef = coef + step[:, 6:]
-    refined = (d64 * np.exp(-field(coef, h, w))).astype(depth.dtype)
-    refined = np.where(d64 > 0, refined, depth)
+    refined = np.where(d64 > 0, d64 * np.exp(-field(coef, h, w).astype(np.float32)), depth).astype(depth.dtype)
     out_c2w = c2w.copy()
     out_c2w[:, :3, :3] = R
     out_c2w[:, :3, 3] = C
