@@ -36,7 +36,8 @@ centres' fit gives a nearly planar path), drift (last 10 % after a fit on the fi
 (% of path), ATE and rotation median of the first and last lap (three loops: error growth), Chamfer accuracy
 (map -> true surface) and completeness (true surface -> map) as % of the scene's diagonal, with the sampling
 floor, per-window latency (median ms: served = the window's `total`, in-process = forward + integration, the
-latency path), geometry (median ms, alignment + map update), off-path time per window (in-process: the graph
+latency path), geometry (median ms, alignment + map update; geoCPU: its
+process CPU time, in-process only, the figure to compare on a shared box), off-path time per window (in-process: the graph
 step, loop windows' forwards included), accepted loops with rejected ones in brackets (in-process; served: the
 latest `correction` message's `loops_accepted`, else the window messages'; "n/a" when off) and correction messages.
 
@@ -214,7 +215,7 @@ def run_in_process(seq, oracle, params: SessionParams, depth: int, batch_loops: 
     frame_window: dict[int, int] = {}
     points: dict[int, np.ndarray] = {}
     corr: dict[int, Sim3] = {}
-    lat, geo, off, off_cpu, windows = [], [], [], [], []
+    lat, geo, geo_cpu, off, off_cpu, windows = [], [], [], [], [], []
     stats = {"corrections": 0, "global_solves": 0, "solve_cpu_s": 0.0, "loop_forward_cpu_s": 0.0,
              "loop_verify_cpu_s": 0.0}
     failed = 0
@@ -225,7 +226,9 @@ def run_in_process(seq, oracle, params: SessionParams, depth: int, batch_loops: 
         nonlocal failed
         t0 = time.perf_counter()
         pred = oracle.forward_windows([plan.request(tag=f"bench:{plan.window}")])[0]
+        c0 = time.process_time()
         out = rec.integrate(plan, pred)
+        geo_cpu.append((time.process_time() - c0) * 1000.0)
         lat.append((time.perf_counter() - t0) * 1000.0)
         geo.append(float(out.window.get("geometry_ms", 0.0)))
         windows.append(out.window)
@@ -260,6 +263,7 @@ def run_in_process(seq, oracle, params: SessionParams, depth: int, batch_loops: 
     extra = {"windows": window_frames(windows), "corrections": stats["corrections"],
              "global_solves": stats["global_solves"],
              "offpath_cpu_ms": float(np.median(off_cpu)) if off_cpu else float("nan"),
+             "geometry_cpu_ms": float(np.median(geo_cpu)) if geo_cpu else float("nan"),
              **{k: v for k, v in stats.items() if k.endswith("_cpu_s")},
              "loops_rejected": cons.loops_rejected if cons is not None else None,
              "offpath_ms": float(np.median(off)) if off else float("nan"),
@@ -409,7 +413,7 @@ def targets(rows: list[dict]) -> list[tuple[str, bool]]:
 def print_table(rows: list[dict]) -> None:
     head = (f"{'case':<17}{'mode':<5}{'placed':>7} {'ATE%':>6} {'rot med/max':>12} {'rot*':>5} {'drift%':>7} "
             f"{'gap%':>6} {'lap1/3 ATE%':>12} {'lap1/3 rot':>11} {'acc%':>6} {'comp%':>6} {'win ms':>7} "
-            f"{'geo ms':>7} {'off ms':>7} {'loops(rej)':>10} {'corr':>5}")
+            f"{'geo ms':>7} {'geoCPU':>7} {'off ms':>7} {'loops(rej)':>10} {'corr':>5}")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -423,7 +427,7 @@ def print_table(rows: list[dict]) -> None:
               f"{r['rot_median_deg']:>5.2f}/{r['rot_max_deg']:<6.2f} {r['rot_own_median_deg']:>5.2f} "
               f"{r['drift_pct']:>7.2f} {r['loop_gap_pct']:>6.2f} {laps:>12} {lrot:>11} {r['acc_pct']:>6.2f} "
               f"{r['comp_pct']:>6.2f} {r['latency_ms']:>7.1f} {r['geometry_ms']:>7.1f} "
-              f"{r.get('offpath_ms', float('nan')):>7.1f} {loops:>10} {r.get('corrections', 0):>5}")
+              f"{r.get('geometry_cpu_ms', float('nan')):>7.1f} {r.get('offpath_ms', float('nan')):>7.1f} {loops:>10} {r.get('corrections', 0):>5}")
     if rows:
         print(f"Chamfer sampling floor (% of diagonal): accuracy {rows[0]['floor_acc_pct']:.2f}, completeness "
               f"{rows[0]['floor_comp_pct']:.2f}")

@@ -78,6 +78,12 @@ class LoopDetector:
             del self.keyframes[0]
         return cand
 
+    def matches(self, descriptor: np.ndarray, index: int) -> bool:
+        """Whether a frame with this descriptor would find a candidate among the stored keyframes (similarity and
+        temporal gap; the query schedule aside)."""
+        old = [k.descriptor for k in self.keyframes if index - k.index >= self.min_gap]
+        return bool(old) and float(np.max(np.stack(old) @ descriptor)) >= self.min_similarity
+
     def get(self, index: int) -> Keyframe | None:
         for k in reversed(self.keyframes):
             if k.index == index:

@@ -286,13 +286,20 @@ class StreamReconstructor:
             med = median(d) if d.size else None
             ref_c2w, ref_depth = self.last_keyframe if self.last_keyframe else (None, 0.0)
             kf = is_keyframe(c2w, ref_c2w, ref_depth, p.keyframe_translation, p.keyframe_rotation_deg)
+            fdesc = None
+            if cons is not None:
+                desc = getattr(pred, "descriptors", None)
+                fdesc = normalise(desc[j]) if desc is not None else image_descriptor(f.image)
+                # A frame that looks like an old keyframe is a loop candidate: make it a keyframe (so it is
+                # queried and verified) whatever the keyframe spacing says, or a loop that is only recognisable
+                # for a frame or two (the stream's last frames) is missed when those fall between keyframes.
+                kf = kf or cons.detector.matches(fdesc, f.index)
             if kf:
                 self.last_keyframe = (c2w, med if med is not None else ref_depth)
                 self.last_keyframe_window = plan.window
                 if cons is not None:
-                    desc = getattr(pred, "descriptors", None)
                     cons.new_keyframes.append(Keyframe(
-                        f.index, plan.window, normalise(desc[j]) if desc is not None else image_descriptor(f.image),
+                        f.index, plan.window, fdesc,
                         f, pix, norm.apply(unproject_pixels(pred.depth[j], pred.intrinsics[j], c2w_win[j], pix)),
                         norm.transform_c2w(c2w_win[j])))
                 self.keyframes.append(f.index)

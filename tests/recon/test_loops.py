@@ -191,3 +191,25 @@ def test_a_restored_session_with_pipelined_windows_keeps_placing(loop_oracle):
     snap = feed(StreamReconstructor(p), list(range(16)))
     rec = StreamReconstructor.restore(p, pickle.loads(pickle.dumps(snap)))
     feed(rec, list(range(16, 40)))
+
+
+def test_a_frame_that_looks_like_an_old_keyframe_becomes_a_keyframe():
+    det = LoopDetector(min_similarity=0.9, min_gap=10, query_interval=1, max_keyframes=100)
+    det.add(_kf(0, [1, 0, 0]))
+    assert det.matches(_kf(20, [1, 0.05, 0]).descriptor, 20)
+    assert not det.matches(_kf(5, [1, 0.05, 0]).descriptor, 5)  # too recent
+    assert not det.matches(_kf(20, [0, 1, 0]).descriptor, 20)  # not alike
+    assert not LoopDetector(0.9, 10, 1, 100).matches(np.array([1.0, 0, 0]), 20)  # no keyframes yet
+
+
+def test_a_loop_recognisable_only_between_keyframes_is_still_closed(loop_oracle):
+    """Sparse keyframes (one every ~9 frames of this 80-frame loop): the only frames alike enough to the start are
+    the last few, which the spacing alone would not make keyframes (the loop then depended on where the spacing
+    happened to fall, i.e. on the poses: one served run in five closed none). A frame that matches an old keyframe
+    is made one, so the loop is queried, verified and closed."""
+    p = params(True).model_copy(update={"keyframe_rotation_deg": 40.0, "keyframe_translation": 10.0})
+    rec, _, reports, _, _, _ = drive(loop_oracle, p)
+    kfs = rec.keyframes
+    assert len(kfs) < 20, len(kfs)  # sparse indeed
+    assert any(r["accepted"] for r in reports), reports
+    assert rec.consistency.loops_accepted >= 1
