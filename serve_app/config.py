@@ -73,9 +73,9 @@ class SessionParams(_Strict):
                                        "off by more than this fraction (0 = off)")
     # Multi-view depth refinement (serve_app/recon/depth_refine.py), before a window is placed.
     depth_refine: Literal["off", "field", "field+poses"] = Field(
-        "off", description="fit each view's low-order depth field (tilt + bowl) and optionally small per-view pose "
+        "field", description="fit each view's low-order depth field (tilt + bowl) and optionally small per-view pose "
         "corrections so the window's views agree with each other, before placement")
-    depth_refine_samples: int = Field(300, ge=20, le=20000, description="depth refinement: pixels per view")
+    depth_refine_samples: int = Field(100, ge=20, le=20000, description="depth refinement: pixels per view")
     depth_refine_max_gap: int | None = Field(3, ge=1, le=1000, description="depth refinement: compare views at most this "
                                              "many frames apart (null = every pair of the window)")
     depth_refine_prior: float = Field(0.02, gt=0, le=1.0, description="depth refinement: prior std of each field "

@@ -11,8 +11,9 @@ projected into view j, should have view j's depth there. Each view gets a multip
 the constant, zero mean), fitted by robust Gauss-Newton (Huber weights, a hard cut at `tol`) on the log-depth
 disagreements of sampled pixels over every ordered pair of views. A zero-mean Gaussian prior of std `prior_std`
 per coefficient fixes the gauge: a field shared by all views (which nearly coincident cameras cannot tell from
-the truth) stays near the identity, per-view differences follow the data. The cost is a few hundred pixels per
-view and pair and an (N*B)^2 normal system: a few ms per window.
+the truth) stays near the identity, per-view differences follow the data. The cost: ~100 pixels per view, every
+compared pair linearised in one vectorised pass, and an (N*B)^2 normal system reweighted a few times on that one
+linearisation (the fields move the correspondences by a fraction of a pixel): a few ms per window.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def _skew_rotation(w: np.ndarray) -> np.ndarray:
 
 
 def refine_window(depth: np.ndarray, intrinsics: np.ndarray, c2w: np.ndarray, mask: np.ndarray, *,
-                  samples_per_view: int = 300, prior_std: float = 0.02, prior_rot_deg: float = 1.0,
+                  samples_per_view: int = 100, prior_std: float = 0.02, prior_rot_deg: float = 1.0,
                   prior_trans: float = 0.02, fit_poses: bool = False, tol: float = 0.1, iters: int = 1, irls: int = 3,
                   normal_step: int = 2, gauge_mean: bool = True, frame_index: np.ndarray | None = None,
                   max_gap: int | None = None, seed: int = 0) -> RefineResult:
@@ -113,8 +114,9 @@ def refine_window(depth: np.ndarray, intrinsics: np.ndarray, c2w: np.ndarray, ma
     depth (N, H, W) z-depth, intrinsics (N, 3, 3), c2w (N, 4, 4), mask (N, H, W) the pixels to sample
     (confident). Priors (zero mean): `prior_std` per field coefficient, `prior_rot_deg` per rotation axis,
     `prior_trans` x the window's median depth per translation axis. Returns the refined depth and cameras
-    (unchanged, ok False, when no two views overlap enough to fit). All pairs are linearised in one vectorised
-    pass (the cost is a few numpy calls per iteration, not per pair)."""
+    (unchanged, ok False, when no two views overlap enough to fit). `iters` linearisations (all pairs in one
+    vectorised pass), each followed by `irls` reweighted solves; rms_after is the fit's prediction on the last
+    linearisation."""
     import cv2
 
     depth = np.asarray(depth)
@@ -124,17 +126,17 @@ def refine_window(depth: np.ndarray, intrinsics: np.ndarray, c2w: np.ndarray, ma
     K = np.asarray(intrinsics, np.float64)
     Kinv = np.linalg.inv(K)
     # Images stay float32 (lookups, smoothing, the refined map); the fit itself is float64 on the samples.
-    d64 = np.where(np.isfinite(depth) & (depth > 0), depth, 0.0).astype(np.float32, copy=False)
+    dimg = np.where(np.isfinite(depth) & (depth > 0), depth, 0.0).astype(np.float32, copy=False)
 
     def fail(reason: str, used: int = 0) -> RefineResult:
         return RefineResult(np.zeros((n, nb)), depth, float("nan"), float("nan"), used, False, reason, c2w)
 
-    if n < 2 or not (d64 > 0).any():
+    if n < 2 or not (dimg > 0).any():
         return fail("fewer than 2 views")
     rng = np.random.default_rng(seed)
     # Samples: up to samples_per_view confident pixels per view, drawn uniformly over the image and kept where
     # the mask allows (listing every candidate costs more than the fit); a sparse mask falls back to the list.
-    ok_pix = np.asarray(mask).reshape(n, -1) & (d64.reshape(n, -1) > 0)
+    ok_pix = np.asarray(mask).reshape(n, -1) & (dimg.reshape(n, -1) > 0)
     draw = rng.integers(0, h * w, (n, 2 * samples_per_view))
     hit = np.take_along_axis(ok_pix, draw, axis=1)
     own, pix = [], []
@@ -150,7 +152,7 @@ def refine_window(depth: np.ndarray, intrinsics: np.ndarray, c2w: np.ndarray, ma
     sv_, su_ = np.divmod(flat_pix, w)
     BI = basis_at(su_, sv_, h, w)
     rays = np.einsum("mij,jm->mi", Kinv[O], np.stack([su_, sv_, np.ones_like(su_)]).astype(np.float64))
-    DI = d64.reshape(n, -1)[O, flat_pix].astype(np.float64)
+    DI = dimg.reshape(n, -1)[O, flat_pix].astype(np.float64)
     med = float(np.median(DI)) if len(DI) else 1.0
     # Pairs compared: every two views, or (max_gap) those at most max_gap frames apart: far views see less of
     # the same surfaces and their pose errors look like depth warps over the longer baseline.
@@ -162,10 +164,10 @@ def refine_window(depth: np.ndarray, intrinsics: np.ndarray, c2w: np.ndarray, ma
     ps, pj = np.nonzero(paired[O])  # (sample, target view) of every comparison
     # Smoothed depth for normals (per-pixel noise makes 1-pixel differences useless); invalid pixels excluded.
     # Only views something is compared against are needed.
-    valid = (d64 > 0).astype(np.float32)
-    smooth = np.zeros_like(d64)
+    valid = (dimg > 0).astype(np.float32)
+    smooth = np.zeros_like(dimg)
     for j in np.flatnonzero(paired.any(axis=0)):
-        num = cv2.blur(d64[j], (5, 5))
+        num = cv2.blur(dimg[j], (5, 5))
         den = cv2.blur(valid[j], (5, 5))
         smooth[j] = np.where(den > 0.99, num / np.maximum(den, 1e-9), 0.0)
     npar = 6 + nb
@@ -201,7 +203,7 @@ def refine_window(depth: np.ndarray, intrinsics: np.ndarray, c2w: np.ndarray, ma
         ok = (z > 0) & (uj >= 0) & (uj <= w - 1 - s) & (vj >= 0) & (vj <= h - 1 - s)
         e = np.flatnonzero(ok)
         z, uj, vj, jv = z[e], uj[e], vj[e], pj[e]
-        dj = _bilinear(d64, uj, vj, jv)
+        dj = _bilinear(dimg, uj, vj, jv)
         s0 = _bilinear(smooth, uj, vj, jv)
         su = _bilinear(smooth, uj + s, vj, jv)
         sv = _bilinear(smooth, uj, vj + s, jv)
@@ -284,7 +286,7 @@ def refine_window(depth: np.ndarray, intrinsics: np.ndarray, c2w: np.ndarray, ma
         R = _skew_rotation(step[:, :3]) @ R
         C = C + step[:, 3:6] * med
         coef = coef + step[:, 6:]
-    refined = np.where(d64 > 0, d64 * np.exp(-field(coef, h, w).astype(np.float32)), depth).astype(depth.dtype)
+    refined = np.where(dimg > 0, dimg * np.exp(-field(coef, h, w).astype(np.float32)), depth).astype(depth.dtype)
     out_c2w = c2w.copy()
     out_c2w[:, :3, :3] = R
     out_c2w[:, :3, 3] = C

@@ -143,3 +143,19 @@ def test_the_reconstructor_uses_it_when_asked(seq):
     rmse = [np.median([o.window["alignment"]["rmse"] / o.window["alignment"]["scale"] for o in outs[1:]])
             for outs in (off, on)]
     assert rmse[1] < 0.8 * rmse[0], rmse
+
+
+def test_it_is_on_by_default():
+    p = SessionParams()
+    assert p.depth_refine == "field" and p.depth_refine_samples == 100
+
+
+def test_a_sparse_mask_still_gets_its_samples_and_the_fit(seq):
+    """Samples are drawn uniformly over the image and kept where the mask allows; a mask too sparse for that
+    (here 8 % of the pixels) falls back to listing its pixels, and the warp is still mostly removed."""
+    bad, good = window(seq, {"depth_warp": 0.03}, 10)
+    keep = np.zeros(bad.depth.shape, bool)
+    keep[:, ::4, ::3] = True
+    res = refine_window(bad.depth, bad.intrinsics, invert_pose(bad.extrinsics), keep, samples_per_view=100)
+    assert res.ok and res.rms_after < 0.5 * res.rms_before
+    assert log_error(res.depth, good.depth) < 0.75 * log_error(bad.depth, good.depth)
