@@ -58,10 +58,10 @@ def basis_at(u: np.ndarray, v: np.ndarray, h: int, w: int, constant: bool = Fals
 
 
 @lru_cache(maxsize=8)
-def _grid_basis(h: int, w: int, constant: bool) -> np.ndarray:
-    """(B, H*W) basis over every pixel (cached: a stream's windows share one size)."""
+def _grid_basis(h: int, w: int, constant: bool, f32: bool = False) -> np.ndarray:
+    """(B, H*W) basis over every pixel (cached: a stream's windows share one size); float32 for the refined map."""
     v, u = np.mgrid[0:h, 0:w]
-    B = basis_at(u.reshape(-1), v.reshape(-1), h, w, constant=constant).T.copy()
+    B = basis_at(u.reshape(-1), v.reshape(-1), h, w, constant=constant).T.astype(np.float32 if f32 else np.float64)
     B.flags.writeable = False
     return B
 
@@ -126,23 +126,27 @@ def refine_window(depth: np.ndarray, intrinsics: np.ndarray, c2w: np.ndarray, ma
     K = np.asarray(intrinsics, np.float64)
     Kinv = np.linalg.inv(K)
     # Images stay float32 (lookups, smoothing, the refined map); the fit itself is float64 on the samples.
-    dimg = np.where(np.isfinite(depth) & (depth > 0), depth, 0.0).astype(np.float32, copy=False)
+    good_px = np.isfinite(depth) & (depth > 0)
+    dimg = np.where(good_px, depth, 0.0).astype(np.float32, copy=False)
 
     def fail(reason: str, used: int = 0) -> RefineResult:
         return RefineResult(np.zeros((n, nb)), depth, float("nan"), float("nan"), used, False, reason, c2w)
 
-    if n < 2 or not (dimg > 0).any():
+    if n < 2 or not good_px.any():
         return fail("fewer than 2 views")
     rng = np.random.default_rng(seed)
     # Samples: up to samples_per_view confident pixels per view, drawn uniformly over the image and kept where
     # the mask allows (listing every candidate costs more than the fit); a sparse mask falls back to the list.
-    ok_pix = np.asarray(mask).reshape(n, -1) & (dimg.reshape(n, -1) > 0)
+    ok_pix = None
+    mask = np.asarray(mask).reshape(n, -1)
     draw = rng.integers(0, h * w, (n, 2 * samples_per_view))
-    hit = np.take_along_axis(ok_pix, draw, axis=1)
+    hit = np.take_along_axis(mask, draw, axis=1) & np.take_along_axis(good_px.reshape(n, -1), draw, axis=1)
     own, pix = [], []
     for i in range(n):
         cand = np.unique(draw[i, hit[i]][:samples_per_view])  # the first hits: a uniform draw
         if len(cand) < samples_per_view // 2:
+            if ok_pix is None:
+                ok_pix = mask & good_px.reshape(n, -1)
             cand = np.flatnonzero(ok_pix[i])
             if len(cand) > samples_per_view:
                 cand = np.unique(cand[rng.integers(0, len(cand), samples_per_view)])
@@ -164,7 +168,7 @@ def refine_window(depth: np.ndarray, intrinsics: np.ndarray, c2w: np.ndarray, ma
     ps, pj = np.nonzero(paired[O])  # (sample, target view) of every comparison
     # Smoothed depth for normals (per-pixel noise makes 1-pixel differences useless); invalid pixels excluded.
     # Only views something is compared against are needed.
-    valid = (dimg > 0).astype(np.float32)
+    valid = good_px.astype(np.float32)
     smooth = np.zeros_like(dimg)
     for j in np.flatnonzero(paired.any(axis=0)):
         num = cv2.blur(dimg[j], (5, 5))
@@ -286,7 +290,10 @@ def refine_window(depth: np.ndarray, intrinsics: np.ndarray, c2w: np.ndarray, ma
         R = _skew_rotation(step[:, :3]) @ R
         C = C + step[:, 3:6] * med
         coef = coef + step[:, 6:]
-    refined = np.where(dimg > 0, dimg * np.exp(-field(coef, h, w).astype(np.float32)), depth).astype(depth.dtype)
+    refined = dimg * np.exp(-(coef.astype(np.float32) @ _grid_basis(h, w, False, True)).reshape(n, h, w))
+    if not good_px.all():
+        refined[~good_px] = depth[~good_px]  # what was not a depth stays as it was
+    refined = refined.astype(depth.dtype, copy=False)
     out_c2w = c2w.copy()
     out_c2w[:, :3, :3] = R
     out_c2w[:, :3, 3] = C
