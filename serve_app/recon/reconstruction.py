@@ -276,6 +276,7 @@ class StreamReconstructor:
         now = time.time()
         frames, all_pts, all_cols, owner = [], [], [], []
         p = self.params
+        matched = False  # a keyframe of this window looks like an old keyframe
         for j in range(n_ctx, len(plan.frames)):
             f = plan.frames[j]
             c2w = sim.transform_c2w(c2w_win[j])
@@ -290,10 +291,12 @@ class StreamReconstructor:
             if cons is not None:
                 desc = getattr(pred, "descriptors", None)
                 fdesc = normalise(desc[j]) if desc is not None else image_descriptor(f.image)
-                # A frame that looks like an old keyframe is a loop candidate: make it a keyframe (so it is
-                # queried and verified) whatever the keyframe spacing says, or a loop that is only recognisable
-                # for a frame or two (the stream's last frames) is missed when those fall between keyframes.
-                kf = kf or cons.detector.matches(fdesc, f.index)
+                # A frame that looks like an old keyframe is a loop candidate: unless a keyframe of this window
+                # already does, make it a keyframe (so it is queried and verified) whatever the keyframe spacing
+                # says, or a loop that is only recognisable for a frame or two (the stream's last frames) is
+                # missed when those fall between keyframes. At most one such frame per window.
+                if not matched and cons.detector.matches(fdesc, f.index):
+                    kf = matched = True
             if kf:
                 self.last_keyframe = (c2w, med if med is not None else ref_depth)
                 self.last_keyframe_window = plan.window
