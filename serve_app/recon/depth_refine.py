@@ -168,10 +168,14 @@ def refine_window(depth: np.ndarray, intrinsics: np.ndarray, c2w: np.ndarray, ma
     ps, pj = np.nonzero(paired[O])  # (sample, target view) of every comparison
     # Smoothed depth for normals (per-pixel noise makes 1-pixel differences useless); invalid pixels excluded.
     # Only views something is compared against are needed.
-    valid = good_px.astype(np.float32)
+    all_valid = bool(good_px.all())
+    valid = None if all_valid else good_px.astype(np.float32)
     smooth = np.zeros_like(dimg)
     for j in np.flatnonzero(paired.any(axis=0)):
         num = cv2.blur(dimg[j], (5, 5))
+        if all_valid:  # the box over valid pixels is 1 everywhere (reflected borders)
+            smooth[j] = num
+            continue
         den = cv2.blur(valid[j], (5, 5))
         smooth[j] = np.where(den > 0.99, num / np.maximum(den, 1e-9), 0.0)
     npar = 6 + nb
@@ -208,9 +212,8 @@ def refine_window(depth: np.ndarray, intrinsics: np.ndarray, c2w: np.ndarray, ma
         e = np.flatnonzero(ok)
         z, uj, vj, jv = z[e], uj[e], vj[e], pj[e]
         dj = _bilinear(dimg, uj, vj, jv)
-        s0 = _bilinear(smooth, uj, vj, jv)
-        su = _bilinear(smooth, uj + s, vj, jv)
-        sv = _bilinear(smooth, uj, vj + s, jv)
+        s0, su, sv = _bilinear(smooth, np.concatenate([uj, uj + s, uj]), np.concatenate([vj, vj, vj + s]),
+                               np.tile(jv, 3)).reshape(3, -1)  # the three smoothed lookups in one call
         good = np.isfinite(dj) & np.isfinite(s0) & np.isfinite(su) & np.isfinite(sv)
         e, z, uj, vj, jv, dj, s0, su, sv = (x[good] for x in (e, z, uj, vj, jv, dj, s0, su, sv))
         Bj = basis_at(uj, vj, h, w)
