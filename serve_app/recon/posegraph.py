@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
-import scipy.sparse.linalg as spla
 from scipy.sparse.csgraph import connected_components
 
 from serve_app.recon.geometry import Sim3
+from serve_app.recon.posegraph_linalg import BlockPattern
 
 # --- batched Sim(3) helpers: (s (n,), R (n, 3, 3), t (n, 3)) ------------------------------------------------
 
@@ -218,92 +218,22 @@ def _residuals_jac(xa, xb, zinv, sig):
 REFACTOR_STEP = 0.03  # largest update (radians / depth units / log scale) after which H is factored afresh
 
 
-class _BlockPattern:
-    """The block sparsity of the normal matrix H of F free nodes (7x7 blocks; the chordal initialisation's 3x3
-    and 1x1 systems share it), computed once per solve at node level: a node graph of ~5 blocks per node instead
-    of the ~250 scalar entries, so it costs ~1 ms. Free nodes are numbered in a fill-reducing order of the node
-    graph (minimum degree), so SuperLU factors H in its natural order. An iteration sums each edge's four blocks
-    [aa, ab, ba, bb] with one sparse product (`scatter`), and one precomputed gather (`gather`, from a single
-    BSR -> CSR conversion of the index blocks) lays the blocks out as H's CSC data."""
+def _normal(pat: BlockPattern, r, Ja, Jb, w):
+    """(factorisation of H, gradient) of sum_e w_e |r_e|^2 / 2 linearised."""
+    wJa, wJb = Ja * w[:, None, None], Jb * w[:, None, None]
+    m = len(w)
+    c = np.empty((4, m, 7, 7))
+    np.matmul(np.swapaxes(Ja, 1, 2), wJa, out=c[0])
+    np.matmul(np.swapaxes(Ja, 1, 2), wJb, out=c[1])
+    c[2] = np.swapaxes(c[1], 1, 2)
+    np.matmul(np.swapaxes(Jb, 1, 2), wJb, out=c[3])
+    # a tiny ridge: H stays factorable along a gauge-free direction
+    return pat.factor(pat.blocks(c.reshape(4 * m, 49), ridge=1e-9), 7), _grad(pat, r, Ja, Jb, w)
 
-    def __init__(self, ia: np.ndarray, ib: np.ndarray, free: np.ndarray):
-        n, m = len(free), len(ia)
-        nf = int(free.sum())
-        fidx = np.full(n, -1)
-        fidx[free] = np.arange(nf)
-        pa, pb = fidx[ia], fidx[ib]
-        both = (pa >= 0) & (pb >= 0)
-        if nf > 2:  # node-level minimum degree (SuperLU's MMD on A + A^T of the node graph)
-            A = sp.csc_matrix((np.ones(2 * int(both.sum()) + nf), (np.r_[pa[both], pb[both], np.arange(nf)],
-                                                                   np.r_[pb[both], pa[both], np.arange(nf)])),
-                              shape=(nf, nf))
-            perm_c = spla.splu(A + sp.identity(nf, format="csc") * nf, permc_spec="MMD_AT_PLUS_A",
-                               options={"SymmetricMode": True}).perm_c
-            rank = perm_c  # perm_c[i]: the position of free node i
-        else:
-            rank = np.arange(nf)
-        self.nf = nf
-        self.col_of = np.full(n, -1)
-        self.col_of[free] = rank  # node -> its block column in H (-1: held)
-        ca, cb = self.col_of[ia], self.col_of[ib]
-        # Contribution k * m + e (k: aa, ab, ba, bb of edge e) -> its block (row-major order, i.e. BSR order).
-        rowb, colb = np.r_[ca, ca, cb, cb], np.r_[ca, cb, ca, cb]
-        ok = np.flatnonzero((rowb >= 0) & (colb >= 0))
-        key = np.r_[rowb[ok] * nf + colb[ok], np.arange(nf) * (nf + 1)]  # every diagonal block, edge or not
-        ukey, slot = np.unique(key, return_inverse=True)
-        self.nb = len(ukey)
-        self.scatter = sp.csr_matrix((np.ones(len(ok)), (slot[: len(ok)], ok)), shape=(self.nb, 4 * m))
-        self.diag = slot[len(ok):]  # block of each free node's diagonal
-        self.bindices = (ukey % nf).astype(np.int32)
-        self.bindptr = np.r_[0, np.cumsum(np.bincount(ukey // nf, minlength=nf))].astype(np.int32)
-        # Gradient parts (a of every edge, then b) -> their node's block row.
-        g = np.r_[ca, cb]
-        okg = np.flatnonzero(g >= 0)
-        self.gscatter = sp.csr_matrix((np.ones(len(okg)), (g[okg], okg)), shape=(nf, 2 * m))
-        self._csc = {}
 
-    def csc_layout(self, bs: int):
-        """(gather, indices, indptr): the CSC arrays of a symmetric matrix with bs x bs blocks in this pattern;
-        data = blocks.reshape(-1)[gather]. One BSR -> CSR conversion of the blocks' own indices (the CSR of a
-        symmetric matrix is its CSC)."""
-        if bs not in self._csc:
-            idx = np.arange(self.nb * bs * bs, dtype=np.float64).reshape(self.nb, bs, bs)
-            A = sp.bsr_matrix((idx, self.bindices, self.bindptr), shape=(self.nf * bs, self.nf * bs)).tocsr()
-            self._csc[bs] = (A.data.astype(np.int64), A.indices, A.indptr)
-        return self._csc[bs]
-
-    def matrix(self, contrib: np.ndarray, bs: int, ridge: float = 0.0):
-        """The symmetric CSC matrix summed from per-edge blocks contrib (4 m, bs * bs): [aa; ab; ba; bb]."""
-        blocks = self.scatter @ contrib
-        if ridge:
-            blocks[self.diag] += ridge * np.eye(bs).reshape(-1)
-        gather, indices, indptr = self.csc_layout(bs)
-        n = self.nf * bs
-        return sp.csc_matrix((blocks.reshape(-1)[gather], indices, indptr), shape=(n, n))
-
-    def gradient(self, ga: np.ndarray, gb: np.ndarray) -> np.ndarray:
-        """Per-edge gradient parts of a and b (m, k) summed per free node: (F, k) in H's block order."""
-        return self.gscatter @ np.concatenate([ga, gb])
-
-    def normal(self, r, Ja, Jb, w):
-        """(H in CSC, gradient) of sum_e w_e |r_e|^2 / 2 linearised."""
-        wJa, wJb = Ja * w[:, None, None], Jb * w[:, None, None]
-        m = len(w)
-        c = np.empty((4, m, 7, 7))
-        np.matmul(np.swapaxes(Ja, 1, 2), wJa, out=c[0])
-        np.matmul(np.swapaxes(Ja, 1, 2), wJb, out=c[1])
-        c[2] = np.swapaxes(c[1], 1, 2)
-        np.matmul(np.swapaxes(Jb, 1, 2), wJb, out=c[3])
-        # a tiny ridge: H stays factorable along a gauge-free direction
-        H = self.matrix(c.reshape(4 * m, 49), 7, ridge=1e-9)
-        return H, self.grad(r, Ja, Jb, w)
-
-    def grad(self, r, Ja, Jb, w) -> np.ndarray:
-        wr = r * w[:, None]
-        return self.gradient(np.einsum("nji,nj->ni", Ja, wr), np.einsum("nji,nj->ni", Jb, wr)).reshape(-1)
-
-    def factor(self, A):
-        return spla.splu(A, permc_spec="NATURAL", diag_pivot_thresh=0.0, options={"SymmetricMode": True})
+def _grad(pat: BlockPattern, r, Ja, Jb, w) -> np.ndarray:
+    wr = r * w[:, None]
+    return pat.gradient(np.einsum("nji,nj->ni", Ja, wr), np.einsum("nji,nj->ni", Jb, wr)).reshape(-1)
 
 
 @dataclass
@@ -352,7 +282,25 @@ def graph_setup(ids, poses, edges, fixed: int | set[int] | list[int]) -> GraphSe
     return GraphSetup(n, x, ia, ib, zinv, base_w, m, free)
 
 
-def _chordal(x, ia, ib, zinv, w, pat: _BlockPattern, free: np.ndarray):
+def _polar(X: np.ndarray, fallback: np.ndarray) -> np.ndarray:
+    """Nearest rotations to near-orthogonal 3x3 matrices (n, 3, 3): scaled Newton iterations of the polar
+    decomposition, X <- (g X + X^-T / g) / 2 with X^-T from cross products (batched SVDs cost more). A matrix
+    that is no near-rotation (det <= 0) gives its fallback."""
+    X = X.copy()
+    bad = np.zeros(len(X), bool)
+    for _ in range(5):
+        r0, r1, r2 = X[:, 0], X[:, 1], X[:, 2]
+        cof = np.stack([np.cross(r1, r2), np.cross(r2, r0), np.cross(r0, r1)], 1)  # det(X) X^-T
+        det = np.einsum("ni,ni->n", r0, cof[:, 0])
+        bad |= det <= 1e-12
+        det[bad] = 1.0
+        g = np.cbrt(1.0 / det)[:, None, None]
+        X = 0.5 * (g * X + cof / (det[:, None, None] * g))
+    X[bad] = fallback[bad]
+    return X
+
+
+def _chordal(x, ia, ib, zinv, w, pat: BlockPattern, free: np.ndarray):
     """A starting point from three linear least-squares problems on the node graph (a chordal relaxation, as in
     rotation averaging): rotations first (R_b = R_a R_Z for all edges at once over the 3x3 matrices, then each
     projected onto SO(3)), then log scales (log s_b = log s_a + log s_Z), then translations given both
@@ -372,13 +320,11 @@ def _chordal(x, ia, ib, zinv, w, pat: _BlockPattern, free: np.ndarray):
     Q = np.swapaxes(R, 1, 2)
     wr = ww * (Q[ib] - np.swapaxes(zR, 1, 2) @ Q[ia])
     g = pat.gradient(-(zR @ wr).reshape(m, 9), wr.reshape(m, 9))  # (F, 9): per node a 3 x 3 (rows x columns)
-    dQ = pat.factor(pat.matrix(c.reshape(4 * m, 9), 3, ridge=1e-9)).solve(-g.reshape(3 * nf, 3))
-    U, _, Vt = np.linalg.svd(Q[free] + dQ.reshape(nf, 3, 3)[cf])
-    U[:, :, 2] *= np.linalg.det(U @ Vt)[:, None]  # nearest rotation, not reflection
+    dQ = pat.factor(pat.blocks(c.reshape(4 * m, 9), ridge=1e-9), 3).solve(-g.reshape(3 * nf, 3))
     R = R.copy()
-    R[free] = np.swapaxes(U @ Vt, 1, 2)
+    R[free] = np.swapaxes(_polar(Q[free] + dQ.reshape(nf, 3, 3)[cf], R[free].swapaxes(1, 2)), 1, 2)
     # Log scales, then translations: the graph Laplacian (1x1 blocks) with one and three right-hand sides.
-    lu = pat.factor(pat.matrix(np.r_[w, -w, -w, w][:, None], 1, ridge=1e-9))
+    lu = pat.factor(pat.blocks(np.r_[w, -w, -w, w][:, None], ridge=1e-9), 1)
     ls = np.log(s)
     wr = w * (ls[ib] - ls[ia] - np.log(zs))
     ls = ls.copy()
@@ -402,7 +348,7 @@ def solve(ids: list[int], poses: list[Sim3], edges: list[Edge], params: GraphPar
         return SolveResult(dict(zip(ids, poses)), 0, 0.0, 0.0)
     n, x, ia, ib, zinv, base_w, free = g.n, g.x, g.ia, g.ib, g.zinv, g.base_w, g.free
     sig = params.sig
-    pat = _BlockPattern(ia, ib, free)
+    pat = BlockPattern(ia, ib, free)
     col_of = pat.col_of
 
     def sel(xx, idx):
@@ -431,11 +377,10 @@ def solve(ids: list[int], poses: list[Sim3], edges: list[Edge], params: GraphPar
         # the same point because the gradient is exact; it needs no H) and refactor only after a large step.
         # Robust steps always refactor: their weights change every iteration (a wrong edge can keep them moving).
         if lu is None or step > REFACTOR_STEP or robust:
-            H, grad = pat.normal(r, Ja, Jb, w)
-            lu = pat.factor(H)
+            lu, grad = _normal(pat, r, Ja, Jb, w)
             factorisations += 1
         else:
-            grad = pat.grad(r, Ja, Jb, w)
+            grad = _grad(pat, r, Ja, Jb, w)
         delta = -lu.solve(grad)
         if not np.isfinite(delta).all():
             break
