@@ -95,8 +95,11 @@ class BlockPattern:
 
     def factor(self, blocks: np.ndarray, bs: int):
         """A factorisation (`.solve(b)`, b (F * bs,) or (F * bs, k)) of the SPD matrix the blocks form."""
-        if self.chain is not None:
+        if self.chain is not None and bs > 1:
             return ChainCholesky(self.chain, self, blocks, bs)
+        if self.chain is not None:  # 1x1 blocks: SuperLU's own ordering is cheaper than the levels
+            return spla.splu(self.csc(blocks, bs), permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0,
+                             options={"SymmetricMode": True})
         return _superlu(self.csc(blocks, bs))
 
     def gradient(self, ga: np.ndarray, gb: np.ndarray) -> np.ndarray:
@@ -129,29 +132,23 @@ class _ChainPlan:
             self.levels.append((seq[ip], seq[ip - 1], seq[ip + 1], ip, rest[:-1][~gap], gap))
             seq = seq[rest]
         self.reduced = seq[1:-1]  # the super-blocks left: those long edges touch, in chain order
-        self._layout: dict[int, tuple] = {}  # per block size, for the one pattern this plan belongs to
+        self._layout: tuple | None = None  # for the one pattern this plan belongs to
 
-    def layout(self, pat: BlockPattern, bs: int):
-        """Flat positions in D, C and L of the pattern's node blocks (upper ones off the diagonal) for block
-        size bs, with their positions in the flat block array: (D pos, source, C pos, source, L pos, source)."""
-        if bs not in self._layout:
+    def layout(self, pat: BlockPattern):
+        """Where the pattern's node blocks go (the upper ones off the diagonal): block indices into D, C and L
+        stored block-major ((super-block, row node, column node) -> one bs x bs block), with the blocks' own
+        indices: (D index, source, C index, source, L index, source)."""
+        if self._layout is None:
             g, P = self.g, self.P
-            B = g * bs
             u, v = pat.brow, pat.bcol
             pu, pv, ou, ov = u // g, v // g, u % g, v % g
-            e = np.arange(bs)
-            # entry (i, j) of node block k: source k * bs^2 + i * bs + j; row ou * bs + i, column ov * bs + j
-            src = np.arange(len(u) * bs * bs).reshape(-1, bs, bs)
-            r = (ou * bs)[:, None, None] + e[None, :, None]
-            c = (ov * bs)[:, None, None] + e[None, None, :]
-            inner = r * B + c  # (k, bs, bs) position inside a B x B super-block
-            on, nb, far = pu == pv, pv == pu + 1, pv > pu + 1
+            inner = ou * g + ov
+            on, nb, far = np.flatnonzero(pu == pv), np.flatnonzero(pv == pu + 1), np.flatnonzero(pv > pu + 1)
             lp = self.long_pairs
             li = np.searchsorted(lp[:, 0] * (P + 2) + lp[:, 1], pu[far] * (P + 2) + pv[far])
-            self._layout[bs] = ((pu[on][:, None, None] * B * B + inner[on]).reshape(-1), src[on].reshape(-1),
-                            ((pu[nb] + 1)[:, None, None] * B * B + inner[nb]).reshape(-1), src[nb].reshape(-1),
-                            (li[:, None, None] * B * B + inner[far]).reshape(-1), src[far].reshape(-1))
-        return self._layout[bs]
+            self._layout = (pu[on] * g * g + inner[on], on, (pu[nb] + 1) * g * g + inner[nb], nb,
+                            li * g * g + inner[far], far)
+        return self._layout
 
     @classmethod
     def make(cls, pa: np.ndarray, pb: np.ndarray, nf: int) -> _ChainPlan | None:
@@ -182,21 +179,22 @@ class ChainCholesky:
         B = g * bs
         self.plan, self.B, self.n = plan, B, pat.nf * bs
         # Node blocks -> super-block diagonals D (P + 2 with the dummies), neighbour couplings C (p, p + 1) and
-        # long couplings L (p, q): one flat scatter each, its indices made once per block size.
-        di, dsrc, ci, csrc, li, lsrc = plan.layout(pat, bs)
-        flat = blocks.reshape(-1)
-        D = np.zeros((P + 2) * B * B)
-        D[di] = flat[dsrc]
-        D = D.reshape(P + 2, B, B)
+        # long couplings L (p, q): filled block-major (a bs x bs block per (super-block, row node, column node)),
+        # then laid out as B x B.
+        di, dsrc, ci, csrc, li, lsrc = plan.layout(pat)
+        blk = blocks.reshape(-1, bs, bs)
+
+        def fill(count, idx, src):
+            out = np.zeros((count * g * g, bs, bs))
+            out[idx] = blk[src]
+            return out.reshape(count, g, g, bs, bs).transpose(0, 1, 3, 2, 4).reshape(count, B, B)
+
+        D = fill(P + 2, di, dsrc)
         pad = np.arange(pat.nf * bs, P * B)  # padding rows of the last super-block, and the dummies: identity
         D[pad // B, pad % B, pad % B] = 1.0
         D[P:] = np.eye(B)
-        C = np.zeros((P + 1) * B * B)  # C[k]: coupling of seq[k], seq[k + 1]; seq = dummy, 0..P-1, dummy
-        C[ci] = flat[csrc]
-        C = C.reshape(P + 1, B, B)
-        L = np.zeros(len(plan.long_pairs) * B * B)
-        L[li] = flat[lsrc]
-        L = L.reshape(-1, B, B)
+        C = fill(P + 1, ci, csrc)  # C[k]: coupling of seq[k], seq[k + 1]; seq = dummy, 0..P-1, dummy
+        L = fill(len(plan.long_pairs), li, lsrc)
         self.steps = []
         for j, p, q, ip, old, gap in plan.levels:
             Cpj, Cjq = C[ip - 1], C[ip]
