@@ -22,6 +22,7 @@ import scipy.sparse.linalg as spla
 
 MAX_REACH = 4  # odometry edges span at most this many nodes (chain positions) to be grouped into super-blocks
 MAX_LOOP_SHARE = 0.25  # super-blocks touched by long edges above which SuperLU factors the whole matrix
+MIN_CHAIN_NODES = 64  # below this many free nodes SuperLU is as cheap as the levels' numpy overhead
 
 
 def _superlu(A):
@@ -154,7 +155,7 @@ class _ChainPlan:
     def make(cls, pa: np.ndarray, pb: np.ndarray, nf: int) -> _ChainPlan | None:
         """The plan for edges between chain positions pa, pb, or None if the graph is not a chain with a few
         long edges."""
-        if nf < 8 or not len(pa):
+        if nf < MIN_CHAIN_NODES or not len(pa):
             return None
         d = np.abs(pa - pb)
         short = d[d <= MAX_REACH]

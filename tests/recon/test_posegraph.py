@@ -217,6 +217,7 @@ def test_chain_factorisation_and_superlu_take_the_same_steps_with_loops_and_a_wr
     free[0] = False
     ia, ib = np.array([e.a for e in all_edges]), np.array([e.b for e in all_edges])
     monkeypatch.setattr(pl, "MAX_LOOP_SHARE", 1.0)
+    monkeypatch.setattr(pl, "MIN_CHAIN_NODES", 8)
     assert pl.BlockPattern(ia, ib, free).chain is not None  # the chain path is the one taken
     chain = solve(ids, est, all_edges, params, fixed=0)
     monkeypatch.setattr(pl, "MAX_LOOP_SHARE", 0.0)
