@@ -134,6 +134,7 @@ class _ChainPlan:
             seq = seq[rest]
         self.reduced = seq[1:-1]  # the super-blocks left: those long edges touch, in chain order
         self._layout: tuple | None = None  # for the one pattern this plan belongs to
+        self._gathers: dict[int, tuple] = {}
 
     def layout(self, pat: BlockPattern):
         """Where the pattern's node blocks go (the upper ones off the diagonal): block indices into D, C and L
@@ -150,6 +151,26 @@ class _ChainPlan:
             self._layout = (pu[on] * g * g + inner[on], on, (pu[nb] + 1) * g * g + inner[nb], nb,
                             li * g * g + inner[far], far)
         return self._layout
+
+    def gathers(self, pat: BlockPattern, bs: int):
+        """Scalar gathers building D (P + 2, B, B), C (P + 1, B, B) and L (long pairs, B, B) from the flat
+        blocks (nb * bs * bs values, then a zero), made once per block size."""
+        if bs not in self._gathers:
+            g = self.g
+            di, dsrc, ci, csrc, li, lsrc = self.layout(pat)
+            zero = pat.nb * bs * bs
+            e = np.arange(bs)
+
+            def expand(count, idx, src):
+                slot = np.full(count * g * g, -1)
+                slot[idx] = src
+                sl = slot.reshape(count, g, 1, g, 1)
+                out = np.where(sl >= 0, sl * bs * bs + e[:, None, None] * bs + e, zero)
+                return out.reshape(count, g * bs, g * bs)
+
+            self._gathers[bs] = (expand(self.P + 2, di, dsrc), expand(self.P + 1, ci, csrc),
+                                 expand(len(self.long_pairs), li, lsrc))
+        return self._gathers[bs]
 
     @classmethod
     def make(cls, pa: np.ndarray, pb: np.ndarray, nf: int) -> _ChainPlan | None:
@@ -180,22 +201,15 @@ class ChainCholesky:
         B = g * bs
         self.plan, self.B, self.n = plan, B, pat.nf * bs
         # Node blocks -> super-block diagonals D (P + 2 with the dummies), neighbour couplings C (p, p + 1) and
-        # long couplings L (p, q): filled block-major (a bs x bs block per (super-block, row node, column node)),
-        # then laid out as B x B.
-        di, dsrc, ci, csrc, li, lsrc = plan.layout(pat)
-        blk = blocks.reshape(-1, bs, bs)
-
-        def fill(count, idx, src):
-            out = np.zeros((count * g * g, bs, bs))
-            out[idx] = blk[src]
-            return out.reshape(count, g, g, bs, bs).transpose(0, 1, 3, 2, 4).reshape(count, B, B)
-
-        D = fill(P + 2, di, dsrc)
+        # long couplings L (p, q): one gather each from the blocks (an index past them reads a zero).
+        gD, gC, gL = plan.gathers(pat, bs)
+        flat = np.r_[blocks.reshape(-1), 0.0]
+        D = flat[gD]
         pad = np.arange(pat.nf * bs, P * B)  # padding rows of the last super-block, and the dummies: identity
         D[pad // B, pad % B, pad % B] = 1.0
         D[P:] = np.eye(B)
-        C = fill(P + 1, ci, csrc)  # C[k]: coupling of seq[k], seq[k + 1]; seq = dummy, 0..P-1, dummy
-        L = fill(len(plan.long_pairs), li, lsrc)
+        C = flat[gC]  # C[k]: coupling of seq[k], seq[k + 1]; seq = dummy, 0..P-1, dummy
+        L = flat[gL]
         self.steps = []
         for j, p, q, ip, old, gap in plan.levels:
             Cpj, Cjq = C[ip - 1], C[ip]
