@@ -65,7 +65,7 @@ class BlockPattern:
         ukey, slot = np.unique(key, return_inverse=True)
         self.nb = len(ukey)
         self.brow, self.bcol = ukey // nf, ukey % nf
-        self.scatter = sp.csr_matrix((np.ones(len(ok)), (slot[: len(ok)], ok)), shape=(self.nb, 4 * m))
+        self.scatter = sp.csr_matrix((np.ones(len(ok)), (slot[: len(ok)], ok)), shape=(self.nb + 1, 4 * m))
         self.diag = slot[len(ok):]  # block of each free node's diagonal, in column order
         self.bindptr = np.r_[0, np.cumsum(np.bincount(self.brow, minlength=nf))].astype(np.int32)
         g = np.r_[ca, cb]  # gradient parts (a of every edge, then b) -> their node's block row
@@ -74,9 +74,9 @@ class BlockPattern:
         self._csc: dict[int, tuple] = {}
 
     def blocks(self, contrib: np.ndarray, ridge: float = 0.0) -> np.ndarray:
-        """Per-edge blocks contrib (4 m, bs * bs), [aa; ab; ba; bb], summed: (nb, bs * bs), plus ridge * I on the
-        diagonal blocks."""
-        out = self.scatter @ contrib
+        """Per-edge blocks contrib (4 m, bs * bs), [aa; ab; ba; bb], summed: (nb + 1, bs * bs) (the last row
+        zero), plus ridge * I on the diagonal blocks."""
+        out = self.scatter @ contrib  # one row more than blocks, all zero: the chain factorisation's gathers read it
         if ridge:
             bs = math.isqrt(contrib.shape[1])
             out[self.diag] += ridge * np.eye(bs).reshape(-1)
@@ -92,7 +92,7 @@ class BlockPattern:
             self._csc[bs] = (A.data.astype(np.int64), A.indices, A.indptr)
         gather, indices, indptr = self._csc[bs]
         n = self.nf * bs
-        return sp.csc_matrix((blocks.reshape(-1)[gather], indices, indptr), shape=(n, n))
+        return sp.csc_matrix((blocks[: self.nb].reshape(-1)[gather], indices, indptr), shape=(n, n))
 
     def factor(self, blocks: np.ndarray, bs: int):
         """A factorisation (`.solve(b)`, b (F * bs,) or (F * bs, k)) of the SPD matrix the blocks form."""
@@ -203,7 +203,7 @@ class ChainCholesky:
         # Node blocks -> super-block diagonals D (P + 2 with the dummies), neighbour couplings C (p, p + 1) and
         # long couplings L (p, q): one gather each from the blocks (an index past them reads a zero).
         gD, gC, gL = plan.gathers(pat, bs)
-        flat = np.r_[blocks.reshape(-1), 0.0]
+        flat = blocks.reshape(-1)  # its last row is zero: where the gathers read a zero
         D = flat[gD]
         pad = np.arange(pat.nf * bs, P * B)  # padding rows of the last super-block, and the dummies: identity
         D[pad // B, pad % B, pad % B] = 1.0
