@@ -135,6 +135,7 @@ class _ChainPlan:
         self.reduced = seq[1:-1]  # the super-blocks left: those long edges touch, in chain order
         self._layout: tuple | None = None  # for the one pattern this plan belongs to
         self._gathers: dict[int, tuple] = {}
+        self._reduced: dict[int, tuple] = {}
 
     def layout(self, pat: BlockPattern):
         """Where the pattern's node blocks go (the upper ones off the diagonal): block indices into D, C and L
@@ -171,6 +172,26 @@ class _ChainPlan:
             self._gathers[bs] = (expand(self.P + 2, di, dsrc), expand(self.P + 1, ci, csrc),
                                  expand(len(self.long_pairs), li, lsrc))
         return self._gathers[bs]
+
+    def reduced_layout(self, B: int):
+        """The CSC structure of the system left over the kept super-blocks: [their diagonals, the couplings of
+        neighbours in the kept order, the long couplings], then the transposes of the last two; `sumup` maps
+        those values (flat) onto the CSC data, summing where a long coupling meets a neighbour coupling."""
+        if B not in self._reduced:
+            k = len(self.reduced)
+            at = np.full(self.P + 2, -1)
+            at[self.reduced] = np.arange(k)
+            rows = np.r_[np.arange(k), np.arange(k - 1), at[self.long_pairs[:, 0]]]
+            cols = np.r_[np.arange(k), np.arange(1, k), at[self.long_pairs[:, 1]]]
+            rows, cols = np.r_[rows, cols[k:]], np.r_[cols, rows[k:]]
+            e = np.arange(B)
+            R = ((B * rows)[:, None, None] + e[None, :, None] + 0 * e[None, None, :]).reshape(-1)
+            Cc = ((B * cols)[:, None, None] + e[None, None, :] + 0 * e[None, :, None]).reshape(-1)
+            ukey, inv = np.unique(Cc * (k * B) + R, return_inverse=True)  # column-major: CSC order
+            sumup = sp.csr_matrix((np.ones(len(R)), (inv, np.arange(len(R)))), shape=(len(ukey), len(R)))
+            indptr = np.r_[0, np.cumsum(np.bincount(ukey // (k * B), minlength=k * B))].astype(np.int32)
+            self._reduced[B] = (sumup, (ukey % (k * B)).astype(np.int32), indptr)
+        return self._reduced[B]
 
     @classmethod
     def make(cls, pa: np.ndarray, pb: np.ndarray, nf: int) -> _ChainPlan | None:
@@ -226,19 +247,10 @@ class ChainCholesky:
         self.lu = None
         S = plan.reduced
         if len(S):  # the super-blocks long edges touch: diagonals, chain couplings, long couplings
-            k = len(S)
-            at = np.full(P + 2, -1)
-            at[S] = np.arange(k)
-            rows = np.r_[np.arange(k), np.arange(k - 1), at[plan.long_pairs[:, 0]]]
-            cols = np.r_[np.arange(k), np.arange(1, k), at[plan.long_pairs[:, 1]]]
             vals = np.concatenate([D[S], C[1:-1], L])
-            up = rows != cols
-            rows, cols = np.r_[rows, cols[up]], np.r_[cols, rows[up]]
-            vals = np.concatenate([vals, np.swapaxes(vals[up], 1, 2)])
-            e = np.arange(B)
-            R = np.broadcast_to((B * rows)[:, None, None] + e[None, :, None], vals.shape)
-            Cc = np.broadcast_to((B * cols)[:, None, None] + e[None, None, :], vals.shape)
-            A = sp.csc_matrix((vals.reshape(-1), (R.reshape(-1), Cc.reshape(-1))), shape=(k * B, k * B))
+            sumup, indices, indptr = plan.reduced_layout(B)
+            data = sumup @ np.concatenate([vals.reshape(-1), np.swapaxes(vals[len(S):], 1, 2).reshape(-1)])
+            A = sp.csc_matrix((data, indices, indptr), shape=(len(S) * B, len(S) * B))
             self.lu = spla.splu(A, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0,
                                 options={"SymmetricMode": True})
 
