@@ -29,6 +29,12 @@ def _superlu(A):
     return spla.splu(A, permc_spec="NATURAL", diag_pivot_thresh=0.0, options={"SymmetricMode": True})
 
 
+def _columns(rows: np.ndarray, cols: np.ndarray, n: int, m: int):
+    """The n x m 0/1 matrix with a one at (rows[i], cols[i]), each column at most once (cols increasing)."""
+    return sp.csc_matrix((np.ones(len(rows)), rows, np.r_[0, np.cumsum(np.bincount(cols, minlength=m))]),
+                         shape=(n, m))
+
+
 class BlockPattern:
     """The block sparsity of a symmetric matrix over F free nodes summed from per-edge blocks (an edge (a, b)
     gives blocks aa, ab, ba, bb; held nodes have no rows). Block columns are the free nodes in chain order (their
@@ -65,12 +71,13 @@ class BlockPattern:
         ukey, slot = np.unique(key, return_inverse=True)
         self.nb = len(ukey)
         self.brow, self.bcol = ukey // nf, ukey % nf
-        self.scatter = sp.csr_matrix((np.ones(len(ok)), (slot[: len(ok)], ok)), shape=(self.nb + 1, 4 * m))
+        # One entry per contribution column (none for a held node's): built as CSC directly, no sort.
+        self.scatter = _columns(slot[: len(ok)], ok, self.nb + 1, 4 * m)
         self.diag = slot[len(ok):]  # block of each free node's diagonal, in column order
         self.bindptr = np.r_[0, np.cumsum(np.bincount(self.brow, minlength=nf))].astype(np.int32)
         g = np.r_[ca, cb]  # gradient parts (a of every edge, then b) -> their node's block row
         okg = np.flatnonzero(g >= 0)
-        self.gscatter = sp.csr_matrix((np.ones(len(okg)), (g[okg], okg)), shape=(nf, 2 * m))
+        self.gscatter = _columns(g[okg], okg, nf, 2 * m)
         self._csc: dict[int, tuple] = {}
 
     def blocks(self, contrib: np.ndarray, ridge: float = 0.0) -> np.ndarray:
@@ -174,9 +181,10 @@ class _ChainPlan:
         return self._gathers[bs]
 
     def reduced_layout(self, B: int):
-        """The CSC structure of the system left over the kept super-blocks: [their diagonals, the couplings of
-        neighbours in the kept order, the long couplings], then the transposes of the last two; `sumup` maps
-        those values (flat) onto the CSC data, summing where a long coupling meets a neighbour coupling."""
+        """The CSC structure of the system left over the kept super-blocks, from its blocks [their diagonals,
+        the couplings of neighbours in the kept order, the long couplings, then the transposes of the last two]:
+        `sumup` adds blocks that land on the same place (a long coupling between kept neighbours), `gather` lays
+        the summed blocks out as CSC data (a BSR -> CSR conversion of their positions, made once)."""
         if B not in self._reduced:
             k = len(self.reduced)
             at = np.full(self.P + 2, -1)
@@ -184,13 +192,12 @@ class _ChainPlan:
             rows = np.r_[np.arange(k), np.arange(k - 1), at[self.long_pairs[:, 0]]]
             cols = np.r_[np.arange(k), np.arange(1, k), at[self.long_pairs[:, 1]]]
             rows, cols = np.r_[rows, cols[k:]], np.r_[cols, rows[k:]]
-            e = np.arange(B)
-            R = ((B * rows)[:, None, None] + e[None, :, None] + 0 * e[None, None, :]).reshape(-1)
-            Cc = ((B * cols)[:, None, None] + e[None, None, :] + 0 * e[None, :, None]).reshape(-1)
-            ukey, inv = np.unique(Cc * (k * B) + R, return_inverse=True)  # column-major: CSC order
-            sumup = sp.csr_matrix((np.ones(len(R)), (inv, np.arange(len(R)))), shape=(len(ukey), len(R)))
-            indptr = np.r_[0, np.cumsum(np.bincount(ukey // (k * B), minlength=k * B))].astype(np.int32)
-            self._reduced[B] = (sumup, (ukey % (k * B)).astype(np.int32), indptr)
+            ukey, inv = np.unique(rows * k + cols, return_inverse=True)  # row-major: BSR order
+            sumup = sp.csr_matrix((np.ones(len(inv)), (inv, np.arange(len(inv)))), shape=(len(ukey), len(inv)))
+            idx = np.arange(len(ukey) * B * B, dtype=np.float64).reshape(-1, B, B)
+            bptr = np.r_[0, np.cumsum(np.bincount(ukey // k, minlength=k))]
+            A = sp.bsr_matrix((idx, ukey % k, bptr), shape=(k * B, k * B)).tocsr()
+            self._reduced[B] = (sumup, A.data.astype(np.int64), A.indices, A.indptr)
         return self._reduced[B]
 
     @classmethod
@@ -248,9 +255,9 @@ class ChainCholesky:
         S = plan.reduced
         if len(S):  # the super-blocks long edges touch: diagonals, chain couplings, long couplings
             vals = np.concatenate([D[S], C[1:-1], L])
-            sumup, indices, indptr = plan.reduced_layout(B)
-            data = sumup @ np.concatenate([vals.reshape(-1), np.swapaxes(vals[len(S):], 1, 2).reshape(-1)])
-            A = sp.csc_matrix((data, indices, indptr), shape=(len(S) * B, len(S) * B))
+            sumup, gather, indices, indptr = plan.reduced_layout(B)
+            blk = sumup @ np.concatenate([vals, np.swapaxes(vals[len(S):], 1, 2)]).reshape(sumup.shape[1], -1)
+            A = sp.csc_matrix((blk.reshape(-1)[gather], indices, indptr), shape=(len(S) * B, len(S) * B))
             self.lu = spla.splu(A, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0,
                                 options={"SymmetricMode": True})
 
