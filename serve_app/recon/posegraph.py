@@ -375,9 +375,12 @@ def solve(ids: list[int], poses: list[Sim3], edges: list[Edge], params: GraphPar
     r = res(x)
     cost0 = float((base_w * (r ** 2).sum(1)).sum())
     if cost0 > params.chordal_above * r.size:
-        xc = _chordal(x, ia, ib, zinv, base_w, pat, free)
-        if float((base_w * (res(xc) ** 2).sum(1)).sum()) < cost0:
-            x = xc
+        try:
+            xc = _chordal(x, ia, ib, zinv, base_w, pat, free)
+            if float((base_w * (res(xc) ** 2).sum(1)).sum()) < cost0:
+                x = xc
+        except (np.linalg.LinAlgError, RuntimeError):  # a singular system: start from the estimate as given
+            pass
     it = 0
     w = base_w.copy()
     robust = False
@@ -392,7 +395,10 @@ def solve(ids: list[int], poses: list[Sim3], edges: list[Edge], params: GraphPar
         # the same point because the gradient is exact; it needs no H) and refactor only after a large step.
         # Robust steps always refactor: their weights change every iteration (a wrong edge can keep them moving).
         if lu is None or step > REFACTOR_STEP or robust:
-            lu, grad = _normal(pat, r, Ja, Jb, w)
+            try:
+                lu, grad = _normal(pat, r, Ja, Jb, w)
+            except (np.linalg.LinAlgError, RuntimeError):  # singular (non-finite input): keep what we have
+                break
             factorisations += 1
         else:
             grad = _grad(pat, r, Ja, Jb, w)
