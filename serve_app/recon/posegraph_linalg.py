@@ -6,8 +6,9 @@ with one sparse product. `ChainCholesky` factors such a matrix by block cyclic r
 are grouped into super-blocks of g nodes (g: the odometry reach), so odometry couples only neighbouring
 super-blocks; the super-blocks no long edge touches are eliminated level by level, every other one of each run at
 once (batched numpy on (k, B, B) arrays, ~log2(run) levels), which leaves a small sparse system over the
-super-blocks the loops touch (SuperLU). For 1,000 nodes and 20 loops that is ~4x cheaper than SuperLU on the
-whole 7,000 x 7,000 matrix, whose small supernodes keep it at a fraction of the machine's speed. A graph whose
+super-blocks the loops touch (SuperLU). For 1,000 nodes and 20 loops that is ~2x cheaper than SuperLU on the
+whole 7,000 x 7,000 matrix (bench/posegraph.py), whose small supernodes keep it at a fraction of the machine's
+speed; LAPACK's banded Cholesky (a band of ~17 nodes in RCM order) and qdldl were no faster. A graph whose
 long edges touch more than a quarter of the super-blocks (many loops) is factored by SuperLU in a fill-reducing
 node order instead. tests/recon/test_posegraph_linalg.py checks both against dense numpy.
 """
