@@ -8,7 +8,10 @@ super-blocks; the super-blocks no long edge touches are eliminated level by leve
 once (batched numpy on (k, B, B) arrays, ~log2(run) levels), which leaves a small sparse system over the
 super-blocks the loops touch (SuperLU). For 1,000 nodes and 20 loops that is ~2x cheaper than SuperLU on the
 whole 7,000 x 7,000 matrix (bench/posegraph.py), whose small supernodes keep it at a fraction of the machine's
-speed; LAPACK's banded Cholesky (a band of ~17 nodes in RCM order) and qdldl were no faster. A graph whose
+speed. Measured and not taken (bench/README.md): LAPACK's banded Cholesky (a band of ~17 nodes in RCM order: slower),
+qdldl (a third less than SuperLU), CHOLMOD through cvxopt (a faster numeric factorisation, but building its
+matrix and symbolic analysis per solve cost as much; a 65 MB dependency), cholespy (no separate refactorisation)
+and scikit-sparse (no wheel on PyPI). A graph whose
 long edges touch more than a quarter of the super-blocks (many loops) is factored by SuperLU in a fill-reducing
 node order instead. tests/recon/test_posegraph_linalg.py checks both against dense numpy.
 """
