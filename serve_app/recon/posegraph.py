@@ -10,13 +10,14 @@ The solver is Gauss-Newton with per-edge residual r = [log R_E / sigma_rot, t_E 
 of E = Z^-1 ∘ S_a^-1 ∘ S_b (normalised gauges), analytic Jacobians for every edge at once, and Huber weights per
 edge after a first plain least-squares pass (a wrong edge then pulls with bounded force; loops that disagree with
 the odometry are also refused before they enter, see `loop_discrepancy`). What makes a 1,000-window solve ~2x
-faster than before (bench/posegraph.py): a start far from consistent (a drifted chain after a loop closes) is first replaced by a chordal
-initialisation (three linear solves: rotations, log scales, translations), after which Gauss-Newton needs one or
-two factorisations instead of four; the normal matrix is summed at node level into a block pattern and factored
-by block cyclic reduction along the chain, the loops' super-blocks left to a small SuperLU system
-(posegraph_linalg.py); chord steps (the last factorisation kept while steps are small) need only the gradient;
-and iterations stop once the contraction of the updates says the rest is below `tol`. bench/posegraph.py compares
-it with the previous solver (SuperLU on the whole matrix, four factorisations from a drifted start) and gtsam.
+faster than before (bench/posegraph.py): a start far from consistent (a drifted chain after a loop closes) is
+first replaced by a chordal initialisation (three linear solves: rotations, log scales, translations), after
+which Gauss-Newton needs two factorisations instead of four; the normal matrix is summed at node level into a
+block pattern and factored by block cyclic reduction along the chain, the loops' super-blocks left to a small
+SuperLU system (posegraph_linalg.py); chord steps (the last factorisation kept while steps are small) need only
+the gradient; and iterations stop once the contraction of the updates says the rest is below a tenth of `tol`.
+bench/posegraph.py compares it with the previous solver (SuperLU on the whole matrix, four factorisations from a
+drifted start) and gtsam.
 
 Over 400 lines because the Jacobians, the chordal start and the robust Gauss-Newton form one solver (the linear
 algebra is in posegraph_linalg.py).
@@ -195,8 +196,8 @@ def _jr_inv(phi: np.ndarray) -> np.ndarray:
 
 def _residuals_jac(xa, xb, zinv, sig):
     """Whitened residuals (m, 7) of E = Z^-1 ∘ A^-1 ∘ B and their analytic Jacobians (m, 7, 7) with respect to
-    the `_retract` increments of A and B (columns: rotation vector, translation, log scale). Written out (F and E
-    composed in place, rows whitened as they are filled) because a solve evaluates it 2-3 times for all edges."""
+    the `_retract` increments of A and B (columns: rotation vector, translation, log scale). Written out (F and
+    E composed in place, rows whitened as they are filled): a solve evaluates it 2-3 times for all edges."""
     sa, Ra, ta = xa
     sb, Rb, tb = xb
     sZ, RZ, tZ = zinv
@@ -393,7 +394,7 @@ def solve(ids: list[int], poses: list[Sim3], edges: list[Edge], params: GraphPar
             w = base_w * np.where(nrm <= params.huber, 1.0, params.huber / np.maximum(nrm, 1e-300))
         # Close to the minimum H hardly changes: keep the last factorisation (a chord step, still converging to
         # the same point because the gradient is exact; it needs no H) and refactor only after a large step.
-        # Robust steps always refactor: their weights change every iteration (a wrong edge can keep them moving).
+        # Robust steps always refactor: their weights change every iteration (a wrong edge can keep them moving)
         if lu is None or step > REFACTOR_STEP or robust:
             try:
                 lu, grad = _normal(pat, r, Ja, Jb, w)
@@ -410,7 +411,8 @@ def solve(ids: list[int], poses: list[Sim3], edges: list[Edge], params: GraphPar
         x = _retract(x, D)
         prev, step = step, float(np.abs(delta).max())
         theta = step / prev  # contraction of the updates: what is left is ~ step * theta / (1 - theta)
-        if step < params.tol or (prev < np.inf and theta < 0.5 and step * theta / (1.0 - theta) < 0.1 * params.tol):
+        rest = step * theta / (1.0 - theta) if prev < np.inf and theta < 0.5 else np.inf
+        if step < params.tol or rest < 0.1 * params.tol:
             if robust:
                 break
             # Plain least squares converged: down-weight edges that still disagree, if any do.

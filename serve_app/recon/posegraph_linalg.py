@@ -1,19 +1,21 @@
 """The pose graph's linear algebra: the block pattern of its normal matrices and their factorisation.
 
 A session's windows form a chain (odometry edges to the previous one or two windows) with a few long edges
-(loops). `BlockPattern` computes once per solve, at node level, where each edge's four blocks land, and sums them
-with one sparse product. `ChainCholesky` factors such a matrix by block cyclic reduction: the nodes in chain order
-are grouped into super-blocks of g nodes (g: the odometry reach), so odometry couples only neighbouring
-super-blocks; the super-blocks no long edge touches are eliminated level by level, every other one of each run at
-once (batched numpy on (k, B, B) arrays, ~log2(run) levels), which leaves a small sparse system over the
-super-blocks the loops touch (SuperLU). For 1,000 nodes and 20 loops that is ~2x cheaper than SuperLU on the
-whole 7,000 x 7,000 matrix (bench/posegraph.py), whose small supernodes keep it at a fraction of the machine's
-speed. Measured and not taken (bench/README.md): LAPACK's banded Cholesky (a band of ~17 nodes in RCM order: slower),
+(loops). `BlockPattern` computes once per solve, at node level, where each edge's four blocks land, and sums
+them with one sparse product. `ChainCholesky` factors such a matrix by block cyclic reduction: the nodes in
+chain order are grouped into super-blocks of g nodes (g: the odometry reach), so odometry couples only
+neighbouring super-blocks; the super-blocks no long edge touches are eliminated level by level, every other one
+of each run at once (batched numpy on (k, B, B) arrays, ~log2(run) levels), which leaves a small sparse system
+over the super-blocks the loops touch (SuperLU). For 1,000 nodes and 20 loops that is ~2x cheaper than SuperLU
+on the whole 7,000 x 7,000 matrix (bench/posegraph.py), whose small supernodes keep it at a fraction of the
+machine's speed. A graph whose long edges touch more than a quarter of the super-blocks (many loops), or a small
+one, is factored by SuperLU in a fill-reducing node order instead. tests/recon/test_posegraph_linalg.py checks
+both against dense numpy.
+
+Measured and not taken (bench/README.md): LAPACK's banded Cholesky (a band of ~17 nodes in RCM order: slower),
 qdldl (a third less than SuperLU), CHOLMOD through cvxopt (a faster numeric factorisation, but building its
-matrix and symbolic analysis per solve cost as much; a 65 MB dependency), cholespy (no separate refactorisation)
-and scikit-sparse (no wheel on PyPI). A graph whose
-long edges touch more than a quarter of the super-blocks (many loops) is factored by SuperLU in a fill-reducing
-node order instead. tests/recon/test_posegraph_linalg.py checks both against dense numpy.
+matrix and the symbolic analysis per solve cost as much; a 65 MB wheel), cholespy (analysis and factorisation
+in one call) and scikit-sparse (no wheel on PyPI).
 """
 
 from __future__ import annotations
@@ -41,9 +43,9 @@ def _columns(rows: np.ndarray, cols: np.ndarray, n: int, m: int):
 
 class BlockPattern:
     """The block sparsity of a symmetric matrix over F free nodes summed from per-edge blocks (an edge (a, b)
-    gives blocks aa, ab, ba, bb; held nodes have no rows). Block columns are the free nodes in chain order (their
-    order in `free`) when the chain factorisation applies, else in a minimum-degree order of the node graph.
-    `blocks(contrib)` sums the edges' blocks (one sparse product with `scatter`); `factor(blocks, bs)` factors
+    gives blocks aa, ab, ba, bb; held nodes have no rows). Block columns are the free nodes in chain order
+    (their order in `free`) when the chain factorisation applies, else in a minimum-degree order of the node
+    graph. `blocks(contrib)` sums the edges' blocks (one sparse product with `scatter`); `factor(blocks, bs)` factors
     the matrix they form; `gradient` sums per-edge vectors per node."""
 
     def __init__(self, ia: np.ndarray, ib: np.ndarray, free: np.ndarray):
@@ -87,7 +89,7 @@ class BlockPattern:
     def blocks(self, contrib: np.ndarray, ridge: float = 0.0) -> np.ndarray:
         """Per-edge blocks contrib (4 m, bs * bs), [aa; ab; ba; bb], summed: (nb + 1, bs * bs) (the last row
         zero), plus ridge * I on the diagonal blocks."""
-        out = self.scatter @ contrib  # one row more than blocks, all zero: the chain factorisation's gathers read it
+        out = self.scatter @ contrib  # a last, zero row: where the chain factorisation's gathers read a zero
         if ridge:
             bs = math.isqrt(contrib.shape[1])
             out[self.diag] += ridge * np.eye(bs).reshape(-1)
