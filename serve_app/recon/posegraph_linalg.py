@@ -45,8 +45,8 @@ class BlockPattern:
     """The block sparsity of a symmetric matrix over F free nodes summed from per-edge blocks (an edge (a, b)
     gives blocks aa, ab, ba, bb; held nodes have no rows). Block columns are the free nodes in chain order
     (their order in `free`) when the chain factorisation applies, else in a minimum-degree order of the node
-    graph. `blocks(contrib)` sums the edges' blocks (one sparse product with `scatter`); `factor(blocks, bs)` factors
-    the matrix they form; `gradient` sums per-edge vectors per node."""
+    graph. `blocks(contrib)` sums the edges' blocks (one sparse product with `scatter`); `factor(blocks, bs)`
+    factors the matrix they form; `gradient` sums per-edge vectors per node."""
 
     def __init__(self, ia: np.ndarray, ib: np.ndarray, free: np.ndarray):
         n, m = len(free), len(ia)
