@@ -375,11 +375,13 @@ def solve(ids: list[int], poses: list[Sim3], edges: list[Edge], params: GraphPar
 
     r = res(x)
     cost0 = float((base_w * (r ** 2).sum(1)).sum())
+    first = None  # residuals and Jacobians at the start, when the chordal check already has them
     if cost0 > params.chordal_above * r.size:
         try:
             xc = _chordal(x, ia, ib, zinv, base_w, pat, free)
-            if float((base_w * (res(xc) ** 2).sum(1)).sum()) < cost0:
-                x = xc
+            jc = _residuals_jac(sel(xc, ia), sel(xc, ib), zinv, sig)
+            if float((base_w * (jc[0] ** 2).sum(1)).sum()) < cost0:
+                x, first = xc, jc
         except (np.linalg.LinAlgError, RuntimeError):  # a singular system: start from the estimate as given
             pass
     it = 0
@@ -388,7 +390,8 @@ def solve(ids: list[int], poses: list[Sim3], edges: list[Edge], params: GraphPar
     lu, step, prev, r_end = None, np.inf, np.inf, None
     factorisations = 0
     for it in range(1, params.max_iterations + 1):
-        r, Ja, Jb = _residuals_jac(sel(x, ia), sel(x, ib), zinv, sig)
+        r, Ja, Jb = first if first is not None else _residuals_jac(sel(x, ia), sel(x, ib), zinv, sig)
+        first = None
         if robust:
             nrm = np.sqrt((r ** 2).sum(1))
             w = base_w * np.where(nrm <= params.huber, 1.0, params.huber / np.maximum(nrm, 1e-300))
