@@ -106,7 +106,8 @@ def refine_window(depth: np.ndarray, intrinsics: np.ndarray, c2w: np.ndarray, ma
                   samples_per_view: int = 100, prior_std: float = 0.02, prior_rot_deg: float = 1.0,
                   prior_trans: float = 0.02, fit_poses: bool = False, tol: float = 0.1, iters: int = 1, irls: int = 3,
                   normal_step: int = 2, gauge_mean: bool = True, frame_index: np.ndarray | None = None,
-                  max_gap: int | None = None, seed: int = 0) -> RefineResult:
+                  max_gap: int | None = None, min_gain: float = 0.1, min_rms: float = 1e-3,
+                  seed: int = 0) -> RefineResult:
     """Fit each view's low-order depth field, and (fit_poses) a small correction of each view's pose but the
     first (the window's gauge), by robust point-to-plane Gauss-Newton over every ordered pair of views: view i's
     sampled points against view j's surface where they project (normals from view j's smoothed depth).
@@ -116,7 +117,9 @@ def refine_window(depth: np.ndarray, intrinsics: np.ndarray, c2w: np.ndarray, ma
     `prior_trans` x the window's median depth per translation axis. Returns the refined depth and cameras
     (unchanged, ok False, when no two views overlap enough to fit). `iters` linearisations (all pairs in one
     vectorised pass), each followed by `irls` reweighted solves; rms_after is the fit's prediction on the last
-    linearisation."""
+    linearisation. Nothing is changed (ok, rms_after = rms_before) when the views already agree (rms_before below
+    `min_rms`) or the fields would explain less than `min_gain` of their disagreement: exact or white-noise depth
+    has no warp to remove, and a fit to its interpolation error or noise would only move it."""
     import cv2
 
     depth = np.asarray(depth)
@@ -293,6 +296,8 @@ def refine_window(depth: np.ndarray, intrinsics: np.ndarray, c2w: np.ndarray, ma
         R = _skew_rotation(step[:, :3]) @ R
         C = C + step[:, 3:6] * med
         coef = coef + step[:, 6:]
+    if rms_before < min_rms or rms > (1.0 - min_gain) * rms_before:
+        return RefineResult(np.zeros((n, nb)), depth, rms_before, rms_before, used, True, None, c2w)
     refined = dimg * np.exp(-(coef.astype(np.float32) @ _grid_basis(h, w, False, True)).reshape(n, h, w))
     if not good_px.all():
         refined[~good_px] = depth[~good_px]  # what was not a depth stays as it was

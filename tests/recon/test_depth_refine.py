@@ -159,3 +159,13 @@ def test_a_sparse_mask_still_gets_its_samples_and_the_fit(seq):
     res = refine_window(bad.depth, bad.intrinsics, invert_pose(bad.extrinsics), keep, samples_per_view=100)
     assert res.ok and res.rms_after < 0.5 * res.rms_before
     assert log_error(res.depth, good.depth) < 0.75 * log_error(bad.depth, good.depth)
+
+
+def test_white_noise_has_no_warp_to_remove_and_is_left_as_it_is(seq):
+    """Per-pixel noise makes the views disagree, but no low-order field explains it: the fit would only move the
+    depth by its noise, so nothing is changed (a warped window is refined: the tests above)."""
+    bad, _ = window(seq, {"preset": "white"}, 10)
+    res = refine(bad)
+    assert res.ok and res.rms_before > 0.005
+    assert res.rms_after == res.rms_before and not res.coef.any()
+    assert res.depth is bad.depth
