@@ -37,7 +37,8 @@ planning needs only images; integration (strictly in window order) needs the con
 
 Over 400 lines because it is one class on purpose: planning, integration, the global-consistency hooks and
 snapshot/restore all read and write the session's world state. What does not need that state lives apart:
-plan.py (the types), occupancy.py, prior.py, alignment.py, depth_refine.py, consistency.py, loops.py.
+plan.py (the types), occupancy.py, prior.py, alignment.py, depth_refine.py, consistency.py, loops.py,
+loop_snapshot.py.
 """
 
 from __future__ import annotations
