@@ -21,6 +21,7 @@ import statistics
 
 from serve_app.config import SessionParams
 from serve_app.evaluation.synthetic import SceneSpec
+from serve_app.media.imaging import encode_image
 from serve_app.model.oracle import OracleModel
 from serve_app.recon.consistency import Consistency
 from serve_app.recon.reconstruction import FrameInput, StreamReconstructor
@@ -32,8 +33,11 @@ def run(oracle: OracleModel, params: SessionParams) -> dict:
     seq = oracle.seq
     n = len(seq.images)
     held, sent, naive = None, [], []
+    encoded = [encode_image(im, "JPEG", 90) for im in seq.images]
     for i in range(n):
-        rec.add_frame(FrameInput(index=i, frame_id=i, image=seq.images[i], original_size=(0, 0)))
+        # As a client sends it (JPEG q90): world frames travel as this encoding.
+        rec.add_frame(FrameInput(index=i, frame_id=i, image=seq.images[i], original_size=(0, 0),
+                                 encoded=encoded[i]))
         while (plan := rec.next_window(force=i == n - 1)) is not None:
             out = rec.integrate(plan, oracle.forward_windows([plan.request()])[0])
             if not out.ok:

@@ -3,8 +3,9 @@ places seen before the takeover. Pure numpy.
 
 Verification runs the candidate keyframe's image through the model again and re-aligns it to the keyframe's stored
 depth sample, so both travel: the image at the model input size as a JPEG (quality LOOP_IMAGE_QUALITY, 4:4:4:
-~40 kB at 504x378, 14x smaller than the raw array) and the sample with its points as float16 (they are in the window's
-gauge normalised to median depth 1: 1e-3 relative precision, far below the verification's 5 % RMSE bound).
+~40 kB at 504x378, 14x smaller than the raw array) and LOOP_SNAPSHOT_POINTS of the sample with its points as float16
+(they are in the window's gauge normalised to median depth 1: 1e-3 relative precision, far below the verification's
+5 % RMSE bound): ~15 kB.
 
 Bounded: at most `loop_snapshot_keyframes` keyframes, spread over the session: every `stride`-th keyframe is
 carried, and when that exceeds the bound every other carried one is dropped and the stride doubles (a revisit
@@ -26,6 +27,7 @@ from serve_app.recon.loops import Keyframe
 from serve_app.recon.plan import FrameInput
 from serve_app.sessions.stream_state import INCREMENTAL
 
+LOOP_SNAPSHOT_POINTS = 2000  # of a keyframe's depth sample (4000): verification fits 7 parameters robustly
 LOOP_IMAGE_QUALITY = 90  # with full-resolution chroma: mean error ~1 grey level at 504x378, 40 kB
 
 
@@ -38,9 +40,10 @@ def encode_jpeg(image: np.ndarray) -> bytes:
 def encode_keyframe(kf: Keyframe) -> dict[str, Any]:
     """A keyframe as plain values (the journal codec stores it without pickle)."""
     src = kf.source
+    step = -(-len(kf.pix) // LOOP_SNAPSHOT_POINTS) or 1  # (the sample is random: every step-th is one too)
     return {"index": int(kf.index), "window": int(kf.window), "frame_id": src.frame_id,
             "descriptor": np.asarray(kf.descriptor, np.float32),
-            "pix": np.asarray(kf.pix, np.int32), "points": np.asarray(kf.points, np.float16),
+            "pix": np.asarray(kf.pix[::step], np.int32), "points": np.asarray(kf.points[::step], np.float16),
             "c2w": np.asarray(kf.c2w, np.float64),
             "image": encode_jpeg(src.image),
             "intrinsics": None if src.intrinsics is None else np.asarray(src.intrinsics, np.float32),

@@ -157,7 +157,9 @@ def test_a_restored_snapshot_verifies_a_loop_to_an_old_keyframe_like_the_origina
     for b in new.keyframes:
         a = old.get(b.index)
         assert (a.index, a.window) == (b.index, b.window)
-        assert np.array_equal(a.pix, b.pix) and np.allclose(a.points, b.points, atol=2e-3 * np.abs(a.points).max())
+        step = len(a.pix) // len(b.pix)  # (half of the sample travels)
+        assert step in (1, 2) and np.array_equal(a.pix[::step], b.pix)
+        assert np.allclose(a.points[::step], b.points, atol=2e-3 * np.abs(a.points).max())
         assert np.allclose(a.descriptor, b.descriptor) and np.allclose(a.c2w, b.c2w)
         # The image at the model input size (JPEG): the same frame to within JPEG noise.
         assert b.source.image.shape == a.source.image.shape
