@@ -9,15 +9,15 @@ scale does not weigh edges).
 The solver is Gauss-Newton with per-edge residual r = [log R_E / sigma_rot, t_E / sigma_t, log s_E / sigma_s]
 of E = Z^-1 ∘ S_a^-1 ∘ S_b (normalised gauges), analytic Jacobians for every edge at once, and Huber weights per
 edge after a first plain least-squares pass (a wrong edge then pulls with bounded force; loops that disagree with
-the odometry are also refused before they enter, see `loop_discrepancy`). What makes a 1,000-window solve ~2x
+the odometry are also refused before they enter, see `loop_discrepancy`). What makes a 1,000-window solve 1.6-2.5x
 faster than before (bench/posegraph.py): a start far from consistent (a drifted chain after a loop closes) is
 first replaced by a chordal initialisation (three linear solves: rotations, log scales, translations), after
 which Gauss-Newton needs two factorisations instead of four; the normal matrix is summed at node level into a
 block pattern and factored by block cyclic reduction along the chain, the loops' super-blocks left to a small
 SuperLU system (posegraph_linalg.py); chord steps (the last factorisation kept while steps are small) need only
-the gradient; and iterations stop once the contraction of the updates says the rest is below a tenth of `tol`.
-bench/posegraph.py compares it with the previous solver (SuperLU on the whole matrix, four factorisations from a
-drifted start) and gtsam.
+the gradient, applied from the residuals' terms without forming the Jacobians (`_jt_times`); and iterations
+stop once the contraction of the updates says the rest is below a tenth of `tol`. bench/posegraph.py compares it
+with the previous solver (SuperLU on the whole matrix, four factorisations from a drifted start) and gtsam.
 
 Over 400 lines because the Jacobians, the chordal start and the robust Gauss-Newton form one solver (the linear
 algebra is in posegraph_linalg.py).
