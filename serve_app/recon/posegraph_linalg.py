@@ -89,7 +89,7 @@ class BlockPattern:
     def blocks(self, contrib: np.ndarray, ridge: float = 0.0) -> np.ndarray:
         """Per-edge blocks contrib (4 m, bs * bs), [aa; ab; ba; bb], summed: (nb + 1, bs * bs) (the last row
         zero), plus ridge * I on the diagonal blocks."""
-        out = self.scatter @ contrib  # a last, zero row (no edge)
+        out = self.scatter @ contrib  # a last, zero row: what the chain factorisation reads for a missing block
         if ridge:
             bs = math.isqrt(contrib.shape[1])
             out[self.diag] += ridge * np.eye(bs).reshape(-1)
@@ -231,7 +231,7 @@ class ChainCholesky:
         B = g * bs
         self.plan, self.B, self.n = plan, B, pat.nf * bs
         # Node blocks -> super-block diagonals D (P + 2 with the dummies), neighbour couplings C (p, p + 1) and
-        # long couplings L (p, q): one block scatter each.
+        # long couplings L (p, q): one gather of node blocks each (a missing block reads the zero row).
         D, C, L = plan.place(pat, blocks, bs)
         pad = np.arange(pat.nf * bs, P * B)  # padding rows of the last super-block, and the dummies: identity
         D[pad // B, pad % B, pad % B] = 1.0
