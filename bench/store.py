@@ -487,8 +487,16 @@ def main(argv: list[str] | None = None) -> int:
               "(Ray's own processes and anything else on the box are not pinned)", flush=True)
 
     os.environ.update(RAY_ENV_VARS)  # this process calls the store too (profile, storm): as an ingress would
-    ctx = ray.init(num_cpus=ncpu, include_dashboard=False, namespace=NAMESPACE,
-                   logging_level="ERROR", runtime_env={"env_vars": dict(RAY_ENV_VARS)})
+    for attempt in range(3):  # Ray gives its raylet 30 s to register: not always enough on a loaded box
+        try:
+            ctx = ray.init(num_cpus=ncpu, include_dashboard=False, namespace=NAMESPACE,
+                           logging_level="ERROR", runtime_env={"env_vars": dict(RAY_ENV_VARS)})
+            break
+        except Exception as exc:
+            print(f"ray.init failed ({exc}); retrying", flush=True)
+            ray.shutdown()
+            if attempt == 2:
+                raise
     address = ctx.address_info["address"]
     run = uuid.uuid4().hex[:6]
     batches = [int(x) for x in args.accept_batch.split(",")]
