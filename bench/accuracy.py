@@ -282,13 +282,14 @@ def served_args(spec: SceneSpec, errors: dict, oracle_seed: int, window: int, ov
     }
 
 
-async def stream_served(url: str, frames: list[bytes], params: dict) -> Run:
+async def stream_served(url: str, frames: list[bytes], params: dict, fps: float | None = None) -> Run:
     import httpx
     from plyfile import PlyData
 
     from bench.common import stream_session
 
-    res = await stream_session(url, frames, len(frames), params=params, delete=False, finalize_timeout_s=1800)
+    res = await stream_session(url, frames, len(frames), params=params, fps=fps, delete=False,
+                               finalize_timeout_s=1800)
     sid = res.session_id
     async with httpx.AsyncClient(timeout=120) as c:
         traj = (await c.get(f"{url}/ws/session/{sid}/trajectory.json")).json()
@@ -448,6 +449,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="in-process: windows planned before the oldest is integrated (default %(default)s: "
                          "reproduced the served run figure for figure on the 2-core box; the served worker's lead "
                          "depends on timing)")
+    ap.add_argument("--fps", type=float, default=None,
+                    help="served: send frames at this rate (default: as fast as the server's credit allows, so "
+                         "the latency column is mostly queueing; a rate the server keeps up with makes it the "
+                         "work on the latency path)")
     ap.add_argument("--param", action="append", default=[], metavar="NAME=JSON",
                     help="a session parameter for every run, e.g. --param depth_refine='\"field\"' (repeatable)")
     a = ap.parse_args(argv)
@@ -501,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
                 if served is None:
                     run = run_in_process(seq, oracle, SessionParams(**overrides), depth, not a.per_loop_solve)
                 else:
-                    run = asyncio.run(stream_served(url, frames, overrides))
+                    run = asyncio.run(stream_served(url, frames, overrides, a.fps))
                 r = {"case": case, "mode": mode, "errors_model": errors, "scene": kind,
                      **evaluate(run, seq, spec, laps, surf, floor)}
                 rows.append(r)

@@ -1,21 +1,24 @@
-"""Pose-graph solve time and accuracy: serve_app.recon.posegraph (scipy.sparse Gauss-Newton, SuperLU) vs the same
-steps with other factorisations (LAPACK banded Cholesky in an RCM order; qdldl when installed), the solver it
-replaced (`solve_reference`, kept here only) and gtsam 4.3 (LM) when installed; and one factorisation by each method.
+"""Pose-graph solve time and accuracy: serve_app.recon.posegraph (chordal start, chain factorisation by block cyclic
+reduction, see posegraph_linalg.py) against the solver it replaced (`solve_previous` in bench/posegraph_previous.py:
+SuperLU on the whole normal matrix from the given start), two ablations of the new one (no chordal start; SuperLU
+instead of the chain factorisation) and gtsam 4.3 (LM) when installed; and one factorisation by each method.
 
-    python bench/posegraph.py --nodes 1000 --loops 20 --repeat 3
+    python bench/posegraph.py --nodes 1000 --loops 20 --repeat 5
 
 A synthetic session: `nodes` windows on a multi-lap circle, odometry edges to the previous two windows (noisy
 relative Sim(3), like the context frames' alignments), `loops` loop edges between laps and one wrong loop edge
 (a bad verification). Initial estimate: the odometry chained (drifted). Prints per solver: median solve time
 (cold: from the drifted chain, like a global solve after a loop closes; warm: one new node after a solved graph;
-local: the per-window solve of the newest 8 nodes),
-wall and CPU time, the rotation and position error against the truth, the largest difference from the current
-solver's poses, and the speed-ups measured in this one run. Target: <= 50 ms at 1,000 nodes.
+local: the per-window solve of the newest 8 nodes), wall and CPU time of this process, the rotation and
+position error against the truth, the largest difference from the new solver's poses, the speed-ups measured in
+this one run and the verdict against the target: <= 50 ms CPU at 1,000 nodes, cold and warm. The machine's load
+average is printed with it: on a shared box CPU time and the ratios of one run are the figures to compare.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,20 +27,18 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
+import serve_app.recon.posegraph_linalg as pl
+from bench.posegraph_previous import solve_previous
+from serve_app.recon import posegraph as pg
 from serve_app.recon.geometry import Sim3
 from serve_app.recon.posegraph import (
     Edge,
     GraphParams,
     PoseGraph,
-    SolveResult,
     _inverse,
-    _residuals,
-    _retract,
     _stack,
-    graph_setup,
     so3_exp,
     solve,
     solve_gtsam,
@@ -77,82 +78,6 @@ def make_problem(n: int, loops: int, seed: int = 0, rot_deg: float = 0.5, trans:
     return truth, init, edges, bad
 
 
-def solve_reference(ids, poses, edges, params, fixed) -> SolveResult:
-    """The solver before issue 16's speed work, kept only here as the yardstick: finite-difference Jacobians (14
-    residual evaluations per iteration), J assembled as a scipy CSR and H = J^T J, SuperLU re-ordering H every
-    iteration."""
-    g = graph_setup(ids, poses, edges, fixed)
-    if g is None:
-        return SolveResult(dict(zip(ids, poses)), 0, 0.0, 0.0)
-    n, x, ia, ib, zinv, base_w, m, free = g.n, g.x, g.ia, g.ib, g.zinv, g.base_w, g.m, g.free
-    sig = params.sig
-    col_of = np.full(n, -1)
-    col_of[free] = np.arange(int(free.sum()))
-    nv = 7 * int(free.sum())
-
-    def sel(xx, idx):
-        return xx[0][idx], xx[1][idx], xx[2][idx]
-
-    def res(xx):
-        return _residuals(sel(xx, ia), sel(xx, ib), zinv, sig)
-
-    r = res(x)
-    cost0 = float((base_w * (r ** 2).sum(1)).sum())
-    # Sparsity pattern of J (m*7 rows; columns 7*node), fixed across iterations.
-    rows = np.repeat(np.arange(7 * m).reshape(m, 7), 7, axis=1)  # (m, 49) per side
-    eps = 1e-6
-    it = 0
-    w = base_w.copy()
-    robust = False
-    for it in range(1, params.max_iterations + 1):
-        xa, xb = sel(x, ia), sel(x, ib)
-        r = _residuals(xa, xb, zinv, sig)
-        if robust:
-            nrm = np.sqrt((r ** 2).sum(1))
-            w = base_w * np.where(nrm <= params.huber, 1.0, params.huber / np.maximum(nrm, 1e-300))
-        Ja = np.empty((m, 7, 7))
-        Jb = np.empty((m, 7, 7))
-        for k in range(7):
-            d = np.zeros((m, 7))
-            d[:, k] = eps
-            Ja[:, :, k] = (_residuals(_retract(xa, d), xb, zinv, sig) - r) / eps
-            Jb[:, :, k] = (_residuals(xa, _retract(xb, d), zinv, sig) - r) / eps
-        sw = np.sqrt(w)[:, None]
-        blocks, cols, rr = [], [], []
-        for J, node in ((Ja, ia), (Jb, ib)):
-            ok = free[node]
-            c = (7 * col_of[node])[:, None, None] + np.arange(7)[None, None, :]
-            blocks.append((J * sw[:, :, None])[ok].reshape(-1))
-            cols.append(np.broadcast_to(c, (m, 7, 7))[ok].reshape(-1))
-            rr.append(rows.reshape(m, 7, 7)[ok].reshape(-1))
-        J = sp.csr_matrix((np.concatenate(blocks), (np.concatenate(rr), np.concatenate(cols))), shape=(7 * m, nv))
-        rw = (r * sw).reshape(-1)
-        H = (J.T @ J).tocsc()
-        g = J.T @ rw
-        H = H + sp.identity(nv, format="csc") * 1e-9
-        delta = -spla.splu(H, permc_spec="MMD_AT_PLUS_A", options={"SymmetricMode": True}).solve(g)
-        if not np.isfinite(delta).all():
-            break
-        D = np.zeros((n, 7))
-        D[free] = delta.reshape(-1, 7)
-        x = _retract(x, D)
-        step = float(np.abs(delta).max())
-        if step < params.tol:
-            if robust:
-                break
-            # Plain least squares converged: down-weight edges that still disagree, if any do.
-            nrm = np.sqrt((res(x) ** 2).sum(1))
-            if not (nrm > params.huber).any():
-                break
-            robust = True
-    r = res(x)
-    nrm = np.sqrt((r ** 2).sum(1))
-    cost1 = float((base_w * (r ** 2).sum(1)).sum())
-    down = [i for i in range(m) if nrm[i] > 2 * params.huber]
-    out = {k: Sim3(x[0][i], x[1][i], x[2][i]) for i, k in enumerate(ids)}
-    return SolveResult(out, it, cost0, cost1, down)
-
-
 def errors(est: dict[int, Sim3], truth: list[Sim3]) -> tuple[float, float]:
     rot = [np.degrees(np.arccos(np.clip((np.trace(est[i].R.T @ truth[i].R) - 1) / 2, -1, 1)))
            for i in range(len(truth))]
@@ -172,17 +97,31 @@ def _median_ms(fn, arg, repeat: int) -> tuple[float, float, object]:
     return float(np.median(wall)), float(np.median(cpu)), out
 
 
+def _superlu_whole(fn):
+    """Run fn with the chain factorisation off (SuperLU on the whole matrix in a minimum-degree order)."""
+    def run(p):
+        keep = pl.MAX_LOOP_SHARE
+        pl.MAX_LOOP_SHARE = -1.0
+        try:
+            return fn(p)
+        finally:
+            pl.MAX_LOOP_SHARE = keep
+    return run
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nodes", type=int, default=1000)
     ap.add_argument("--loops", type=int, default=20)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--no-gtsam", action="store_true")
-    ap.add_argument("--no-reference", action="store_true", help="skip the old solver (slow)")
+    ap.add_argument("--no-ablations", action="store_true", help="skip the new solver's ablations")
     a = ap.parse_args()
     truth, init, edges, bad = make_problem(a.nodes, a.loops)
     params = GraphParams(sigma_trans=0.01, sigma_scale=0.01, sigma_rot_deg=0.5)
     ids = list(range(a.nodes))
+    print(f"load average at start (1/5/15 min): {' / '.join(f'{x:.2f}' for x in os.getloadavg())}, "
+          f"{os.cpu_count()} CPUs")
     print(f"{a.nodes} nodes, {len(edges)} edges ({a.loops} loops); chained odometry: "
           "rot median {:.2f} deg, position RMSE {:.3f}".format(*errors(dict(enumerate(init)), truth)))
     g = PoseGraph(params)
@@ -192,69 +131,87 @@ def main() -> None:
     good = next(e for e in edges if e.kind == "loop")
     print(f"loop gate (squared whitened discrepancy per odometry step): true loop "
           f"{g.loop_discrepancy(good, good.b - good.a):.2f}, wrong loop {g.loop_discrepancy(bad, steps):.2f}")
-    solvers = {"scipy GN (now)": lambda p: solve(ids, p, edges, params, 0).poses,
-               "GN banded (RCM)": lambda p: solve(ids, p, edges, params, 0, linear="banded").poses}
-    try:
-        import qdldl  # noqa: F401 - optional: a sparse LDL^T with a numeric-only refactorisation
-
-        solvers["GN qdldl"] = lambda p: solve(ids, p, edges, params, 0, linear="ldl").poses
-    except ImportError:
-        print("qdldl not installed: pip install qdldl to compare a sparse LDL^T factorisation")
-    if not a.no_reference:
-        solvers["scipy GN (before)"] = lambda p: solve_reference(ids, p, edges, params, 0).poses
+    NEW, OLD = "new", "previous"
+    solvers = {NEW: lambda p: solve(ids, p, edges, params, 0),
+               OLD: lambda p: solve_previous(ids, p, edges, params, 0)}
+    if not a.no_ablations:
+        no_chordal = GraphParams(**{**params.__dict__, "chordal_above": float("inf")})
+        solvers["new, no chordal start"] = lambda p: solve(ids, p, edges, no_chordal, 0)
+        solvers["new, SuperLU whole"] = _superlu_whole(lambda p: solve(ids, p, edges, params, 0))
     if not a.no_gtsam:
         try:
             import gtsam  # noqa: F401
             solvers["gtsam 4.3 LM"] = lambda p: solve_gtsam(ids, p, edges, params, 0)
         except ImportError:
             print("gtsam not installed: pip install gtsam==4.3.0 to compare")
-    # Warm: the solved graph plus one new node chained from its odometry (what each window adds).
+    # Warm: the solved graph plus one new node chained from its odometry (what each window adds). One untimed
+    # call per solver first (imports, caches; it also gives the warm start), then the solvers take turns, round
+    # by round, so a change of the machine's load hits them alike.
     last = next(e.z for e in edges if e.a == a.nodes - 2 and e.b == a.nodes - 1)
-    rows, first = {}, None
+    first_out, warm_inits = {}, {}
     for name, fn in solvers.items():
-        cold_w, cold_c, out = _median_ms(fn, init, a.repeat)
-        warm_init = [out[i] for i in ids]
-        warm_init[-1] = out[a.nodes - 2].compose(last)
-        warm_w, warm_c, _ = _median_ms(fn, warm_init, a.repeat)
-        rows[name] = (cold_w, cold_c, warm_w, warm_c)
+        res = fn(init)
+        out = res if isinstance(res, dict) else res.poses
+        first_out[name] = res
+        w_init = [out[i] for i in ids]
+        w_init[-1] = out[a.nodes - 2].compose(last)
+        warm_inits[name] = w_init
+    times = {name: ([], [], [], []) for name in solvers}
+    results = {}
+    for _ in range(a.repeat):
+        for name, fn in solvers.items():
+            t = times[name]
+            for start, (tw, tc) in ((init, (t[0], t[1])), (warm_inits[name], (t[2], t[3]))):
+                w0, c0 = time.perf_counter(), time.process_time()
+                res = fn(start)
+                tw.append((time.perf_counter() - w0) * 1000)
+                tc.append((time.process_time() - c0) * 1000)
+                results[(name, start is init)] = res
+    rows, first = {}, None
+    for name in solvers:
+        rows[name] = tuple(float(np.median(v)) for v in times[name])
+        cold_w, cold_c, warm_w, warm_c = rows[name]
+        res, wres = results[(name, True)], results[(name, False)]
+        out = res if isinstance(res, dict) else res.poses
         rot, pos = errors(out, truth)
+        its = "" if isinstance(res, dict) else (f"  iterations/factorisations cold {res.iterations}/"
+                                                f"{res.factorisations}, warm {wres.iterations}/{wres.factorisations}")
         diff = ""
         if first is None:
             first = out
         else:
             d = max(float(np.abs(out[i].matrix() - first[i].matrix()).max()) for i in ids)
-            diff = f"  max |pose - now's| {d:.1e}"
-        print(f"{name:18s} cold {cold_w:7.1f} ms wall / {cold_c:7.1f} ms CPU   warm {warm_w:7.1f} / {warm_c:7.1f}   "
-              f"rot median {rot:.3f} deg  position RMSE {pos:.4f}{diff}")
+            diff = f"  max |pose - new's| {d:.1e}"
+        print(f"{name:22s} cold {cold_w:6.1f} ms wall / {cold_c:6.1f} ms CPU   warm {warm_w:6.1f} / {warm_c:6.1f}   "
+              f"rot median {rot:.3f} deg  position RMSE {pos:.4f}{diff}{its}")
+    warm_init = warm_inits[NEW]
     # The linear algebra alone: one factorisation of the cold problem's first normal matrix by each method.
-    from serve_app.recon import posegraph as pg
-
     free_nodes = np.ones(a.nodes, bool)
     free_nodes[0] = False
-    pat = pg._NormalPattern(np.array([e.a for e in edges]), np.array([e.b for e in edges]), free_nodes)
-    x0 = _stack(init)
     ia, ib = np.array([e.a for e in edges]), np.array([e.b for e in edges])
+    x0 = _stack(init)
     r, Ja, Jb = pg._residuals_jac(tuple(v[ia] for v in x0), tuple(v[ib] for v in x0),
                                   _inverse(_stack([e.z for e in edges])), params.sig)
-    H, _ = pat.assemble(r, Ja, Jb, np.ones(len(edges)))
-    perm = pg._rcm_perm(pat)
-    band = ""
-    if perm is not None:
-        rank = np.argsort(perm[::7])  # node (column of H / 7) -> its RCM position
-        both = (pat.ga >= 0) & (pat.gb >= 0)
-        band = f" (RCM band {int(np.abs(rank[pat.ga[both]] - rank[pat.gb[both]]).max())} nodes)"
-    facts = {"SuperLU": lambda H: spla.splu(H, permc_spec="NATURAL", diag_pivot_thresh=0.0,
-                                             options={"SymmetricMode": True})}
-    if perm is not None:
-        facts["banded Cholesky" + band] = lambda H: pg._Banded(H, perm)
-    if "GN qdldl" in rows:
-        ldl = pg._LDL()
-        facts["qdldl (first: AMD + symbolic)"] = lambda H: pg._LDL().factor(H)
-        ldl.factor(H)
-        facts["qdldl (numeric refactor)"] = lambda H: ldl.factor(H)
+    w = np.ones(len(edges))
+    pat = pl.BlockPattern(ia, ib, free_nodes)
+    c = np.stack([np.swapaxes(Ja, 1, 2) @ Ja, np.swapaxes(Ja, 1, 2) @ Jb, np.swapaxes(Jb, 1, 2) @ Ja,
+                  np.swapaxes(Jb, 1, 2) @ Jb]).reshape(-1, 49) * np.tile(w, 4)[:, None]
+    blocks = pat.blocks(c, ridge=1e-9)
+    keep = pl.MAX_LOOP_SHARE
+    pl.MAX_LOOP_SHARE = -1.0
+    mmd = pl.BlockPattern(ia, ib, free_nodes)  # the same matrix in a minimum-degree order, for SuperLU
+    pl.MAX_LOOP_SHARE = keep
+    H = mmd.csc(mmd.blocks(c, ridge=1e-9), 7)
+    plan = pat.chain
+    facts = {"SuperLU (node minimum-degree order)": lambda _: spla.splu(H, permc_spec="NATURAL",
+                                                                         diag_pivot_thresh=0.0,
+                                                                         options={"SymmetricMode": True})}
+    if plan is not None:  # else the graph is small or has many loops, and the solver uses SuperLU too
+        facts[f"chain (block cyclic reduction; {plan.P} super-blocks of {plan.g} nodes, {len(plan.reduced)} kept "
+              f"for the loops, {len(plan.levels)} levels)"] = lambda _: pl.ChainCholesky(plan, pat, blocks, 7)
     for name, fn in facts.items():
-        fw, fc, _ = _median_ms(fn, H, a.repeat)
-        print(f"factorisation of H ({H.shape[0]} x {H.shape[0]}, {H.nnz} nonzeros), {name}: {fw:.1f} ms wall / "
+        fw, fc, _ = _median_ms(fn, None, a.repeat)
+        print(f"one factorisation of H ({H.shape[0]} x {H.shape[0]}, {H.nnz} nonzeros), {name}: {fw:.1f} ms wall / "
               f"{fc:.1f} ms CPU")
     # Local: what follows an ordinary window in serve_app/recon/consistency.py: the newest `graph_local_windows` (8)
     # nodes free, their edges' other ends held.
@@ -263,18 +220,22 @@ def main() -> None:
     used = sorted({e.a for e in ledges} | {e.b for e in ledges})
     lfixed = [i for i in used if i not in free]
     linit = [warm_init[i] for i in used]
-    for name, fn in (("scipy GN (now)", solve), ("scipy GN (before)", solve_reference)):
-        if name in rows:
-            lw, lc, _ = _median_ms(lambda p, fn=fn: fn(used, p, ledges, params, lfixed), linit, a.repeat)
-            print(f"{name:18s} local solve ({len(free)} free of {len(used)} nodes, {len(ledges)} edges): "
-                  f"{lw:.1f} ms wall / {lc:.1f} ms CPU")
-    now = rows["scipy GN (now)"]
-    print(f"target {TARGET_MS:.0f} ms: now/target cold {now[1] / TARGET_MS:.2f}x, warm {now[3] / TARGET_MS:.2f}x "
-          "(CPU time)")
+    local = {}
+    for name, fn in ((NEW, solve), (OLD, solve_previous)):
+        lw, lc, _ = _median_ms(lambda p, fn=fn: fn(used, p, ledges, params, lfixed), linit, a.repeat)
+        local[name] = lc
+        print(f"{name:22s} local solve ({len(free)} free of {len(used)} nodes, {len(ledges)} edges): "
+              f"{lw:.1f} ms wall / {lc:.1f} ms CPU")
+    new, old = rows[NEW], rows[OLD]
+    print(f"new vs previous (CPU): cold {new[1]:.1f} vs {old[1]:.1f} ms ({old[1] / new[1]:.1f}x), warm {new[3]:.1f} vs "
+          f"{old[3]:.1f} ms ({old[3] / new[3]:.1f}x), local {local[NEW]:.1f} vs {local[OLD]:.1f} ms")
     for name, r in rows.items():
-        if name != "scipy GN (now)":
-            print(f"speed-up over {name}: cold {r[1] / now[1]:.1f}x, warm {r[3] / now[3]:.1f}x (CPU time; wall "
-                  f"{r[0] / now[0]:.1f}x / {r[2] / now[2]:.1f}x)")
+        if name not in (NEW, OLD):
+            print(f"new vs {name}: cold {r[1] / new[1]:.1f}x, warm {r[3] / new[3]:.1f}x faster (CPU)")
+    ok = new[1] <= TARGET_MS and new[3] <= TARGET_MS
+    print(f"target <= {TARGET_MS:.0f} ms CPU at {a.nodes} nodes: cold {new[1]:.1f} ms ({new[1] / TARGET_MS:.2f}x the "
+          f"target), warm {new[3]:.1f} ms ({new[3] / TARGET_MS:.2f}x): {'MET' if ok else 'NOT met'} "
+          f"(load average at end {os.getloadavg()[0]:.2f})")
 
 
 if __name__ == "__main__":

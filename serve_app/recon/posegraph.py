@@ -6,17 +6,21 @@ windows share (context frames), loop edges from a verified loop window. Each gau
 median depth, so a translation residual is in units of the scene depth in every window (the model's per-window
 scale does not weigh edges).
 
-The solver is Gauss-Newton on a sparse normal matrix (scipy.sparse + SuperLU) with per-edge residual
-r = [log R_E / sigma_rot, t_E / sigma_t, log s_E / sigma_s] of E = Z^-1 ∘ S_a^-1 ∘ S_b (normalised gauges),
-analytic Jacobians for every edge at once, the normal matrix summed straight into a CSC pattern computed once per
-solve (free nodes in a fill-reducing order of the node graph), the factorisation reused while steps are small,
-and Huber weights per edge after a first plain least-squares pass (a wrong edge then pulls with bounded force;
-loops that disagree with the odometry are also refused before they enter, see `loop_discrepancy`).
-bench/posegraph.py compares it with the solver it replaced, with gtsam and with other factorisations of the same
-steps (`solve(linear=...)`): an RCM-ordered banded Cholesky is no faster (a chain with loops has a band of ~17
-nodes); qdldl's numeric refactorisations saved ~1/3 of a cold solve, too little to make it a dependency.
+The solver is Gauss-Newton with per-edge residual r = [log R_E / sigma_rot, t_E / sigma_t, log s_E / sigma_s]
+of E = Z^-1 ∘ S_a^-1 ∘ S_b (normalised gauges), analytic Jacobians for every edge at once, and Huber weights per
+edge after a first plain least-squares pass (a wrong edge then pulls with bounded force; loops that disagree with
+the odometry are also refused before they enter, see `loop_discrepancy`). What makes a 1,000-window solve ~2x
+faster than before (bench/posegraph.py): a start far from consistent (a drifted chain after a loop closes) is
+first replaced by a chordal initialisation (three linear solves: rotations, log scales, translations), after
+which Gauss-Newton needs two factorisations instead of four; the normal matrix is summed at node level into a
+block pattern and factored by block cyclic reduction along the chain, the loops' super-blocks left to a small
+SuperLU system (posegraph_linalg.py); chord steps (the last factorisation kept while steps are small) need only
+the gradient; and iterations stop once the contraction of the updates says the rest is below a tenth of `tol`.
+bench/posegraph.py compares it with the previous solver (SuperLU on the whole matrix, four factorisations from a
+drifted start) and gtsam.
 
-Over 400 lines because the Jacobians, the robust Gauss-Newton and its factorisation variants form one solver.
+Over 400 lines because the Jacobians, the chordal start and the robust Gauss-Newton form one solver (the linear
+algebra is in posegraph_linalg.py).
 """
 
 from __future__ import annotations
@@ -24,12 +28,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import scipy.linalg as sla
 import scipy.sparse as sp
-import scipy.sparse.linalg as spla
-from scipy.sparse.csgraph import connected_components, reverse_cuthill_mckee
+from scipy.sparse.csgraph import connected_components
 
 from serve_app.recon.geometry import Sim3
+from serve_app.recon.posegraph_linalg import BlockPattern
 
 # --- batched Sim(3) helpers: (s (n,), R (n, 3, 3), t (n, 3)) ------------------------------------------------
 
@@ -129,6 +132,7 @@ class GraphParams:
     huber: float = 5.0  # whitened residual norm (7 components: ~2.6 typical) beyond which an edge pulls less
     max_iterations: int = 10
     tol: float = 1e-4  # largest update (radians / depth units / log scale) at which an iteration has converged
+    chordal_above: float = 2.0  # mean whitened squared residual above which a solve tries the chordal start
 
     @property
     def sig(self) -> np.ndarray:
@@ -192,156 +196,60 @@ def _jr_inv(phi: np.ndarray) -> np.ndarray:
 
 def _residuals_jac(xa, xb, zinv, sig):
     """Whitened residuals (m, 7) of E = Z^-1 ∘ A^-1 ∘ B and their analytic Jacobians (m, 7, 7) with respect to
-    the `_retract` increments of A and B (columns: rotation vector, translation, log scale)."""
-    f = _compose(_inverse(xa), xb)  # F = A^-1 ∘ B
-    sE, RE, tE = _compose(zinv, f)
-    phi = so3_log(RE)
-    r = np.concatenate([phi, tE, np.log(sE)[:, None]], 1) / sig
-    m = len(sE)
-    jri = _jr_inv(phi)
-    Jb = np.zeros((m, 7, 7))
-    Jb[:, :3, :3] = jri  # E ∘ Exp(d): rotation Log(R_E Exp(w)), translation s_E R_E u, log scale + lambda
-    Jb[:, 3:6, 3:6] = sE[:, None, None] * RE
-    Jb[:, 6, 6] = 1.0
-    # Z^-1 ∘ Exp(d)^-1 ∘ F: rotation R_E Exp(-R_F^T w); translation s_Zi R_Zi (t_F x w - u - lambda t_F)
-    sZ, RZ, _ = zinv
+    the `_retract` increments of A and B (columns: rotation vector, translation, log scale). Written out (F and
+    E composed in place, rows whitened as they are filled): a solve evaluates it 2-3 times for all edges."""
+    sa, Ra, ta = xa
+    sb, Rb, tb = xb
+    sZ, RZ, tZ = zinv
+    RaT = np.swapaxes(Ra, 1, 2)
+    RF = RaT @ Rb  # F = A^-1 ∘ B
+    tF = np.einsum("nij,nj->ni", RaT, tb - ta) / sa[:, None]
+    sE, RE = sZ * sb / sa, RZ @ RF  # E = Z^-1 ∘ F
     M = sZ[:, None, None] * RZ
+    MtF = np.einsum("nij,nj->ni", M, tF)
+    phi = so3_log(RE)
+    m = len(sE)
+    isig = 1.0 / sig
+    r = np.empty((m, 7))
+    r[:, :3] = phi
+    r[:, 3:6] = MtF + tZ
+    r[:, 6] = np.log(sE)
+    r *= isig
+    jri = _jr_inv(phi)
+    ir, it, isc = isig[:3, None], isig[3:6, None], isig[6]
+    Jb = np.zeros((m, 7, 7))
+    Jb[:, :3, :3] = jri * ir  # E ∘ Exp(d): rotation Log(R_E Exp(w)), translation s_E R_E u, log scale + lambda
+    Jb[:, 3:6, 3:6] = sE[:, None, None] * RE * it
+    Jb[:, 6, 6] = isc
+    # Z^-1 ∘ Exp(d)^-1 ∘ F: rotation R_E Exp(-R_F^T w); translation s_Zi R_Zi (t_F x w - u - lambda t_F)
     Ja = np.zeros((m, 7, 7))
-    Ja[:, :3, :3] = -jri @ np.swapaxes(f[1], 1, 2)
-    Ja[:, 3:6, :3] = M @ _hat(f[2])
-    Ja[:, 3:6, 3:6] = -M
-    Ja[:, 3:6, 6] = -np.einsum("nij,nj->ni", M, f[2])
-    Ja[:, 6, 6] = -1.0
-    return r, Ja / sig[None, :, None], Jb / sig[None, :, None]
+    Ja[:, :3, :3] = (jri @ np.swapaxes(RF, 1, 2)) * -ir
+    Ja[:, 3:6, :3] = (M @ _hat(tF)) * it
+    Ja[:, 3:6, 3:6] = M * -it
+    Ja[:, 3:6, 6] = MtF * -isig[3:6]
+    Ja[:, 6, 6] = -isc
+    return r, Ja, Jb
 
 
 REFACTOR_STEP = 0.03  # largest update (radians / depth units / log scale) after which H is factored afresh
-BANDED_MAX_BLOCKS = 40  # "banded": block bandwidth (nodes) beyond which SuperLU is used instead
 
 
-class _Banded:
-    """H in a reverse Cuthill-McKee order of the free nodes, factored by LAPACK's banded Cholesky
-    (scipy.linalg.cholesky_banded): for a chain of windows the band is a few nodes wide."""
-
-    def __init__(self, H, perm: np.ndarray):
-        Hp = H[perm][:, perm].tocoo()
-        low = Hp.row >= Hp.col
-        off = (Hp.row - Hp.col)[low]
-        ab = np.zeros((int(off.max()) + 1, H.shape[0]))
-        ab[off, Hp.col[low]] = Hp.data[low]
-        self.c, self.perm = sla.cholesky_banded(ab, lower=True, check_finite=False), perm
-
-    def solve(self, b: np.ndarray) -> np.ndarray:
-        x = np.empty_like(b)
-        x[self.perm] = sla.cho_solve_banded((self.c, True), b[self.perm], check_finite=False)
-        return x
+def _normal(pat: BlockPattern, r, Ja, Jb, w):
+    """(factorisation of H, gradient) of sum_e w_e |r_e|^2 / 2 linearised."""
+    wJa, wJb = Ja * w[:, None, None], Jb * w[:, None, None]
+    m = len(w)
+    c = np.empty((4, m, 7, 7))
+    np.matmul(np.swapaxes(Ja, 1, 2), wJa, out=c[0])
+    np.matmul(np.swapaxes(Ja, 1, 2), wJb, out=c[1])
+    c[2] = np.swapaxes(c[1], 1, 2)
+    np.matmul(np.swapaxes(Jb, 1, 2), wJb, out=c[3])
+    # a tiny ridge: H stays factorable along a gauge-free direction
+    return pat.factor(pat.blocks(c.reshape(4 * m, 49), ridge=1e-9), 7), _grad(pat, r, Ja, Jb, w)
 
 
-class _LDL:
-    """qdldl (an optional package, for bench/posegraph.py): AMD ordering and symbolic analysis once, a numeric
-    LDL^T per factorisation."""
-
-    def __init__(self):
-        self.s = None
-
-    def factor(self, H) -> _LDL:
-        import qdldl
-
-        if self.s is None:
-            self.s = qdldl.Solver(H)
-        else:
-            self.s.update(H)
-        return self
-
-    def solve(self, b: np.ndarray) -> np.ndarray:
-        return self.s.solve(b)
-
-
-def _rcm_perm(pattern) -> np.ndarray | None:
-    """Scalar permutation of H putting the free nodes in reverse Cuthill-McKee order; None if the band it gives
-    is wider than BANDED_MAX_BLOCKS nodes (a graph with long-range loops: SuperLU is cheaper)."""
-    nf = pattern.nv // 7
-    ok = (pattern.ga >= 0) & (pattern.gb >= 0)
-    ga, gb = pattern.ga[ok], pattern.gb[ok]
-    A = sp.coo_matrix((np.ones(len(ga)), (ga, gb)), shape=(nf, nf)).tocsr()
-    order = reverse_cuthill_mckee(A + A.T, symmetric_mode=True)
-    rank = np.empty(nf, np.int64)
-    rank[order] = np.arange(nf)
-    if len(ga) and int(np.abs(rank[ga] - rank[gb]).max()) > BANDED_MAX_BLOCKS:
-        return None
-    return (7 * order[:, None] + np.arange(7)).reshape(-1)
-
-
-class _NormalPattern:
-    """The sparsity of the (7F x 7F) normal matrix H of F free nodes, computed once per solve: where each edge's
-    four 7x7 blocks and two 7-gradients land in H's CSC data, so an iteration sums them with one bincount. Free
-    nodes are numbered in a fill-reducing order of the node graph (minimum degree on the 7x smaller node
-    pattern), so SuperLU factors H in its natural order without re-ordering the big matrix every iteration."""
-
-    def __init__(self, ia: np.ndarray, ib: np.ndarray, free: np.ndarray):
-        n = len(free)
-        nf = int(free.sum())
-        fa, fb = free[ia], free[ib]
-        # Node-level ordering among the free nodes.
-        fidx = np.full(n, -1)
-        fidx[free] = np.arange(nf)
-        both = fa & fb
-        pa, pb = fidx[ia[both]], fidx[ib[both]]
-        A = sp.coo_matrix((np.ones(2 * len(pa) + nf), (np.r_[pa, pb, np.arange(nf)], np.r_[pb, pa, np.arange(nf)])),
-                          shape=(nf, nf)).tocsc()
-        if nf > 2:
-            perm_c = spla.splu(A + sp.identity(nf, format="csc") * nf, permc_spec="MMD_AT_PLUS_A",
-                               options={"SymmetricMode": True}).perm_c
-            order = np.argsort(perm_c)  # order[k]: free node (fidx) in position k
-        else:
-            order = np.arange(nf)
-        rank = np.empty(nf, np.int64)
-        rank[order] = np.arange(nf)
-        self.col_of = np.full(n, -1)
-        self.col_of[free] = rank  # free node -> its block column in H
-        self.nv = 7 * nf
-        ca, cb = self.col_of[ia], self.col_of[ib]
-        # Block contributions (edge, aa/ab/ba/bb) -> unique 7x7 blocks in block-CSC order (by column, then row).
-        rowb = np.stack([ca, ca, cb, cb], 1)
-        colb = np.stack([ca, cb, ca, cb], 1)
-        self.keep = (rowb >= 0) & (colb >= 0)  # (m, 4)
-        bkey = np.r_[colb[self.keep], np.arange(nf)].astype(np.int64) * nf + np.r_[rowb[self.keep], np.arange(nf)]
-        ukey, slot = np.unique(bkey, return_inverse=True)
-        brow, bcol = ukey % nf, ukey // nf
-        per_col = np.bincount(bcol, minlength=nf)
-        bptr = np.r_[0, np.cumsum(per_col)]
-        k_in_col = np.arange(len(ukey)) - bptr[bcol]
-        # Scalar CSC: column 7c + j holds, block by block, rows 7r + 0..6; block u's (i, j) entry sits at
-        # 49 * bptr[c] + j * 7 * per_col[c] + 7 * k + i.
-        e7 = np.arange(7)
-        base = 49 * bptr[bcol] + 7 * k_in_col  # (u,)
-        pos = base[:, None, None] + e7[None, :, None] + (e7[None, None, :] * 7 * per_col[bcol][:, None, None])
-        # Where each entry of an edge's (14 x 14) [a b]^T [a b] product goes; blocks of held nodes to a dump slot.
-        tgt = np.full((len(ia), 4, 7, 7), 49 * len(ukey), np.int64)
-        tgt[self.keep] = pos[slot[: int(self.keep.sum())]]
-        self.target = tgt.reshape(-1, 2, 2, 7, 7).transpose(0, 1, 3, 2, 4).reshape(-1)  # (edge, p, i, q, j) order
-        self.nnz = 49 * len(ukey)
-        self.diag_pos = pos[np.flatnonzero(brow == bcol)][:, e7, e7].reshape(-1)
-        rows = np.broadcast_to(7 * brow[:, None, None] + e7[None, :, None], pos.shape)
-        ind = np.empty(self.nnz, np.int32)
-        ind[pos.reshape(-1)] = rows.reshape(-1)
-        self.indices = ind
-        self.indptr = np.r_[0, np.cumsum(np.repeat(7 * per_col, 7))].astype(np.int32)
-        self.ga, self.gb = ca, cb
-
-    def assemble(self, r, Ja, Jb, w):
-        """(H in CSC, gradient) of sum_e w_e |r_e|^2 / 2 linearised."""
-        J = np.concatenate([Ja, Jb], 2)  # (m, 7, 14): one batched product gives all four blocks
-        wJ = J * w[:, None, None]
-        JtJ = np.swapaxes(wJ, 1, 2) @ J
-        data = np.bincount(self.target, JtJ.reshape(-1), minlength=self.nnz + 1)[:-1]
-        data[self.diag_pos] += 1e-9  # a tiny ridge: H stays factorable along a gauge-free direction
-        H = sp.csc_matrix((data, self.indices, self.indptr), shape=(self.nv, self.nv))
-        gab = np.einsum("nji,nj->ni", wJ, r)  # (m, 14): gradient parts of a and b
-        g = np.zeros((self.nv // 7 + 1, 7))  # row -1 collects fixed nodes' parts (dropped)
-        np.add.at(g, self.ga, gab[:, :7])
-        np.add.at(g, self.gb, gab[:, 7:])
-        return H, g[:-1].reshape(-1)
+def _grad(pat: BlockPattern, r, Ja, Jb, w) -> np.ndarray:
+    wr = r * w[:, None]
+    return pat.gradient(np.einsum("nji,nj->ni", Ja, wr), np.einsum("nji,nj->ni", Jb, wr)).reshape(-1)
 
 
 @dataclass
@@ -390,19 +298,74 @@ def graph_setup(ids, poses, edges, fixed: int | set[int] | list[int]) -> GraphSe
     return GraphSetup(n, x, ia, ib, zinv, base_w, m, free)
 
 
+def _polar(X: np.ndarray, fallback: np.ndarray) -> np.ndarray:
+    """Nearest rotations to near-orthogonal 3x3 matrices (n, 3, 3): scaled Newton iterations of the polar
+    decomposition, X <- (g X + X^-T / g) / 2 with X^-T from cross products (batched SVDs cost more). A matrix
+    that is no near-rotation (det <= 0) gives its fallback."""
+    X = X.copy()
+    bad = np.zeros(len(X), bool)
+    for _ in range(4):  # quadratic convergence from near-orthogonal: 1e-2 -> 1e-4 -> 1e-8 -> 1e-16
+        r0, r1, r2 = X[:, 0], X[:, 1], X[:, 2]
+        cof = np.stack([np.cross(r1, r2), np.cross(r2, r0), np.cross(r0, r1)], 1)  # det(X) X^-T
+        det = np.einsum("ni,ni->n", r0, cof[:, 0])
+        bad |= det <= 1e-12
+        det[bad] = 1.0
+        g = np.cbrt(1.0 / det)[:, None, None]
+        X = 0.5 * (g * X + cof / (det[:, None, None] * g))
+    X[bad] = fallback[bad]
+    return X
+
+
+def _chordal(x, ia, ib, zinv, w, pat: BlockPattern, free: np.ndarray):
+    """A starting point from three linear least-squares problems on the node graph (a chordal relaxation, as in
+    rotation averaging): rotations first (R_b = R_a R_Z for all edges at once over the 3x3 matrices, then each
+    projected onto SO(3)), then log scales (log s_b = log s_a + log s_Z), then translations given both
+    (t_b = t_a + s_a R_a t_Z). Each is a sparse solve in the pattern's block layout (3x3 blocks, then 1x1), far
+    cheaper than a Gauss-Newton step on the 7x7 blocks, and from a drifted chain it lands next to the optimum:
+    Gauss-Newton then needs one factorisation instead of four."""
+    s, R, t = x
+    zs, zR, zt = _inverse(zinv)  # the measurements Z themselves
+    m, nf = len(w), pat.nf
+    cf = pat.col_of[free]
+    ww = w[:, None, None]
+    # Rotations: unknowns Q = R^T, residual Q_b - Z^T Q_a (three independent columns sharing one matrix).
+    c = np.empty((4, m, 3, 3))
+    c[0] = c[3] = ww * np.eye(3)
+    c[1] = -ww * zR
+    c[2] = np.swapaxes(c[1], 1, 2)
+    Q = np.swapaxes(R, 1, 2)
+    wr = ww * (Q[ib] - np.swapaxes(zR, 1, 2) @ Q[ia])
+    g = pat.gradient(-(zR @ wr).reshape(m, 9), wr.reshape(m, 9))  # (F, 9): per node a 3 x 3 (rows x columns)
+    dQ = pat.factor(pat.blocks(c.reshape(4 * m, 9), ridge=1e-9), 3).solve(-g.reshape(3 * nf, 3))
+    R = R.copy()
+    R[free] = np.swapaxes(_polar(Q[free] + dQ.reshape(nf, 3, 3)[cf], R[free].swapaxes(1, 2)), 1, 2)
+    # Log scales, then translations: the graph Laplacian (1x1 blocks) with one and three right-hand sides.
+    lu = pat.factor(pat.blocks(np.r_[w, -w, -w, w][:, None], ridge=1e-9), 1)
+    ls = np.log(s)
+    wr = w * (ls[ib] - ls[ia] - np.log(zs))
+    ls = ls.copy()
+    ls[free] += lu.solve(-pat.gradient(-wr[:, None], wr[:, None]).reshape(-1))[cf]
+    s = np.exp(ls)
+    wr = w[:, None] * (t[ib] - t[ia] - s[ia, None] * np.einsum("nij,nj->ni", R[ia], zt))
+    t = t.copy()
+    t[free] += lu.solve(-pat.gradient(-wr, wr))[cf]
+    return s, R, t
+
+
 def solve(ids: list[int], poses: list[Sim3], edges: list[Edge], params: GraphParams,
-          fixed: int | set[int] | list[int], linear: str = "lu") -> SolveResult:
+          fixed: int | set[int] | list[int]) -> SolveResult:
     """Robust Gauss-Newton over the graph, the `fixed` node(s) held (at least one: the gauge). Returns the poses
-    by id. `linear`: the factorisation of the normal matrix H: "lu" SuperLU; "banded" LAPACK's banded Cholesky in
-    a reverse Cuthill-McKee order (SuperLU when the band is wide); "ldl" qdldl (optional package). Same steps,
-    so the same solution to rounding; bench/posegraph.py measures them."""
+    by id. From a start far from consistent (mean whitened squared residual above `params.chordal_above`, e.g. a
+    drifted chain after a loop closes) it first tries the chordal initialisation and keeps it if it costs less.
+    Stops when the update is below `params.tol` or, estimating the contraction from the last two updates, the
+    remaining ones add up to less than a tenth of it (so the check costs no extra iteration)."""
     g = graph_setup(ids, poses, edges, fixed)
     if g is None:  # nothing to move
         return SolveResult(dict(zip(ids, poses)), 0, 0.0, 0.0)
     n, x, ia, ib, zinv, base_w, free = g.n, g.x, g.ia, g.ib, g.zinv, g.base_w, g.free
     sig = params.sig
-    pattern = _NormalPattern(ia, ib, free)
-    col_of = pattern.col_of
+    pat = BlockPattern(ia, ib, free)
+    col_of = pat.col_of
 
     def sel(xx, idx):
         return xx[0][idx], xx[1][idx], xx[2][idx]
@@ -412,46 +375,56 @@ def solve(ids: list[int], poses: list[Sim3], edges: list[Edge], params: GraphPar
 
     r = res(x)
     cost0 = float((base_w * (r ** 2).sum(1)).sum())
+    first = None  # residuals and Jacobians at the start, when the chordal check already has them
+    if cost0 > params.chordal_above * r.size:
+        try:
+            xc = _chordal(x, ia, ib, zinv, base_w, pat, free)
+            jc = _residuals_jac(sel(xc, ia), sel(xc, ib), zinv, sig)
+            if float((base_w * (jc[0] ** 2).sum(1)).sum()) < cost0:
+                x, first = xc, jc
+        except (np.linalg.LinAlgError, RuntimeError):  # a singular system: start from the estimate as given
+            pass
     it = 0
     w = base_w.copy()
     robust = False
-    lu, step = None, np.inf
+    lu, step, prev, r_end = None, np.inf, np.inf, None
     factorisations = 0
-    perm = _rcm_perm(pattern) if linear == "banded" else None
-    ldl = _LDL() if linear == "ldl" else None
     for it in range(1, params.max_iterations + 1):
-        r, Ja, Jb = _residuals_jac(sel(x, ia), sel(x, ib), zinv, sig)
+        r, Ja, Jb = first if first is not None else _residuals_jac(sel(x, ia), sel(x, ib), zinv, sig)
+        first = None
         if robust:
             nrm = np.sqrt((r ** 2).sum(1))
             w = base_w * np.where(nrm <= params.huber, 1.0, params.huber / np.maximum(nrm, 1e-300))
-        H, g = pattern.assemble(r, Ja, Jb, w)
         # Close to the minimum H hardly changes: keep the last factorisation (a chord step, still converging to
-        # the same point because g is exact) and refactor only after a large step. Robust steps always refactor:
-        # their weights change every iteration (and a wrong edge can keep them from settling).
+        # the same point because the gradient is exact; it needs no H) and refactor only after a large step.
+        # Robust steps always refactor: their weights change every iteration (a wrong edge can keep them moving)
         if lu is None or step > REFACTOR_STEP or robust:
-            if perm is not None:
-                lu = _Banded(H, perm)
-            elif ldl is not None:
-                lu = ldl.factor(H)
-            else:
-                lu = spla.splu(H, permc_spec="NATURAL", diag_pivot_thresh=0.0, options={"SymmetricMode": True})
+            try:
+                lu, grad = _normal(pat, r, Ja, Jb, w)
+            except (np.linalg.LinAlgError, RuntimeError):  # singular (non-finite input): keep what we have
+                break
             factorisations += 1
-        delta = -lu.solve(g)
+        else:
+            grad = _grad(pat, r, Ja, Jb, w)
+        delta = -lu.solve(grad)
         if not np.isfinite(delta).all():
             break
         D = np.zeros((n, 7))
         D[free] = delta.reshape(-1, 7)[col_of[free]]
         x = _retract(x, D)
-        step = float(np.abs(delta).max())
-        if step < params.tol:
+        prev, step = step, float(np.abs(delta).max())
+        theta = step / prev  # contraction of the updates: what is left is ~ step * theta / (1 - theta)
+        rest = step * theta / (1.0 - theta) if prev < np.inf and theta < 0.5 else np.inf
+        if step < params.tol or rest < 0.1 * params.tol:
             if robust:
                 break
             # Plain least squares converged: down-weight edges that still disagree, if any do.
-            nrm = np.sqrt((res(x) ** 2).sum(1))
+            r_end = res(x)
+            nrm = np.sqrt((r_end ** 2).sum(1))
             if not (nrm > params.huber).any():
                 break
-            robust = True
-    r = res(x)
+            robust, step, r_end = True, np.inf, None
+    r = r_end if r_end is not None else res(x)
     nrm = np.sqrt((r ** 2).sum(1))
     cost1 = float((base_w * (r ** 2).sum(1)).sum())
     down = np.flatnonzero(nrm > 2 * params.huber).tolist()

@@ -133,18 +133,23 @@ def test_analytic_jacobians_match_finite_differences():
             assert np.allclose(Jb[:, :, k], fb, rtol=1e-4, atol=1e-3 * np.abs(fb).max()), k
 
 
-def test_normal_matrix_pattern_equals_dense_jtwj():
-    from serve_app.recon.posegraph import _NormalPattern
+def test_normal_equations_equal_dense_jtwj():
+    """The solver's normal equations (edge blocks summed in the block pattern, gradient per node) are J^T W J
+    and J^T W r of the dense Jacobian, and its factorisation solves them."""
+    from serve_app.recon.posegraph import _grad, _normal
+    from serve_app.recon.posegraph_linalg import BlockPattern
 
     rng = np.random.default_rng(6)
-    n, m = 12, 30
-    ia, ib = rng.integers(0, n, m), rng.integers(0, n, m)
-    ia[ia == ib] = (ib[ia == ib] + 1) % n
+    n = 30
+    ia = np.r_[np.arange(n - 1), np.arange(n - 2), [2, 25]]
+    ib = np.r_[np.arange(1, n), np.arange(2, n), [20, 4]]
+    m = len(ia)
     free = np.ones(n, bool)
     free[[0, 5]] = False  # held nodes have no columns
-    pat = _NormalPattern(ia, ib, free)
+    pat = BlockPattern(ia, ib, free)
     r, Ja, Jb, w = rng.normal(size=(m, 7)), rng.normal(size=(m, 7, 7)), rng.normal(size=(m, 7, 7)), rng.uniform(size=m)
-    H, g = pat.assemble(r, Ja, Jb, w)
+    lu, g = _normal(pat, r, Ja, Jb, w)
+    assert np.allclose(_grad(pat, r, Ja, Jb, w), g)
     J = np.zeros((7 * m, 7 * n))  # dense Jacobian in node order
     for e in range(m):
         J[7 * e:7 * e + 7, 7 * ia[e]:7 * ia[e] + 7] += Ja[e]
@@ -153,13 +158,12 @@ def test_normal_matrix_pattern_equals_dense_jtwj():
     J = J[:, cols]
     W = np.repeat(w, 7)
     order = np.concatenate([7 * pat.col_of[i] + np.arange(7) for i in range(n) if free[i]])  # node -> H position
-    Hd = np.zeros_like(J.T @ J)
-    Hd[np.ix_(order, order)] = J.T @ (W[:, None] * J)
+    Hd = np.zeros((len(order), len(order)))
+    Hd[np.ix_(order, order)] = J.T @ (W[:, None] * J) + 1e-9 * np.eye(len(order))
     gd = np.zeros(len(order))
     gd[order] = J.T @ (W * r.reshape(-1))
-    assert H.has_sorted_indices
-    assert np.allclose(H.toarray() - 1e-9 * np.eye(len(order)), Hd)
     assert np.allclose(g, gd)
+    assert np.allclose(lu.solve(g), np.linalg.solve(Hd, gd), rtol=1e-6, atol=1e-9)
 
 
 @pytest.mark.slow
@@ -194,11 +198,11 @@ def test_solution_matches_a_plain_dense_gauss_newton():
 
 
 @pytest.mark.parametrize("seed", [3, 4, 5])
-def test_the_banded_cholesky_gives_the_sparse_lu_solution_with_loops_and_a_wrong_edge(seed, monkeypatch):
+def test_chain_factorisation_and_superlu_take_the_same_steps_with_loops_and_a_wrong_edge(seed, monkeypatch):
     """The linear algebra changes speed, not the answer: on random rings with loop edges and one wrong edge the
-    banded Cholesky (RCM order) and SuperLU take the same steps to the same poses, cutting the same edge; a graph
-    whose band is too wide falls back to SuperLU."""
-    import serve_app.recon.posegraph as pg
+    chain factorisation (block cyclic reduction) and SuperLU on the whole matrix take the same steps to the same
+    poses, cutting the same edge."""
+    import serve_app.recon.posegraph_linalg as pl
 
     rng = np.random.default_rng(seed)
     n = 50
@@ -211,14 +215,45 @@ def test_the_banded_cholesky_gives_the_sparse_lu_solution_with_loops_and_a_wrong
     ids = list(range(n))
     free = np.ones(n, bool)
     free[0] = False
-    pattern = pg._NormalPattern(np.array([e.a for e in all_edges]), np.array([e.b for e in all_edges]), free)
-    assert pg._rcm_perm(pattern) is not None  # the banded path is the one taken
-    lu = solve(ids, est, all_edges, params, fixed=0, linear="lu")
-    band = solve(ids, est, all_edges, params, fixed=0, linear="banded")
-    assert (band.iterations, band.factorisations) == (lu.iterations, lu.factorisations)
-    assert max(np.abs(band.poses[i].matrix() - lu.poses[i].matrix()).max() for i in ids) < 1e-8
-    assert band.downweighted == lu.downweighted and len(all_edges) - 1 in band.downweighted  # the wrong edge
-    monkeypatch.setattr(pg, "BANDED_MAX_BLOCKS", 1)
-    assert pg._rcm_perm(pattern) is None
-    wide = solve(ids, est, all_edges, params, fixed=0, linear="banded")
-    assert max(np.abs(wide.poses[i].matrix() - lu.poses[i].matrix()).max() for i in ids) == 0.0
+    ia, ib = np.array([e.a for e in all_edges]), np.array([e.b for e in all_edges])
+    monkeypatch.setattr(pl, "MAX_LOOP_SHARE", 1.0)
+    monkeypatch.setattr(pl, "MIN_CHAIN_NODES", 8)
+    assert pl.BlockPattern(ia, ib, free).chain is not None  # the chain path is the one taken
+    chain = solve(ids, est, all_edges, params, fixed=0)
+    monkeypatch.setattr(pl, "MAX_LOOP_SHARE", 0.0)
+    assert pl.BlockPattern(ia, ib, free).chain is None
+    lu = solve(ids, est, all_edges, params, fixed=0)
+    assert (chain.iterations, chain.factorisations) == (lu.iterations, lu.factorisations)
+    assert max(np.abs(chain.poses[i].matrix() - lu.poses[i].matrix()).max() for i in ids) < 1e-8
+    assert chain.downweighted == lu.downweighted and len(all_edges) - 1 in chain.downweighted  # the wrong edge
+
+
+def test_a_drifted_start_takes_the_chordal_initialisation_and_reaches_the_same_minimum():
+    """From a chain drifted by tens of degrees the chordal start is taken (fewer factorisations) and Gauss-Newton
+    ends at the minimum it reaches without it (chordal_above = inf), as a solve to 1e-12 finds it."""
+    _, est, edges, rel = _ring(120, seed=8, rot_deg=2.0)
+    edges = edges + [Edge(0, 119, rel(0, 119, 0.5), kind="loop"), Edge(10, 70, rel(10, 70, 0.5), kind="loop")]
+    params = GraphParams(sigma_rot_deg=0.5, sigma_trans=0.01, sigma_scale=0.01)
+    ids = list(range(120))
+    fast = solve(ids, est, edges, params, fixed=0)
+    plain = solve(ids, est, edges, GraphParams(**{**params.__dict__, "chordal_above": float("inf"),
+                                                   "max_iterations": 30}), fixed=0)
+    exact = solve(ids, est, edges, GraphParams(**{**params.__dict__, "tol": 1e-12, "max_iterations": 40}), fixed=0)
+    assert fast.factorisations < plain.factorisations
+    assert fast.cost_before == plain.cost_before
+    for res in (fast, plain):
+        assert max(np.abs(res.poses[i].matrix() - exact.poses[i].matrix()).max() for i in ids) < 5e-5
+        assert abs(res.cost_after - exact.cost_after) < 1e-6 * exact.cost_after
+
+
+def test_polar_gives_the_nearest_rotation():
+    from serve_app.recon.posegraph import _polar
+
+    rng = np.random.default_rng(9)
+    R = so3_exp(rng.normal(size=(50, 3)))
+    X = R * rng.uniform(0.5, 1.5, (50, 1, 1)) + rng.normal(size=(50, 3, 3)) * 0.05
+    X[0] = -np.eye(3)  # a reflection: no rotation near it, the fallback is kept
+    U, _, Vt = np.linalg.svd(X)
+    P = _polar(X, R)
+    assert np.allclose(P[1:], (U @ Vt)[1:], atol=1e-10)
+    assert np.allclose(P[0], R[0])
