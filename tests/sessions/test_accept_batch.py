@@ -6,6 +6,7 @@ this process through the ingress's own SessionShards, with the memory and the jo
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import pytest
 from conftest import InProcess
@@ -46,12 +47,21 @@ def _check_stored(actor: SessionActor, sid: str, frames: int) -> None:
         assert s.pending[i].encoded == _frame(sid, i).encoded and s.pending[i].index == i
 
 
-@pytest.mark.parametrize("backend", ["memory", "journal"])
-def test_batched_accepts_keep_every_frame_in_order_and_answer_each(backend, tmp_path):
-    state_dir = str(tmp_path / "j") if backend == "journal" else None
+def _backend(kind: str, request, tmp_path) -> dict | None:
+    if kind == "journal":
+        return {"backend": "journal", "state_dir": str(tmp_path / "j")}
+    if kind == "redis":  # a real redis-server (conftest's redis_url), own key prefix
+        return {"backend": "redis", "redis_url": request.getfixturevalue("redis_url"),
+                "name": f"t_{uuid.uuid4().hex[:8]}", "namespace": "tests"}
+    return None
+
+
+@pytest.mark.parametrize("backend", ["memory", "journal", "redis"])
+def test_batched_accepts_keep_every_frame_in_order_and_answer_each(backend, request, tmp_path):
+    cfg = _backend(backend, request, tmp_path)
 
     async def run():
-        actor = SessionActor(LIMITS, state_dir=state_dir)
+        actor = SessionActor(LIMITS, backend=cfg)
         sessions = await _sessions(actor, 6)
         shards = SessionShards([InProcess(actor)], accept_batch=4)
         answers = {sid: [] for sid, _ in sessions}
@@ -64,8 +74,8 @@ def test_batched_accepts_keep_every_frame_in_order_and_answer_each(backend, tmp_
     sessions, counts = asyncio.run(run())
     assert counts["frames"] == 60
     assert counts["calls"] < 60  # frames that arrived together shared a call
-    if backend == "journal":  # acked means persisted: a restarted store has every frame, in order
-        again = SessionActor(LIMITS, state_dir=state_dir)
+    if cfg is not None:  # acked means persisted: a restarted store has every frame, in order
+        again = SessionActor(LIMITS, backend=cfg)
         for sid, _ in sessions:
             _check_stored(again, sid, 10)
 
