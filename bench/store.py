@@ -3,10 +3,14 @@
 Several driver processes play ingress replicas against real SessionActors with realistic payloads, taken from a
 real session at the chosen resolution (the oracle model + StreamReconstructor, in-process): each frame's client
 JPEG, each window's points, colours, frame results and the snapshot the worker commits with them. Every
-simulated stream does what the ingress does per window: `accept_frame` per new frame (the ack waits for it),
-one `commit_window`, a reader's long-poll (`attach` + `wait_records`), and every `--takeover-every` windows a
-takeover (`take_worker` + `point_cloud`, what a reconnect to another replica costs). Streams are closed loops
-(the next call goes when the last returned), so calls/s at saturation is the store's capacity.
+simulated stream does what the ingress does per window: `accept_frame` per new frame (the ack waits for it;
+through the app's SessionShards, so a driver's frames that arrive together share a call, `--accept-batch`),
+one `commit_window`, a reader's long-poll (`attach` + `wait_records`; `--reader local` as the app when its own
+worker commits, `full` every record through the poll), and every `--takeover-every` windows a takeover
+(`take_worker` + `point_cloud`, what a reconnect to another replica costs). Streams are closed loops (the next
+call goes when the last returned), so frames/s at saturation is the store's capacity; then one shard paced
+(open loop) at fractions of it (`--paced`) for the latency targets, and the highest rate that meets them.
+`--pin` (default with 2+ cores) keeps the driver processes off the shard's core.
 
 Shards: through the app's own sharding (`session_actor.shards: N`, serve_app/deployments/session_actor.py:
 `get_session_shards` names, places and creates the actors; sessions are created through its admission actor
@@ -19,6 +23,7 @@ Reconnect storm: `--storm` sessions, each with `--storm-windows` committed windo
 its first record again.
 
     python bench/store.py                       # 504x378, 1 and 2 shards, 4 driver processes, storm of 64
+    python bench/store.py --shards 1 --procs 2 --streams 8 --storm 0   # bench/README.md, third pass
     python bench/store.py --shards 1,2,4 --procs 4 --streams 8 --seconds 15
 """
 
