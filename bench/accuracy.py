@@ -168,8 +168,8 @@ def apply_corrections(poses: dict[int, np.ndarray], frame_window: dict[int, int]
 def graph_step(rec, oracle, corr: dict[int, Sim3], stats: dict, batch_loops: bool = True) -> None:
     """The session worker's `_graph_step` (serve_app/deployments/session_worker.py) in its order, synchronously:
     graph_prepare -> solve -> graph_apply (the correction merged like a client does: a dict update of absolute
-    per-window transforms) -> maintain when due; then every loop candidate due through the same model ->
-    integrate_loop; if any was accepted, again (the next solve is global: one per batch of loops).
+    per-window transforms) -> maintain when due; then every loop candidate due through the same model, up to
+    loop_batch per call -> integrate_loop; if any was accepted, again (the next solve is global: one per batch of loops).
     `batch_loops=False` is the order before (--per-loop-solve): one loop window, a global solve after each
     accepted loop, stop after a rejected one. CPU seconds of the solves and the loop windows go to `stats`."""
     while True:
@@ -185,12 +185,12 @@ def graph_step(rec, oracle, corr: dict[int, Sim3], stats: dict, batch_loops: boo
                 corr.update(c.transforms)
             if rec.maintenance_due:
                 rec.maintain()
-        accepted = 0  # every loop candidate due verified, then one global solve for those accepted
-        while (plan := rec.next_loop()) is not None:
+        accepted = 0  # every loop candidate due verified (loop_batch per model call), then one global solve
+        while plans := (rec.next_loops() if batch_loops else rec.next_loops(1)):
             c0 = time.process_time()
-            res = oracle.forward_windows([plan.request(tag=f"bench:loop{-plan.window}")])[0]
+            preds = oracle.forward_windows([p.request(tag=f"bench:loop{-p.window}") for p in plans])
             c1 = time.process_time()
-            ok = bool(rec.integrate_loop(plan, res).get("accepted"))
+            ok = sum(bool(rec.integrate_loop(p, res).get("accepted")) for p, res in zip(plans, preds))
             stats["loop_forward_cpu_s"] += c1 - c0
             stats["loop_verify_cpu_s"] += time.process_time() - c1
             accepted += ok

@@ -68,6 +68,12 @@ class SessionParams(_Strict):
                                         "disagreement with the current estimate per window between the two ends")
     loop_max_keyframes: int = Field(300, ge=0, description="keyframes kept as loop candidates (oldest dropped; "
                                     "each holds its model-size image)")
+    loop_batch: int = Field(4, ge=1, le=64, description="loop candidates verified together: sent to the model "
+                            "in one call (one batched forward), then one global solve for those accepted")
+    loop_snapshot_keyframes: int = Field(64, ge=0, le=1000, description="loop keyframes (model-size JPEG image "
+                                         "and depth sample) the session snapshot carries, so a replica taking the "
+                                         "session over can still verify loops to them; spread over the session "
+                                         "(thinned by halving when full); 0 = none")
     multiview_depth_tol: float = Field(0.1, ge=0.0, le=1.0, description="with global_consistency: a map point "
                                        "is dropped when both neighbouring views of its window see it at a depth "
                                        "off by more than this fraction (0 = off)")

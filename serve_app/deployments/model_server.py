@@ -19,6 +19,7 @@ from serve_app.observability.metrics import ModelMetrics
 from serve_app.prediction import WindowPrediction, WindowRequest
 
 log = logging.getLogger("ray.serve.da3.model")
+LOOP_TAG = ":loop"  # in a request's tag: a loop-verification window (session_worker), counted in stats
 HEALTH_FORWARD_FRESH_S = 30.0  # a successful forward this recent makes the health check's own forward unneeded
 
 
@@ -34,6 +35,7 @@ class DA3ModelServer:
         self.cfg = ModelConfig.model_validate(model)
         self.backend = make_backend(self.cfg)
         self.batch_sizes: Counter[int] = Counter()
+        self.loop_batch_sizes: Counter[int] = Counter()  # loop-verification windows per forward that had any
         self.windows = 0
         self.failures = 0
         self.busy_s = 0.0
@@ -93,6 +95,9 @@ class DA3ModelServer:
     async def infer_batch(self, requests: list[WindowRequest]) -> list[dict[str, Any]]:
         self.batch_sizes[len(requests)] += 1
         self.windows += len(requests)
+        loops = sum(1 for r in requests if LOOP_TAG in (r.tag or ""))
+        if loops:
+            self.loop_batch_sizes[loops] += 1
         # The forward runs in a thread so health checks and queueing stay responsive.
         self.idle.clear()
         try:
@@ -111,13 +116,20 @@ class DA3ModelServer:
         res["batch_wait_ms"] = (res.pop("started", arrived) - arrived) * 1000.0
         return res
 
+    async def infer_windows(self, requests: list[WindowRequest]) -> list[dict[str, Any]]:
+        """Several windows in one call (a session's batch of loop-verification windows): queued for @serve.batch
+        together, so they share a forward (with whatever other windows wait) instead of trickling in one by one.
+        One result per request, in order, as infer() gives it."""
+        return list(await asyncio.gather(*(self.infer(r) for r in requests)))
+
     async def stats(self) -> dict[str, Any]:
         gpu = None
         if torch.cuda.is_available():
             gpu = {"allocated_bytes": torch.cuda.memory_allocated(), "reserved_bytes": torch.cuda.memory_reserved(),
                    "max_allocated_bytes": torch.cuda.max_memory_allocated()}
         return {"replica": serve.get_replica_context().replica_id.unique_id, "info": self.backend.info(),
-                "batch_sizes": dict(self.batch_sizes), "windows": self.windows, "failures": self.failures,
+                "batch_sizes": dict(self.batch_sizes),
+                "loop_batch_sizes": dict(self.loop_batch_sizes), "windows": self.windows, "failures": self.failures,
                 "busy_s": self.busy_s, "last_error": self.last_error, "gpu_memory": gpu,
                 "batching": self.batching.model_dump(), "ray_env": ray_env.in_effect()}
 

@@ -192,8 +192,7 @@ class Consistency:
 
     # --- snapshot -------------------------------------------------------------------------------------------
     def state(self) -> dict:
-        """The graph and counters (not the loop keyframes' images: a replica taking the session over closes
-        loops only to keyframes it has seen itself)."""
+        """The graph and counters (the loop keyframes travel apart: StreamReconstructor.snapshot, loop_snapshot)."""
         return {"graph": self.graph.state(), "emitted": dict(self.emitted), "depth": dict(self.depth),
                 "loops_accepted": self.loops_accepted, "loops_rejected": self.loops_rejected,
                 "version": self.version}

@@ -37,7 +37,8 @@ planning needs only images; integration (strictly in window order) needs the con
 
 Over 400 lines because it is one class on purpose: planning, integration, the global-consistency hooks and
 snapshot/restore all read and write the session's world state. What does not need that state lives apart:
-plan.py (the types), occupancy.py, prior.py, alignment.py, depth_refine.py, consistency.py, loops.py.
+plan.py (the types), occupancy.py, prior.py, alignment.py, depth_refine.py, consistency.py, loops.py,
+loop_snapshot.py.
 """
 
 from __future__ import annotations
@@ -69,16 +70,19 @@ from serve_app.recon.geometry import (
     sample_indices,
     unproject_pixels,
 )
+from serve_app.recon.loop_snapshot import LoopCarry
 from serve_app.recon.loops import Keyframe, depth_scale, image_descriptor, normalise, verify_loop
 from serve_app.recon.occupancy import VoxelOccupancy, voxel_centres, voxel_keys
 from serve_app.recon.plan import ALIGN_POINTS_PER_FRAME, FrameInput, WindowOutput, WindowPlan, WorldFrame
 from serve_app.recon.posegraph import GraphParams
 from serve_app.recon.prior import prior_sim3
+from serve_app.sessions.stream_state import INCREMENTAL
 
 AUTO_VOXEL_PIXELS = 2.0  # auto voxel = footprint of this many pixels at the first window's median depth
 ALIGN_MAX_POINTS = 4000  # dense alignment subsample: plenty for 7 parameters, keeps geometry time flat
 CAMERA_ROTATION_MAX_DEG = 10.0  # camera-based rotation used while within this of the dense fit's
 LOOP_EXTRA_EDGES = 2  # after an accepted loop, the query's preceding keyframes verified against its candidate
+LOOP_RETRIES = 1  # a candidate whose model call failed goes back to the queue this many times, then is dropped
 MIN_WINDOW_POINTS = 50  # a window with fewer usable depth pixels is refused (it could anchor nothing)
 
 
@@ -120,7 +124,9 @@ class StreamReconstructor:
         self.consistency: Consistency | None = Consistency(params) if params.global_consistency else None
         self.last_keyframe_window = -1
         self.loops_planned = 0
-        self.loop_in_flight = False
+        self.loops_in_flight: dict[int, WindowPlan] = {}  # loop windows handed out, by (negative) window number
+        self.loop_attempts: dict[tuple[int, int], int] = {}  # (query, candidate) -> failed model calls
+        self.loop_carry = LoopCarry(params.loop_snapshot_keyframes)  # loop keyframes the snapshot carries
         self.occ_windows: list[tuple[int, int]] = []  # (first occupancy counter, window), in counter order
         self.occ_corr: dict[int, Sim3] = {}  # window -> correction its occupancy keys were built with
         self.occ_dirty = False
@@ -456,8 +462,17 @@ class StreamReconstructor:
         return self.consistency.graph.params
 
     def graph_prepare(self) -> SolveJob | None:
-        """After a window's commit (pool, under the worker's lock): odometry edges, loop retrieval, the solve job."""
-        return self.consistency.prepare() if self.consistency is not None else None
+        """After a window's commit (pool, under the worker's lock): odometry edges, loop retrieval, the solve job;
+        the new keyframes the snapshot is to carry are encoded here, off the windows' path."""
+        cons = self.consistency
+        if cons is None:
+            return None
+        new = list(cons.new_keyframes)
+        job = cons.prepare()
+        for kf in new:
+            self.loop_carry.offer(kf)
+        self.loop_carry.keep_only({k.index for k in cons.detector.keyframes})
+        return job
 
     def graph_apply(self, job: SolveJob, poses: dict[int, Sim3]) -> Correction | None:
         """Take a solve's result (under the lock): move the world frames and the last keyframe of every window
@@ -507,34 +522,63 @@ class StreamReconstructor:
         occ = self.occupancy
         occ.main_keys, occ.main_order = keys[first], order[first]
 
-    def next_loop(self) -> WindowPlan | None:
-        """A loop-verification window for the oldest pending candidate (one at a time), or None."""
+    def next_loops(self, limit: int | None = None) -> list[WindowPlan]:
+        """Loop-verification windows for the oldest pending candidates, so that at most `limit` (default
+        params.loop_batch) are in flight; each candidate is handed out once (a repeat of one in flight is
+        skipped). The worker sends them to the model together and verifies them in any order."""
         cons = self.consistency
-        if cons is None or self.loop_in_flight or not cons.detector.pending:
-            return None
-        while cons.detector.pending:
+        if cons is None:
+            return []
+        room = (self.params.loop_batch if limit is None else limit) - len(self.loops_in_flight)
+        busy = {p.loop for p in self.loops_in_flight.values()}
+        plans: list[WindowPlan] = []
+        while room > 0 and cons.detector.pending:
             q, c, *root = cons.detector.pending.pop(0)
             kq, kc = cons.detector.get(q), cons.detector.get(c)
-            if kq is None or kc is None or kq.window == kc.window:
+            if kq is None or kc is None or kq.window == kc.window or (q, c) in busy:
                 continue
-            self.loop_in_flight = True
             plan = WindowPlan(window=-1 - self.loops_planned, context=[], new=[kc.source, kq.source], kind="loop",
                               loop=(q, c), loop_root=root[0] if root else q)
             self.loops_planned += 1
-            return plan
-        return None
+            self.loops_in_flight[plan.window] = plan
+            busy.add((q, c))
+            plans.append(plan)
+            room -= 1
+        return plans
+
+    def next_loop(self) -> WindowPlan | None:
+        """One loop window, only while none is in flight (next_loops(1))."""
+        plans = self.next_loops(1)
+        return plans[0] if plans else None
+
+    def loop_abandoned(self, plan: WindowPlan) -> None:
+        """A handed-out loop window that will never be integrated (its verification raised)."""
+        self.loops_in_flight.pop(plan.window, None)
 
     def integrate_loop(self, plan: WindowPlan, pred: WindowPrediction | None) -> dict[str, Any]:
         """Verify a loop window (under the lock); an accepted loop adds its edge and makes the next solve global.
-        Returns a report (accepted, reason, figures)."""
-        self.loop_in_flight = False
+        Returns a report (accepted, reason, figures). `pred` None: the model call failed; the candidate goes back
+        to the queue LOOP_RETRIES times, then is dropped (a missed loop, never a false one)."""
+        self.loops_in_flight.pop(plan.window, None)
         cons = self.consistency
         q, c = plan.loop
         report: dict[str, Any] = {"query": q, "candidate": c, "accepted": False}
         kq, kc = cons.detector.get(q), cons.detector.get(c)
-        if pred is None or kq is None or kc is None:
-            report["reason"] = "model unavailable" if pred is None else "keyframe dropped"
+        if kq is None or kc is None:
+            self.loop_attempts.pop((q, c), None)
+            report["reason"] = "keyframe dropped"
             return report
+        if pred is None:
+            failed = self.loop_attempts.get((q, c), 0) + 1
+            if failed <= LOOP_RETRIES:
+                self.loop_attempts[(q, c)] = failed
+                cons.detector.pending.append((q, c, plan.loop_root))
+                report.update(reason="model unavailable", requeued=True)
+            else:
+                self.loop_attempts.pop((q, c), None)
+                report.update(reason="model unavailable", dropped=True)
+            return report
+        self.loop_attempts.pop((q, c), None)
         c2w = invert_pose(pred.extrinsics)
         conf = pred.conf.astype(np.float32)
         keep = confidence_mask(conf, self.params.conf_percentile, depth=pred.depth)
@@ -583,6 +627,13 @@ class StreamReconstructor:
         if self.consistency is not None:
             snap["consistency"] = self.consistency.state()
             snap.update({k: getattr(self, k) for k in self._CONSISTENCY_FIELDS})
+            # Loop keyframes (bounded, each sent to the store once: loop_snapshot.py) and the candidates still to
+            # verify, those in flight included, so a takeover can still close loops to places seen before it.
+            det = self.consistency.detector
+            snap["loop_detector"] = {"since_query": det.since_query, "pending": [tuple(p) for p in det.pending] + [
+                (*p.loop, p.loop_root) for p in self.loops_in_flight.values()]}
+            snap["loop_carry"] = self.loop_carry.state()
+            snap[INCREMENTAL] = self.loop_carry.snapshot()
         return snap
 
     @classmethod
@@ -608,6 +659,12 @@ class StreamReconstructor:
             rec.consistency = Consistency.from_state(params, snap["consistency"])
             for k in cls._CONSISTENCY_FIELDS:
                 setattr(rec, k, snap[k])
+            rec.loop_carry, carried = LoopCarry.restore(params.loop_snapshot_keyframes, snap)
+            det = rec.consistency.detector
+            det.keyframes = sorted(carried, key=lambda k: k.index)
+            ld = snap.get("loop_detector") or {}
+            det.since_query = int(ld.get("since_query", 0))
+            det.pending = [tuple(p) for p in ld.get("pending", [])]
         if map_points is not None and len(map_points) and rec.voxel_size:
             keys = np.unique(voxel_keys(map_points, rec.voxel_size))
             rec.occupancy.add(keys)

@@ -16,10 +16,14 @@ from typing import Any
 
 import numpy as np
 
+from serve_app.recon.geometry import Sim3
+from serve_app.recon.posegraph import Edge, GraphParams
 from serve_app.recon.reconstruction import FrameInput, WorldFrame
 from serve_app.sessions.session_store import ResultRecord
 
-ALLOWED: dict[str, type] = {"FrameInput": FrameInput, "WorldFrame": WorldFrame, "ResultRecord": ResultRecord}
+# (Sim3, Edge, GraphParams: the pose graph of a global_consistency session's snapshot.)
+ALLOWED: dict[str, type] = {"FrameInput": FrameInput, "WorldFrame": WorldFrame, "ResultRecord": ResultRecord,
+                            "Sim3": Sim3, "Edge": Edge, "GraphParams": GraphParams}
 _SKIP = {"ResultRecord": {"body"}}  # per-connection encodings, never stored
 FORMAT = 1
 

@@ -22,6 +22,7 @@ from serve_app.config import LimitsConfig, SessionParams
 from serve_app.errors import ErrorCode, ServiceError
 from serve_app.recon import corrections
 from serve_app.sessions.shards import Admission
+from serve_app.sessions.stream_state import merge as stream_state_merge
 
 # created -> streaming -> finalizing -> complete; any live state -> failed; expiry removes the session.
 LIVE_STATES = ("created", "streaming", "finalizing")
@@ -310,7 +311,7 @@ class SessionStore:
         if failed:
             s.frames_failed += len(frames)
         s.points_total += len(rec.points)
-        s.stream_state = stream_state
+        s.stream_state = stream_state_merge(s.stream_state, stream_state)  # large unchanged parts travel once
         s.updated_at = now
         self._enforce_budget(s)
         return rec

@@ -295,3 +295,47 @@ async def test_global_consistency_session_streams_corrections_clients_apply(loop
         assert close_clouds(rec.points(), read_ply(ply)[0]) < 2e-3
         assert_poses_match(rec.trajectory(), traj["frames"])
         await client.delete_session(sid)
+    # Loop candidates due together went to the model deployment in one call and shared a forward: it counts
+    # the loop-verification windows of each batch that had any (the closure's extra edges come due together).
+    loop_batches = httpx.get(f"{url}/stats", timeout=30).json()["model"]["loop_batch_sizes"]
+    assert loop_batches and max(int(k) for k in loop_batches) >= 2, loop_batches
+
+
+async def test_a_loop_to_a_place_seen_before_a_takeover_is_still_closed(loop_app):
+    """Frames 0-17 on one worker; the stream closes and the worker retires; frames 18-35 on a new worker restored
+    from the stored snapshot (worker_epoch 2: a takeover, as after a replica change). Loops need 30 frames of gap,
+    so every loop of this session is from the second worker's frames (>= 30) to the first one's (<= 5): it is
+    closed only because the snapshot carried those keyframes' images and depth samples (with
+    loop_snapshot_keyframes 0 it is not)."""
+    from da3_client import Da3Client
+
+    from serve_app.evaluation.synthetic import SceneSpec, render_sequence
+
+    url, _ = loop_app
+    seq = render_sequence(SceneSpec.from_dict(LOOP_SCENE))
+    cut = 18
+
+    def info(sid):
+        return httpx.get(f"{url}/ws/session/{sid}", timeout=30).json()
+
+    loops = {}
+    async with Da3Client(url) as client:
+        for carry in (None, 0):  # the default, then a session whose snapshot carries no loop keyframe
+            sid = (await client.create_session(global_consistency=True, loop_snapshot_keyframes=carry))["session_id"]
+            async with client.stream(sid) as s:
+                for i in range(cut):
+                    await s.send_frame(seq.images[i], frame_id=i)
+                await s.flush()
+                await until(lambda: s.frames_processed == cut, timeout=120, what="the first part's results")
+            rec = s.reconstruction
+            assert info(sid)["worker_epoch"] == 1 and not rec.loops_accepted
+            await until(lambda: httpx.get(f"{url}/stats", timeout=30).json()["workers"] == 0, timeout=60,
+                        what="the first worker to retire")
+            async with client.stream(sid, resume_from=rec.last_seq, reconstruction=rec) as s2:
+                for i in range(cut, len(seq.images)):
+                    await s2.send_frame(seq.images[i], frame_id=i)
+                await s2.finalize(timeout=300)
+            assert info(sid)["worker_epoch"] == 2  # the second part ran on a worker restored from the snapshot
+            loops[carry] = rec.loops_accepted or 0
+            await client.delete_session(sid)
+    assert loops[None] >= 1 and loops[0] == 0, loops

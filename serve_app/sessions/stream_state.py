@@ -1,0 +1,41 @@
+"""The incremental part of a worker snapshot (the session's `stream_state`), merged by the session store.
+
+A worker commits a snapshot with every window. Most of it is small and replaced whole; what is large and never
+changes once made (the loop keyframes' images and depth samples) travels once: the snapshot's INCREMENTAL entry is
+{"keep": [key, ...], "new": {key: item}} with only the items the store does not hold yet, and the store keeps
+{"keep": keys, "new": every kept item}, the same shape, so a stored snapshot restores like a fresh one. An item
+the store never got (a commit lost with a replica) is simply missing after a takeover: a loop that cannot be
+verified, never a wrong one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+INCREMENTAL = "incremental"
+
+
+def merge(held: Any, new: Any) -> Any:
+    """The snapshot to store: `new` with its incremental items completed from what the store `held`."""
+    if not isinstance(new, dict) or not isinstance(new.get(INCREMENTAL), dict):
+        return new
+    inc = new[INCREMENTAL]
+    old = held.get(INCREMENTAL) if isinstance(held, dict) else None
+    have = old.get("new", {}) if isinstance(old, dict) else {}
+    fresh = inc.get("new", {})
+    items = {}
+    for k in inc.get("keep", []):
+        if k in fresh:
+            items[k] = fresh[k]
+        elif k in have:
+            items[k] = have[k]
+    return {**new, INCREMENTAL: {"keep": list(items), "new": items}}
+
+
+def items(snap: Any) -> dict:
+    """The kept incremental items of a (stored or fresh) snapshot."""
+    inc = snap.get(INCREMENTAL) if isinstance(snap, dict) else None
+    if not isinstance(inc, dict):
+        return {}
+    fresh = inc.get("new", {})
+    return {k: fresh[k] for k in inc.get("keep", []) if k in fresh}
