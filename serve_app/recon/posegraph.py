@@ -9,15 +9,15 @@ scale does not weigh edges).
 The solver is Gauss-Newton with per-edge residual r = [log R_E / sigma_rot, t_E / sigma_t, log s_E / sigma_s]
 of E = Z^-1 ∘ S_a^-1 ∘ S_b (normalised gauges), analytic Jacobians for every edge at once, and Huber weights per
 edge after a first plain least-squares pass (a wrong edge then pulls with bounded force; loops that disagree with
-the odometry are also refused before they enter, see `loop_discrepancy`). What makes a 1,000-window solve ~2x
+the odometry are also refused before they enter, see `loop_discrepancy`). What makes a 1,000-window solve 1.6-2.5x
 faster than before (bench/posegraph.py): a start far from consistent (a drifted chain after a loop closes) is
 first replaced by a chordal initialisation (three linear solves: rotations, log scales, translations), after
 which Gauss-Newton needs two factorisations instead of four; the normal matrix is summed at node level into a
 block pattern and factored by block cyclic reduction along the chain, the loops' super-blocks left to a small
 SuperLU system (posegraph_linalg.py); chord steps (the last factorisation kept while steps are small) need only
-the gradient; and iterations stop once the contraction of the updates says the rest is below a tenth of `tol`.
-bench/posegraph.py compares it with the previous solver (SuperLU on the whole matrix, four factorisations from a
-drifted start) and gtsam.
+the gradient, applied from the residuals' terms without forming the Jacobians (`_jt_times`); and iterations
+stop once the contraction of the updates says the rest is below a tenth of `tol`. bench/posegraph.py compares it
+with the previous solver (SuperLU on the whole matrix, four factorisations from a drifted start) and gtsam.
 
 Over 400 lines because the Jacobians, the chordal start and the robust Gauss-Newton form one solver (the linear
 algebra is in posegraph_linalg.py).
@@ -81,8 +81,12 @@ def _inverse(a):
 
 
 def _stack(sims: list[Sim3]):
-    return (np.fromiter((x.s for x in sims), np.float64, len(sims)), np.array([x.R for x in sims], np.float64),
-            np.array([x.t for x in sims], np.float64))
+    n = len(sims)  # concatenate: a third cheaper than np.array on a list of small arrays
+    if not n:
+        return np.zeros(0), np.zeros((0, 3, 3)), np.zeros((0, 3))
+    return (np.fromiter((x.s for x in sims), np.float64, n),
+            np.concatenate([x.R for x in sims]).astype(np.float64, copy=False).reshape(n, 3, 3),
+            np.concatenate([x.t for x in sims]).astype(np.float64, copy=False).reshape(n, 3))
 
 
 def _sim3_of(s: float, R: np.ndarray, t: np.ndarray) -> Sim3:
@@ -184,20 +188,31 @@ class PoseGraph:
                      fixed=ids[0] if fixed is None else fixed)
 
 
-def _jr_inv(phi: np.ndarray) -> np.ndarray:
-    """Inverse right Jacobian of SO(3) at rotation vectors (m, 3): Log(R Exp(w)) ≈ phi + Jr^-1(phi) w."""
+def _jr_coef(phi: np.ndarray) -> np.ndarray:
+    """c(|phi|) of Jr^-1(phi) = I + K / 2 + c K^2, K = hat(phi)."""
     th = np.linalg.norm(phi, axis=-1)
     small = th < 1e-5
     ths = np.where(small, 1.0, th)
-    c = np.where(small, 1.0 / 12.0, 1.0 / ths ** 2 - (1.0 + np.cos(ths)) / (2.0 * ths * np.sin(ths)))
+    return np.where(small, 1.0 / 12.0, 1.0 / ths ** 2 - (1.0 + np.cos(ths)) / (2.0 * ths * np.sin(ths)))
+
+
+def _jr_inv(phi: np.ndarray) -> np.ndarray:
+    """Inverse right Jacobian of SO(3) at rotation vectors (m, 3): Log(R Exp(w)) ≈ phi + Jr^-1(phi) w."""
     K = _hat(phi)
-    return np.eye(3) + 0.5 * K + c[:, None, None] * (K @ K)
+    return np.eye(3) + 0.5 * K + _jr_coef(phi)[:, None, None] * (K @ K)
 
 
 def _residuals_jac(xa, xb, zinv, sig):
     """Whitened residuals (m, 7) of E = Z^-1 ∘ A^-1 ∘ B and their analytic Jacobians (m, 7, 7) with respect to
     the `_retract` increments of A and B (columns: rotation vector, translation, log scale). Written out (F and
     E composed in place, rows whitened as they are filled): a solve evaluates it 2-3 times for all edges."""
+    r, terms = _edge_terms(xa, xb, zinv, sig)
+    return (r, *_jacobians(terms, sig))
+
+
+def _edge_terms(xa, xb, zinv, sig):
+    """The residuals of `_residuals_jac` and what its Jacobians reuse: a solve's cost checks take only these,
+    and the first iteration adds the Jacobians without composing the edges again."""
     sa, Ra, ta = xa
     sb, Rb, tb = xb
     sZ, RZ, tZ = zinv
@@ -208,13 +223,18 @@ def _residuals_jac(xa, xb, zinv, sig):
     M = sZ[:, None, None] * RZ
     MtF = np.einsum("nij,nj->ni", M, tF)
     phi = so3_log(RE)
-    m = len(sE)
-    isig = 1.0 / sig
-    r = np.empty((m, 7))
+    r = np.empty((len(sE), 7))
     r[:, :3] = phi
     r[:, 3:6] = MtF + tZ
     r[:, 6] = np.log(sE)
-    r *= isig
+    r *= 1.0 / sig
+    return r, (phi, RF, tF, sE, RE, M, MtF)
+
+
+def _jacobians(terms, sig):
+    phi, RF, tF, sE, RE, M, MtF = terms
+    m = len(sE)
+    isig = 1.0 / sig
     jri = _jr_inv(phi)
     ir, it, isc = isig[:3, None], isig[3:6, None], isig[6]
     Jb = np.zeros((m, 7, 7))
@@ -228,7 +248,26 @@ def _residuals_jac(xa, xb, zinv, sig):
     Ja[:, 3:6, 3:6] = M * -it
     Ja[:, 3:6, 6] = MtF * -isig[3:6]
     Ja[:, 6, 6] = -isc
-    return r, Ja, Jb
+    return Ja, Jb
+
+
+def _jt_times(terms, v, sig):
+    """(Ja^T v, Jb^T v) per edge for v (m, 7), from `_edge_terms`'s terms without forming the Jacobians (a
+    chord step needs only the gradient): the blocks of `_jacobians` applied as matrix-vector products and cross
+    products (hat(a)^T u = -a x u; Jr^-1(phi)^T u = u - phi x u / 2 + c phi x (phi x u))."""
+    phi, RF, tF, sE, RE, M, MtF = terms
+    sr, st, ss = sig[0], sig[3], sig[6]
+    vr, vt, vs = v[:, :3], v[:, 3:6], v[:, 6]
+    jv = vr - 0.5 * _cross(phi, vr) + _jr_coef(phi)[:, None] * _cross(phi, _cross(phi, vr))  # Jr^-1^T v_r
+    Mv = np.einsum("nji,nj->ni", M, vt)  # M^T v_t
+    ga, gb = np.empty_like(v), np.empty_like(v)
+    gb[:, :3] = jv / sr
+    gb[:, 3:6] = np.einsum("nji,nj->ni", RE, vt) * (sE / st)[:, None]
+    gb[:, 6] = vs / ss
+    ga[:, :3] = -np.einsum("nij,nj->ni", RF, jv) / sr - _cross(tF, Mv) / st
+    ga[:, 3:6] = -Mv / st
+    ga[:, 6] = -np.einsum("ni,ni->n", MtF, vt) / st - vs / ss
+    return ga, gb
 
 
 REFACTOR_STEP = 0.03  # largest update (radians / depth units / log scale) after which H is factored afresh
@@ -298,6 +337,15 @@ def graph_setup(ids, poses, edges, fixed: int | set[int] | list[int]) -> GraphSe
     return GraphSetup(n, x, ia, ib, zinv, base_w, m, free)
 
 
+def _cross(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cross products of (n, 3) arrays (np.cross's axis handling costs more than the arithmetic)."""
+    out = np.empty_like(a)
+    out[:, 0] = a[:, 1] * b[:, 2] - a[:, 2] * b[:, 1]
+    out[:, 1] = a[:, 2] * b[:, 0] - a[:, 0] * b[:, 2]
+    out[:, 2] = a[:, 0] * b[:, 1] - a[:, 1] * b[:, 0]
+    return out
+
+
 def _polar(X: np.ndarray, fallback: np.ndarray) -> np.ndarray:
     """Nearest rotations to near-orthogonal 3x3 matrices (n, 3, 3): scaled Newton iterations of the polar
     decomposition, X <- (g X + X^-T / g) / 2 with X^-T from cross products (batched SVDs cost more). A matrix
@@ -306,7 +354,7 @@ def _polar(X: np.ndarray, fallback: np.ndarray) -> np.ndarray:
     bad = np.zeros(len(X), bool)
     for _ in range(4):  # quadratic convergence from near-orthogonal: 1e-2 -> 1e-4 -> 1e-8 -> 1e-16
         r0, r1, r2 = X[:, 0], X[:, 1], X[:, 2]
-        cof = np.stack([np.cross(r1, r2), np.cross(r2, r0), np.cross(r0, r1)], 1)  # det(X) X^-T
+        cof = np.stack([_cross(r1, r2), _cross(r2, r0), _cross(r0, r1)], 1)  # det(X) X^-T
         det = np.einsum("ni,ni->n", r0, cof[:, 0])
         bad |= det <= 1e-12
         det[bad] = 1.0
@@ -371,17 +419,17 @@ def solve(ids: list[int], poses: list[Sim3], edges: list[Edge], params: GraphPar
         return xx[0][idx], xx[1][idx], xx[2][idx]
 
     def res(xx):
-        return _residuals(sel(xx, ia), sel(xx, ib), zinv, sig)
+        return _edge_terms(sel(xx, ia), sel(xx, ib), zinv, sig)[0]
 
-    r = res(x)
+    r, terms = _edge_terms(sel(x, ia), sel(x, ib), zinv, sig)
     cost0 = float((base_w * (r ** 2).sum(1)).sum())
-    first = None  # residuals and Jacobians at the start, when the chordal check already has them
+    first = (r, terms)  # residuals at the start of the first iteration (the cost check's)
     if cost0 > params.chordal_above * r.size:
         try:
             xc = _chordal(x, ia, ib, zinv, base_w, pat, free)
-            jc = _residuals_jac(sel(xc, ia), sel(xc, ib), zinv, sig)
-            if float((base_w * (jc[0] ** 2).sum(1)).sum()) < cost0:
-                x, first = xc, jc
+            rc = _edge_terms(sel(xc, ia), sel(xc, ib), zinv, sig)
+            if float((base_w * (rc[0] ** 2).sum(1)).sum()) < cost0:
+                x, first = xc, rc
         except (np.linalg.LinAlgError, RuntimeError):  # a singular system: start from the estimate as given
             pass
     it = 0
@@ -390,7 +438,7 @@ def solve(ids: list[int], poses: list[Sim3], edges: list[Edge], params: GraphPar
     lu, step, prev, r_end = None, np.inf, np.inf, None
     factorisations = 0
     for it in range(1, params.max_iterations + 1):
-        r, Ja, Jb = first if first is not None else _residuals_jac(sel(x, ia), sel(x, ib), zinv, sig)
+        r, terms = first if first is not None else _edge_terms(sel(x, ia), sel(x, ib), zinv, sig)
         first = None
         if robust:
             nrm = np.sqrt((r ** 2).sum(1))
@@ -400,12 +448,12 @@ def solve(ids: list[int], poses: list[Sim3], edges: list[Edge], params: GraphPar
         # Robust steps always refactor: their weights change every iteration (a wrong edge can keep them moving)
         if lu is None or step > REFACTOR_STEP or robust:
             try:
-                lu, grad = _normal(pat, r, Ja, Jb, w)
+                lu, grad = _normal(pat, r, *_jacobians(terms, sig), w)
             except (np.linalg.LinAlgError, RuntimeError):  # singular (non-finite input): keep what we have
                 break
             factorisations += 1
         else:
-            grad = _grad(pat, r, Ja, Jb, w)
+            grad = pat.gradient(*_jt_times(terms, r * w[:, None], sig)).reshape(-1)
         delta = -lu.solve(grad)
         if not np.isfinite(delta).all():
             break

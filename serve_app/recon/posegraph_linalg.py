@@ -89,7 +89,7 @@ class BlockPattern:
     def blocks(self, contrib: np.ndarray, ridge: float = 0.0) -> np.ndarray:
         """Per-edge blocks contrib (4 m, bs * bs), [aa; ab; ba; bb], summed: (nb + 1, bs * bs) (the last row
         zero), plus ridge * I on the diagonal blocks."""
-        out = self.scatter @ contrib  # a last, zero row: where the chain factorisation's gathers read a zero
+        out = self.scatter @ contrib  # a last, zero row: what the chain factorisation reads for a missing block
         if ridge:
             bs = math.isqrt(contrib.shape[1])
             out[self.diag] += ridge * np.eye(bs).reshape(-1)
@@ -147,8 +147,8 @@ class _ChainPlan:
             seq = seq[rest]
         self.reduced = seq[1:-1]  # the super-blocks left: those long edges touch, in chain order
         self._layout: tuple | None = None  # for the one pattern this plan belongs to
-        self._gathers: dict[int, tuple] = {}
         self._reduced: dict[int, tuple] = {}
+        self._slots: list | None = None
 
     def layout(self, pat: BlockPattern):
         """Where the pattern's node blocks go (the upper ones off the diagonal): block indices into D, C and L
@@ -166,25 +166,21 @@ class _ChainPlan:
                             li * g * g + inner[far], far)
         return self._layout
 
-    def gathers(self, pat: BlockPattern, bs: int):
-        """Scalar gathers building D (P + 2, B, B), C (P + 1, B, B) and L (long pairs, B, B) from the flat
-        blocks (nb * bs * bs values, then a zero), made once per block size."""
-        if bs not in self._gathers:
-            g = self.g
+    def place(self, pat: BlockPattern, blocks: np.ndarray, bs: int):
+        """D (P + 2, B, B), C (P + 1, B, B) and L (long pairs, B, B) from the summed blocks (nb + 1, bs * bs, the
+        last row zero): one gather of whole node blocks each (block-level indices, made once per plan; far
+        cheaper to build than per-scalar ones), then a transpose to B x B."""
+        g = self.g
+        if self._slots is None:
             di, dsrc, ci, csrc, li, lsrc = self.layout(pat)
-            zero = pat.nb * bs * bs
-            e = np.arange(bs)
-
-            def expand(count, idx, src):
-                slot = np.full(count * g * g, -1)
+            self._slots = []
+            for count, idx, src in ((self.P + 2, di, dsrc), (self.P + 1, ci, csrc),
+                                    (len(self.long_pairs), li, lsrc)):
+                slot = np.full(count * g * g, pat.nb)  # no block there: the zero row
                 slot[idx] = src
-                sl = slot.reshape(count, g, 1, g, 1)
-                out = np.where(sl >= 0, sl * bs * bs + e[:, None, None] * bs + e, zero)
-                return out.reshape(count, g * bs, g * bs)
-
-            self._gathers[bs] = (expand(self.P + 2, di, dsrc), expand(self.P + 1, ci, csrc),
-                                 expand(len(self.long_pairs), li, lsrc))
-        return self._gathers[bs]
+                self._slots.append((count, slot))
+        return [blocks[slot].reshape(count, g, g, bs, bs).transpose(0, 1, 3, 2, 4).reshape(count, g * bs, g * bs)
+                for count, slot in self._slots]
 
     def reduced_layout(self, B: int):
         """The CSC structure of the system left over the kept super-blocks, from its blocks [their diagonals,
@@ -235,15 +231,11 @@ class ChainCholesky:
         B = g * bs
         self.plan, self.B, self.n = plan, B, pat.nf * bs
         # Node blocks -> super-block diagonals D (P + 2 with the dummies), neighbour couplings C (p, p + 1) and
-        # long couplings L (p, q): one gather each from the blocks (an index past them reads a zero).
-        gD, gC, gL = plan.gathers(pat, bs)
-        flat = blocks.reshape(-1)  # its last row is zero: where the gathers read a zero
-        D = flat[gD]
+        # long couplings L (p, q): one gather of node blocks each (a missing block reads the zero row).
+        D, C, L = plan.place(pat, blocks, bs)
         pad = np.arange(pat.nf * bs, P * B)  # padding rows of the last super-block, and the dummies: identity
         D[pad // B, pad % B, pad % B] = 1.0
-        D[P:] = np.eye(B)
-        C = flat[gC]  # C[k]: coupling of seq[k], seq[k + 1]; seq = dummy, 0..P-1, dummy
-        L = flat[gL]
+        D[P:] = np.eye(B)  # C[k]: coupling of seq[k], seq[k + 1]; seq = dummy, 0..P-1, dummy
         self.steps = []
         for j, p, q, ip, old, gap in plan.levels:
             Cpj, Cjq = C[ip - 1], C[ip]

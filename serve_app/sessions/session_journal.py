@@ -2,7 +2,8 @@
 
 Each session has `<id>.json` (metadata, rewritten atomically on every change; small), `<id>.rec` (result
 records appended one per window, each a length-prefixed journal_codec archive), so the cost of persisting a
-window does not grow with the stream, `<id>.state` (the worker's snapshot) and `<id>.pending/<index>.npz`
+window does not grow with the stream, `<id>.state` (the worker's snapshot, without the items it carries
+incrementally: those are `<id>.items/<hex of the key>.bin`, each written once) and `<id>.pending/<index>.npz`
 (accepted frames not yet in a committed window, deleted when one commits them). A restarted actor reloads every
 session and clients resume with `resume_from`.
 
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from serve_app.config import SessionParams
 from serve_app.recon import corrections
-from serve_app.sessions import journal_codec
+from serve_app.sessions import journal_codec, stream_state
 from serve_app.sessions.session_store import CorrectionRecord, ResultRecord, Session
 
 _LEN = struct.Struct("<Q")
@@ -89,6 +90,8 @@ class SessionJournal:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.compact_slack_bytes = compact_slack_bytes  # below this a .rec file is never rewritten
         self.compactions = 0
+        self.items_written = 0  # snapshot items written (each once: see write_stream_state)
+        self._items: dict[str, set[str]] = {}  # per session, the snapshot items on disk (by field)
 
     def save_meta(self, s: Session) -> None:
         self.write_meta(s.session_id, meta_dict(s))
@@ -132,10 +135,41 @@ class SessionJournal:
         os.replace(tmp, self.dir / f"{session_id}.rec")
         self.compactions += 1
 
+    def _items_dir(self, session_id: str) -> Path:
+        return self.dir / f"{session_id}.items"
+
+    def _items_on_disk(self, session_id: str) -> dict[str, Path]:
+        d = self._items_dir(session_id)
+        out = {}
+        for p in d.glob("*.bin") if d.is_dir() else []:
+            try:
+                out[bytes.fromhex(p.stem).decode()] = p
+            except ValueError:
+                continue
+        return out
+
     def write_stream_state(self, session_id: str, state) -> None:
+        """The snapshot without its incremental items in `<id>.state`, each item in `<id>.items/` written once
+        (before the state that names it) and removed once no state names it."""
+        base, kept = stream_state.split(state)
+        have = self._items.get(session_id)
+        if have is None:
+            have = self._items[session_id] = set(self._items_on_disk(session_id))
+        want = {stream_state.item_field(k): v for k, v in kept.items()}
+        d = self._items_dir(session_id)
+        for f in want.keys() - have:
+            d.mkdir(exist_ok=True)
+            tmp = d / f"{f.encode().hex()}.tmp"
+            tmp.write_bytes(journal_codec.dumps(want[f]))
+            os.replace(tmp, d / f"{f.encode().hex()}.bin")
+            have.add(f)
+            self.items_written += 1
         tmp = self.dir / f"{session_id}.state.tmp"
-        tmp.write_bytes(journal_codec.dumps(state))
+        tmp.write_bytes(journal_codec.dumps(base))
         os.replace(tmp, self.dir / f"{session_id}.state")
+        for f in have - want.keys():
+            (d / f"{f.encode().hex()}.bin").unlink(missing_ok=True)
+            have.discard(f)
 
     def write_pending(self, session_id: str, index: int, payload) -> None:
         d = self._pending_dir(session_id)
@@ -184,9 +218,7 @@ class SessionJournal:
         apply_corrections(s, text)
 
     def save_stream_state(self, s: Session) -> None:
-        tmp = self.dir / f"{s.session_id}.state.tmp"
-        tmp.write_bytes(journal_codec.dumps(s.stream_state))
-        os.replace(tmp, self.dir / f"{s.session_id}.state")
+        self.write_stream_state(s.session_id, s.stream_state)
 
     def _pending_dir(self, session_id: str) -> Path:
         return self.dir / f"{session_id}.pending"
@@ -206,11 +238,21 @@ class SessionJournal:
     def delete(self, session_id: str) -> None:
         for suffix in (".json", ".rec", ".state", ".json.tmp", ".state.tmp", ".rec.tmp", ".corr", ".corr.tmp"):
             (self.dir / f"{session_id}{suffix}").unlink(missing_ok=True)
-        d = self._pending_dir(session_id)
-        if d.is_dir():
-            for f in d.iterdir():
-                f.unlink(missing_ok=True)
-            d.rmdir()
+        self._items.pop(session_id, None)
+        for d in (self._pending_dir(session_id), self._items_dir(session_id)):
+            if d.is_dir():
+                for f in d.iterdir():
+                    f.unlink(missing_ok=True)
+                d.rmdir()
+
+    def _read_items(self, session_id: str) -> dict:
+        out = {}
+        for f, p in self._items_on_disk(session_id).items():
+            try:
+                out[stream_state.item_key(f)] = journal_codec.loads(p.read_bytes())
+            except (journal_codec.CodecError, ValueError, OSError):  # torn: that item is missing
+                continue
+        return out
 
     @staticmethod
     def read_records(path: Path) -> list[ResultRecord]:
@@ -264,7 +306,8 @@ class SessionJournal:
             state_path = meta_path.with_suffix(".state")
             if state_path.exists():
                 try:
-                    s.stream_state = journal_codec.loads(state_path.read_bytes())
+                    s.stream_state = stream_state.join(journal_codec.loads(state_path.read_bytes()),
+                                                       self._read_items(s.session_id))
                 except journal_codec.CodecError:
                     s.stream_state = None
             out.append(s)

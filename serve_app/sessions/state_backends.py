@@ -12,7 +12,9 @@ Redis layout, per session (the `{sid}` hash tag keeps a session's keys in one Re
   <prefix>{sid}:meta     hash: json (meta_dict), epoch (the current worker's), rec_bytes (size of the stream)
   <prefix>{sid}:recs     stream: one entry per window record, id "<seq>-1", field r = journal_codec bytes
   <prefix>{sid}:pending  hash: frame index -> journal_codec bytes of an accepted, uncommitted frame
-  <prefix>{sid}:state    string: journal_codec bytes of the latest snapshot (stream_state)
+  <prefix>{sid}:state    string: journal_codec bytes of the latest snapshot (stream_state) without its items
+  <prefix>{sid}:items    hash: the snapshot's incremental items (stream_state.split), field -> journal_codec
+                         bytes, each written once by the commit that first carries it
   <prefix>{sid}:corr     string: the compacted correction messages (JSON)
 Every key expires at the session's expiry plus a grace, refreshed on each write. Records are trimmed by the point
 budget in memory; the stream is rewritten from memory once it holds more than twice what is live (like the
@@ -31,7 +33,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from serve_app.sessions import journal_codec
+from serve_app.sessions import journal_codec, stream_state
 from serve_app.sessions import session_journal as sj
 from serve_app.sessions.serial_io import SerialRunner
 from serve_app.sessions.session_journal import SessionJournal
@@ -191,13 +193,14 @@ local cur = redis.call('HGET', KEYS[1], 'epoch')
 if cur and tonumber(ARGV[2]) < tonumber(cur) then return -2 end
 redis.call('HSET', KEYS[1], 'json', ARGV[1], 'epoch', ARGV[2])
 if ARGV[4] then redis.call('HSET', KEYS[2], ARGV[4], ARGV[5]) end
-for i = 1, 5 do redis.call('EXPIREAT', KEYS[i], ARGV[3]) end
+for i = 1, 6 do redis.call('EXPIREAT', KEYS[i], ARGV[3]) end
 return 1
 """
 
-# KEYS: meta, pending, recs, state, corr. ARGV: meta json, expire-at, fence epoch or '', record id or '',
-# record bytes, '1' to set the snapshot, snapshot bytes, corrections JSON or '', live bytes, slack, then the
-# pending indices the record commits. Refused as a whole (-2) unless the fence epoch is the stored one;
+# KEYS: meta, pending, recs, state, corr, items. ARGV: meta json, expire-at, fence epoch or '', record id or '',
+# record bytes, '1' to set the snapshot, snapshot bytes, corrections JSON or '', live bytes, slack, then n and
+# the n pending indices the record commits, then m and m (field, bytes) snapshot items to add, then the item
+# fields to drop. Refused as a whole (-2) unless the fence epoch is the stored one;
 # returns 2 when the stream holds more than twice what is live (the caller rewrites it), else 1.
 _COMMIT = """
 local cur = redis.call('HGET', KEYS[1], 'epoch')
@@ -209,12 +212,17 @@ if ARGV[4] ~= '' then
     redis.call('HINCRBY', KEYS[1], 'rec_bytes', string.len(ARGV[5]))
   end
 end
-for i = 11, #ARGV do redis.call('HDEL', KEYS[2], ARGV[i]) end
+local n = tonumber(ARGV[11])
+for i = 12, 11 + n do redis.call('HDEL', KEYS[2], ARGV[i]) end
+local j = 12 + n
+local m = tonumber(ARGV[j])
+for i = j + 1, j + 2 * m, 2 do redis.call('HSET', KEYS[6], ARGV[i], ARGV[i + 1]) end
+for i = j + 1 + 2 * m, #ARGV do redis.call('HDEL', KEYS[6], ARGV[i]) end
 if ARGV[6] == '1' then redis.call('SET', KEYS[4], ARGV[7]) end
 if ARGV[8] ~= '' then redis.call('SET', KEYS[5], ARGV[8]) end
 redis.call('HSET', KEYS[1], 'json', ARGV[1])
 if not cur and ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'epoch', ARGV[3]) end
-for i = 1, 5 do redis.call('EXPIREAT', KEYS[i], ARGV[2]) end
+for i = 1, 6 do redis.call('EXPIREAT', KEYS[i], ARGV[2]) end
 local stored = tonumber(redis.call('HGET', KEYS[1], 'rec_bytes') or '0')
 if stored > 2 * tonumber(ARGV[9]) + tonumber(ARGV[10]) then return 2 end
 return 1
@@ -235,7 +243,7 @@ redis.call('EXPIREAT', KEYS[2], ARGV[2])
 return 1
 """
 
-_KINDS = ("meta", "pending", "recs", "state", "corr")
+_KINDS = ("meta", "pending", "recs", "state", "corr", "items")
 
 
 def _glob_escape(text: str) -> str:
@@ -246,9 +254,12 @@ def record_bytes(rec: ResultRecord) -> bytes:
     return journal_codec.dumps(ResultRecord(rec.seq, rec.window, rec.frames, rec.points, rec.colors, rec.epoch))
 
 
-def _commit_blobs(rec: ResultRecord | None, snapshot: bool, state) -> tuple[bytes, bytes]:
+def _commit_blobs(rec: ResultRecord | None, snapshot: bool, state, new_items: dict) -> tuple[bytes, bytes, list]:
+    pairs: list[Any] = []
+    for f, item in new_items.items():
+        pairs += [f, journal_codec.dumps(item)]
     return (record_bytes(rec) if rec is not None else b"",
-            journal_codec.dumps(state) if snapshot else b"")
+            journal_codec.dumps(state) if snapshot else b"", pairs)
 
 
 def _stream_pairs(records: list[ResultRecord]) -> list:
@@ -281,6 +292,8 @@ class RedisBackend(StateBackend):
         self._save = self.client.register_script(_SAVE)
         self._commit = self.client.register_script(_COMMIT)
         self._rewrite = self.client.register_script(_REWRITE)
+        self._items: dict[str, set[str]] = {}  # per session, the snapshot item fields the server holds
+        self.items_written = 0
         # Writes of one session run one at a time, in call order: a later metadata write never lands first.
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -347,16 +360,28 @@ class RedisBackend(StateBackend):
         sid = s.session_id
         if rec is not None:
             rec = ResultRecord(rec.seq, rec.window, rec.frames, rec.points, rec.colors, rec.epoch)  # as of now
-        state_obj = s.stream_state
+        state_obj, kept = stream_state.split(s.stream_state) if snapshot else (None, {})
         live = SessionJournal.live_bytes(s)
         fence = "" if epoch is None else epoch
         meta, expire = self._meta_json(s), self._expire_at(s)
-        rest = [corr or "", live, self.compact_slack_bytes, *[i for i in indices if i is not None]]
+        pend = [i for i in indices if i is not None]
+        rest = [corr or "", live, self.compact_slack_bytes, len(pend), *pend]
         async with self._lock(sid):
-            blob, state = await self._encode(_commit_blobs, rec, snapshot, state_obj)
+            have = self._items.get(sid, set())
+            want = {stream_state.item_field(k): v for k, v in kept.items()} if snapshot else {}
+            new = {f: v for f, v in want.items() if f not in have}
+            drop = sorted(have - want.keys()) if snapshot else []
+            blob, state, pairs = await self._encode(_commit_blobs, rec, snapshot, state_obj, new)
             args = [meta, expire, fence, f"{rec.seq}-1" if rec is not None else "", blob,
-                    "1" if snapshot else "0", state, *rest]
-            res = int(await self._commit(keys=self.keys(sid), args=args))
+                    "1" if snapshot else "0", state, *rest, len(new), *pairs, *drop]
+            try:
+                res = int(await self._commit(keys=self.keys(sid), args=args))
+            except Exception:
+                self._items.pop(sid, None)  # unknown whether it ran: the next snapshot sends every item again
+                raise
+            if res != FENCED and snapshot:
+                self._items[sid] = set(want)
+                self.items_written += len(new)
             if res == FENCED:
                 log.warning("commit refused by the store: stale epoch %s", epoch, extra={"session_id": sid})
                 return False
@@ -376,6 +401,7 @@ class RedisBackend(StateBackend):
         async with self._lock(session_id):
             await self.client.delete(*self.keys(session_id))
         self._locks.pop(session_id, None)
+        self._items.pop(session_id, None)
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -401,7 +427,7 @@ class RedisBackend(StateBackend):
         return out
 
     def _load_one(self, client, sid: str) -> Session | None:
-        k_meta, k_pending, k_recs, k_state, k_corr = self.keys(sid)
+        k_meta, k_pending, k_recs, k_state, k_corr, k_items = self.keys(sid)
         raw = client.hget(k_meta, "json")
         try:
             s = sj.session_from_meta(json.loads(raw))
@@ -435,9 +461,17 @@ class RedisBackend(StateBackend):
         state = client.get(k_state)
         if state:
             try:
-                s.stream_state = journal_codec.loads(state)
+                base = journal_codec.loads(state)
             except journal_codec.CodecError:
-                s.stream_state = None
+                base = None
+            held = {}
+            for f, blob in client.hgetall(k_items).items():
+                try:
+                    held[stream_state.item_key(f)] = journal_codec.loads(blob)
+                except (journal_codec.CodecError, ValueError):  # a torn item: that keyframe is missing
+                    continue
+            s.stream_state = stream_state.join(base, held)
+            self._items[sid] = {stream_state.item_field(k) for k in held}
         return s
 
 

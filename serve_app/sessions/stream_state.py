@@ -5,11 +5,13 @@ changes once made (the loop keyframes' images and depth samples) travels once: t
 {"keep": [key, ...], "new": {key: item}} with only the items the store does not hold yet, and the store keeps
 {"keep": keys, "new": every kept item}, the same shape, so a stored snapshot restores like a fresh one. An item
 the store never got (a commit lost with a replica) is simply missing after a takeover: a loop that cannot be
-verified, never a wrong one.
+verified, never a wrong one. The durable backends store the items apart from the rest (`split`/`join`), each
+written once, so a commit's write does not grow with the carried keyframes.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 INCREMENTAL = "incremental"
@@ -39,3 +41,31 @@ def items(snap: Any) -> dict:
         return {}
     fresh = inc.get("new", {})
     return {k: fresh[k] for k in inc.get("keep", []) if k in fresh}
+
+
+def split(state: Any) -> tuple[Any, dict]:
+    """(the state with its incremental items left out, the kept items): a durable store writes the items apart,
+    each once, and the rest (small) whole on every commit."""
+    inc = state.get(INCREMENTAL) if isinstance(state, dict) else None
+    if not isinstance(inc, dict):
+        return state, {}
+    kept = items(state)
+    return {**state, INCREMENTAL: {"keep": list(kept), "new": {}}}, kept
+
+
+def join(base: Any, stored: dict) -> Any:
+    """`split` undone from what a store read back; an item it lacks is left out (a loop that cannot be verified)."""
+    inc = base.get(INCREMENTAL) if isinstance(base, dict) else None
+    if not isinstance(inc, dict):
+        return base
+    have = {k: stored[k] for k in inc.get("keep", []) if k in stored}
+    return {**base, INCREMENTAL: {"keep": list(have), "new": have}}
+
+
+def item_field(key: Any) -> str:
+    """A stored item's name (JSON of its key: the worker's keys are keyframe indices)."""
+    return json.dumps(key, separators=(",", ":"))
+
+
+def item_key(field: str | bytes) -> Any:
+    return json.loads(field)

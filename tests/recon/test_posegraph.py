@@ -133,6 +133,30 @@ def test_analytic_jacobians_match_finite_differences():
             assert np.allclose(Jb[:, :, k], fb, rtol=1e-4, atol=1e-3 * np.abs(fb).max()), k
 
 
+def test_jacobian_free_gradient_parts_equal_the_jacobians_transposed_times_a_vector():
+    """A chord step's gradient comes from `_jt_times` (no Jacobians formed): it must be J^T v exactly, also far
+    from consistent edges and at rotations near zero (the Jr^-1 series branch)."""
+    from serve_app.recon.posegraph import _edge_terms, _inverse, _jacobians, _jt_times
+
+    rng = np.random.default_rng(11)
+    m = 40
+    xa, xb = _random_sims(rng, m), _random_sims(rng, m)
+    sig = GraphParams().sig
+    for zinv in (_inverse(_random_sims(rng, m)), _inverse(_compose_rel(xa, xb))):
+        _, terms = _edge_terms(xa, xb, zinv, sig)
+        Ja, Jb = _jacobians(terms, sig)
+        v = rng.normal(size=(m, 7))
+        ga, gb = _jt_times(terms, v, sig)
+        assert np.allclose(ga, np.einsum("nji,nj->ni", Ja, v), rtol=1e-12, atol=1e-9 * np.abs(ga).max())
+        assert np.allclose(gb, np.einsum("nji,nj->ni", Jb, v), rtol=1e-12, atol=1e-9 * np.abs(gb).max())
+
+
+def _compose_rel(xa, xb):
+    from serve_app.recon.posegraph import _compose, _inverse
+
+    return _compose(_inverse(xa), xb)  # Z that every edge satisfies exactly: residual rotations ~0
+
+
 def test_normal_equations_equal_dense_jtwj():
     """The solver's normal equations (edge blocks summed in the block pattern, gradient per node) are J^T W J
     and J^T W r of the dense Jacobian, and its factorisation solves them."""

@@ -20,6 +20,8 @@ from serve_app.recon.reconstruction import FrameInput
 from serve_app.sessions.replies import CommitStatus
 from serve_app.sessions.session_store import SessionStore
 from serve_app.sessions.state_backends import RedisBackend, make_backend
+from serve_app.sessions.stream_state import INCREMENTAL
+from serve_app.sessions.stream_state import items as stream_items
 
 LIMITS = LimitsConfig(max_in_flight=64).model_dump()
 
@@ -33,8 +35,14 @@ def _points(i: int, n: int):
     return np.full((n, 3), i, np.float32), np.full((n, 3), i % 255, np.uint8)
 
 
+def _item(i: int) -> dict:  # like a carried loop keyframe: large, made once
+    return {"jpeg": bytes([i % 251]) * 20_000, "pose": np.eye(4) * i}
+
+
 def _snapshot(i: int) -> dict:
-    return {"windows_integrated": i, "last_keyframe": (np.eye(4) * i, np.float32(0.5)), "keyframes": [i]}
+    """A worker snapshot; it carries the last three windows' items incrementally (only window i's is new)."""
+    return {"windows_integrated": i, "last_keyframe": (np.eye(4) * i, np.float32(0.5)), "keyframes": [i],
+            INCREMENTAL: {"keep": list(range(max(0, i - 2), i + 1)), "new": {i: _item(i)}}}
 
 
 def _correction(windows, version: int) -> dict:
@@ -95,6 +103,11 @@ def _same_session(a, b) -> None:
     sa, sb = a.stream_state, b.stream_state
     assert sa["windows_integrated"] == sb["windows_integrated"] and sa["keyframes"] == sb["keyframes"]
     np.testing.assert_array_equal(sa["last_keyframe"][0], sb["last_keyframe"][0])
+    ia, ib = stream_items(sa), stream_items(sb)
+    assert list(ia) == list(ib) and ia
+    for k in ia:
+        assert ia[k]["jpeg"] == ib[k]["jpeg"]
+        np.testing.assert_array_equal(ia[k]["pose"], ib[k]["pose"])
 
 
 @pytest.mark.parametrize("kind", ["redis", "journal"])
@@ -254,6 +267,36 @@ def test_retried_calls_are_not_applied_twice(kind, redis_url, tmp_path):
     assert (s.frames_received, s.frames_processed, s.windows, len(s.records)) == (1, 1, 1, 1)
     reloaded = SessionActor(LIMITS, None, backend=cfg).store.sessions[sid]
     assert [r.seq for r in reloaded.records] == [commits[0].seq] and reloaded.frames_processed == 1
+
+
+@pytest.mark.parametrize("kind", ["redis", "journal"])
+def test_snapshot_items_are_written_once_not_with_every_commit(kind, redis_url, tmp_path):
+    """A snapshot's incremental items (the carried loop keyframes) are stored apart, each written by the commit
+    that first carries it and removed when no snapshot keeps it: 12 commits write 12 items (not the 33 kept
+    copies), the stored snapshot stays small, and a restart restores exactly the kept items."""
+    cfg = _backend_cfg(kind, redis_url, tmp_path)
+
+    async def run():
+        actor = SessionActor(LIMITS, None, backend=cfg)
+        sid, _ = await _stream(actor, n_windows=12)
+        return actor, sid
+
+    actor, sid = asyncio.run(run())
+    assert actor.backend.journal.items_written == 12 if kind == "journal" else actor.backend.items_written == 12
+    if kind == "redis":
+        r = redis.Redis.from_url(redis_url)
+        keys = actor.backend.keys(sid)
+        state_bytes, fields = r.strlen(keys[3]), sorted(int(f) for f in r.hkeys(keys[5]))
+        r.close()
+    else:
+        state_bytes = (tmp_path / cfg["state_dir"] / f"{sid}.state").stat().st_size
+        fields = sorted(int(bytes.fromhex(p.stem).decode())
+                        for p in (tmp_path / cfg["state_dir"] / f"{sid}.items").glob("*.bin"))
+    assert fields == [9, 10, 11]  # the kept ones only
+    assert state_bytes < 5_000  # the three kept items are 60 kB
+    again = SessionActor(LIMITS, None, backend=cfg)
+    _same_session(actor.store.sessions[sid], again.store.sessions[sid])
+    assert list(stream_items(again.store.sessions[sid].stream_state)) == [9, 10, 11]
 
 
 def test_backend_config():
