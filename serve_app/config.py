@@ -349,6 +349,10 @@ class SessionActorConfig(_Strict):
     # Keep the shards off the head node (it runs the GCS, the controller and the proxy); on a cluster with no
     # other node they fall back to the head, with a log line. False: Ray's SPREAD strategy over all nodes.
     avoid_head_node: bool = True
+    # Accepted frames an ingress replica sends a shard in one call while its previous accept call to that
+    # shard is still out (serve_app/sessions/accept_batch.py): a shard's cost is per call, not per frame.
+    # 1: one call per frame.
+    accept_batch: int = Field(32, ge=1, le=1024, description="most frames per accept call to a store shard")
 
     # Where sessions persist (serve_app/sessions/state_backends.py): memory (lost with the actor), journal (files in
     # state_dir, lost with the node), redis (survives the node). None: journal if state_dir is set, else memory.

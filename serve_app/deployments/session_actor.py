@@ -21,6 +21,7 @@ from serve_app.errors import ServiceError
 from serve_app.ray_env import in_effect
 from serve_app.recon import corrections
 from serve_app.sessions import shards as sharding
+from serve_app.sessions.accept_batch import AcceptBatcher
 from serve_app.sessions.replies import Attachment, CommitReply, CommitStatus, RecordsReply, Takeover
 from serve_app.sessions.session_store import SessionStore, concat_parts
 from serve_app.sessions.state_backends import make_backend
@@ -130,13 +131,38 @@ class SessionActor:
         """Store one accepted frame (a FrameInput) until a window commits it; returns its index (`index`: the one
         the worker gave it, checked). The ingress acks only after this returns, so an acked frame survives the
         replica that received it."""
+        index = self._accept(sid, owner, epoch, frame, index)
+        if self.backend is not None:
+            await self.backend.accept(self.store.sessions[sid], index)  # the frame, then its acceptance
+        return index
+
+    async def accept_frames(self, items: list) -> list:
+        """Several accept_frame calls in one (serve_app/sessions/accept_batch.py): `items` are their argument
+        tuples (sid, owner, epoch, frame, index), taken in order; per item its index, or the exception that
+        refused it (a refusal of one frame does not touch the others)."""
+        out: list = [None] * len(items)
+        saves = []
+        for k, (sid, owner, epoch, frame, index) in enumerate(items):
+            try:
+                out[k] = self._accept(sid, owner, epoch, frame, index)
+            except Exception as exc:  # noqa: BLE001 - answered to that frame's caller
+                out[k] = exc
+                continue
+            if self.backend is not None:  # started in order: each backend keeps a session's writes in call order
+                saves.append((k, asyncio.ensure_future(self.backend.accept(self.store.sessions[sid], out[k]))))
+        for k, fut in saves:
+            try:
+                await fut
+            except Exception as exc:  # noqa: BLE001 - not persisted: not accepted, that caller does not ack
+                out[k] = exc
+        return out
+
+    def _accept(self, sid: str, owner: str | None, epoch: int, frame: Any, index: int | None) -> int:
         self.store.get(sid, owner)
         index = self.store.accept_frames(sid, 1, time.time(), payloads=[frame], epoch=epoch, index=index)
         frame.index = index
         if frame.frame_id is None:
             frame.frame_id = index
-        if self.backend is not None:
-            await self.backend.accept(self.store.sessions[sid], index)  # the frame, then its acceptance
         return index
 
     async def take_worker(self, sid: str) -> Takeover:
@@ -336,11 +362,31 @@ class SessionShards:
     """The ingress's view of the session store: the actor of a session (from its id), creation (through the
     admission actor when sharded), and the list / ping over every shard."""
 
-    def __init__(self, actors: list, admission=None):
+    def __init__(self, actors: list, admission=None, accept_batch: int = 32):
         self.actors, self.admission = actors, admission
+        # per shard: the frames this replica sends it while its last accept call is out go together in one
+        # call (serve_app/sessions/accept_batch.py); 1: every frame its own accept_frame call
+        self.accept_batch = accept_batch
+        self._batchers: dict[int, AcceptBatcher] = {}
 
     def of(self, sid: str):
         return self.actors[sharding.shard_of(sid, len(self.actors))]
+
+    async def accept_frame(self, sid: str, owner: str | None, epoch: int, frame: Any, index: int | None) -> int:
+        """Store one accepted frame on its shard (SessionActor.accept_frame); returns its index once stored."""
+        k = sharding.shard_of(sid, len(self.actors))
+        if self.accept_batch <= 1:
+            return await call(self.actors[k].accept_frame, sid, owner, epoch, frame, index)
+        b = self._batchers.get(k)
+        if b is None:
+            b = self._batchers[k] = AcceptBatcher(
+                lambda items, actor=self.actors[k]: call(actor.accept_frames, items), self.accept_batch)
+        return await b.accept(sid, owner, epoch, frame, index)
+
+    def accept_counts(self) -> dict:
+        """Accept calls made and frames sent in them, over the shards (batching at work: frames / calls)."""
+        return {"calls": sum(b.calls for b in self._batchers.values()),
+                "frames": sum(b.frames for b in self._batchers.values())}
 
     async def create(self, params: dict, owner: str | None) -> dict:
         if self.admission is None:
@@ -409,7 +455,7 @@ def get_session_shards(cfg: SessionActorConfig, limits: LimitsConfig) -> Session
     strategies = _node_strategies(cfg)
     actors = [get_session_actor(cfg, limits, k, strategies[k]) for k in range(cfg.shards)]
     if cfg.shards == 1:
-        return SessionShards(actors)
+        return SessionShards(actors, accept_batch=cfg.accept_batch)
     admission = ray.remote(SessionAdmission).options(
         name=sharding.admission_name(cfg.name), namespace=cfg.namespace, lifetime="detached",
         get_if_exists=True,
@@ -417,7 +463,7 @@ def get_session_shards(cfg: SessionActorConfig, limits: LimitsConfig) -> Session
         runtime_env={"env_vars": {k: v for k, v in in_effect().items() if v is not None}},
     ).remote(limits.model_dump(), [sharding.actor_name(cfg.name, k) for k in range(cfg.shards)],
              cfg.namespace)
-    return SessionShards(actors, admission)
+    return SessionShards(actors, admission, accept_batch=cfg.accept_batch)
 
 
 def store_unavailable(exc: BaseException) -> bool:

@@ -158,6 +158,8 @@ class StatusRoutes:
                          | {"age_s": now - x["created_at"]} for x in sessions["sessions"]],
             "counts": sessions["counts"], "limits": sessions["limits"],
             "shards": sessions.get("shards"),  # sessions per session-store shard (null with one shard)
+            # this replica's accept calls to the store and the frames sent in them (frames > calls: batched)
+            "store_accepts": self.store.accept_counts(),
             "ray_env": {"ingress": ray_env.in_effect(), "model": model.get("ray_env"),
                         "session_actor": sessions.get("ray_env")},
         }

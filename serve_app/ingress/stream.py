@@ -246,8 +246,7 @@ class StreamRoute:
         if frame.frame_id is None:
             frame.frame_id = index
         stored = dataclasses.replace(frame, image=None) if encoded is not None else frame
-        storing = asyncio.ensure_future(call(self.store.of(sid).accept_frame, sid, owner, worker.epoch, stored,
-                                             index))
+        storing = asyncio.ensure_future(self.store.accept_frame(sid, owner, worker.epoch, stored, index))
         worker.add_frame(frame, storing)
         try:
             # shield: a client leaving mid-call does not cancel the store, and the frame then stays queued

@@ -195,6 +195,24 @@ async def test_two_sessions_share_batches(serve_url, synthetic_seq):
     assert max(w["batch_size"] for w in a.of("window") + b.of("window")) > 1
 
 
+async def test_concurrent_streams_share_store_accept_calls_and_lose_nothing(serve_url, synthetic_seq):
+    """Frames of several streams that reach the replica while its accept call to the session store is out go
+    to the store together (session_actor.accept_batch): every frame is still acked once, in order, and
+    processed, and the replica made fewer accept calls than it stored frames."""
+    n, streams = 12, 6
+    before = httpx.get(serve_url + "/stats", timeout=30).json()["store_accepts"]
+    got = await asyncio.gather(*[stream_all(serve_url, synthetic_seq, n) for _ in range(streams)])
+    for _, col in got:
+        assert col.close_code == 1000 and not col.of("error"), col.of("error")
+        assert [a["frame_id"] for a in col.of("ack")] == [f"f{i}" for i in range(n)]
+        assert [a["index"] for a in col.of("ack")] == list(range(n))
+        assert sorted(r["frame_id"] for r in col.of("frame_result")) == sorted(f"f{i}" for i in range(n))
+    after = httpx.get(serve_url + "/stats", timeout=30).json()["store_accepts"]
+    frames, calls = after["frames"] - before["frames"], after["calls"] - before["calls"]
+    assert frames == n * streams
+    assert calls < frames, after
+
+
 async def test_windows_arriving_during_a_forward_share_the_next_batch(serve_url, synthetic_seq):
     """Windows that reach the model replica one by one while it runs a forward are held until it is free and then
     go through as one batch (Serve's batcher alone would make each of them a batch of one)."""
