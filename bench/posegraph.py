@@ -28,7 +28,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import scipy.sparse.linalg as spla
-from threadpoolctl import threadpool_limits
 
 import serve_app.recon.posegraph_linalg as pl
 from bench.posegraph_previous import solve_previous
@@ -118,9 +117,6 @@ def main() -> None:
     ap.add_argument("--no-gtsam", action="store_true")
     ap.add_argument("--no-ablations", action="store_true", help="skip the new solver's ablations")
     a = ap.parse_args()
-    # As the ingress replica runs the solve (serve_app/deployments/ingress.py limit_library_threads): OpenBLAS's
-    # spinning threads roughly doubled a solve's CPU time on this 2-core box.
-    threadpool_limits(limits=1, user_api="blas")
     truth, init, edges, bad = make_problem(a.nodes, a.loops)
     params = GraphParams(sigma_trans=0.01, sigma_scale=0.01, sigma_rot_deg=0.5)
     ids = list(range(a.nodes))

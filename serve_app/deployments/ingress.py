@@ -15,7 +15,6 @@ import cv2
 import torch
 from fastapi import Request, WebSocket
 from ray import serve
-from threadpoolctl import threadpool_limits
 
 from serve_app.config import AppArgs
 from serve_app.deployments.session_actor import get_session_shards
@@ -38,15 +37,6 @@ from serve_app.sessions.admission import ConcurrencyGate
 log = logging.getLogger("ray.serve.da3.ingress")  # child of ray.serve: goes to the replica log files
 
 
-def limit_library_threads() -> None:
-    """Parallelism here comes from the pool; library thread pools on top would fight the model replica's threads
-    for the same cores (on a CPU box the model's forward ran ~2x slower), and OpenBLAS's spinning threads doubled
-    the CPU time of a pose-graph solve (bench/posegraph.py)."""
-    cv2.setNumThreads(1)
-    torch.set_num_threads(1)
-    threadpool_limits(limits=1, user_api="blas")  # numpy's and scipy's OpenBLAS, loaded by the imports above
-
-
 class IngressReplica(SessionRoutes, ExportRoutes, StatusRoutes, OneShotUpload, StreamRoute, ResultStreaming,
                      WorkerOwnership):
     def __init__(self, model, args: dict[str, Any]):
@@ -55,7 +45,10 @@ class IngressReplica(SessionRoutes, ExportRoutes, StatusRoutes, OneShotUpload, S
         # the session-store shards: a session's actor is self.store.of(its id) (serve_app/sessions/shards.py)
         self.store = get_session_shards(self.args.session_actor, self.args.limits)
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="da3-cpu")
-        limit_library_threads()
+        # Parallelism here comes from the pool; library thread pools on top would fight the model replica's
+        # threads for the same cores (on a CPU box the model's forward ran ~2x slower).
+        cv2.setNumThreads(1)
+        torch.set_num_threads(1)
         self.workers: dict[str, SessionWorker] = {}
         self.worker_locks: dict[str, asyncio.Lock] = {}
         self.connections: set[Connection] = set()

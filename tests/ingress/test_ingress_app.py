@@ -36,16 +36,3 @@ def test_apps_are_built_per_replica_from_their_args():
     assert _middleware(again) == ["AccessMiddleware"]  # building another app changed nothing here
     policy = next(m for m in with_cors.user_middleware if m.cls is AccessMiddleware).kwargs["policy"]
     assert policy.cors_origins == ["https://app.example"]
-
-
-def test_the_ingress_runs_numpy_and_scipy_blas_on_one_thread():
-    """The ingress's pool is its parallelism: OpenBLAS threads on top spun and doubled a pose-graph solve's CPU."""
-    import scipy.linalg  # noqa: F401 - loads scipy's own OpenBLAS
-    from threadpoolctl import threadpool_info, threadpool_limits
-
-    from serve_app.deployments.ingress import limit_library_threads
-
-    with threadpool_limits(limits=2, user_api="blas"):  # restored after the test
-        limit_library_threads()
-        blas = [p for p in threadpool_info() if p["user_api"] == "blas"]
-        assert len(blas) >= 2 and all(p["num_threads"] == 1 for p in blas)
