@@ -49,6 +49,10 @@ class SessionParams(_Strict):
     keyframe_translation: float = Field(0.05, ge=0.0, le=10.0, description="keyframe when the camera moved this "
                                         "fraction of the scene's median depth since the last keyframe ...")
     keyframe_rotation_deg: float = Field(5.0, ge=0.0, le=180.0, description="... or turned this many degrees")
+    context_reach_windows: int = Field(2, ge=0, le=64, description="the keyframe context views come from at "
+                                       "least this many windows' worth of new frames back: each window is then "
+                                       "tied to older geometry, not only the previous window (0 = the newest "
+                                       "keyframes)")
     global_consistency: bool = Field(False, description="keyframe pose graph, online loop closure and global "
                                      "re-optimisation of the map (corrections streamed to clients); off = "
                                      "each window is only chained onto the previous ones")
