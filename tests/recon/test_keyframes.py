@@ -297,6 +297,24 @@ def test_priors_the_fit_refuses_on_the_first_window_place_it_rigidly(orbit, corr
     assert {o.window["alignment"]["mode"] for o in outs[1:]} <= {"priors", "dense"}
 
 
+# --- context choice -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("reach", [0, 2])
+def test_the_keyframe_context_reaches_back_the_configured_windows(orbit, reach):
+    """Planned one window ahead (a real-time client), the keyframe context view comes from at least
+    `context_reach_windows` windows' worth of new frames before the newest context view; with 0 it is the newest
+    keyframe, in the previous window."""
+    p = params(context_reach_windows=reach)
+    _, outs = stream(orbit, p, OracleModel(ORBIT, seed=6))
+    gaps = [ids[-1] - ids[0] for o in outs if len(ids := o.window["context_frame_ids"]) == 2]
+    assert len(gaps) >= 4 and all(o.ok for o in outs)
+    late = gaps[3:]  # once enough keyframes are placed
+    if reach:
+        assert min(late) >= reach * (p.window_size - p.overlap)
+    else:
+        assert max(late) < p.window_size - p.overlap
+
+
 # --- memory -------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("max_points,frames", [(2_000_000, 100), (3000, 45)])
@@ -315,6 +333,7 @@ def test_memory_is_bounded_on_a_long_stream(orbit, max_points, frames):
     rec, outs = stream(orbit, p, OracleModel(ORBIT, seed=6), order=order, each=each)
     assert len(results(outs)) == frames and all(o.ok for o in outs)
     assert mem[30] > 0 and mem[frames] <= 1.2 * mem[30]
-    assert len(rec.occupancy) <= max_points and len(rec.world) <= p.overlap + p.window_size
+    reach = p.context_reach_windows * (p.window_size - p.overlap)  # keyframes a later window may reach back to
+    assert len(rec.occupancy) <= max_points and len(rec.world) <= p.overlap + p.window_size + reach
     if max_points < 10_000:
         assert len(rec.occupancy) == max_points  # full, and forgetting the oldest voxels
