@@ -58,7 +58,8 @@ def test_noise_free_oracle_stream_is_globally_consistent(seq):
     assert [o.window["context_frame_ids"] for o in outs[:2]] == [[], [3, 4]]
     assert all(len(o.window["frame_ids"]) == 3 for o in outs[1:-1])
     # the world keeps only what later windows can use as context: memory does not grow with the stream
-    assert len(rec.world) <= params.overlap + params.window_size
+    reach = params.context_reach_windows * (params.window_size - params.overlap)  # keyframes to reach back to
+    assert len(rec.world) <= params.overlap + params.window_size + reach
 
 
 @pytest.mark.slow
