@@ -572,11 +572,6 @@ class StreamReconstructor:
             room -= 1
         return plans
 
-    def next_loop(self) -> WindowPlan | None:
-        """One loop window, only while none is in flight (next_loops(1))."""
-        plans = self.next_loops(1)
-        return plans[0] if plans else None
-
     def loop_abandoned(self, plan: WindowPlan) -> None:
         """A handed-out loop window that will never be integrated (its verification raised)."""
         self.loops_in_flight.pop(plan.window, None)

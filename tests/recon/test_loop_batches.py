@@ -47,7 +47,7 @@ def test_next_loops_hands_out_up_to_loop_batch_candidates_each_once():
     assert len({p.window for p in plans}) == 3 and all(p.window < 0 and p.kind == "loop" for p in plans)
     assert [[f.index for f in p.new] for p in plans] == [[0, 90], [4, 80], [6, 70]]  # candidate, query
     assert set(rec.loops_in_flight) == {p.window for p in plans}
-    assert rec.next_loops() == [] and rec.next_loop() is None  # the batch is full while they are in flight
+    assert rec.next_loops() == [] and rec.next_loops(1) == []  # the batch is full while they are in flight
     assert rec.consistency.detector.pending == [(60, 8)]
     # Results come back in any order; each frees its slot.
     rec.integrate_loop(plans[2], None)

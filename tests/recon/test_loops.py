@@ -124,7 +124,7 @@ def test_the_look_alike_scene_gives_no_accepted_loop():
 
 def test_off_builds_no_graph_and_reports_no_loop_fields(loop_oracle):
     rec = StreamReconstructor(params(False))
-    assert rec.consistency is None and rec.graph_prepare() is None and rec.next_loop() is None
+    assert rec.consistency is None and rec.graph_prepare() is None and rec.next_loops() == []
     seq = loop_oracle.seq
     for i in range(6):
         rec.add_frame(FrameInput(index=i, frame_id=i, image=seq.images[i], original_size=(0, 0)))
