@@ -70,6 +70,9 @@ class SessionParams(_Strict):
                                     "keyframe's points seen by the candidate at a consistent depth")
     loop_max_discrepancy: float = Field(100.0, gt=0, description="loop verification: squared whitened "
                                         "disagreement with the current estimate per window between the two ends")
+    loop_edge_at_cameras: bool = Field(True, description="loop edge: each loop view's camera centre mapped onto its "
+                                       "earlier prediction, only the scale from the points (false = translation "
+                                       "from the points too, which a depth warp in the loop window biases)")
     loop_max_keyframes: int = Field(300, ge=0, description="keyframes kept as loop candidates (oldest dropped; "
                                     "each holds its model-size image)")
     loop_batch: int = Field(4, ge=1, le=64, description="loop candidates verified together: sent to the model "

@@ -327,3 +327,47 @@ def robust_scale_translation(src: np.ndarray, dst: np.ndarray, R: np.ndarray, we
     inl = r <= thresh
     rmse = float(np.sqrt(np.average(r[inl] ** 2, weights=w0[inl]))) if inl.any() else float("nan")
     return AlignmentResult(Sim3(s, R, t), True, None, len(a), float(w0[inl].sum() / w0.sum()), rmse, s)
+
+
+def robust_scale_about_centres(src: np.ndarray, dst: np.ndarray, R: np.ndarray, c_src: np.ndarray,
+                               c_dst: np.ndarray, weights: np.ndarray | None = None, *, iters: int = 10,
+                               huber_k: float = 1.345, min_points: int = 50, max_points: int = 2000, seed: int = 0,
+                               tol: float = 1e-7) -> AlignmentResult:
+    """dst ≈ s R (src - c_src) + c_dst: the Sim(3) that takes camera centre c_src onto c_dst (two predictions of
+    one camera), the rotation given (from the cameras), only the scale from the points (Huber IRLS of the points'
+    distances from the camera). A view's low-frequency depth warp (tilt, bowl) moves its points along the viewing
+    rays; a free translation fit follows them and shifts the camera by a few % of the depth, which pinning the
+    centre avoids (the warp then only scales, by about its mean)."""
+    src = np.asarray(src, np.float64).reshape(-1, 3)
+    dst = np.asarray(dst, np.float64).reshape(-1, 3)
+    R = np.asarray(R, np.float64)
+    c_src, c_dst = np.asarray(c_src, np.float64).reshape(3), np.asarray(c_dst, np.float64).reshape(3)
+    w0 = np.ones(len(src)) if weights is None else np.asarray(weights, np.float64).reshape(-1)
+    ok = finite_rows(src) & finite_rows(dst) & np.isfinite(w0) & (w0 > 0)
+    if ok.sum() < max(min_points, 1) or not (np.isfinite(c_src).all() and np.isfinite(c_dst).all()):
+        return _fail(f"too few valid points: {int(ok.sum())} (need {min_points})", int(ok.sum()))
+    keep = np.flatnonzero(ok)
+    if len(keep) > max_points:
+        keep = np.sort(np.random.default_rng(seed).choice(keep, size=max_points, replace=False))
+    a, b, w0 = (src[keep] - c_src) @ R.T, dst[keep] - c_dst, w0[keep]
+    na = np.linalg.norm(a, axis=1)
+    good = na > 0
+    if good.sum() < max(min_points, 1):
+        return _fail("points at the camera centre", int(good.sum()))
+    s = median(np.linalg.norm(b[good], axis=1) / na[good])  # start: median distance ratio (robust to outliers)
+    floor = 1e-9 * (1.0 + float(np.abs(b).max()))
+    w, r, thresh = w0, np.zeros(len(a)), np.inf
+    for _ in range(iters):
+        r = np.linalg.norm(s * a - b, axis=1)
+        thresh = max(huber_k * MAD_TO_SIGMA * median(r), floor)
+        w = w0 * np.where(r <= thresh, 1.0, thresh / np.maximum(r, 1e-300))
+        s_prev, s = s, float((w * np.einsum("ij,ij->i", a, b)).sum() / max((w * (na * na)).sum(), 1e-300))
+        if abs(s - s_prev) <= tol * abs(s):
+            break
+    if not (np.isfinite(s) and s > 0):
+        return _fail(f"bad scale {s:.3g}", len(a))
+    r = np.linalg.norm(s * a - b, axis=1)
+    inl = r <= thresh
+    rmse = float(np.sqrt(np.average(r[inl] ** 2, weights=w0[inl]))) if inl.any() else float("nan")
+    return AlignmentResult(Sim3(s, R, c_dst - s * (R @ c_src)), True, None, len(a),
+                           float(w0[inl].sum() / w0.sum()), rmse, s)

@@ -18,7 +18,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from serve_app.recon.alignment import robust_scale_translation, robust_sim3
+from serve_app.recon.alignment import robust_scale_about_centres, robust_scale_translation, robust_sim3
 from serve_app.recon.geometry import Sim3, median, orthonormalize, unproject_pixels
 
 THUMB = (16, 12)  # (W, H) of the fallback image descriptor
@@ -99,8 +99,8 @@ class LoopCheck:
     info: dict = field(default_factory=dict)
 
 
-def _align_view(kf: Keyframe, depth, K, c2w, keep, min_inliers: float, max_rmse: float, seed: int
-                ) -> tuple[Sim3 | None, dict | str]:
+def _align_view(kf: Keyframe, depth, K, c2w, keep, min_inliers: float, max_rmse: float, seed: int,
+                pin_cameras: bool = True) -> tuple[Sim3 | None, dict | str]:
     m = keep.reshape(-1)[kf.pix]
     if m.sum() < 50:
         return None, f"frame {kf.index}: {int(m.sum())} confident points"
@@ -111,16 +111,26 @@ def _align_view(kf: Keyframe, depth, K, c2w, keep, min_inliers: float, max_rmse:
     # The rotation from the two predictions of this camera (a depth warp tilts points, not cameras), as placement
     # does with global consistency; scale and translation from the points.
     R = orthonormalize(np.asarray(kf.c2w, np.float64)[:3, :3] @ np.asarray(c2w, np.float64)[:3, :3].T)
+    cameras = False
     if np.degrees(np.arccos(np.clip((np.trace(R.T @ res.sim3.R) - 1) / 2, -1, 1))) <= CAMERA_ROTATION_MAX_DEG:
         fit = robust_scale_translation(src, kf.points[m], R)
         if fit.ok:
-            res = fit
+            res, cameras = fit, True
     # The stored points are in a gauge normalised to median depth 1: the rmse is already relative.
     info = {"inlier_ratio": round(res.inlier_ratio, 3), "rmse": round(res.rmse, 4)}
     if res.inlier_ratio < min_inliers:
         return None, f"frame {kf.index}: inlier ratio {res.inlier_ratio:.2f} < {min_inliers}"
     if res.rmse > max_rmse:
         return None, f"frame {kf.index}: relative rmse {res.rmse:.3f} > {max_rmse}"
+    if pin_cameras and cameras:
+        # The edge: this camera's two predictions made to coincide, only the scale from the points. The points' own
+        # translation (verified above) carries the loop view's depth warp: a few % of the depth along the view,
+        # a bias every loop edge of the closure shares (the loop gap; bench/README.md "Loop edges at the cameras").
+        pin = robust_scale_about_centres(src, kf.points[m], R, np.asarray(c2w, np.float64)[:3, 3],
+                                         np.asarray(kf.c2w, np.float64)[:3, 3], max_points=VERIFY_POINTS, seed=seed)
+        if pin.ok:
+            info["pinned_scale"] = round(pin.scale / max(res.scale, 1e-12), 4)  # against the points' scale
+            return pin.sim3, info
     return res.sim3, info
 
 
@@ -147,12 +157,14 @@ def overlap(depth_q, depth_c, K_q, K_c, c2w_q, c2w_c, keep_q, rng: np.random.Gen
 
 
 def verify_loop(query: Keyframe, cand: Keyframe, depth, K, c2w, keep, *, min_inliers: float, max_rmse: float,
-                min_overlap: float, seed: int = 0) -> LoopCheck:
-    """Verify a 2-view loop window (view 0 = candidate, view 1 = query, in the loop window's gauge)."""
-    a_c, ic = _align_view(cand, depth[0], K[0], c2w[0], keep[0], min_inliers, max_rmse, seed)
+                min_overlap: float, seed: int = 0, pin_cameras: bool = True) -> LoopCheck:
+    """Verify a 2-view loop window (view 0 = candidate, view 1 = query, in the loop window's gauge). With
+    pin_cameras the edge maps each loop view's camera centre onto its earlier prediction (scale from the points);
+    the tests (inliers, rmse, overlap) are the points' either way."""
+    a_c, ic = _align_view(cand, depth[0], K[0], c2w[0], keep[0], min_inliers, max_rmse, seed, pin_cameras)
     if a_c is None:
         return LoopCheck(False, ic)
-    a_q, iq = _align_view(query, depth[1], K[1], c2w[1], keep[1], min_inliers, max_rmse, seed + 1)
+    a_q, iq = _align_view(query, depth[1], K[1], c2w[1], keep[1], min_inliers, max_rmse, seed + 1, pin_cameras)
     if a_q is None:
         return LoopCheck(False, iq)
     rng = np.random.default_rng(seed)

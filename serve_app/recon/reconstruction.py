@@ -611,7 +611,8 @@ class StreamReconstructor:
             if res.ok:
                 pred, c2w = replace(pred, depth=res.depth), res.c2w
         chk = verify_loop(kq, kc, pred.depth, pred.intrinsics, c2w, keep, min_inliers=p.loop_min_inlier_ratio,
-                          max_rmse=p.loop_max_rel_rmse, min_overlap=p.loop_min_overlap, seed=q)
+                          max_rmse=p.loop_max_rel_rmse, min_overlap=p.loop_min_overlap, seed=q,
+                          pin_cameras=p.loop_edge_at_cameras)
         report.update(chk.info)
         if not chk.ok:
             cons.loops_rejected += 1
