@@ -73,6 +73,9 @@ class SessionParams(_Strict):
     loop_edge_at_cameras: bool = Field(True, description="loop edge: each loop view's camera centre mapped onto its "
                                        "earlier prediction, only the scale from the points (false = translation "
                                        "from the points too, which a depth warp in the loop window biases)")
+    loop_edge_weight: float = Field(4.0, gt=0, le=100.0, description="information of a loop edge relative to a "
+                                    "well-aligned odometry edge: a window's odometry edges come from the same depth "
+                                    "(its errors count once per edge), so the chain is stiffer than its errors")
     loop_max_keyframes: int = Field(300, ge=0, description="keyframes kept as loop candidates (oldest dropped; "
                                     "each holds its model-size image)")
     loop_batch: int = Field(4, ge=1, le=64, description="loop candidates verified together: sent to the model "

@@ -179,7 +179,9 @@ class Consistency:
     # --- loops --------------------------------------------------------------------------------------------
     def accept_loop(self, query_window: int, cand_window: int, z: Sim3) -> tuple[bool, str | None, float]:
         """The last test of a verified loop (agreement with the graph), and its edge if it passes."""
-        edge = Edge(cand_window, query_window, z, "loop", 1.0)
+        # Weighted above an odometry edge (loop_edge_weight): the chain's edges share their windows' depth errors,
+        # so it resists a closure more than its real drift warrants (bench/README.md "Loop edges at the cameras").
+        edge = Edge(cand_window, query_window, z, "loop", float(self.params.loop_edge_weight))
         steps = max(abs(query_window - cand_window), 1)
         disc = self.graph.loop_discrepancy(edge, steps)
         if disc > self.params.loop_max_discrepancy:
