@@ -63,10 +63,10 @@ from serve_app.recon.alignment import robust_scale_translation, robust_sim3
 from serve_app.recon.consistency import Consistency, SolveJob, scale_sim
 from serve_app.recon.corrections import Correction
 from serve_app.recon.depth_refine import refine_window
+from serve_app.recon.fusion import fuse_points
 from serve_app.recon.geometry import (
     Sim3,
     confidence_mask,
-    depth_consistent,
     finite_rows,
     invert_pose,
     median,
@@ -326,9 +326,11 @@ class StreamReconstructor:
                 self.keyframes.append(f.index)
                 self.num_keyframes += 1
                 idx = sample_indices(confident, p.max_points_per_frame, self.rng)
+                local = unproject_pixels(pred.depth[j], pred.intrinsics[j], c2w_win[j], idx)
                 if cons is not None and p.multiview_depth_tol > 0:
-                    idx = idx[self._multiview_ok(pred, c2w_win, j, idx)]
-                all_pts.append(sim.apply(unproject_pixels(pred.depth[j], pred.intrinsics[j], c2w_win[j], idx)))
+                    local, ok = self._multiview(pred, j, local)
+                    idx, local = idx[ok], local[ok]
+                all_pts.append(sim.apply(local))
                 all_cols.append(f.image.reshape(-1, 3)[idx])
                 owner.append(np.full(len(idx), len(frames)))
             self.world[f.index] = WorldFrame(f.index, f.frame_id, f.image, pix, world_pts,
@@ -372,17 +374,15 @@ class StreamReconstructor:
         extr = invert_pose(res.c2w)[:, :3, :].astype(np.float32)
         return replace(pred, depth=res.depth, extrinsics=extr), res.c2w, info
 
-    def _multiview_ok(self, pred: WindowPrediction, c2w_win, j: int, idx: np.ndarray) -> np.ndarray:
-        """Map points of view j that its neighbours in the window do not contradict (global consistency): a
-        confident outlier (depth off by tens of percent, as confident as its surroundings) disagrees with the
-        other views' depth where they see it; agreeing with one neighbour, or seen by none, keeps a point."""
-        pts = unproject_pixels(pred.depth[j], pred.intrinsics[j], c2w_win[j], idx)
-        others = [k for k in (j - 1, j + 1) if 0 <= k < pred.num_views]
-        keep = np.zeros(len(idx), bool)
-        for k in others:
-            keep |= depth_consistent(pts, pred.depth[k], pred.intrinsics[k], pred.extrinsics[k],
-                                     self.params.multiview_depth_tol)
-        return keep if others else np.ones(len(idx), bool)
+    def _multiview(self, pred: WindowPrediction, j: int, pts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """View j's map points (window gauge) checked and fused against the views of its window within
+        EXPERIMENT of it (serve_app/recon/fusion.py): (points, keep)."""
+        import os
+        reach = int(os.environ.get("H16_REACH", "1"))
+        fuse = os.environ.get("H16_FUSE", "1") == "1"
+        others = [k for k in range(j - reach, j + reach + 1) if k != j and 0 <= k < pred.num_views]
+        return fuse_points(pts, pred.depth, pred.intrinsics, pred.extrinsics, others,
+                           self.params.multiview_depth_tol, fuse=fuse)
 
     def _new_map_points(self, all_pts, all_cols, owner, n_frames) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One point per voxel not yet in the map (window mean position and colour), the occupancy updated,
