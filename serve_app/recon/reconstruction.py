@@ -375,14 +375,13 @@ class StreamReconstructor:
         return replace(pred, depth=res.depth, extrinsics=extr), res.c2w, info
 
     def _multiview(self, pred: WindowPrediction, j: int, pts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """View j's map points (window gauge) checked and fused against the views of its window within
-        EXPERIMENT of it (serve_app/recon/fusion.py): (points, keep)."""
-        import os
-        reach = int(os.environ.get("H16_REACH", "1"))
-        fuse = os.environ.get("H16_FUSE", "1") == "1"
-        others = [k for k in range(j - reach, j + reach + 1) if k != j and 0 <= k < pred.num_views]
-        return fuse_points(pts, pred.depth, pred.intrinsics, pred.extrinsics, others,
-                           self.params.multiview_depth_tol, fuse=fuse)
+        """View j's map points (window gauge) checked against, and fused with, the views of its window at most
+        `multiview_views` away (serve_app/recon/fusion.py): (points, keep)."""
+        p = self.params
+        others = [k for k in range(j - p.multiview_views, j + p.multiview_views + 1) if k != j and 0 <= k < pred.num_views]
+        out, keep, _ = fuse_points(pts, pred.depth, pred.intrinsics, pred.extrinsics, others, p.multiview_depth_tol,
+                                   fuse=p.multiview_fuse, min_agree=p.multiview_min_agree)
+        return out, keep
 
     def _new_map_points(self, all_pts, all_cols, owner, n_frames) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One point per voxel not yet in the map (window mean position and colour), the occupancy updated,

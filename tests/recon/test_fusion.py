@@ -34,20 +34,34 @@ def test_confident_outlier_blob_is_dropped_and_inliers_stay():
     depth[0][out] *= 1.5  # an outlier: 50 % too far, as confident as everything else
     idx = np.arange(H * W)
     pts = unproject_pixels(depth[0], Ks[0], c2w[0], idx)
-    fused, keep = fuse_points(pts, depth, Ks, w2c, [1, 2], tol=0.1)
+    fused, keep, agree = fuse_points(pts, depth, Ks, w2c, [1, 2], tol=0.1, min_agree=0)
     flat_out = out.reshape(-1)
     assert not keep[flat_out].any()  # every outlier pixel dropped
     assert keep[~flat_out].all()  # no inlier lost (pixels the others do not see are kept too)
+    assert (agree[flat_out] == 0).all() and agree[~flat_out].max() == 2
     assert np.abs(fused[keep][:, 2] - PLANE_Z).max() < 1e-4
 
 
-def test_points_no_other_view_sees_are_kept():
+def test_points_no_other_view_sees_need_min_agree_0():
     depth, Ks, c2w, w2c = window(baseline=12.0)  # the views do not overlap at all
     depth[0][blob(40, 30, 6)] *= 2.0
     pts = unproject_pixels(depth[0], Ks[0], c2w[0], np.arange(H * W))
-    fused, keep = fuse_points(pts, depth, Ks, w2c, [1, 2], tol=0.1)
-    assert keep.all()  # nothing to judge them by
+    fused, keep, agree = fuse_points(pts, depth, Ks, w2c, [1, 2], tol=0.1, min_agree=0)
+    assert keep.all() and not agree.any()  # nothing to judge them by: kept with min_agree 0
     np.testing.assert_allclose(fused, pts, atol=1e-5)
+    _, keep, _ = fuse_points(pts, depth, Ks, w2c, [1, 2], tol=0.1)  # the default 1: unconfirmed, dropped
+    assert not keep.any()
+
+
+def test_min_agree_drops_what_too_few_views_confirm():
+    depth, Ks, c2w, w2c = window(n=3, baseline=0.3)
+    depth[2][blob(30, 30, 8)] *= 1.4  # view 2 is wrong where view 0's points land: only view 1 agrees there
+    pts = unproject_pixels(depth[0], Ks[0], c2w[0], np.arange(H * W))
+    _, keep1, agree = fuse_points(pts, depth, Ks, w2c, [1, 2], tol=0.1, min_agree=1)
+    _, keep2, _ = fuse_points(pts, depth, Ks, w2c, [1, 2], tol=0.1, min_agree=2)
+    one = agree == 1
+    assert one.sum() > 50 and keep1[one].all() and not keep2[one].any()
+    assert keep2[agree == 2].all()
 
 
 @pytest.mark.parametrize("fuse", [True, False])
@@ -60,8 +74,8 @@ def test_fusion_averages_the_views_independent_errors(fuse):
         depth[j] *= tilt * (1 + 0.01 * rng.normal(size=(H, W)))
     idx = np.arange(H * W)
     pts = unproject_pixels(depth[2], Ks[2], c2w[2], idx)
-    fused, keep = fuse_points(pts, depth, Ks, w2c, [0, 1, 3, 4], tol=0.1, fuse=fuse)
-    assert keep.mean() > 0.99
+    fused, keep, _ = fuse_points(pts, depth, Ks, w2c, [0, 1, 3, 4], tol=0.1, fuse=fuse)
+    assert keep.mean() > 0.95  # all but the border pixels no other view sees
     before = np.abs(pts[:, 2] - PLANE_Z).mean()
     after = np.abs(fused[keep][:, 2] - PLANE_Z).mean()
     if fuse:
