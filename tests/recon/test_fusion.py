@@ -94,3 +94,45 @@ def test_bilinear_depth_interpolates_and_refuses_edges_and_outside():
     holes = smooth.copy()
     holes[1, 1] = 0.0
     assert np.isnan(bilinear_depth(holes, np.array([1.2]), np.array([1.2])))[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tol", [0.0, 0.1])
+def test_stream_map_has_no_confident_outlier_blobs(tol):
+    """The whole pipeline (oracle with confident outlier blobs, global_consistency on): with the multi-view check
+    (tol 0.1, the default) no map point is grossly off the true surface; without it (tol 0) the blobs are there."""
+    from serve_app.config import SessionParams
+    from serve_app.evaluation.synthetic import SceneSpec, render_sequence
+    from serve_app.model.oracle import OracleModel
+    from serve_app.recon.alignment import nearest_distances
+    from serve_app.recon.reconstruction import FrameInput, StreamReconstructor
+
+    spec = SceneSpec(seed=5, num_frames=18, width=112, height=84, trajectory="orbit")
+    seq = render_sequence(spec)
+    oracle = OracleModel(spec, scale_range=(1.0, 1.0), seed=1, errors={"outliers": 0.03, "outlier_shape": "blobs"})
+    rec = StreamReconstructor(SessionParams(process_res=140, window_size=5, overlap=2, global_consistency=True,
+                                            multiview_depth_tol=tol))
+    pts = []
+    for i in range(len(seq.images)):
+        rec.add_frame(FrameInput(index=i, frame_id=i, image=seq.images[i], original_size=(112, 84)))
+        while (plan := rec.next_window(force=i == len(seq.images) - 1)) is not None:
+            out = rec.integrate(plan, oracle.forward_windows([plan.request()])[0])
+            assert out.ok
+            pts.append(out.points)
+    pts = np.concatenate(pts)
+    # The world is frame 0's camera at scale 1 (exact depth but for the outliers): the truth in that frame.
+    w2c0 = np.linalg.inv(seq.c2w[0])
+    gt = []
+    for i in range(len(seq.images)):
+        v, u = np.mgrid[0:84, 0:112]
+        d = seq.depths[i]
+        cam = np.stack([(u - seq.K[0, 2]) / seq.K[0, 0] * d, (v - seq.K[1, 2]) / seq.K[1, 1] * d, d], -1)
+        world = cam.reshape(-1, 3) @ seq.c2w[i][:3, :3].T + seq.c2w[i][:3, 3]
+        gt.append(world @ w2c0[:3, :3].T + w2c0[:3, 3])
+    gt = np.concatenate(gt)[::3]
+    dist = nearest_distances(pts[::2], gt)
+    gross = float((dist > 0.05 * np.median(seq.depths)).mean())
+    if tol:
+        assert gross < 0.001
+    else:
+        assert gross > 0.005  # the blobs (3 % of the pixels, 25-100 % off) reach the map unchecked
