@@ -60,7 +60,8 @@ def fuse_points(points: np.ndarray, depth: np.ndarray, intrinsics: np.ndarray, w
     without any agreeing); points (k, 3) float32, the mean of the point and every agreeing view's estimate of it
     (that view's depth along its ray through the point) when `fuse`, else the input."""
     pts = np.asarray(points).reshape(-1, 3)
-    # Per-axis 1-D arrays: row gathers and scatters of (n, 3) arrays cost several times more.
+    # Per-axis 1-D arrays: row gathers of (n, 3) arrays cost several times more. The fused sums only touch the
+    # agreeing points.
     x, y, zw = (np.ascontiguousarray(pts[:, a], np.float64) for a in range(3))
     n = len(x)
     seen = np.zeros(n, bool)
@@ -78,13 +79,14 @@ def fuse_points(points: np.ndarray, depth: np.ndarray, intrinsics: np.ndarray, w
         with np.errstate(invalid="ignore"):
             seen |= np.isfinite(d)
             ok = np.abs(d - z) <= tol * z  # NaN compares False
-        agree += ok
-        if fuse:
+        i = np.flatnonzero(ok)
+        agree[i] += 1
+        if fuse and len(i):
             # View k's estimate: the point moved along k's ray to k's depth (camera centre c = -R^T t).
             c = -E[:3, :3].T @ E[:3, 3]
-            ratio = np.where(ok, d * zi, 0.0)
+            ratio = d[i] * zi[i]
             for a, q in enumerate((x, y, zw)):
-                sums[a] += np.where(ok, c[a] + (q - c[a]) * ratio, 0.0)
+                sums[a][i] += c[a] + (q[i] - c[a]) * ratio
     keep = agree >= min_agree if min_agree > 0 else (agree > 0) | ~seen
     if not fuse:
         return np.asarray(points, np.float32).reshape(-1, 3), keep, agree
