@@ -228,11 +228,11 @@ def _edge_terms(xa, xb, zinv, sig):
     r[:, 3:6] = MtF + tZ
     r[:, 6] = np.log(sE)
     r *= 1.0 / sig
-    return r, (phi, RF, tF, sE, RE, M, MtF, sZ)
+    return r, (phi, RF, tF, sE, RE, M, MtF)
 
 
 def _jacobians(terms, sig):
-    phi, RF, tF, sE, RE, M, MtF, _ = terms
+    phi, RF, tF, sE, RE, M, MtF = terms
     m = len(sE)
     isig = 1.0 / sig
     jri = _jr_inv(phi)
@@ -255,7 +255,7 @@ def _jt_times(terms, v, sig):
     """(Ja^T v, Jb^T v) per edge for v (m, 7), from `_edge_terms`'s terms without forming the Jacobians (a
     chord step needs only the gradient): the blocks of `_jacobians` applied as matrix-vector products and cross
     products (hat(a)^T u = -a x u; Jr^-1(phi)^T u = u - phi x u / 2 + c phi x (phi x u))."""
-    phi, RF, tF, sE, RE, M, MtF, _ = terms
+    phi, RF, tF, sE, RE, M, MtF = terms
     sr, st, ss = sig[0], sig[3], sig[6]
     vr, vt, vs = v[:, :3], v[:, 3:6], v[:, 6]
     jv = vr - 0.5 * _cross(phi, vr) + _jr_coef(phi)[:, None] * _cross(phi, _cross(phi, vr))  # Jr^-1^T v_r
@@ -273,47 +273,22 @@ def _jt_times(terms, v, sig):
 REFACTOR_STEP = 0.03  # largest update (radians / depth units / log scale) after which H is factored afresh
 
 
-def _normal(pat: BlockPattern, r, terms, w, sig):
-    """(factorisation of H, gradient) of sum_e w_e |r_e|^2 / 2 linearised, from `_edge_terms`' terms."""
-    c = _jtwj(terms, w, sig)
+def _normal(pat: BlockPattern, r, Ja, Jb, w):
+    """(factorisation of H, gradient) of sum_e w_e |r_e|^2 / 2 linearised."""
+    wJa, wJb = Ja * w[:, None, None], Jb * w[:, None, None]
+    m = len(w)
+    c = np.empty((4, m, 7, 7))
+    np.matmul(np.swapaxes(Ja, 1, 2), wJa, out=c[0])
+    np.matmul(np.swapaxes(Ja, 1, 2), wJb, out=c[1])
+    c[2] = np.swapaxes(c[1], 1, 2)
+    np.matmul(np.swapaxes(Jb, 1, 2), wJb, out=c[3])
     # a tiny ridge: H stays factorable along a gauge-free direction
-    lu = pat.factor(pat.blocks(c.reshape(-1, 49), ridge=1e-9), 7)
-    return lu, pat.gradient(*_jt_times(terms, r * w[:, None], sig)).reshape(-1)
+    return pat.factor(pat.blocks(c.reshape(4 * m, 49), ridge=1e-9), 7), _grad(pat, r, Ja, Jb, w)
 
 
-def _jtwj(terms, w, sig) -> np.ndarray:
-    """The blocks [Ja^T W Ja, Ja^T W Jb, Jb^T W Ja, Jb^T W Jb] (4, m, 7, 7) of `_jacobians`' Jacobians, written out
-    from the edge terms without forming them: most of their 3x3 blocks are zero or multiples of I, R_F or
-    hat(t_F) (M^T M = s_Z^2 I, M^T R_E = s_Z R_F), so a handful of 3x3 products replace three 7x7 ones per edge.
-    `sig` as GraphParams.sig gives it: one sigma per group (rotation, translation, scale)."""
-    phi, RF, tF, sE, _, _, _, sZ = terms
-    m = len(sE)
-    wr, wt, ws = w / sig[0] ** 2, w / sig[3] ** 2, w / sig[6] ** 2
-    jri = _jr_inv(phi)
-    G = np.swapaxes(jri, 1, 2) @ jri
-    RG = RF @ G
-    q, k = wt * sZ * sZ, wt * sE * sZ
-    Ht = _hat(tF)
-    tt = np.einsum("ni,ni->n", tF, tF)
-    c = np.zeros((4, m, 7, 7))
-    aa, ab, ba, bb = c
-    aa[:, :3, :3] = wr[:, None, None] * (RG @ np.swapaxes(RF, 1, 2)) - q[:, None, None] * (Ht @ Ht)
-    aa[:, :3, 3:6] = q[:, None, None] * Ht
-    aa[:, 3:6, :3] = -aa[:, :3, 3:6]
-    i3 = np.arange(3, 6)
-    aa[:, i3, i3] = q[:, None]
-    aa[:, 3:6, 6] = aa[:, 6, 3:6] = q[:, None] * tF
-    aa[:, 6, 6] = q * tt + ws
-    ab[:, :3, :3] = -wr[:, None, None] * RG
-    ab[:, :3, 3:6] = -k[:, None, None] * (Ht @ RF)
-    ab[:, 3:6, 3:6] = -k[:, None, None] * RF
-    ab[:, 6, 3:6] = -k[:, None] * np.einsum("ni,nij->nj", tF, RF)
-    ab[:, 6, 6] = -ws
-    ba[:] = np.swapaxes(ab, 1, 2)
-    bb[:, :3, :3] = wr[:, None, None] * G
-    bb[:, i3, i3] = (wt * sE * sE)[:, None]
-    bb[:, 6, 6] = ws
-    return c
+def _grad(pat: BlockPattern, r, Ja, Jb, w) -> np.ndarray:
+    wr = r * w[:, None]
+    return pat.gradient(np.einsum("nji,nj->ni", Ja, wr), np.einsum("nji,nj->ni", Jb, wr)).reshape(-1)
 
 
 @dataclass
@@ -473,7 +448,7 @@ def solve(ids: list[int], poses: list[Sim3], edges: list[Edge], params: GraphPar
         # Robust steps always refactor: their weights change every iteration (a wrong edge can keep them moving)
         if lu is None or step > REFACTOR_STEP or robust:
             try:
-                lu, grad = _normal(pat, r, terms, w, sig)
+                lu, grad = _normal(pat, r, *_jacobians(terms, sig), w)
             except (np.linalg.LinAlgError, RuntimeError):  # singular (non-finite input): keep what we have
                 break
             factorisations += 1

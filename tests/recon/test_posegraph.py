@@ -158,10 +158,9 @@ def _compose_rel(xa, xb):
 
 
 def test_normal_equations_equal_dense_jtwj():
-    """The solver's normal equations (edge blocks written out from the residuals' terms and summed in the block
-    pattern, gradient per node) are J^T W J and J^T W r of the dense analytic Jacobian, and its factorisation
-    solves them."""
-    from serve_app.recon.posegraph import _edge_terms, _inverse, _jacobians, _normal, _stack
+    """The solver's normal equations (edge blocks summed in the block pattern, gradient per node) are J^T W J
+    and J^T W r of the dense Jacobian, and its factorisation solves them."""
+    from serve_app.recon.posegraph import _grad, _normal
     from serve_app.recon.posegraph_linalg import BlockPattern
 
     rng = np.random.default_rng(6)
@@ -172,13 +171,9 @@ def test_normal_equations_equal_dense_jtwj():
     free = np.ones(n, bool)
     free[[0, 5]] = False  # held nodes have no columns
     pat = BlockPattern(ia, ib, free)
-    x = _stack([Sim3(np.exp(rng.normal() * 0.3), so3_exp(rng.normal(size=3)), rng.normal(size=3)) for _ in range(n)])
-    z = _stack([Sim3(np.exp(rng.normal() * 0.3), so3_exp(rng.normal(size=3)), rng.normal(size=3)) for _ in range(m)])
-    sig = GraphParams(sigma_rot_deg=0.7, sigma_trans=0.03, sigma_scale=0.05).sig
-    r, terms = _edge_terms(tuple(v[ia] for v in x), tuple(v[ib] for v in x), _inverse(z), sig)
-    Ja, Jb = _jacobians(terms, sig)
-    w = rng.uniform(size=m)
-    lu, g = _normal(pat, r, terms, w, sig)
+    r, Ja, Jb, w = rng.normal(size=(m, 7)), rng.normal(size=(m, 7, 7)), rng.normal(size=(m, 7, 7)), rng.uniform(size=m)
+    lu, g = _normal(pat, r, Ja, Jb, w)
+    assert np.allclose(_grad(pat, r, Ja, Jb, w), g)
     J = np.zeros((7 * m, 7 * n))  # dense Jacobian in node order
     for e in range(m):
         J[7 * e:7 * e + 7, 7 * ia[e]:7 * ia[e] + 7] += Ja[e]
@@ -191,29 +186,8 @@ def test_normal_equations_equal_dense_jtwj():
     Hd[np.ix_(order, order)] = J.T @ (W[:, None] * J) + 1e-9 * np.eye(len(order))
     gd = np.zeros(len(order))
     gd[order] = J.T @ (W * r.reshape(-1))
-    assert np.allclose(g, gd, rtol=1e-10, atol=1e-10 * np.abs(gd).max())
+    assert np.allclose(g, gd)
     assert np.allclose(lu.solve(g), np.linalg.solve(Hd, gd), rtol=1e-6, atol=1e-9)
-
-
-def test_normal_blocks_written_out_equal_the_jacobian_products():
-    """`_jtwj` (the normal matrix's per-edge blocks from the residuals' terms) equals Ja^T W Ja, Ja^T W Jb,
-    Jb^T W Ja, Jb^T W Jb of the analytic Jacobians, for large rotations and translations and mixed weights."""
-    from serve_app.recon.posegraph import _edge_terms, _inverse, _jacobians, _jtwj, _stack
-
-    rng = np.random.default_rng(11)
-    m = 200
-    xa = _stack([Sim3(np.exp(rng.normal()), so3_exp(rng.normal(size=3)), rng.normal(size=3) * 5) for _ in range(m)])
-    xb = _stack([Sim3(np.exp(rng.normal()), so3_exp(rng.normal(size=3)), rng.normal(size=3) * 5) for _ in range(m)])
-    z = _stack([Sim3(np.exp(rng.normal()), so3_exp(rng.normal(size=3)), rng.normal(size=3)) for _ in range(m)])
-    sig = GraphParams(sigma_rot_deg=0.3, sigma_trans=0.05, sigma_scale=0.01).sig
-    _, terms = _edge_terms(xa, xb, _inverse(z), sig)
-    Ja, Jb = _jacobians(terms, sig)
-    W = rng.uniform(0.01, 3.0, m)[:, None, None]
-    ref = [np.swapaxes(Ja, 1, 2) @ (W * Ja), np.swapaxes(Ja, 1, 2) @ (W * Jb), np.swapaxes(Jb, 1, 2) @ (W * Ja),
-           np.swapaxes(Jb, 1, 2) @ (W * Jb)]
-    c = _jtwj(terms, W[:, 0, 0], sig)
-    for k in range(4):
-        assert np.allclose(c[k], ref[k], rtol=1e-12, atol=1e-12 * np.abs(ref[k]).max())
 
 
 @pytest.mark.slow
