@@ -454,7 +454,16 @@ class StreamReconstructor:
         needed |= set(kfs[-k:])
         if self.last_planned and self._reach_frames():  # keyframes a later window can still reach back to
             edge = self.last_planned[-1].index - self._reach_frames()
-            needed |= {i for i in kfs if i > edge} | set([i for i in kfs if i <= edge][-k:])
+            # The next windows' edges lie a window's new frames apart: edge, edge + step, ... A keyframe is only
+            # ever chosen as one of the newest k-1 behind one of them, so those of each step are enough (the
+            # snapshot carries them; keeping every keyframe in reach made it 5x larger when most frames are
+            # keyframes).
+            step = max(self.params.window_size - k, 1)
+            buckets: dict[int, list[int]] = {}
+            for i in kfs:
+                buckets.setdefault(max(-(-(i - edge) // step), 0), []).append(i)
+            needed |= set(buckets.pop(0, [])[-k:])
+            needed |= {i for b in buckets.values() for i in b[-max(k - 1, 1):]}
         if self.world:
             needed |= set(sorted(self.world)[-k:])  # re-anchoring after a failure
         for idx in [i for i in self.world if i not in needed]:
