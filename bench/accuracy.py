@@ -22,7 +22,7 @@ session parameter); the trajectory and map are the session's exports (trajectory
 what a user gets, corrections included. In-process mode drives the same pure pipeline (OracleModel +
 StreamReconstructor, windows planned PLAN_AHEAD ahead of integration) window by window and, with
 global_consistency on, the session worker's off-path graph step after each placed window (graph_prepare ->
-solve -> graph_apply -> maintain; loop windows through the same oracle -> integrate_loop; see `graph_step`); it
+solve -> graph_apply -> maintain; loop windows through the same oracle -> integrate_loop; see serve_app/recon/graph_step.py); it
 skips serving, coding and the session store, so it is quick but only as good as its mirror of the worker: which
 context frames a window gets depends on how far planning leads integration (timing, in the server), the oracle's
 error draws on the window's frames, and in the server the graph step runs concurrently with the next windows
@@ -166,41 +166,6 @@ def apply_corrections(poses: dict[int, np.ndarray], frame_window: dict[int, int]
 
 
 # --- in-process mode ---------------------------------------------------------------------------------------------
-def graph_step(rec, oracle, corr: dict[int, Sim3], stats: dict, batch_loops: bool = True) -> None:
-    """The session worker's `_graph_step` (serve_app/deployments/session_worker.py) in its order, synchronously:
-    graph_prepare -> solve -> graph_apply (the correction merged like a client does: a dict update of absolute
-    per-window transforms) -> maintain when due; then every loop candidate due through the same model, up to
-    loop_batch per call -> integrate_loop; if any was accepted, again (the next solve is global: one per batch of loops).
-    `batch_loops=False` is the order before (--per-loop-solve): one loop window, a global solve after each
-    accepted loop, stop after a rejected one. CPU seconds of the solves and the loop windows go to `stats`."""
-    while True:
-        job = rec.graph_prepare()
-        if job is not None:
-            stats["global_solves"] += job.kind == "global"
-            c0 = time.process_time()
-            poses = rec.consistency.run_job(job, rec.graph_params)
-            stats["solve_cpu_s"] += time.process_time() - c0
-            c = rec.graph_apply(job, poses)
-            if c is not None:
-                stats["corrections"] += 1
-                corr.update(c.transforms)
-            if rec.maintenance_due:
-                rec.maintain()
-        accepted = 0  # every loop candidate due verified (loop_batch per model call), then one global solve
-        while plans := (rec.next_loops() if batch_loops else rec.next_loops(1)):
-            c0 = time.process_time()
-            preds = oracle.forward_windows([p.request(tag=f"bench:loop{-p.window}") for p in plans])
-            c1 = time.process_time()
-            ok = sum(bool(rec.integrate_loop(p, res).get("accepted")) for p, res in zip(plans, preds))
-            stats["loop_forward_cpu_s"] += c1 - c0
-            stats["loop_verify_cpu_s"] += time.process_time() - c1
-            accepted += ok
-            if not batch_loops:
-                break
-        if not accepted:
-            return
-
-
 def run_in_process(seq, oracle, params: SessionParams, depth: int, batch_loops: bool = True) -> Run:
     """Stream seq through StreamReconstructor + the oracle window by window, `depth` windows planned ahead; with
     global_consistency on, the worker's off-path graph step after each placed window (in the server it runs
@@ -208,6 +173,7 @@ def run_in_process(seq, oracle, params: SessionParams, depth: int, batch_loops: 
     the latest graph). Poses and points are kept as first emitted and the final corrections applied to them, as
     a client does (serve_app/recon/corrections.py)."""
     from serve_app.model.preprocess import resize_for_model
+    from serve_app.recon.graph_step import GraphStepLog, run_graph_step
     from serve_app.recon.reconstruction import FrameInput, StreamReconstructor
 
     rec = StreamReconstructor(params)
@@ -216,8 +182,7 @@ def run_in_process(seq, oracle, params: SessionParams, depth: int, batch_loops: 
     points: dict[int, np.ndarray] = {}
     corr: dict[int, Sim3] = {}
     lat, geo, geo_cpu, off, off_cpu, windows = [], [], [], [], [], []
-    stats = {"corrections": 0, "global_solves": 0, "solve_cpu_s": 0.0, "loop_forward_cpu_s": 0.0,
-             "loop_verify_cpu_s": 0.0}
+    steps = GraphStepLog()
     failed = 0
     queue: list = []
     t_start = time.perf_counter()
@@ -243,7 +208,10 @@ def run_in_process(seq, oracle, params: SessionParams, depth: int, batch_loops: 
             rec.maintain()
         if out.ok and rec.consistency is not None:
             t1, c1 = time.perf_counter(), time.process_time()
-            graph_step(rec, oracle, corr, stats, batch_loops)
+            seen = len(steps.corrections)
+            run_graph_step(rec, oracle.forward_windows, steps, batch_loops, tag="bench")
+            for c in steps.corrections[seen:]:  # merged like a client does: absolute per-window transforms
+                corr.update(c.transforms)
             off.append((time.perf_counter() - t1) * 1000.0)
             off_cpu.append((time.process_time() - c1) * 1000.0)
 
@@ -260,11 +228,12 @@ def run_in_process(seq, oracle, params: SessionParams, depth: int, batch_loops: 
         integrate(plan)
     final_poses, map_pts = apply_corrections(poses, frame_window, points, corr)
     cons = rec.consistency
-    extra = {"windows": window_frames(windows), "corrections": stats["corrections"],
-             "global_solves": stats["global_solves"],
+    extra = {"windows": window_frames(windows), "corrections": len(steps.corrections),
+             "global_solves": steps.kinds.count("global"),
              "offpath_cpu_ms": float(np.median(off_cpu)) if off_cpu else float("nan"),
              "geometry_cpu_ms": float(np.median(geo_cpu)) if geo_cpu else float("nan"),
-             **{k: v for k, v in stats.items() if k.endswith("_cpu_s")},
+             "solve_cpu_s": steps.solve_cpu_s, "loop_forward_cpu_s": steps.loop_forward_cpu_s,
+             "loop_verify_cpu_s": steps.loop_verify_cpu_s,
              "loops_rejected": cons.loops_rejected if cons is not None else None,
              "offpath_ms": float(np.median(off)) if off else float("nan"),
              "offpath_total_s": sum(off) / 1000.0}

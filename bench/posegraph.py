@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -185,6 +186,15 @@ def main() -> None:
         print(f"{name:22s} cold {cold_w:6.1f} ms wall / {cold_c:6.1f} ms CPU   warm {warm_w:6.1f} / {warm_c:6.1f}   "
               f"rot median {rot:.3f} deg  position RMSE {pos:.4f}{diff}{its}")
     warm_init = warm_inits[NEW]
+    # The same cold solve back to back (caches warm, no other solver between): the round-robin figure above is
+    # the one to compare; this one shows how much of it is memory traffic, and the system CPU (page faults) in it
+    # (bench/README.md, round h16cold).
+    t0, f0 = os.times(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(a.repeat):
+        solvers[NEW](init)
+    t1, f1 = os.times(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    print(f"{NEW:22s} cold, {a.repeat} back to back: user {(t1.user - t0.user) / a.repeat * 1000:.1f} ms, system "
+          f"{(t1.system - t0.system) / a.repeat * 1000:.1f} ms, {(f1 - f0) / a.repeat:.0f} minor page faults per solve")
     # The linear algebra alone: one factorisation of the cold problem's first normal matrix by each method.
     free_nodes = np.ones(a.nodes, bool)
     free_nodes[0] = False

@@ -85,8 +85,15 @@ class SessionParams(_Strict):
                                          "session over can still verify loops to them; spread over the session "
                                          "(thinned by halving when full); 0 = none")
     multiview_depth_tol: float = Field(0.1, ge=0.0, le=1.0, description="with global_consistency: a map point "
-                                       "is dropped when both neighbouring views of its window see it at a depth "
-                                       "off by more than this fraction (0 = off)")
+                                       "agrees with another view of its window that sees it at a depth within "
+                                       "this fraction (0 = no multi-view check or fusion; serve_app/recon/fusion.py)")
+    multiview_views: int = Field(1, ge=1, le=31, description="multi-view check: the views of the window at most "
+                                 "this many places before and after a map point's view are compared with it")
+    multiview_min_agree: int = Field(1, ge=0, le=62, description="multi-view check: a map point needs this many "
+                                     "agreeing views (0: only a point that some view sees and none agrees with "
+                                     "is dropped)")
+    multiview_fuse: bool = Field(True, description="multi-view check: a kept map point is the mean of its own and "
+                                 "the agreeing views' estimates (their depth along their ray through it)")
     # Multi-view depth refinement (serve_app/recon/depth_refine.py), before a window is placed.
     depth_refine: Literal["off", "field", "field+poses"] = Field(
         "field", description="fit each view's low-order depth field (tilt + bowl) and optionally small per-view pose "

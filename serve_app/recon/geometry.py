@@ -279,28 +279,6 @@ class Sim3:
         return {"s": self.s, "R": self.R.tolist(), "t": self.t.tolist()}
 
 
-def depth_consistent(points: np.ndarray, depth: np.ndarray, K: np.ndarray, w2c: np.ndarray, tol: float
-                     ) -> np.ndarray:
-    """(k,) bool: each point (in the view's gauge) agrees, within `tol` relative depth, with the z-depth map of a
-    view (H, W) that sees it; points that view does not see (outside, behind, invalid depth) count as agreeing."""
-    p = np.asarray(points, np.float64)
-    w2c = np.asarray(w2c, np.float64)
-    cam = p @ w2c[:3, :3].T + w2c[:3, 3]
-    z = cam[:, 2]
-    K = np.asarray(K, np.float64)
-    h, w = depth.shape
-    with np.errstate(divide="ignore", invalid="ignore"):
-        u = np.rint((K[0, 0] * cam[:, 0] + K[0, 1] * cam[:, 1]) / z + K[0, 2])
-        v = np.rint(K[1, 1] * cam[:, 1] / z + K[1, 2])
-    seen = (z > 0) & (u >= 0) & (u < w) & (v >= 0) & (v < h)
-    ok = np.ones(len(p), bool)
-    i = np.flatnonzero(seen)
-    d = np.asarray(depth).reshape(-1)[v[i].astype(np.int64) * w + u[i].astype(np.int64)]
-    valid = np.isfinite(d) & (d > 0)
-    ok[i[valid]] = np.abs(d[valid] - z[i[valid]]) <= tol * z[i[valid]]
-    return ok
-
-
 def rotation_angle_deg(R: np.ndarray) -> np.ndarray:
     """Angle (degrees) of each rotation in (..., 3, 3); atan2 of sine and cosine, accurate near 0 (arccos of the
     trace is not: float32 rounding alone reads as 0.01 degrees)."""

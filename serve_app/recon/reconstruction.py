@@ -63,10 +63,10 @@ from serve_app.recon.alignment import robust_scale_translation, robust_sim3
 from serve_app.recon.consistency import Consistency, SolveJob, scale_sim
 from serve_app.recon.corrections import Correction
 from serve_app.recon.depth_refine import refine_window
+from serve_app.recon.fusion import fuse_points
 from serve_app.recon.geometry import (
     Sim3,
     confidence_mask,
-    depth_consistent,
     finite_rows,
     invert_pose,
     median,
@@ -326,9 +326,11 @@ class StreamReconstructor:
                 self.keyframes.append(f.index)
                 self.num_keyframes += 1
                 idx = sample_indices(confident, p.max_points_per_frame, self.rng)
+                local = unproject_pixels(pred.depth[j], pred.intrinsics[j], c2w_win[j], idx)
                 if cons is not None and p.multiview_depth_tol > 0:
-                    idx = idx[self._multiview_ok(pred, c2w_win, j, idx)]
-                all_pts.append(sim.apply(unproject_pixels(pred.depth[j], pred.intrinsics[j], c2w_win[j], idx)))
+                    local, ok = self._multiview(pred, j, local)
+                    idx, local = idx[ok], local[ok]
+                all_pts.append(sim.apply(local))
                 all_cols.append(f.image.reshape(-1, 3)[idx])
                 owner.append(np.full(len(idx), len(frames)))
             self.world[f.index] = WorldFrame(f.index, f.frame_id, f.image, pix, world_pts,
@@ -372,17 +374,14 @@ class StreamReconstructor:
         extr = invert_pose(res.c2w)[:, :3, :].astype(np.float32)
         return replace(pred, depth=res.depth, extrinsics=extr), res.c2w, info
 
-    def _multiview_ok(self, pred: WindowPrediction, c2w_win, j: int, idx: np.ndarray) -> np.ndarray:
-        """Map points of view j that its neighbours in the window do not contradict (global consistency): a
-        confident outlier (depth off by tens of percent, as confident as its surroundings) disagrees with the
-        other views' depth where they see it; agreeing with one neighbour, or seen by none, keeps a point."""
-        pts = unproject_pixels(pred.depth[j], pred.intrinsics[j], c2w_win[j], idx)
-        others = [k for k in (j - 1, j + 1) if 0 <= k < pred.num_views]
-        keep = np.zeros(len(idx), bool)
-        for k in others:
-            keep |= depth_consistent(pts, pred.depth[k], pred.intrinsics[k], pred.extrinsics[k],
-                                     self.params.multiview_depth_tol)
-        return keep if others else np.ones(len(idx), bool)
+    def _multiview(self, pred: WindowPrediction, j: int, pts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """View j's map points (window gauge) checked against, and fused with, the views of its window at most
+        `multiview_views` away (serve_app/recon/fusion.py): (points, keep)."""
+        p = self.params
+        others = [k for k in range(j - p.multiview_views, j + p.multiview_views + 1) if k != j and 0 <= k < pred.num_views]
+        out, keep, _ = fuse_points(pts, pred.depth, pred.intrinsics, pred.extrinsics, others, p.multiview_depth_tol,
+                                   fuse=p.multiview_fuse, min_agree=p.multiview_min_agree)
+        return out, keep
 
     def _new_map_points(self, all_pts, all_cols, owner, n_frames) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One point per voxel not yet in the map (window mean position and colour), the occupancy updated,
@@ -455,7 +454,16 @@ class StreamReconstructor:
         needed |= set(kfs[-k:])
         if self.last_planned and self._reach_frames():  # keyframes a later window can still reach back to
             edge = self.last_planned[-1].index - self._reach_frames()
-            needed |= {i for i in kfs if i > edge} | set([i for i in kfs if i <= edge][-k:])
+            # The next windows' edges lie a window's new frames apart: edge, edge + step, ... A keyframe is only
+            # ever chosen as one of the newest k-1 behind one of them, so those of each step are enough (the
+            # snapshot carries them; keeping every keyframe in reach made it 5x larger when most frames are
+            # keyframes).
+            step = max(self.params.window_size - k, 1)
+            buckets: dict[int, list[int]] = {}
+            for i in kfs:
+                buckets.setdefault(max(-(-(i - edge) // step), 0), []).append(i)
+            needed |= set(buckets.pop(0, [])[-k:])
+            needed |= {i for b in buckets.values() for i in b[-max(k - 1, 1):]}
         if self.world:
             needed |= set(sorted(self.world)[-k:])  # re-anchoring after a failure
         for idx in [i for i in self.world if i not in needed]:

@@ -315,6 +315,28 @@ def test_the_keyframe_context_reaches_back_the_configured_windows(orbit, reach):
         assert max(late) < p.window_size - p.overlap
 
 
+@pytest.mark.parametrize("window_size,overlap", [(5, 2), (6, 3)])
+def test_only_the_keyframes_a_later_window_can_reach_are_kept_and_the_choice_is_unchanged(orbit, window_size,
+                                                                                          overlap):
+    """Every frame a keyframe (the worst case for memory and the snapshot): the context is still the newest
+    overlap-1 keyframes at least the reach behind the newest context view, as if every keyframe were kept, while
+    the world keeps about one keyframe per step of new frames in reach, not all of them."""
+    p = params(window_size=window_size, overlap=overlap, context_reach_windows=2, keyframe_translation=0.0,
+               keyframe_rotation_deg=0.0)
+    reach = 2 * (window_size - overlap)
+    sizes = []
+    _, outs = stream(orbit, p, OracleModel(ORBIT, seed=6), each=lambda n, r: sizes.append(len(r.world)))
+    assert all(o.ok for o in outs) and all(f["keyframe"] for f in results(outs))
+    last = None
+    for o in outs:
+        ids = o.window["context_frame_ids"]
+        if last is not None and last - reach >= overlap - 2:  # enough keyframes behind the reach
+            assert ids == list(range(last - reach - overlap + 2, last - reach + 1)) + [last], (ids, last)
+        last = o.window["frame_ids"][-1]
+    # the newest k, k behind the edge, k-1 per step in reach (2 steps); every keyframe in reach: k + reach + k
+    assert max(sizes) <= 2 * overlap + 2 * (overlap - 1) and max(sizes) < 2 * overlap + reach
+
+
 # --- memory -------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("max_points,frames", [(2_000_000, 100), (3000, 45)])

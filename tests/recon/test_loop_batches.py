@@ -10,7 +10,7 @@ import pytest
 from serve_app.config import SessionParams
 from serve_app.evaluation.synthetic import SceneSpec
 from serve_app.model.oracle import OracleModel
-from serve_app.recon.consistency import Consistency
+from serve_app.recon.graph_step import GraphStepLog, run_graph_step
 from serve_app.recon.loop_snapshot import LoopCarry
 from serve_app.recon.loops import Keyframe
 from serve_app.recon.reconstruction import LOOP_RETRIES, FrameInput, StreamReconstructor
@@ -105,11 +105,11 @@ def test_the_carried_set_is_bounded_spread_over_the_session_and_sent_once():
 
 # --- with the oracle: verification after a takeover -----------------------------------------------------------
 def run(oracle, rec: StreamReconstructor, frames, held=None):
-    """The session worker's order of steps (tests/recon/test_loops.py drive), with every snapshot committed to a
+    """The session worker's order of steps (serve_app/recon/graph_step.py), with every snapshot committed to a
     stand-in session store (stream_state.merge, as SessionStore.commit_window does). Returns (held snapshot,
     loop reports, the largest loop batch)."""
     seq = oracle.seq
-    reports, largest = [], 0
+    steps = GraphStepLog()
     last = frames[-1]
     for i in frames:
         rec.add_frame(FrameInput(index=i, frame_id=i, image=seq.images[i], original_size=(0, 0)))
@@ -117,22 +117,10 @@ def run(oracle, rec: StreamReconstructor, frames, held=None):
             out = rec.integrate(plan, oracle.forward_windows([plan.request()])[0])
             assert out.ok, out.reason
             held = stream_state.merge(held, rec.snapshot())
-            while True:
-                job = rec.graph_prepare()
-                if job is not None:
-                    rec.graph_apply(job, Consistency.run_job(job, rec.graph_params))
-                accepted = 0
-                while plans := rec.next_loops():
-                    largest = max(largest, len(plans))
-                    preds = oracle.forward_windows([p.request() for p in plans])
-                    for p, pred in zip(plans, preds):
-                        reports.append(rec.integrate_loop(p, pred))
-                        accepted += reports[-1]["accepted"]
-                if not accepted:
-                    break
             if rec.maintenance_due:
                 rec.maintain()
-    return held, reports, largest
+            run_graph_step(rec, oracle.forward_windows, steps)
+    return held, steps.reports, max(steps.loop_batches, default=0)
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from serve_app.prediction import WindowRequest
 from serve_app.recon.alignment import trajectory_length, umeyama_sim3
 from serve_app.recon.consistency import Consistency
 from serve_app.recon.geometry import Sim3, invert_pose, unproject_pixels
+from serve_app.recon.graph_step import GraphStepLog, run_graph_step
 from serve_app.recon.loops import Keyframe, LoopDetector, depth_scale, verify_loop
 from serve_app.recon.reconstruction import FrameInput, StreamReconstructor, voxel_centres, voxel_keys
 
@@ -42,9 +43,8 @@ def drive(oracle: OracleModel, params: SessionParams):
     seq = oracle.seq
     rec = StreamReconstructor(params)
     n = len(seq.images)
-    emitted, points, corr, reports, corrections = {}, [], {}, [], []
-    kinds = drive.kinds = []  # the solve jobs' kinds, in order
-    drive.batches = []  # loop windows per model call
+    emitted, points, corr = {}, [], {}
+    steps = drive.steps = GraphStepLog()  # solve kinds in order, loop windows per model call, loop reports
     for i in range(n):
         rec.add_frame(FrameInput(index=i, frame_id=i, image=seq.images[i], original_size=(0, 0)))
         while (plan := rec.next_window(force=i == n - 1)) is not None:
@@ -53,27 +53,15 @@ def drive(oracle: OracleModel, params: SessionParams):
             for fr in out.frames:
                 emitted[fr["index"]] = (plan.window, np.array(fr["pose"]))
             points.append((plan.window, out.points))
+            if rec.maintenance_due:  # the worker maintains after each window's results are out
+                rec.maintain()
             if rec.consistency is None:
                 continue
-            while True:
-                job = rec.graph_prepare()
-                if job is not None:
-                    kinds.append(job.kind)
-                    c = rec.graph_apply(job, Consistency.run_job(job, rec.graph_params))
-                    if c is not None:
-                        corrections.append(c)
-                        corr.update(c.transforms)
-                accepted = 0  # the worker verifies every candidate due (loop_batch per model call), then
-                while plans := rec.next_loops():  # solves once for those accepted
-                    drive.batches.append(len(plans))
-                    preds = oracle.forward_windows([lp.request() for lp in plans])
-                    for lp, pred in reversed(list(zip(plans, preds))):  # results may arrive in any order
-                        reports.append(rec.integrate_loop(lp, pred))
-                        accepted += reports[-1]["accepted"]
-                if not accepted:
-                    break
-            if rec.maintenance_due:
-                rec.maintain()
+            seen = len(steps.corrections)
+            run_graph_step(rec, oracle.forward_windows, steps)
+            for c in steps.corrections[seen:]:
+                corr.update(c.transforms)
+    reports, corrections = steps.reports, steps.corrections
     est = np.array([corr.get(emitted[i][0], Sim3.identity()).transform_c2w(emitted[i][1]) for i in range(n)],
                    np.float64)
     gt = seq.c2w.astype(np.float64)
@@ -114,8 +102,8 @@ def test_a_closed_loop_under_realistic_errors_is_found_verified_and_removes_the_
     assert cons.loops_accepted >= 1 and cons.version == len(corrections)
     # Loops are verified in batches, one global solve per batch (not per loop), and the last correction carries
     # the final count (loops verified after the last window reach clients only there).
-    assert 1 <= drive.kinds.count("global") < len(accepted), (drive.kinds.count("global"), len(accepted))
-    assert max(drive.batches) >= 2  # several candidates due at once went to the model in one call
+    assert 1 <= drive.steps.kinds.count("global") < len(accepted), (drive.steps.kinds.count("global"), len(accepted))
+    assert max(drive.steps.loop_batches) >= 2  # several candidates due at once went to the model in one call
     assert corrections[-1].loops_accepted == cons.loops_accepted
 
 
