@@ -31,41 +31,23 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 
+from serve_app.recon import posegraph_kernels as K
 from serve_app.recon.geometry import Sim3
 from serve_app.recon.posegraph_linalg import BlockPattern
 
 # --- batched Sim(3) helpers: (s (n,), R (n, 3, 3), t (n, 3)) ------------------------------------------------
 
 
-def _hat(w: np.ndarray) -> np.ndarray:
-    K = np.zeros(w.shape[:-1] + (3, 3))
-    K[..., 0, 1], K[..., 0, 2] = -w[..., 2], w[..., 1]
-    K[..., 1, 0], K[..., 1, 2] = w[..., 2], -w[..., 0]
-    K[..., 2, 0], K[..., 2, 1] = -w[..., 1], w[..., 0]
-    return K
-
-
 def so3_exp(w: np.ndarray) -> np.ndarray:
     """Rotation vectors (..., 3) -> rotation matrices (..., 3, 3) (Rodrigues)."""
     w = np.asarray(w, np.float64)
-    th = np.linalg.norm(w, axis=-1)[..., None, None]
-    K = _hat(w)
-    small = th < 1e-8
-    ths = np.where(small, 1.0, th)
-    a = np.where(small, 1.0, np.sin(ths) / ths)
-    b = np.where(small, 0.5, (1.0 - np.cos(ths)) / ths ** 2)
-    return np.eye(3) + a * K + b * (K @ K)
+    return K.so3_exp_rows(np.ascontiguousarray(w.reshape(-1, 3))).reshape(w.shape[:-1] + (3, 3))
 
 
 def so3_log(R: np.ndarray) -> np.ndarray:
     """Rotation matrices (..., 3, 3) -> rotation vectors (..., 3) (angles below ~179.9 degrees)."""
     R = np.asarray(R, np.float64)
-    c = np.clip((np.trace(R, axis1=-2, axis2=-1) - 1.0) / 2.0, -1.0, 1.0)
-    th = np.arccos(c)
-    v = np.stack([R[..., 2, 1] - R[..., 1, 2], R[..., 0, 2] - R[..., 2, 0], R[..., 1, 0] - R[..., 0, 1]], -1)
-    s = np.sin(th)
-    f = np.where(th < 1e-6, 0.5, th / (2.0 * np.where(th < 1e-6, 1.0, s)))
-    return v * f[..., None]
+    return K.so3_log_rows(np.ascontiguousarray(R.reshape(-1, 3, 3))).reshape(R.shape[:-2] + (3,))
 
 
 def _compose(a, b):
@@ -99,12 +81,12 @@ def _sim3_of(s: float, R: np.ndarray, t: np.ndarray) -> Sim3:
 
 def _retract(x, d):
     """x ∘ Exp(d) for d (n, 7) = (rotation vector, translation, log scale)."""
-    s, R, t = x
-    return s * np.exp(d[:, 6]), R @ so3_exp(d[:, :3]), s[:, None] * np.einsum("nij,nj->ni", R, d[:, 3:6]) + t
+    return K.retract(*x, np.ascontiguousarray(d, np.float64))
 
 
 def _residuals(xa, xb, zinv, sig) -> np.ndarray:
-    """(m, 7) whitened residuals of E = Z^-1 ∘ A^-1 ∘ B."""
+    """(m, 7) whitened residuals of E = Z^-1 ∘ A^-1 ∘ B, composed as Sim(3)s (the loop gate's one edge, and the
+    tests' reference for `_edge_terms`)."""
     s, R, t = _compose(zinv, _compose(_inverse(xa), xb))
     return np.concatenate([so3_log(R), t, np.log(s)[:, None]], 1) / sig
 
@@ -188,107 +170,46 @@ class PoseGraph:
                      fixed=ids[0] if fixed is None else fixed)
 
 
-def _jr_coef(phi: np.ndarray) -> np.ndarray:
-    """c(|phi|) of Jr^-1(phi) = I + K / 2 + c K^2, K = hat(phi)."""
-    th = np.linalg.norm(phi, axis=-1)
-    small = th < 1e-5
-    ths = np.where(small, 1.0, th)
-    return np.where(small, 1.0 / 12.0, 1.0 / ths ** 2 - (1.0 + np.cos(ths)) / (2.0 * ths * np.sin(ths)))
-
-
-def _jr_inv(phi: np.ndarray) -> np.ndarray:
-    """Inverse right Jacobian of SO(3) at rotation vectors (m, 3): Log(R Exp(w)) ≈ phi + Jr^-1(phi) w."""
-    K = _hat(phi)
-    return np.eye(3) + 0.5 * K + _jr_coef(phi)[:, None, None] * (K @ K)
-
-
 def _residuals_jac(xa, xb, zinv, sig):
-    """Whitened residuals (m, 7) of E = Z^-1 ∘ A^-1 ∘ B and their analytic Jacobians (m, 7, 7) with respect to
-    the `_retract` increments of A and B (columns: rotation vector, translation, log scale). Written out (F and
-    E composed in place, rows whitened as they are filled): a solve evaluates it 2-3 times for all edges."""
-    r, terms = _edge_terms(xa, xb, zinv, sig)
-    return (r, *_jacobians(terms, sig))
+    """Whitened residuals (m, 7) of E = Z^-1 ∘ A^-1 ∘ B for per-edge states xa, xb and their analytic Jacobians
+    (m, 7, 7) with respect to the `_retract` increments of A and B (columns: rotation vector, translation, log
+    scale). For tests and benches: the solver forms each edge's Jacobians only inside `posegraph_kernels`."""
+    m = len(xa[0])
+    x = tuple(np.ascontiguousarray(np.concatenate([u, v]), np.float64) for u, v in zip(xa, xb))
+    idx = np.arange(2 * m)
+    r, terms = _edge_terms(x, idx[:m], idx[m:], zinv, sig)
+    return (r, *K.jacobians(terms, 1.0 / sig))
 
 
-def _edge_terms(xa, xb, zinv, sig):
-    """The residuals of `_residuals_jac` and what its Jacobians reuse: a solve's cost checks take only these,
-    and the first iteration adds the Jacobians without composing the edges again."""
-    sa, Ra, ta = xa
-    sb, Rb, tb = xb
-    sZ, RZ, tZ = zinv
-    RaT = np.swapaxes(Ra, 1, 2)
-    RF = RaT @ Rb  # F = A^-1 ∘ B
-    tF = np.einsum("nij,nj->ni", RaT, tb - ta) / sa[:, None]
-    sE, RE = sZ * sb / sa, RZ @ RF  # E = Z^-1 ∘ F
-    M = sZ[:, None, None] * RZ
-    MtF = np.einsum("nij,nj->ni", M, tF)
-    phi = so3_log(RE)
-    r = np.empty((len(sE), 7))
-    r[:, :3] = phi
-    r[:, 3:6] = MtF + tZ
-    r[:, 6] = np.log(sE)
-    r *= 1.0 / sig
-    return r, (phi, RF, tF, sE, RE, M, MtF)
-
-
-def _jacobians(terms, sig):
-    phi, RF, tF, sE, RE, M, MtF = terms
-    m = len(sE)
-    isig = 1.0 / sig
-    jri = _jr_inv(phi)
-    ir, it, isc = isig[:3, None], isig[3:6, None], isig[6]
-    Jb = np.zeros((m, 7, 7))
-    Jb[:, :3, :3] = jri * ir  # E ∘ Exp(d): rotation Log(R_E Exp(w)), translation s_E R_E u, log scale + lambda
-    Jb[:, 3:6, 3:6] = sE[:, None, None] * RE * it
-    Jb[:, 6, 6] = isc
-    # Z^-1 ∘ Exp(d)^-1 ∘ F: rotation R_E Exp(-R_F^T w); translation s_Zi R_Zi (t_F x w - u - lambda t_F)
-    Ja = np.zeros((m, 7, 7))
-    Ja[:, :3, :3] = (jri @ np.swapaxes(RF, 1, 2)) * -ir
-    Ja[:, 3:6, :3] = (M @ _hat(tF)) * it
-    Ja[:, 3:6, 3:6] = M * -it
-    Ja[:, 3:6, 6] = MtF * -isig[3:6]
-    Ja[:, 6, 6] = -isc
-    return Ja, Jb
+def _edge_terms(x, ia, ib, zinv, sig, terms: bool = True):
+    """The whitened residuals (m, 7) of the edges (ia, ib) at state x, and (if `terms`) what their Jacobians
+    reuse: a solve's cost checks take only the residuals, and the first iteration adds the Jacobians without
+    composing the edges again."""
+    m = len(ia)
+    r, T = np.empty((m, 7)), np.empty((m if terms else 0, K.NT))
+    K.edge_terms(*x, ia, ib, *zinv, 1.0 / sig, r, T)
+    return r, T
 
 
 def _jt_times(terms, v, sig):
-    """(Ja^T v, Jb^T v) per edge for v (m, 7), from `_edge_terms`'s terms without forming the Jacobians (a
-    chord step needs only the gradient): the blocks of `_jacobians` applied as matrix-vector products and cross
-    products (hat(a)^T u = -a x u; Jr^-1(phi)^T u = u - phi x u / 2 + c phi x (phi x u))."""
-    phi, RF, tF, sE, RE, M, MtF = terms
-    sr, st, ss = sig[0], sig[3], sig[6]
-    vr, vt, vs = v[:, :3], v[:, 3:6], v[:, 6]
-    jv = vr - 0.5 * _cross(phi, vr) + _jr_coef(phi)[:, None] * _cross(phi, _cross(phi, vr))  # Jr^-1^T v_r
-    Mv = np.einsum("nji,nj->ni", M, vt)  # M^T v_t
-    ga, gb = np.empty_like(v), np.empty_like(v)
-    gb[:, :3] = jv / sr
-    gb[:, 3:6] = np.einsum("nji,nj->ni", RE, vt) * (sE / st)[:, None]
-    gb[:, 6] = vs / ss
-    ga[:, :3] = -np.einsum("nij,nj->ni", RF, jv) / sr - _cross(tF, Mv) / st
-    ga[:, 3:6] = -Mv / st
-    ga[:, 6] = -np.einsum("ni,ni->n", MtF, vt) / st - vs / ss
+    """(Ja^T v, Jb^T v) per edge for v (m, 7), from `_edge_terms`'s terms (a chord step needs only the
+    gradient)."""
+    ga, gb = np.empty((len(terms), 7)), np.empty((len(terms), 7))
+    K.jt_times(terms, np.ascontiguousarray(v), 1.0 / sig, ga, gb)
     return ga, gb
 
 
 REFACTOR_STEP = 0.03  # largest update (radians / depth units / log scale) after which H is factored afresh
 
 
-def _normal(pat: BlockPattern, r, Ja, Jb, w):
-    """(factorisation of H, gradient) of sum_e w_e |r_e|^2 / 2 linearised."""
-    wJa, wJb = Ja * w[:, None, None], Jb * w[:, None, None]
+def _normal(pat: BlockPattern, r, terms, w, sig):
+    """(factorisation of H, gradient) of sum_e w_e |r_e|^2 / 2 linearised: each edge's four weighted 7x7 blocks
+    and two gradient parts from its terms in one compiled pass, summed per node by the block pattern."""
     m = len(w)
-    c = np.empty((4, m, 7, 7))
-    np.matmul(np.swapaxes(Ja, 1, 2), wJa, out=c[0])
-    np.matmul(np.swapaxes(Ja, 1, 2), wJb, out=c[1])
-    c[2] = np.swapaxes(c[1], 1, 2)
-    np.matmul(np.swapaxes(Jb, 1, 2), wJb, out=c[3])
+    c, ga, gb = np.empty((4 * m, 49)), np.empty((m, 7)), np.empty((m, 7))
+    K.normal_blocks(terms, r, w, 1.0 / sig, c, ga, gb)
     # a tiny ridge: H stays factorable along a gauge-free direction
-    return pat.factor(pat.blocks(c.reshape(4 * m, 49), ridge=1e-9), 7), _grad(pat, r, Ja, Jb, w)
-
-
-def _grad(pat: BlockPattern, r, Ja, Jb, w) -> np.ndarray:
-    wr = r * w[:, None]
-    return pat.gradient(np.einsum("nji,nj->ni", Ja, wr), np.einsum("nji,nj->ni", Jb, wr)).reshape(-1)
+    return pat.factor(pat.blocks(c, ridge=1e-9), 7), pat.gradient(ga, gb).reshape(-1)
 
 
 @dataclass
@@ -316,7 +237,7 @@ def graph_setup(ids, poses, edges, fixed: int | set[int] | list[int]) -> GraphSe
     x = _stack(poses)
     ia = np.array([pos[e.a] for e in edges])
     ib = np.array([pos[e.b] for e in edges])
-    zinv = _inverse(_stack([e.z for e in edges]))
+    zinv = tuple(np.ascontiguousarray(v) for v in _inverse(_stack([e.z for e in edges])))
     base_w = np.array([e.weight for e in edges], np.float64)
     m = len(edges)
     free = np.ones(n, bool)
@@ -337,33 +258,6 @@ def graph_setup(ids, poses, edges, fixed: int | set[int] | list[int]) -> GraphSe
     return GraphSetup(n, x, ia, ib, zinv, base_w, m, free)
 
 
-def _cross(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Row-wise cross products of (n, 3) arrays (np.cross's axis handling costs more than the arithmetic)."""
-    out = np.empty_like(a)
-    out[:, 0] = a[:, 1] * b[:, 2] - a[:, 2] * b[:, 1]
-    out[:, 1] = a[:, 2] * b[:, 0] - a[:, 0] * b[:, 2]
-    out[:, 2] = a[:, 0] * b[:, 1] - a[:, 1] * b[:, 0]
-    return out
-
-
-def _polar(X: np.ndarray, fallback: np.ndarray) -> np.ndarray:
-    """Nearest rotations to near-orthogonal 3x3 matrices (n, 3, 3): scaled Newton iterations of the polar
-    decomposition, X <- (g X + X^-T / g) / 2 with X^-T from cross products (batched SVDs cost more). A matrix
-    that is no near-rotation (det <= 0) gives its fallback."""
-    X = X.copy()
-    bad = np.zeros(len(X), bool)
-    for _ in range(4):  # quadratic convergence from near-orthogonal: 1e-2 -> 1e-4 -> 1e-8 -> 1e-16
-        r0, r1, r2 = X[:, 0], X[:, 1], X[:, 2]
-        cof = np.stack([_cross(r1, r2), _cross(r2, r0), _cross(r0, r1)], 1)  # det(X) X^-T
-        det = np.einsum("ni,ni->n", r0, cof[:, 0])
-        bad |= det <= 1e-12
-        det[bad] = 1.0
-        g = np.cbrt(1.0 / det)[:, None, None]
-        X = 0.5 * (g * X + cof / (det[:, None, None] * g))
-    X[bad] = fallback[bad]
-    return X
-
-
 def _chordal(x, ia, ib, zinv, w, pat: BlockPattern, free: np.ndarray):
     """A starting point from three linear least-squares problems on the node graph (a chordal relaxation, as in
     rotation averaging): rotations first (R_b = R_a R_Z for all edges at once over the 3x3 matrices, then each
@@ -372,29 +266,22 @@ def _chordal(x, ia, ib, zinv, w, pat: BlockPattern, free: np.ndarray):
     cheaper than a Gauss-Newton step on the 7x7 blocks, and from a drifted chain it lands next to the optimum:
     Gauss-Newton then needs one factorisation instead of four."""
     s, R, t = x
-    zs, zR, zt = _inverse(zinv)  # the measurements Z themselves
+    zsi, zRi, zti = zinv
     m, nf = len(w), pat.nf
     cf = pat.col_of[free]
-    ww = w[:, None, None]
     # Rotations: unknowns Q = R^T, residual Q_b - Z^T Q_a (three independent columns sharing one matrix).
-    c = np.empty((4, m, 3, 3))
-    c[0] = c[3] = ww * np.eye(3)
-    c[1] = -ww * zR
-    c[2] = np.swapaxes(c[1], 1, 2)
-    Q = np.swapaxes(R, 1, 2)
-    wr = ww * (Q[ib] - np.swapaxes(zR, 1, 2) @ Q[ia])
-    g = pat.gradient(-(zR @ wr).reshape(m, 9), wr.reshape(m, 9))  # (F, 9): per node a 3 x 3 (rows x columns)
-    dQ = pat.factor(pat.blocks(c.reshape(4 * m, 9), ridge=1e-9), 3).solve(-g.reshape(3 * nf, 3))
-    R = R.copy()
-    R[free] = np.swapaxes(_polar(Q[free] + dQ.reshape(nf, 3, 3)[cf], R[free].swapaxes(1, 2)), 1, 2)
+    c, ga, gb = np.empty((4 * m, 9)), np.empty((m, 9)), np.empty((m, 9))
+    K.chordal_rotation_terms(R, ia, ib, zRi, w, c, ga, gb)
+    g = pat.gradient(ga, gb)  # (F, 9): per node a 3 x 3 (rows x columns)
+    dQ = pat.factor(pat.blocks(c, ridge=1e-9), 3).solve(-g.reshape(3 * nf, 3))
+    R = K.chordal_rotations(R, dQ.reshape(nf, 3, 3), pat.col_of)  # each projected onto SO(3)
     # Log scales, then translations: the graph Laplacian (1x1 blocks) with one and three right-hand sides.
     lu = pat.factor(pat.blocks(np.r_[w, -w, -w, w][:, None], ridge=1e-9), 1)
     ls = np.log(s)
-    wr = w * (ls[ib] - ls[ia] - np.log(zs))
-    ls = ls.copy()
+    wr = w * (ls[ib] - ls[ia] - np.log(1.0 / zsi))
     ls[free] += lu.solve(-pat.gradient(-wr[:, None], wr[:, None]).reshape(-1))[cf]
     s = np.exp(ls)
-    wr = w[:, None] * (t[ib] - t[ia] - s[ia, None] * np.einsum("nij,nj->ni", R[ia], zt))
+    wr = K.chordal_translation_terms(s, R, t, ia, ib, zsi, zRi, zti, w)
     t = t.copy()
     t[free] += lu.solve(-pat.gradient(-wr, wr))[cf]
     return s, R, t
@@ -415,19 +302,16 @@ def solve(ids: list[int], poses: list[Sim3], edges: list[Edge], params: GraphPar
     pat = BlockPattern(ia, ib, free)
     col_of = pat.col_of
 
-    def sel(xx, idx):
-        return xx[0][idx], xx[1][idx], xx[2][idx]
-
     def res(xx):
-        return _edge_terms(sel(xx, ia), sel(xx, ib), zinv, sig)[0]
+        return _edge_terms(xx, ia, ib, zinv, sig, terms=False)[0]
 
-    r, terms = _edge_terms(sel(x, ia), sel(x, ib), zinv, sig)
+    r, terms = _edge_terms(x, ia, ib, zinv, sig)
     cost0 = float((base_w * (r ** 2).sum(1)).sum())
     first = (r, terms)  # residuals at the start of the first iteration (the cost check's)
     if cost0 > params.chordal_above * r.size:
         try:
             xc = _chordal(x, ia, ib, zinv, base_w, pat, free)
-            rc = _edge_terms(sel(xc, ia), sel(xc, ib), zinv, sig)
+            rc = _edge_terms(xc, ia, ib, zinv, sig)
             if float((base_w * (rc[0] ** 2).sum(1)).sum()) < cost0:
                 x, first = xc, rc
         except (np.linalg.LinAlgError, RuntimeError):  # a singular system: start from the estimate as given
@@ -438,7 +322,7 @@ def solve(ids: list[int], poses: list[Sim3], edges: list[Edge], params: GraphPar
     lu, step, prev, r_end = None, np.inf, np.inf, None
     factorisations = 0
     for it in range(1, params.max_iterations + 1):
-        r, terms = first if first is not None else _edge_terms(sel(x, ia), sel(x, ib), zinv, sig)
+        r, terms = first if first is not None else _edge_terms(x, ia, ib, zinv, sig)
         first = None
         if robust:
             nrm = np.sqrt((r ** 2).sum(1))
@@ -448,7 +332,7 @@ def solve(ids: list[int], poses: list[Sim3], edges: list[Edge], params: GraphPar
         # Robust steps always refactor: their weights change every iteration (a wrong edge can keep them moving)
         if lu is None or step > REFACTOR_STEP or robust:
             try:
-                lu, grad = _normal(pat, r, *_jacobians(terms, sig), w)
+                lu, grad = _normal(pat, r, terms, w, sig)
             except (np.linalg.LinAlgError, RuntimeError):  # singular (non-finite input): keep what we have
                 break
             factorisations += 1

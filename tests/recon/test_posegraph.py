@@ -133,34 +133,47 @@ def test_analytic_jacobians_match_finite_differences():
             assert np.allclose(Jb[:, :, k], fb, rtol=1e-4, atol=1e-3 * np.abs(fb).max()), k
 
 
-def test_jacobian_free_gradient_parts_equal_the_jacobians_transposed_times_a_vector():
-    """A chord step's gradient comes from `_jt_times` (no Jacobians formed): it must be J^T v exactly, also far
-    from consistent edges and at rotations near zero (the Jr^-1 series branch)."""
-    from serve_app.recon.posegraph import _edge_terms, _inverse, _jacobians, _jt_times
+def _edge_problem(rng, n: int, ia, ib, near: bool):
+    """Random node states and edge measurements: far off (a wrong loop, a drifted start) or satisfied up to a
+    small perturbation (residual rotations near zero: the Jr^-1 series branch)."""
+    from serve_app.recon.posegraph import _compose, _inverse
+
+    x = _random_sims(rng, n)
+    if near:
+        z = _compose(_compose(_inverse(tuple(v[ia] for v in x)), tuple(v[ib] for v in x)),
+                     _random_sims(rng, len(ia), 1e-7))
+    else:
+        z = _random_sims(rng, len(ia))
+    return x, tuple(np.ascontiguousarray(v) for v in _inverse(z))
+
+
+def test_chord_gradient_parts_equal_the_jacobians_transposed_times_a_vector():
+    """A chord step's gradient comes from `_jt_times` (each edge's Jacobians formed in scratch, never stored):
+    it must be J^T v of the Jacobians the finite-difference test checks, also far from consistent edges and at
+    rotations near zero (the Jr^-1 series branch)."""
+    from serve_app.recon import posegraph_kernels as K
+    from serve_app.recon.posegraph import _edge_terms, _jt_times
 
     rng = np.random.default_rng(11)
     m = 40
-    xa, xb = _random_sims(rng, m), _random_sims(rng, m)
+    ia, ib = np.arange(m), m + np.arange(m)
     sig = GraphParams().sig
-    for zinv in (_inverse(_random_sims(rng, m)), _inverse(_compose_rel(xa, xb))):
-        _, terms = _edge_terms(xa, xb, zinv, sig)
-        Ja, Jb = _jacobians(terms, sig)
+    for near in (False, True):
+        x, zinv = _edge_problem(rng, 2 * m, ia, ib, near)
+        _, terms = _edge_terms(x, ia, ib, zinv, sig)
+        Ja, Jb = K.jacobians(terms, 1.0 / sig)
         v = rng.normal(size=(m, 7))
         ga, gb = _jt_times(terms, v, sig)
-        assert np.allclose(ga, np.einsum("nji,nj->ni", Ja, v), rtol=1e-12, atol=1e-9 * np.abs(ga).max())
-        assert np.allclose(gb, np.einsum("nji,nj->ni", Jb, v), rtol=1e-12, atol=1e-9 * np.abs(gb).max())
-
-
-def _compose_rel(xa, xb):
-    from serve_app.recon.posegraph import _compose, _inverse
-
-    return _compose(_inverse(xa), xb)  # Z that every edge satisfies exactly: residual rotations ~0
+        assert np.allclose(ga, np.einsum("nji,nj->ni", Ja, v), rtol=1e-12, atol=1e-12 * np.abs(ga).max())
+        assert np.allclose(gb, np.einsum("nji,nj->ni", Jb, v), rtol=1e-12, atol=1e-12 * np.abs(gb).max())
 
 
 def test_normal_equations_equal_dense_jtwj():
-    """The solver's normal equations (edge blocks summed in the block pattern, gradient per node) are J^T W J
-    and J^T W r of the dense Jacobian, and its factorisation solves them."""
-    from serve_app.recon.posegraph import _grad, _normal
+    """The solver's normal equations (each edge's weighted blocks formed by the compiled pass, summed in the block
+    pattern; gradient per node) are J^T W J and J^T W r of the dense Jacobian built from the per-edge Jacobians,
+    and the factorisation solves them."""
+    from serve_app.recon import posegraph_kernels as K
+    from serve_app.recon.posegraph import _edge_terms, _normal
     from serve_app.recon.posegraph_linalg import BlockPattern
 
     rng = np.random.default_rng(6)
@@ -171,9 +184,12 @@ def test_normal_equations_equal_dense_jtwj():
     free = np.ones(n, bool)
     free[[0, 5]] = False  # held nodes have no columns
     pat = BlockPattern(ia, ib, free)
-    r, Ja, Jb, w = rng.normal(size=(m, 7)), rng.normal(size=(m, 7, 7)), rng.normal(size=(m, 7, 7)), rng.uniform(size=m)
-    lu, g = _normal(pat, r, Ja, Jb, w)
-    assert np.allclose(_grad(pat, r, Ja, Jb, w), g)
+    sig = GraphParams().sig
+    x, zinv = _edge_problem(rng, n, ia, ib, near=False)
+    r, terms = _edge_terms(x, ia, ib, zinv, sig)
+    Ja, Jb = K.jacobians(terms, 1.0 / sig)
+    w = rng.uniform(size=m)
+    lu, g = _normal(pat, r, terms, w, sig)
     J = np.zeros((7 * m, 7 * n))  # dense Jacobian in node order
     for e in range(m):
         J[7 * e:7 * e + 7, 7 * ia[e]:7 * ia[e] + 7] += Ja[e]
@@ -186,7 +202,7 @@ def test_normal_equations_equal_dense_jtwj():
     Hd[np.ix_(order, order)] = J.T @ (W[:, None] * J) + 1e-9 * np.eye(len(order))
     gd = np.zeros(len(order))
     gd[order] = J.T @ (W * r.reshape(-1))
-    assert np.allclose(g, gd)
+    assert np.allclose(g, gd, rtol=1e-12, atol=1e-12 * np.abs(gd).max())
     assert np.allclose(lu.solve(g), np.linalg.solve(Hd, gd), rtol=1e-6, atol=1e-9)
 
 
@@ -271,7 +287,7 @@ def test_a_drifted_start_takes_the_chordal_initialisation_and_reaches_the_same_m
 
 
 def test_polar_gives_the_nearest_rotation():
-    from serve_app.recon.posegraph import _polar
+    from serve_app.recon.posegraph_kernels import polar as _polar
 
     rng = np.random.default_rng(9)
     R = so3_exp(rng.normal(size=(50, 3)))
