@@ -26,10 +26,10 @@ algebra is in posegraph_linalg.py).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import repeat
+from operator import attrgetter
 
 import numpy as np
-import scipy.sparse as sp
-from scipy.sparse.csgraph import connected_components
 
 from serve_app.recon import posegraph_kernels as K
 from serve_app.recon.geometry import Sim3
@@ -62,13 +62,31 @@ def _inverse(a):
     return 1.0 / s, Rt, -np.einsum("nij,nj->ni", Rt, t) / s[:, None]
 
 
+_F64 = np.dtype(np.float64)
+
+
+def _rows(arrays: list[np.ndarray], k: int) -> np.ndarray:
+    """(n, k) float64 from n arrays of k numbers each: their bytes joined (half of np.concatenate's per-array
+    cost) when all are C-contiguous float64 (what Sim3 holds), else concatenated."""
+    try:
+        buf = b"".join(arrays)
+    except TypeError:  # a non-contiguous array
+        buf = None
+    if buf is not None and len(buf) == 8 * k * len(arrays) and set(map(_GET_DTYPE, arrays)) == {_F64}:
+        return np.frombuffer(buf, np.float64).reshape(-1, k).copy()  # an owner: its row views are cheaper
+    return np.concatenate(arrays).astype(np.float64, copy=False).reshape(-1, k)
+
+
+_GET_S, _GET_R, _GET_T, _GET_DTYPE = attrgetter("s"), attrgetter("R"), attrgetter("t"), attrgetter("dtype")
+_GET_A, _GET_B, _GET_Z, _GET_W = attrgetter("a"), attrgetter("b"), attrgetter("z"), attrgetter("weight")
+
+
 def _stack(sims: list[Sim3]):
-    n = len(sims)  # concatenate: a third cheaper than np.array on a list of small arrays
+    n = len(sims)
     if not n:
         return np.zeros(0), np.zeros((0, 3, 3)), np.zeros((0, 3))
-    return (np.fromiter((x.s for x in sims), np.float64, n),
-            np.concatenate([x.R for x in sims]).astype(np.float64, copy=False).reshape(n, 3, 3),
-            np.concatenate([x.t for x in sims]).astype(np.float64, copy=False).reshape(n, 3))
+    return (np.fromiter(map(_GET_S, sims), np.float64, n), _rows(list(map(_GET_R, sims)), 9).reshape(n, 3, 3),
+            _rows(list(map(_GET_T, sims)), 3))
 
 
 def _sim3_of(s: float, R: np.ndarray, t: np.ndarray) -> Sim3:
@@ -231,14 +249,19 @@ def graph_setup(ids, poses, edges, fixed: int | set[int] | list[int]) -> GraphSe
     graph no fixed node reaches. None when nothing can move (no edge, or every node held)."""
     n = len(ids)
     pos = {k: i for i, k in enumerate(ids)}
-    edges = [e for e in edges if e.a in pos and e.b in pos]
-    if not edges or n < 2:
+    if n < 2 or not edges:
         return None
+    ia = np.fromiter(map(pos.get, map(_GET_A, edges), repeat(-1)), np.int64, len(edges))
+    ib = np.fromiter(map(pos.get, map(_GET_B, edges), repeat(-1)), np.int64, len(edges))
+    known = (ia >= 0) & (ib >= 0)
+    if not known.all():  # edges to nodes not in this solve
+        edges = [e for e, k in zip(edges, known.tolist()) if k]
+        ia, ib = ia[known], ib[known]
+        if not edges:
+            return None
     x = _stack(poses)
-    ia = np.array([pos[e.a] for e in edges])
-    ib = np.array([pos[e.b] for e in edges])
-    zinv = tuple(np.ascontiguousarray(v) for v in _inverse(_stack([e.z for e in edges])))
-    base_w = np.array([e.weight for e in edges], np.float64)
+    zinv = tuple(np.ascontiguousarray(v) for v in _inverse(_stack(list(map(_GET_Z, edges)))))
+    base_w = np.fromiter(map(_GET_W, edges), np.float64, len(edges))
     m = len(edges)
     free = np.ones(n, bool)
     for k in ([fixed] if isinstance(fixed, int) else fixed):
@@ -248,11 +271,7 @@ def graph_setup(ids, poses, edges, fixed: int | set[int] | list[int]) -> GraphSe
         raise ValueError("solve needs at least one fixed and one free node")
     # A part of the graph not connected to a fixed node (e.g. windows whose edges a session takeover lost) has
     # no gauge: hold its oldest node too, so it moves rigidly with nothing instead of drifting off.
-    ncomp, comp = connected_components(sp.coo_matrix((np.ones(m), (ia, ib)), shape=(n, n)), directed=False)
-    for c in range(ncomp):
-        members = np.flatnonzero(comp == c)
-        if free[members].all():
-            free[members[0]] = False
+    K.hold_unanchored(ia, ib, free)
     if not free.any():
         return None
     return GraphSetup(n, x, ia, ib, zinv, base_w, m, free)

@@ -163,10 +163,12 @@ def _jac_into(T, e, isig, Ja, Jb):
     Ja[6, 6] = -isc
 
 
-# Nonzero columns [lo, hi) of each row of Ja (rotation rows: rotation columns; translation rows: all; scale: scale)
-# and of Jb (block diagonal): the products below skip the structural zeros.
-_A_LO, _A_HI = (0, 0, 0, 0, 0, 0, 6), (3, 3, 3, 7, 7, 7, 7)
-_B_LO, _B_HI = (0, 0, 0, 3, 3, 3, 6), (3, 3, 3, 6, 6, 6, 7)
+# Structural zeros. By row k: Ja is nonzero in columns [_AR_LO[k], _AR_HI[k]) (rotation rows: rotation columns;
+# translation rows: all; the scale row: scale), Jb in [_BR_LO[k], _BR_HI[k]) (block diagonal). By column j: Ja in
+# rows [_AC_LO[j], _AC_HI[j]), Jb in rows [_BR_LO[j], _BR_HI[j]) (block diagonal: the same ranges).
+_AR_LO, _AR_HI = (0, 0, 0, 0, 0, 0, 6), (3, 3, 3, 7, 7, 7, 7)
+_AC_LO, _AC_HI = (0, 0, 0, 3, 3, 3, 3), (6, 6, 6, 6, 6, 6, 7)
+_BR_LO, _BR_HI = (0, 0, 0, 3, 3, 3, 6), (3, 3, 3, 6, 6, 6, 7)
 
 
 @njit(cache=True)
@@ -196,7 +198,7 @@ def normal_blocks(T, r, w, isig, c, ga, gb):
             ga[e, i] = 0.0
             gb[e, i] = 0.0
         for k in range(7):  # sum over residual rows k of J[k]^T (w J[k]), each row's nonzero columns only
-            alo, ahi, blo, bhi = _A_LO[k], _A_HI[k], _B_LO[k], _B_HI[k]
+            alo, ahi, blo, bhi = _AR_LO[k], _AR_HI[k], _BR_LO[k], _BR_HI[k]
             wr = r[e, k] * we
             for i in range(alo, ahi):
                 x = Ja[k, i]
@@ -225,13 +227,12 @@ def jt_times(T, v, isig, ga, gb):
     for e in range(T.shape[0]):
         _jac_into(T, e, isig, Ja, Jb)
         for i in range(7):
-            ga[e, i] = 0.0
-            gb[e, i] = 0.0
-        for k in range(7):
-            for i in range(_A_LO[k], _A_HI[k]):
-                ga[e, i] += Ja[k, i] * v[e, k]
-            for i in range(_B_LO[k], _B_HI[k]):
-                gb[e, i] += Jb[k, i] * v[e, k]
+            sa = sb = 0.0
+            for k in range(_AC_LO[i], _AC_HI[i]):
+                sa += Ja[k, i] * v[e, k]
+            for k in range(_BR_LO[i], _BR_HI[i]):
+                sb += Jb[k, i] * v[e, k]
+            ga[e, i], gb[e, i] = sa, sb
 
 
 @njit(cache=True)
@@ -329,3 +330,32 @@ def chordal_translation_terms(s, R, t, ia, ib, zs, zR, zt, w):
             out[e, i] = w[e] * (t[b, i] - t[a, i]
                                 - s[a] * (R[a, i, 0] * tz[0] + R[a, i, 1] * tz[1] + R[a, i, 2] * tz[2]))
     return out
+
+
+@njit(cache=True)
+def _find(parent, i):
+    while parent[i] != i:
+        parent[i] = parent[parent[i]]  # path halving
+        i = parent[i]
+    return i
+
+
+@njit(cache=True)
+def hold_unanchored(ia, ib, free):
+    """Hold (free[i] = False) the lowest-index node of every connected component of the graph (edges ia, ib)
+    that has no held node: union-find whose root is always its component's lowest index."""
+    n = free.shape[0]
+    parent = np.arange(n)
+    for e in range(ia.shape[0]):
+        a, b = _find(parent, ia[e]), _find(parent, ib[e])
+        if a < b:
+            parent[b] = a
+        elif b < a:
+            parent[a] = b
+    anchored = np.zeros(n, np.bool_)
+    for i in range(n):
+        if not free[i]:
+            anchored[_find(parent, i)] = True
+    for i in range(n):
+        if parent[i] == i and not anchored[i]:
+            free[i] = False
