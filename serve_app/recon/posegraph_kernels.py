@@ -130,9 +130,9 @@ def edge_terms(s, R, t, ia, ib, zs, zR, zt, isig, r, T):
 
 
 @njit(cache=True)
-def _jac_into(T, e, isig, Ja, Jb):
+def _jac_into(T, e, isig, Ja, Jb, jri):
     """The whitened Jacobians of edge e's residual with respect to the `retract` increments of A and B, from
-    its terms, into Ja, Jb (7, 7) whose structural zeros the caller set. B: E ∘ Exp(d) (rotation
+    its terms, into Ja, Jb (7, 7) whose structural zeros the caller set (jri: 3x3 scratch). B: E ∘ Exp(d) (rotation
     Log(R_E Exp(w)) -> Jr^-1(phi), translation s_E R_E u, log scale + lambda); A: Z^-1 ∘ Exp(d)^-1 ∘ F (rotation
     R_E Exp(-R_F^T w), translation M (t_F x w - u - lambda t_F)); Jr^-1(phi) = I + K / 2 + c K^2, K = hat(phi)."""
     p0, p1, p2 = T[e, T_PHI], T[e, T_PHI + 1], T[e, T_PHI + 2]
@@ -141,8 +141,7 @@ def _jac_into(T, e, isig, Ja, Jb):
     K = ((0.0, -p2, p1), (p2, 0.0, -p0), (-p1, p0, 0.0))
     t0, t1, t2 = T[e, T_TF], T[e, T_TF + 1], T[e, T_TF + 2]
     H = ((0.0, -t2, t1), (t2, 0.0, -t0), (-t1, t0, 0.0))  # hat(t_F)
-    jri = np.empty((3, 3))
-    for i in range(3):
+    for i in range(3):  # jri (3, 3): scratch
         for j in range(3):
             kk = K[i][0] * K[0][j] + K[i][1] * K[1][j] + K[i][2] * K[2][j]
             jri[i, j] = (1.0 if i == j else 0.0) + 0.5 * K[i][j] + c * kk
@@ -175,9 +174,9 @@ _BR_LO, _BR_HI = (0, 0, 0, 3, 3, 3, 6), (3, 3, 3, 6, 6, 6, 7)
 def jacobians(T, isig):
     """The Jacobians (m, 7, 7) of every edge (tests and benches; the solver never materialises them)."""
     m = T.shape[0]
-    Ja, Jb = np.zeros((m, 7, 7)), np.zeros((m, 7, 7))
+    Ja, Jb, jri = np.zeros((m, 7, 7)), np.zeros((m, 7, 7)), np.empty((3, 3))
     for e in range(m):
-        _jac_into(T, e, isig, Ja[e], Jb[e])
+        _jac_into(T, e, isig, Ja[e], Jb[e], jri)
     return Ja, Jb
 
 
@@ -186,10 +185,10 @@ def normal_blocks(T, r, w, isig, c, ga, gb):
     """Per edge e: the weighted normal blocks c[k m + e] (k: aa, ab, ba, bb as 49 row-major entries) of
     w_e |r_e|^2 / 2 linearised, and the gradient parts ga[e] = Ja^T w r, gb[e] = Jb^T w r."""
     m = T.shape[0]
-    Ja, Jb = np.zeros((7, 7)), np.zeros((7, 7))
+    Ja, Jb, jri = np.zeros((7, 7)), np.zeros((7, 7)), np.empty((3, 3))
     aa, ab, bb = np.empty((7, 7)), np.empty((7, 7)), np.empty((7, 7))
     for e in range(m):
-        _jac_into(T, e, isig, Ja, Jb)
+        _jac_into(T, e, isig, Ja, Jb, jri)
         we = w[e]
         aa[:] = 0.0
         ab[:] = 0.0
@@ -223,9 +222,9 @@ def normal_blocks(T, r, w, isig, c, ga, gb):
 @njit(cache=True)
 def jt_times(T, v, isig, ga, gb):
     """(Ja^T v, Jb^T v) per edge for v (m, 7): a chord step's gradient parts."""
-    Ja, Jb = np.zeros((7, 7)), np.zeros((7, 7))
+    Ja, Jb, jri = np.zeros((7, 7)), np.zeros((7, 7)), np.empty((3, 3))
     for e in range(T.shape[0]):
-        _jac_into(T, e, isig, Ja, Jb)
+        _jac_into(T, e, isig, Ja, Jb, jri)
         for i in range(7):
             sa = sb = 0.0
             for k in range(_AC_LO[i], _AC_HI[i]):
@@ -236,11 +235,10 @@ def jt_times(T, v, isig, ga, gb):
 
 
 @njit(cache=True)
-def _cross_row(X, i, j, out, o):
-    """out[o:o + 3] = X[i] x X[j] (rows of a 3x3)."""
-    out[o] = X[i, 1] * X[j, 2] - X[i, 2] * X[j, 1]
-    out[o + 1] = X[i, 2] * X[j, 0] - X[i, 0] * X[j, 2]
-    out[o + 2] = X[i, 0] * X[j, 1] - X[i, 1] * X[j, 0]
+def _cross_row(X, i, j):
+    """X[i] x X[j] (rows of a 3x3)."""
+    return (X[i, 1] * X[j, 2] - X[i, 2] * X[j, 1], X[i, 2] * X[j, 0] - X[i, 0] * X[j, 2],
+            X[i, 0] * X[j, 1] - X[i, 1] * X[j, 0])
 
 
 @njit(cache=True)
@@ -248,22 +246,20 @@ def _polar_into(X, fallback, out):
     """Nearest rotation to a near-orthogonal X (3, 3), by scaled Newton iterations of the polar decomposition,
     X <- (g X + X^-T / g) / 2 with X^-T from cross products; a matrix that is no near-rotation (det <= 0) gives
     the fallback. Quadratic convergence from near-orthogonal: 1e-2 -> 1e-4 -> 1e-8 -> 1e-16 in four steps."""
-    Y = X.copy()
-    cof = np.empty(9)
+    out[:, :] = X
     bad = False
     for _ in range(4):
-        _cross_row(Y, 1, 2, cof, 0)  # det(Y) Y^-T, row by row
-        _cross_row(Y, 2, 0, cof, 3)
-        _cross_row(Y, 0, 1, cof, 6)
-        det = Y[0, 0] * cof[0] + Y[0, 1] * cof[1] + Y[0, 2] * cof[2]
+        cof = (_cross_row(out, 1, 2), _cross_row(out, 2, 0), _cross_row(out, 0, 1))  # det(X) X^-T by rows
+        det = out[0, 0] * cof[0][0] + out[0, 1] * cof[0][1] + out[0, 2] * cof[0][2]
         bad = bad or det <= 1e-12
         if bad:
             det = 1.0
         g = np.cbrt(1.0 / det)
         for i in range(3):
             for j in range(3):
-                Y[i, j] = 0.5 * (g * Y[i, j] + cof[3 * i + j] / (det * g))
-    out[:, :] = fallback if bad else Y
+                out[i, j] = 0.5 * (g * out[i, j] + cof[i][j] / (det * g))
+    if bad:
+        out[:, :] = fallback
 
 
 @njit(cache=True)
