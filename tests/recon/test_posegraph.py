@@ -297,3 +297,41 @@ def test_polar_gives_the_nearest_rotation():
     P = _polar(X, R)
     assert np.allclose(P[1:], (U @ Vt)[1:], atol=1e-10)
     assert np.allclose(P[0], R[0])
+
+
+def test_setup_holds_the_oldest_node_of_every_part_no_fixed_node_reaches():
+    """A part of the graph without a fixed node (and a node without edges) has no gauge: its lowest-index node
+    is held, so it moves rigidly with nothing; the part with the fixed node stays free; edges to nodes outside
+    the solve are dropped."""
+    from serve_app.recon.posegraph import graph_setup
+
+    _, est, edges, rel = _ring(12, seed=10)
+    ids = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11]  # node 10 not in this solve: its edges go
+    parts = [e for e in edges if e.b not in (5, 9, 10)]  # 0-4, 5-8, {9}, {11} and the edge 10-11
+    parts.append(Edge(8, 6, rel(8, 6)))  # a second edge inside a part, against the chain's direction
+    g = graph_setup(ids, [est[i] for i in ids], parts, fixed=2)
+    assert g is not None and g.m == len(parts) - 1  # the edge 10-11 dropped
+    held = [ids[i] for i in np.flatnonzero(~g.free)]
+    assert held == [2, 5, 9, 11]
+    res = solve(ids, [est[i] for i in ids], parts, GraphParams(), fixed=2)
+    for i in (2, 5, 9, 11):
+        assert np.allclose(res.poses[i].matrix(), est[i].matrix())
+
+
+def test_stacking_takes_any_sim3_layout():
+    """Poses stack by joining their float64 bytes; transposed (non-contiguous) rotations, such as
+    Sim3.inverse() makes, and other dtypes assigned after construction take the concatenating path."""
+    from serve_app.recon.posegraph import _stack
+
+    rng = np.random.default_rng(12)
+    sims = [Sim3(np.exp(rng.normal()), so3_exp(rng.normal(size=3)), rng.normal(size=3)) for _ in range(6)]
+    sims[1] = sims[1].inverse()
+    assert not sims[1].R.flags.c_contiguous
+    odd = Sim3(2.0, np.eye(3), np.zeros(3))
+    odd.t = np.array([1, 2, 3], np.int64)  # 24 bytes like 3 float64s, but integers
+    sims.append(odd)
+    for group in (sims[:1], sims[2:6], sims):
+        s, R, t = _stack(group)
+        assert np.array_equal(s, [x.s for x in group])
+        assert np.array_equal(R, np.stack([x.R for x in group])) and R.flags.c_contiguous and R.flags.writeable
+        assert np.array_equal(t, np.stack([x.t for x in group]).astype(np.float64)) and t.dtype == np.float64
