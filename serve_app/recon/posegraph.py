@@ -1,4 +1,5 @@
-"""Sim(3) pose graph over a session's windows: nodes, relative-pose edges, a robust sparse solver. Pure numpy/scipy.
+"""Sim(3) pose graph over a session's windows: nodes, relative-pose edges, a robust sparse solver (numpy/scipy,
+the per-edge and per-node work compiled with numba in posegraph_kernels.py).
 
 A node is one window: its Sim(3) from the window's own gauge (model output, arbitrary scale) to the world. An
 edge (a, b, Z) says "gauge b -> gauge a is Z", i.e. S_b ≈ S_a ∘ Z. Odometry edges come from the frames two
@@ -7,20 +8,20 @@ median depth, so a translation residual is in units of the scene depth in every 
 scale does not weigh edges).
 
 The solver is Gauss-Newton with per-edge residual r = [log R_E / sigma_rot, t_E / sigma_t, log s_E / sigma_s]
-of E = Z^-1 ∘ S_a^-1 ∘ S_b (normalised gauges), analytic Jacobians for every edge at once, and Huber weights per
-edge after a first plain least-squares pass (a wrong edge then pulls with bounded force; loops that disagree with
-the odometry are also refused before they enter, see `loop_discrepancy`). What makes a 1,000-window solve 1.6-2.5x
-faster than before (bench/posegraph.py): a start far from consistent (a drifted chain after a loop closes) is
-first replaced by a chordal initialisation (three linear solves: rotations, log scales, translations), after
-which Gauss-Newton needs two factorisations instead of four; the normal matrix is summed at node level into a
-block pattern and factored by block cyclic reduction along the chain, the loops' super-blocks left to a small
-SuperLU system (posegraph_linalg.py); chord steps (the last factorisation kept while steps are small) need only
-the gradient, applied from the residuals' terms without forming the Jacobians (`_jt_times`); and iterations
-stop once the contraction of the updates says the rest is below a tenth of `tol`. bench/posegraph.py compares it
-with the previous solver (SuperLU on the whole matrix, four factorisations from a drifted start) and gtsam.
-
-Over 400 lines because the Jacobians, the chordal start and the robust Gauss-Newton form one solver (the linear
-algebra is in posegraph_linalg.py).
+of E = Z^-1 ∘ S_a^-1 ∘ S_b (normalised gauges), analytic Jacobians, and Huber weights per edge after a first
+plain least-squares pass (a wrong edge then pulls with bounded force; loops that disagree with the odometry are
+also refused before they enter, see `loop_discrepancy`). What makes a 1,000-window solve fast (bench/posegraph.py):
+a start far from consistent (a drifted chain after a loop closes) is first replaced by a chordal initialisation
+(three linear solves: rotations, log scales, translations), after which Gauss-Newton needs two factorisations
+instead of four; the normal matrix is summed at node level into a block pattern and factored by block cyclic
+reduction along the chain, the loops' super-blocks left to a small SuperLU system (posegraph_linalg.py); chord
+steps (the last factorisation kept while steps are small) need only the gradient (`_jt_times`); iterations stop
+once the contraction of the updates says the rest is below a tenth of `tol`; and everything per edge or per node
+(composing the edges, the Jacobians and their weighted 7x7 normal blocks, retractions, the chordal start's terms
+and polar projections, the gauge of unconnected parts) runs in compiled loops (posegraph_kernels.py): in batched
+numpy it was one call per step on (m, 7, 7) stacks, and the calls' overhead and temporaries were half of a cold
+solve (the non-factorisation part 2.1x cheaper with them, bench/README.md). bench/posegraph.py compares the
+solver with the previous one (SuperLU on the whole matrix, four factorisations from a drifted start) and gtsam.
 """
 
 from __future__ import annotations

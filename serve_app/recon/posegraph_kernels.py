@@ -28,7 +28,7 @@ T_PHI, T_RF, T_TF, T_SE, T_RE, T_M, T_MTF = 0, 3, 12, 15, 16, 25, 34  # column o
 NT = 37
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _exp_into(w0, w1, w2, out):
     """Rodrigues: rotation vector -> out (3, 3)."""
     th = math.sqrt(w0 * w0 + w1 * w1 + w2 * w2)
@@ -43,7 +43,7 @@ def _exp_into(w0, w1, w2, out):
             out[i, j] = (1.0 if i == j else 0.0) + a * K[i][j] + b * kk
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _log_into(R, out, o):
     """Rotation vector of R (3, 3) (angles below ~179.9 degrees) -> out[o:o + 3]."""
     c = min(max((R[0, 0] + R[1, 1] + R[2, 2] - 1.0) / 2.0, -1.0), 1.0)
@@ -54,7 +54,7 @@ def _log_into(R, out, o):
     out[o + 2] = (R[1, 0] - R[0, 1]) * f
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def so3_exp_rows(w):
     """(n, 3) rotation vectors -> (n, 3, 3)."""
     out = np.empty((w.shape[0], 3, 3))
@@ -63,7 +63,7 @@ def so3_exp_rows(w):
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def so3_log_rows(R):
     """(n, 3, 3) rotations -> (n, 3) rotation vectors."""
     out = np.empty((R.shape[0], 3))
@@ -72,7 +72,7 @@ def so3_log_rows(R):
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def retract(s, R, t, d):
     """x ∘ Exp(d) per row, d (n, 7) = (rotation vector, translation, log scale)."""
     n = s.shape[0]
@@ -88,7 +88,7 @@ def retract(s, R, t, d):
     return s2, R2, t2
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def edge_terms(s, R, t, ia, ib, zs, zR, zt, isig, r, T):
     """Whitened residuals r (m, 7) of E = Z^-1 ∘ A^-1 ∘ B for edges (ia, ib) with inverse measurements
     (zs, zR, zt) = Z^-1, and, when T has rows, the terms the Jacobians reuse (T (m, NT))."""
@@ -129,7 +129,7 @@ def edge_terms(s, R, t, ia, ib, zs, zR, zt, isig, r, T):
             T[e, T_SE] = sE
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _jac_into(T, e, isig, Ja, Jb, jri):
     """The whitened Jacobians of edge e's residual with respect to the `retract` increments of A and B, from
     its terms, into Ja, Jb (7, 7) whose structural zeros the caller set (jri: 3x3 scratch). B: E ∘ Exp(d) (rotation
@@ -170,7 +170,7 @@ _AC_LO, _AC_HI = (0, 0, 0, 3, 3, 3, 3), (6, 6, 6, 6, 6, 6, 7)
 _BR_LO, _BR_HI = (0, 0, 0, 3, 3, 3, 6), (3, 3, 3, 6, 6, 6, 7)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def jacobians(T, isig):
     """The Jacobians (m, 7, 7) of every edge (tests and benches; the solver never materialises them)."""
     m = T.shape[0]
@@ -180,7 +180,7 @@ def jacobians(T, isig):
     return Ja, Jb
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def normal_blocks(T, r, w, isig, c, ga, gb):
     """Per edge e: the weighted normal blocks c[k m + e] (k: aa, ab, ba, bb as 49 row-major entries) of
     w_e |r_e|^2 / 2 linearised, and the gradient parts ga[e] = Ja^T w r, gb[e] = Jb^T w r."""
@@ -219,7 +219,7 @@ def normal_blocks(T, r, w, isig, c, ga, gb):
                 c[3 * m + e, 7 * i + j] = bb[i, j]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def jt_times(T, v, isig, ga, gb):
     """(Ja^T v, Jb^T v) per edge for v (m, 7): a chord step's gradient parts."""
     Ja, Jb, jri = np.zeros((7, 7)), np.zeros((7, 7)), np.empty((3, 3))
@@ -234,14 +234,14 @@ def jt_times(T, v, isig, ga, gb):
             ga[e, i], gb[e, i] = sa, sb
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _cross_row(X, i, j):
     """X[i] x X[j] (rows of a 3x3)."""
     return (X[i, 1] * X[j, 2] - X[i, 2] * X[j, 1], X[i, 2] * X[j, 0] - X[i, 0] * X[j, 2],
             X[i, 0] * X[j, 1] - X[i, 1] * X[j, 0])
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _polar_into(X, fallback, out):
     """Nearest rotation to a near-orthogonal X (3, 3), by scaled Newton iterations of the polar decomposition,
     X <- (g X + X^-T / g) / 2 with X^-T from cross products; a matrix that is no near-rotation (det <= 0) gives
@@ -262,7 +262,7 @@ def _polar_into(X, fallback, out):
         out[:, :] = fallback
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def polar(X, fallback):
     """`_polar_into` over (n, 3, 3) stacks."""
     out = np.empty_like(X)
@@ -271,7 +271,7 @@ def polar(X, fallback):
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def chordal_rotation_terms(R, ia, ib, zRi, w, c, ga, gb):
     """The chordal start's rotation problem (unknowns Q = R^T, residual Q_b - Z^T Q_a, Z^T = R_Zi): per edge the
     blocks c (4m, 9) [w I; -w Z; -w Z^T; w I] and the gradient parts ga = -Z (w r), gb = w r (m, 9)."""
@@ -292,7 +292,7 @@ def chordal_rotation_terms(R, ia, ib, zRi, w, c, ga, gb):
                 ga[e, 3 * i + j] = -(zRi[e, 0, i] * wr[0, j] + zRi[e, 1, i] * wr[1, j] + zRi[e, 2, i] * wr[2, j])
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def chordal_rotations(R, dQ, col_of):
     """R_i = polar(R_i^T + dQ[col_of[i]])^T for free nodes (col_of >= 0; fallback: R_i), the rest kept."""
     out = R.copy()
@@ -312,7 +312,7 @@ def chordal_rotations(R, dQ, col_of):
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def chordal_translation_terms(s, R, t, ia, ib, zs, zR, zt, w):
     """w (t_b - t_a - s_a R_a t_Z) per edge (m, 3), Z the inverse of (zs, zR, zt)."""
     m = ia.shape[0]
@@ -328,7 +328,7 @@ def chordal_translation_terms(s, R, t, ia, ib, zs, zR, zt, w):
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _find(parent, i):
     while parent[i] != i:
         parent[i] = parent[parent[i]]  # path halving
@@ -336,7 +336,7 @@ def _find(parent, i):
     return i
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def hold_unanchored(ia, ib, free):
     """Hold (free[i] = False) the lowest-index node of every connected component of the graph (edges ia, ib)
     that has no held node: union-find whose root is always its component's lowest index."""
