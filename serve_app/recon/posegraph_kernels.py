@@ -1,17 +1,21 @@
 """Compiled per-edge and per-node kernels of the pose-graph solve (serve_app/recon/posegraph.py), with numba.
 
 Why compiled: a 1,000-window solve works on ~2,000 edges of 7x7 / 3x3 matrices. In batched numpy every step
-(compose, log, Jacobian blocks, the three 7x7 products of the normal blocks, gradients) is one call on (m, 7, 7)
-or (m, 3, 3) stacks whose per-call overhead and temporaries dominated: before this module, the non-factorisation
-part of a cold solve from a drifted chain was ~25-30 ms of a ~50 ms solve on the 2-core box. Here one loop over
-the edges composes E = Z^-1 ∘ A^-1 ∘ B, writes the whitened residuals and the terms the Jacobians reuse, and a
-second loop forms each edge's two 7x7 Jacobians in registers-sized scratch, writing only the weighted normal
-blocks [Ja^T W Ja; Ja^T W Jb; Jb^T W Ja; Jb^T W Jb] (the (4m, 49) layout `BlockPattern.blocks` takes) and the
-gradient parts, skipping the Jacobians' structural zeros. bench/README.md (pose-graph section) has the figures.
+(compose, log, Jacobian blocks, the three 7x7 products of the normal blocks, gradients, retractions, the polar
+projections) was one call on (m, 7, 7) or (m, 3, 3) stacks whose per-call overhead and temporaries dominated:
+the non-factorisation part of a cold solve from a drifted chain was ~30 ms of ~58 (bench problem, 2-core box,
+load ~2). Here one loop over the edges composes E = Z^-1 ∘ A^-1 ∘ B and writes the whitened residuals and the
+terms the Jacobians reuse; another forms each edge's two 7x7 Jacobians in scratch and writes only the weighted
+normal blocks [Ja^T W Ja; Ja^T W Jb; Jb^T W Ja; Jb^T W Jb] (the (4m, 49) layout `BlockPattern.blocks` takes) and
+the gradient parts, skipping the Jacobians' structural zeros. Measured in one process against the numpy version
+(bench/README.md, round h16edge): the non-factorisation part 29.5 -> 14.1 ms (2.1x; 2.6x without the block
+pattern's own sums in posegraph_linalg.py), the cold solve 58 -> 42 ms, identical steps, poses within 2e-14.
 
-All kernels are `njit(cache=True)`, no fastmath and no parallel: the same floating-point operations as the numpy
-code they replaced (in the same order where it mattered), so the solver takes the same steps to the same poses
-(~1e-15 apart). The first call in a fresh checkout compiles them (a few seconds, cached in __pycache__ after).
+All kernels are `njit(cache=True, nogil=True)`, no fastmath and no parallel: the numpy code's floating-point
+operations in its order (a sum over a Jacobian's zero entries is left out, which changes no bit), so the solver
+takes the same steps to the same poses. nogil: a solve in the ingress's thread pool leaves the event loop
+running. The first call in a fresh checkout compiles them (~12 s on the 2-core box, once: cached in __pycache__,
+then ~70 ms to load at the first solve of a process; importing numba ~0.3 s).
 
 A state is (s (n,), R (n, 3, 3), t (n, 3)) float64 C-contiguous; an edge's terms row (width NT) holds phi (the
 residual rotation vector), R_F, t_F (F = A^-1 ∘ B), s_E, R_E (E = Z^-1 ∘ F), M = s_Zi R_Zi and M t_F.
