@@ -64,6 +64,8 @@ def _inverse(a):
 
 
 _F64 = np.dtype(np.float64)
+_GET_S, _GET_R, _GET_T, _GET_DTYPE = attrgetter("s"), attrgetter("R"), attrgetter("t"), attrgetter("dtype")
+_GET_A, _GET_B, _GET_Z, _GET_W = attrgetter("a"), attrgetter("b"), attrgetter("z"), attrgetter("weight")
 
 
 def _rows(arrays: list[np.ndarray], k: int) -> np.ndarray:
@@ -76,10 +78,6 @@ def _rows(arrays: list[np.ndarray], k: int) -> np.ndarray:
     if buf is not None and len(buf) == 8 * k * len(arrays) and set(map(_GET_DTYPE, arrays)) == {_F64}:
         return np.frombuffer(buf, np.float64).reshape(-1, k).copy()  # an owner: its row views are cheaper
     return np.concatenate(arrays).astype(np.float64, copy=False).reshape(-1, k)
-
-
-_GET_S, _GET_R, _GET_T, _GET_DTYPE = attrgetter("s"), attrgetter("R"), attrgetter("t"), attrgetter("dtype")
-_GET_A, _GET_B, _GET_Z, _GET_W = attrgetter("a"), attrgetter("b"), attrgetter("z"), attrgetter("weight")
 
 
 def _stack(sims: list[Sim3]):
