@@ -32,9 +32,24 @@ from operator import attrgetter
 
 import numpy as np
 
-from serve_app.recon import posegraph_kernels as K
 from serve_app.recon.geometry import Sim3
 from serve_app.recon.posegraph_linalg import BlockPattern
+
+
+class _Kernels:
+    """posegraph_kernels, imported at first use: importing numba costs ~0.3 s and ~100 MiB RSS per process, which
+    the processes that only read Edge / GraphParams (the journal codec, the reconstruction's config) need not pay.
+    """
+
+    def __getattr__(self, name: str):
+        global K
+        from serve_app.recon import posegraph_kernels
+
+        K = posegraph_kernels
+        return getattr(posegraph_kernels, name)
+
+
+K = _Kernels()
 
 # --- batched Sim(3) helpers: (s (n,), R (n, 3, 3), t (n, 3)) ------------------------------------------------
 

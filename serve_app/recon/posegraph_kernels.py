@@ -15,7 +15,8 @@ All kernels are `njit(cache=True, nogil=True)`, no fastmath and no parallel: the
 operations in its order (a sum over a Jacobian's zero entries is left out, which changes no bit), so the solver
 takes the same steps to the same poses. nogil: a solve in the ingress's thread pool leaves the event loop
 running. The first call in a fresh checkout compiles them (~12 s on the 2-core box, once: cached in __pycache__,
-then ~70 ms to load at the first solve of a process; importing numba ~0.3 s).
+then ~70 ms to load at the first solve of a process; importing numba ~0.3 s and ~100 MiB RSS, at the first
+solve: posegraph.py imports this module lazily).
 
 A state is (s (n,), R (n, 3, 3), t (n, 3)) float64 C-contiguous; an edge's terms row (width NT) holds phi (the
 residual rotation vector), R_F, t_F (F = A^-1 ∘ B), s_E, R_E (E = Z^-1 ∘ F), M = s_Zi R_Zi and M t_F.
