@@ -9,7 +9,8 @@ terms the Jacobians reuse; another forms each edge's two 7x7 Jacobians in scratc
 normal blocks [Ja^T W Ja; Ja^T W Jb; Jb^T W Ja; Jb^T W Jb] (the (4m, 49) layout `BlockPattern.blocks` takes) and
 the gradient parts, skipping the Jacobians' structural zeros. Measured in one process against the numpy version
 (bench/README.md, round h16edge): the non-factorisation part 29.5 -> 14.1 ms (2.1x; 2.6x without the block
-pattern's own sums in posegraph_linalg.py), the cold solve 58 -> 42 ms, identical steps, poses within 2e-14.
+pattern's own sums in posegraph_linalg.py), the cold solve 58 -> 42 ms (bench/posegraph.py's round robin: 78 -> 40
+ms CPU), identical steps, poses within 2e-14.
 
 All kernels are `njit(cache=True, nogil=True)`, no fastmath and no parallel: the numpy code's floating-point
 operations in its order (a sum over a Jacobian's zero entries is left out, which changes no bit), so the solver
