@@ -50,14 +50,14 @@ def _exp_into(w0, w1, w2, out):
 
 
 @njit(cache=True, nogil=True)
-def _log_into(R, out, o):
-    """Rotation vector of R (3, 3) (angles below ~179.9 degrees) -> out[o:o + 3]."""
+def _log_into(R, out):
+    """Rotation vector of R (3, 3) (angles below ~179.9 degrees) -> out (3,)."""
     c = min(max((R[0, 0] + R[1, 1] + R[2, 2] - 1.0) / 2.0, -1.0), 1.0)
     th = math.acos(c)
     f = 0.5 if th < 1e-6 else th / (2.0 * math.sin(th))
-    out[o] = (R[2, 1] - R[1, 2]) * f
-    out[o + 1] = (R[0, 2] - R[2, 0]) * f
-    out[o + 2] = (R[1, 0] - R[0, 1]) * f
+    out[0] = (R[2, 1] - R[1, 2]) * f
+    out[1] = (R[0, 2] - R[2, 0]) * f
+    out[2] = (R[1, 0] - R[0, 1]) * f
 
 
 @njit(cache=True, nogil=True)
@@ -74,7 +74,7 @@ def so3_log_rows(R):
     """(n, 3, 3) rotations -> (n, 3) rotation vectors."""
     out = np.empty((R.shape[0], 3))
     for i in range(R.shape[0]):
-        _log_into(R[i], out[i], 0)
+        _log_into(R[i], out[i])
     return out
 
 
@@ -116,7 +116,7 @@ def edge_terms(s, R, t, ia, ib, zs, zR, zt, isig, r, T):
                 RE[i, j] = zR[e, i, 0] * RF[0, j] + zR[e, i, 1] * RF[1, j] + zR[e, i, 2] * RF[2, j]
         for i in range(3):
             MtF[i] = (zs[e] * zR[e, i, 0]) * tF[0] + (zs[e] * zR[e, i, 1]) * tF[1] + (zs[e] * zR[e, i, 2]) * tF[2]
-        _log_into(RE, phi, 0)
+        _log_into(RE, phi)
         for i in range(3):
             r[e, i] = phi[i]
             r[e, 3 + i] = MtF[i] + zt[e, i]
