@@ -208,125 +208,141 @@ def _symbolic(nf, uptr, ucol):
     return colptr, rows[:n].copy(), slot
 
 
-@numba.njit(cache=True)
-def _numeric(blocks, bs, diag, uptr, usrc, uslot, colptr, rows):
-    """Left-looking block Cholesky: D (nf, bs, bs) the lower Cholesky factors of the diagonal blocks, L (nnz, bs,
-    bs) the blocks below them (structure from `_symbolic`). Column k gets the updates of every earlier column j
-    with a block in row k when k comes up (columns wait in linked lists keyed by their next row). Returns
-    (D, L, -1) or the first column whose pivot is not positive."""
-    nf = len(diag)
-    D = np.empty((nf, bs, bs))
-    L = np.zeros((len(rows), bs, bs))
-    where = np.empty(nf, np.int64)  # row -> its position in the current column
-    first = np.empty(nf, np.int64)  # column j: the position of its next row to update
-    head = np.full(nf, -1, np.int64)
-    nxt = np.full(nf, -1, np.int64)
-    for k in range(nf):
-        Dk = D[k]
-        src = blocks[diag[k]]
-        for a in range(bs):
-            for b in range(bs):
-                Dk[a, b] = src[a * bs + b]
-        for q in range(uptr[k], uptr[k + 1]):  # A's upper block (k, i) is L's (i, k) transposed
-            src = blocks[usrc[q]]
-            T = L[uslot[q]]
+def _make_kernels(bs: int):
+    """`_numeric` and `_substitute` compiled for bs x bs blocks: bs a constant, so LLVM unrolls and vectorises
+    the block loops (2x faster than a run-time bs for 7 x 7). Cached on disk per bs (the closure's value is
+    part of numba's cache key)."""
+
+    @numba.njit(cache=True)
+    def _numeric(blocks, diag, uptr, usrc, uslot, colptr, rows):
+        """Left-looking block Cholesky: D (nf, bs, bs) the lower Cholesky factors of the diagonal blocks, L (nnz, bs,
+        bs) the blocks below them (structure from `_symbolic`). Column k gets the updates of every earlier column j
+        with a block in row k when k comes up (columns wait in linked lists keyed by their next row). Returns
+        (D, L, -1) or the first column whose pivot is not positive."""
+        nf = len(diag)
+        D = np.empty((nf, bs, bs))
+        L = np.zeros((len(rows), bs, bs))
+        where = np.empty(nf, np.int64)  # row -> its position in the current column
+        first = np.empty(nf, np.int64)  # column j: the position of its next row to update
+        head = np.full(nf, -1, np.int64)
+        nxt = np.full(nf, -1, np.int64)
+        for k in range(nf):
+            Dk = D[k]
+            src = blocks[diag[k]]
             for a in range(bs):
                 for b in range(bs):
-                    T[a, b] = src[b * bs + a]
-        for q in range(colptr[k], colptr[k + 1]):
-            where[rows[q]] = q
-        j = head[k]
-        while j != -1:
-            jn = nxt[j]
-            p = first[j]
-            Lkj = L[p]
-            for a in range(bs):  # D_k -= L_kj L_kj^T (lower half)
-                for b in range(a + 1):
-                    s = 0.0
-                    for c in range(bs):
-                        s += Lkj[a, c] * Lkj[b, c]
-                    Dk[a, b] -= s
-            for q in range(p + 1, colptr[j + 1]):  # L_ik -= L_ij L_kj^T
-                Lij = L[q]
-                T = L[where[rows[q]]]
+                    Dk[a, b] = src[a * bs + b]
+            for q in range(uptr[k], uptr[k + 1]):  # A's upper block (k, i) is L's (i, k) transposed
+                src = blocks[usrc[q]]
+                T = L[uslot[q]]
                 for a in range(bs):
                     for b in range(bs):
+                        T[a, b] = src[b * bs + a]
+            for q in range(colptr[k], colptr[k + 1]):
+                where[rows[q]] = q
+            j = head[k]
+            while j != -1:
+                jn = nxt[j]
+                p = first[j]
+                Lkj = L[p]
+                for a in range(bs):  # D_k -= L_kj L_kj^T (lower half)
+                    for b in range(a + 1):
                         s = 0.0
                         for c in range(bs):
-                            s += Lij[a, c] * Lkj[b, c]
-                        T[a, b] -= s
-            p += 1
-            if p < colptr[j + 1]:
-                first[j] = p
-                r = rows[p]
-                nxt[j] = head[r]
-                head[r] = j
-            j = jn
-        for c in range(bs):  # D_k = chol(D_k), lower
-            s = Dk[c, c]
-            for t in range(c):
-                s -= Dk[c, t] * Dk[c, t]
-            if not s > 0.0:
-                return D, L, k
-            d = np.sqrt(s)
-            Dk[c, c] = d
-            for a in range(c + 1, bs):
-                s = Dk[a, c]
+                            s += Lkj[a, c] * Lkj[b, c]
+                        Dk[a, b] -= s
+                for q in range(p + 1, colptr[j + 1]):  # L_ik -= L_ij L_kj^T
+                    Lij = L[q]
+                    T = L[where[rows[q]]]
+                    for a in range(bs):
+                        for b in range(bs):
+                            s = 0.0
+                            for c in range(bs):
+                                s += Lij[a, c] * Lkj[b, c]
+                            T[a, b] -= s
+                p += 1
+                if p < colptr[j + 1]:
+                    first[j] = p
+                    r = rows[p]
+                    nxt[j] = head[r]
+                    head[r] = j
+                j = jn
+            for c in range(bs):  # D_k = chol(D_k), lower
+                s = Dk[c, c]
                 for t in range(c):
-                    s -= Dk[a, t] * Dk[c, t]
-                Dk[a, c] = s / d
-        for q in range(colptr[k], colptr[k + 1]):  # L_ik = L_ik D_k^-T
-            T = L[q]
-            for a in range(bs):
-                for c in range(bs):
-                    s = T[a, c]
+                    s -= Dk[c, t] * Dk[c, t]
+                if not s > 0.0:
+                    return D, L, k
+                d = np.sqrt(s)
+                Dk[c, c] = d
+                for a in range(c + 1, bs):
+                    s = Dk[a, c]
                     for t in range(c):
-                        s -= T[a, t] * Dk[c, t]
-                    T[a, c] = s / Dk[c, c]
-        if colptr[k] < colptr[k + 1]:
-            first[k] = colptr[k]
-            r = rows[colptr[k]]
-            nxt[k] = head[r]
-            head[r] = k
-    return D, L, -1
-
-
-@numba.njit(cache=True)
-def _substitute(D, L, colptr, rows, x):
-    """x (nf, bs, k) <- (L L^T)^-1 x in place: forward then back substitution, block column by block column."""
-    nf, bs, m = x.shape
-    for k in range(nf):
-        Dk, xk = D[k], x[k]
-        for c in range(bs):
-            for v in range(m):
-                s = xk[c, v]
-                for t in range(c):
-                    s -= Dk[c, t] * xk[t, v]
-                xk[c, v] = s / Dk[c, c]
-        for q in range(colptr[k], colptr[k + 1]):
-            T, xi = L[q], x[rows[q]]
-            for a in range(bs):
-                for v in range(m):
-                    s = 0.0
+                        s -= Dk[a, t] * Dk[c, t]
+                    Dk[a, c] = s / d
+            for q in range(colptr[k], colptr[k + 1]):  # L_ik = L_ik D_k^-T
+                T = L[q]
+                for a in range(bs):
                     for c in range(bs):
-                        s += T[a, c] * xk[c, v]
-                    xi[a, v] -= s
-    for k in range(nf - 1, -1, -1):
-        Dk, xk = D[k], x[k]
-        for q in range(colptr[k], colptr[k + 1]):
-            T, xi = L[q], x[rows[q]]
+                        s = T[a, c]
+                        for t in range(c):
+                            s -= T[a, t] * Dk[c, t]
+                        T[a, c] = s / Dk[c, c]
+            if colptr[k] < colptr[k + 1]:
+                first[k] = colptr[k]
+                r = rows[colptr[k]]
+                nxt[k] = head[r]
+                head[r] = k
+        return D, L, -1
+
+
+    @numba.njit(cache=True)
+    def _substitute(D, L, colptr, rows, x):
+        """x (nf, bs, k) <- (L L^T)^-1 x in place: forward then back substitution, block column by block column."""
+        nf, _, m = x.shape
+        for k in range(nf):
+            Dk, xk = D[k], x[k]
             for c in range(bs):
                 for v in range(m):
-                    s = 0.0
-                    for a in range(bs):
-                        s += T[a, c] * xi[a, v]
-                    xk[c, v] -= s
-        for c in range(bs - 1, -1, -1):
-            for v in range(m):
-                s = xk[c, v]
-                for t in range(c + 1, bs):
-                    s -= Dk[t, c] * xk[t, v]
-                xk[c, v] = s / Dk[c, c]
+                    s = xk[c, v]
+                    for t in range(c):
+                        s -= Dk[c, t] * xk[t, v]
+                    xk[c, v] = s / Dk[c, c]
+            for q in range(colptr[k], colptr[k + 1]):
+                T, xi = L[q], x[rows[q]]
+                for a in range(bs):
+                    for v in range(m):
+                        s = 0.0
+                        for c in range(bs):
+                            s += T[a, c] * xk[c, v]
+                        xi[a, v] -= s
+        for k in range(nf - 1, -1, -1):
+            Dk, xk = D[k], x[k]
+            for q in range(colptr[k], colptr[k + 1]):
+                T, xi = L[q], x[rows[q]]
+                for c in range(bs):
+                    for v in range(m):
+                        s = 0.0
+                        for a in range(bs):
+                            s += T[a, c] * xi[a, v]
+                        xk[c, v] -= s
+            for c in range(bs - 1, -1, -1):
+                for v in range(m):
+                    s = xk[c, v]
+                    for t in range(c + 1, bs):
+                        s -= Dk[t, c] * xk[t, v]
+                    xk[c, v] = s / Dk[c, c]
+
+    return _numeric, _substitute
+
+
+_KERNELS: dict[int, tuple] = {}
+
+
+def _kernels(bs: int) -> tuple:
+    if bs not in _KERNELS:
+        _KERNELS[bs] = _make_kernels(bs)
+    return _KERNELS[bs]
 
 
 class BlockCholesky:
@@ -335,12 +351,13 @@ class BlockCholesky:
 
     def __init__(self, pat: BlockPattern, blocks: np.ndarray, bs: int):
         colptr, rows, uptr, usrc, uslot = pat.symbolic()
-        self.D, self.L, bad = _numeric(np.ascontiguousarray(blocks), bs, pat.diag, uptr, usrc, uslot, colptr, rows)
+        numeric, self._substitute = _kernels(bs)
+        self.D, self.L, bad = numeric(np.ascontiguousarray(blocks), pat.diag, uptr, usrc, uslot, colptr, rows)
         if bad >= 0:
             raise np.linalg.LinAlgError(f"the normal matrix is not positive definite (block column {bad})")
         self.colptr, self.rows, self.bs, self.nf = colptr, rows, bs, pat.nf
 
     def solve(self, b: np.ndarray) -> np.ndarray:
         x = np.array(b, np.float64).reshape(self.nf, self.bs, -1)
-        _substitute(self.D, self.L, self.colptr, self.rows, x)
+        self._substitute(self.D, self.L, self.colptr, self.rows, x)
         return x.reshape(b.shape)
