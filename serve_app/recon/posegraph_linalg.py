@@ -1,21 +1,30 @@
 """The pose graph's linear algebra: the block pattern of its normal matrices and their factorisation.
 
 A session's windows form a chain (odometry edges to the previous one or two windows) with a few long edges
-(loops). `BlockPattern` computes once per solve, at node level, where each edge's four blocks land, and sums
-them with one sparse product. `ChainCholesky` factors such a matrix by block cyclic reduction: the nodes in
-chain order are grouped into super-blocks of g nodes (g: the odometry reach), so odometry couples only
-neighbouring super-blocks; the super-blocks no long edge touches are eliminated level by level, every other one
-of each run at once (batched numpy on (k, B, B) arrays, ~log2(run) levels), which leaves a small sparse system
-over the super-blocks the loops touch (SuperLU). For 1,000 nodes and 20 loops that is ~2x cheaper than SuperLU
-on the whole 7,000 x 7,000 matrix (bench/posegraph.py), whose small supernodes keep it at a fraction of the
-machine's speed. A graph whose long edges touch more than a quarter of the super-blocks (many loops), or a small
-one, is factored by SuperLU in a fill-reducing node order instead. tests/recon/test_posegraph_linalg.py checks
-both against dense numpy.
+(loops). `BlockPattern` computes once per solve, at node level, where each edge's four blocks land and an
+elimination order of the free nodes: in chain order, the super-blocks (g consecutive nodes, g the odometry
+reach) that long edges touch moved to the end (`chain_order`: each such super-block separates the chain, so a
+run between two of them fills only towards them, and what is left is a small system over the kept nodes); a
+graph whose long edges touch more than a quarter of the super-blocks gets a node minimum-degree order
+(SuperLU's MMD on the node graph). `BlockCholesky` factors the 7x7-, 3x3- and 1x1-block systems of every graph
+by one code path: a block-level symbolic factorisation (elimination tree, L's block structure; once per pattern)
+and a left-looking block Cholesky with its forward/back substitution for 1 or k right-hand sides.
+
+Why numba: the matrices are block-sparse with tiny blocks (14,000 of 7x7 for 1,000 nodes), so batched numpy (the
+previous round's block cyclic reduction, bench/posegraph_cyclic.py) and SuperLU (small supernodes) both run at
+~1 GFLOP/s, bound by per-call overhead. Compiled loops over the blocks, with the block size a compile-time
+constant (one kernel per size), do the same elimination with ~4x fewer flops than the cyclic reduction's 14x14
+super-blocks: one factorisation of the bench's 7x7 matrix (1,000 nodes, 20 loops) 3.5-4.6x faster than the
+cyclic reduction and ~7-8x faster than SuperLU, same solution to ~1e-11 (bench/posegraph.py, bench/README.md);
+the 3x3 and 1x1 ones ~7-10x. The kernels are compiled on first use and cached on disk (numba's cache=True, in
+__pycache__): ~10-18 s once per machine and source version, ~0.3 s to load in a new process, ~0.3 s to import
+numba. tests/recon/test_posegraph_linalg.py checks everything against dense numpy.
 
 Measured and not taken (bench/README.md): LAPACK's banded Cholesky (a band of ~17 nodes in RCM order: slower),
 qdldl (a third less than SuperLU), CHOLMOD through cvxopt (a faster numeric factorisation, but building its
 matrix and the symbolic analysis per solve cost as much; a 65 MB wheel), cholespy (analysis and factorisation
-in one call) and scikit-sparse (no wheel on PyPI).
+in one call) and scikit-sparse (no wheel on PyPI); in numba: the block updates as rank-1 row updates instead of
+dot products, flat offsets, a column-at-once triangular solve (none faster).
 """
 
 from __future__ import annotations

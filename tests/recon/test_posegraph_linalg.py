@@ -168,3 +168,26 @@ def test_too_many_loops_fall_back_to_superlu_in_a_fill_reducing_order(monkeypatc
     assert pat.order == "minimum degree"
     assert sorted(pat.col_of[free]) == list(range(59))
     _check(rng, pat, 60, ia, ib, free, 7)
+
+
+def test_a_long_chain_with_loops_matches_superlu():
+    """The bench's shape at a third of its size (7x7 blocks, 400 nodes, odometry to the previous two, 8 loops):
+    the chain order keeps the loops' super-blocks to the end, and the solution is SuperLU's to 1e-10."""
+    import scipy.sparse.linalg as spla
+
+    rng = np.random.default_rng(7)
+    n = 400
+    ia, ib = _graph(rng, n, 2, 8)
+    free = np.ones(n, bool)
+    free[0] = False
+    pat = BlockPattern(ia, ib, free)
+    assert pat.order == "chain" and 0 < pat.kept <= 2 * 2 * 8
+    m = len(ia)
+    Ja, Jb = rng.normal(size=(m, 7, 7)), rng.normal(size=(m, 7, 7))
+    c = np.stack([np.swapaxes(Ja, 1, 2) @ Ja, np.swapaxes(Ja, 1, 2) @ Jb, np.swapaxes(Jb, 1, 2) @ Ja,
+                  np.swapaxes(Jb, 1, 2) @ Jb]).reshape(4 * m, 49)
+    blocks = pat.blocks(c, ridge=1e-6)
+    b = rng.normal(size=(399 * 7, 2))
+    ref = spla.splu(pat.csc(blocks, 7)).solve(b)
+    x = pat.factor(blocks, 7).solve(b)
+    assert np.abs(x - ref).max() <= 1e-10 * np.abs(ref).max()
