@@ -1,7 +1,9 @@
-"""Pose-graph solve time and accuracy: serve_app.recon.posegraph (chordal start, chain factorisation by block cyclic
-reduction, see posegraph_linalg.py) against the solver it replaced (`solve_previous` in bench/posegraph_previous.py:
-SuperLU on the whole normal matrix from the given start), two ablations of the new one (no chordal start; SuperLU
-instead of the chain factorisation) and gtsam 4.3 (LM) when installed; and one factorisation by each method.
+"""Pose-graph solve time and accuracy: serve_app.recon.posegraph (chordal start, block Cholesky compiled with numba
+in the chain order, see posegraph_linalg.py) against the solver it replaced (`solve_previous` in
+bench/posegraph_previous.py: SuperLU on the whole normal matrix from the given start), two ablations of the new one
+(no chordal start; SuperLU in a minimum-degree order instead of the block Cholesky) and gtsam 4.3 (LM) when
+installed; and one factorisation by each method (also the previous round's block cyclic reduction,
+bench/posegraph_cyclic.py).
 
     python bench/posegraph.py --nodes 1000 --loops 20 --repeat 5
 
@@ -31,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import scipy.sparse.linalg as spla
 
 import serve_app.recon.posegraph_linalg as pl
+from bench.posegraph_cyclic import ChainCholesky, ChainPlan
 from bench.posegraph_previous import solve_previous
 from serve_app.recon import posegraph as pg
 from serve_app.recon.geometry import Sim3
@@ -98,15 +101,22 @@ def _median_ms(fn, arg, repeat: int) -> tuple[float, float, object]:
     return float(np.median(wall)), float(np.median(cpu)), out
 
 
+def _superlu(pat: pl.BlockPattern, blocks: np.ndarray, bs: int):
+    """SuperLU (symmetric mode, no pivoting) on the matrix in the pattern's block column order."""
+    return spla.splu(pat.csc(blocks, bs), permc_spec="NATURAL", diag_pivot_thresh=0.0,
+                     options={"SymmetricMode": True})
+
+
 def _superlu_whole(fn):
-    """Run fn with the chain factorisation off (SuperLU on the whole matrix in a minimum-degree order)."""
+    """Run fn with SuperLU instead of the block Cholesky, on the whole matrix in a minimum-degree order."""
     def run(p):
-        keep = pl.MAX_LOOP_SHARE
+        keep, factor = pl.MAX_LOOP_SHARE, pl.BlockPattern.factor
         pl.MAX_LOOP_SHARE = -1.0
+        pl.BlockPattern.factor = _superlu
         try:
             return fn(p)
         finally:
-            pl.MAX_LOOP_SHARE = keep
+            pl.MAX_LOOP_SHARE, pl.BlockPattern.factor = keep, factor
     return run
 
 
@@ -211,18 +221,32 @@ def main() -> None:
     pl.MAX_LOOP_SHARE = -1.0
     mmd = pl.BlockPattern(ia, ib, free_nodes)  # the same matrix in a minimum-degree order, for SuperLU
     pl.MAX_LOOP_SHARE = keep
-    H = mmd.csc(mmd.blocks(c, ridge=1e-9), 7)
-    plan = pat.chain
-    facts = {"SuperLU (node minimum-degree order)": lambda _: spla.splu(H, permc_spec="NATURAL",
-                                                                         diag_pivot_thresh=0.0,
-                                                                         options={"SymmetricMode": True})}
-    if plan is not None:  # else the graph is small or has many loops, and the solver uses SuperLU too
-        facts[f"chain (block cyclic reduction; {plan.P} super-blocks of {plan.g} nodes, {len(plan.reduced)} kept "
-              f"for the loops, {len(plan.levels)} levels)"] = lambda _: pl.ChainCholesky(plan, pat, blocks, 7)
+    mmd_blocks = mmd.blocks(c, ridge=1e-9)
+    H = mmd.csc(mmd_blocks, 7)
+    nf = a.nodes - 1
+    cyc = pl.BlockPattern(ia, ib, free_nodes, rank=np.arange(nf))  # chain order, for the cyclic reduction
+    cyc_blocks = cyc.blocks(c, ridge=1e-9)
+    plan = ChainPlan.make(cyc.col_of[ia], cyc.col_of[ib], nf)  # node 0 (held) has no column: its edges drop out
+    nnz_l = len(pat.symbolic()[1])
+    CHOL = f"block Cholesky (numba, {pat.order} order, {pat.kept} nodes kept for the loops, {nnz_l} blocks in L)"
+    CYC = (f"block cyclic reduction (previous round; {plan.P} super-blocks of {plan.g} nodes, "
+           f"{len(plan.reduced)} kept, {len(plan.levels)} levels)")
+    facts = {"SuperLU (node minimum-degree order)": lambda _: _superlu(mmd, mmd_blocks, 7), CYC:
+             lambda _: ChainCholesky(plan, cyc, cyc_blocks, 7), CHOL: lambda _: pat.factor(blocks, 7),
+             "block Cholesky (numba, node minimum-degree order)": lambda _: mmd.factor(mmd_blocks, 7)}
+    fcpu = {}
     for name, fn in facts.items():
-        fw, fc, _ = _median_ms(fn, None, a.repeat)
+        fw, fcpu[name], _ = _median_ms(fn, None, a.repeat)
         print(f"one factorisation of H ({H.shape[0]} x {H.shape[0]}, {H.nnz} nonzeros), {name}: {fw:.1f} ms wall / "
-              f"{fc:.1f} ms CPU")
+              f"{fcpu[name]:.1f} ms CPU")
+    g0 = np.random.default_rng(0).normal(size=(nf, 7))  # a right-hand side in node order (node 0 held)
+    b_chol = np.empty_like(g0)
+    b_chol[pat.col_of[1:]] = g0
+    x_chol = pat.factor(blocks, 7).solve(b_chol.reshape(-1)).reshape(nf, 7)[pat.col_of[1:]]
+    x_cyc = ChainCholesky(plan, cyc, cyc_blocks, 7).solve(g0.reshape(-1)).reshape(nf, 7)
+    print(f"block Cholesky vs block cyclic reduction: {fcpu[CYC] / fcpu[CHOL]:.1f}x faster (CPU), vs SuperLU "
+          f"{fcpu['SuperLU (node minimum-degree order)'] / fcpu[CHOL]:.1f}x; same solution to "
+          f"{np.abs(x_chol - x_cyc).max() / np.abs(x_cyc).max():.1e} (relative)")
     # Local: what follows an ordinary window in serve_app/recon/consistency.py: the newest `graph_local_windows` (8)
     # nodes free, their edges' other ends held.
     free = set(ids[-8:])

@@ -397,6 +397,29 @@ def profile_path(p: dict, max_points: int, windows: int = 300) -> dict:
 
     out["remote"] = asyncio.run(remote())
 
+    class Bare:
+        """Ray's floor: an async actor with the shard's options that does nothing with the same arguments."""
+
+        async def echo(self, *args) -> None:
+            return None
+
+    async def floor() -> dict:
+        a = ray.remote(Bare).options(num_cpus=0, max_concurrency=1000).remote()
+        await a.echo.remote()
+        lat: dict = {"accept_frame": [], "commit_window": []}
+        for i in range(windows // 3 * p["new_frames"]):
+            for kind, args in (("accept_frame", ("sid", None, 1, _frame(p, i), i)),
+                               ("commit_window", _commit_args(p, "sid", i, 1))):
+                if kind == "commit_window" and i % p["new_frames"]:
+                    continue
+                t0 = time.perf_counter()
+                await a.echo.remote(*args)
+                lat[kind].append((time.perf_counter() - t0) * 1000.0)
+        ray.kill(a)
+        return lat
+
+    out["floor"] = asyncio.run(floor())
+
     async def cpu_per_call(n: int = 200, batch: int = 8) -> dict:
         """The shard process's CPU ms per call of each kind, one call at a time (its fixed per-call cost is
         what a batch of accepts shares)."""
@@ -509,13 +532,15 @@ def main(argv: list[str] | None = None) -> int:
         prof = profile_path(payloads, args.max_points)
         rows = []
         for k in ("accept_frame", "commit_window"):
-            ip, rm = prof["in_process"][k], prof["remote"][k]
+            ip, rm, fl = prof["in_process"][k], prof["remote"][k], prof["floor"][k]
             rows.append([k, fmt(prof["serialise"][k], ".2f"), fmt(pct(ip, 50), ".3f"), fmt(pct(ip, 99), ".3f"),
                          fmt(pct(rm, 50), ".2f"), fmt(pct(rm, 99), ".2f"),
-                         fmt(pct(rm, 50) - prof["serialise"][k] - pct(ip, 50), ".2f")])
-        print_table("where one call's time goes (one call at a time, nothing else running on the store)",
+                         fmt(pct(rm, 50) - prof["serialise"][k] - pct(ip, 50), ".2f"),
+                         f"{pct(fl, 50):.2f} / {pct(fl, 99):.2f}"])
+        print_table("where one call's time goes (one call at a time, nothing else running on the store); the "
+                    "floor: an empty async actor method called with the same arguments (Ray on this box)",
                     ["call", "serialise ms", "actor p50 ms", "actor p99 ms", "whole call p50", "p99",
-                     "Ray + loops p50 ms"], rows)
+                     "Ray + loops p50 ms", "floor p50 / p99 ms"], rows)
         print_table("the shard process's CPU per call, one call at a time (unpinned)", ["call", "CPU ms"],
                     [[k, fmt(v, ".2f")] for k, v in prof["cpu"].items()])
 

@@ -1,54 +1,157 @@
 """The pose graph's linear algebra: the block pattern of its normal matrices and their factorisation.
 
 A session's windows form a chain (odometry edges to the previous one or two windows) with a few long edges
-(loops). `BlockPattern` computes once per solve, at node level, where each edge's four blocks land, and sums
-them with one sparse product. `ChainCholesky` factors such a matrix by block cyclic reduction: the nodes in
-chain order are grouped into super-blocks of g nodes (g: the odometry reach), so odometry couples only
-neighbouring super-blocks; the super-blocks no long edge touches are eliminated level by level, every other one
-of each run at once (batched numpy on (k, B, B) arrays, ~log2(run) levels), which leaves a small sparse system
-over the super-blocks the loops touch (SuperLU). For 1,000 nodes and 20 loops that is ~2x cheaper than SuperLU
-on the whole 7,000 x 7,000 matrix (bench/posegraph.py), whose small supernodes keep it at a fraction of the
-machine's speed. A graph whose long edges touch more than a quarter of the super-blocks (many loops), or a small
-one, is factored by SuperLU in a fill-reducing node order instead. tests/recon/test_posegraph_linalg.py checks
-both against dense numpy.
+(loops). `BlockPattern` computes once per solve, at node level, where each edge's four blocks land and an
+elimination order of the free nodes: in chain order, the super-blocks (g consecutive nodes, g the odometry
+reach) that long edges touch moved to the end (`chain_order`: each such super-block separates the chain, so a
+run between two of them fills only towards them, and what is left is a small system over the kept nodes, which
+a dense exact minimum degree orders: 17 % fewer block updates than keeping them in chain order); a
+graph whose long edges touch more than a quarter of the super-blocks gets a node minimum-degree order
+(SuperLU's MMD on the node graph). `BlockCholesky` factors the 7x7-, 3x3- and 1x1-block systems of every graph
+by one code path: a block-level symbolic factorisation (elimination tree, L's block structure; once per pattern)
+and a left-looking block Cholesky with its forward/back substitution for 1 or k right-hand sides.
+
+Why numba: the matrices are block-sparse with tiny blocks (14,000 of 7x7 for 1,000 nodes), so batched numpy (the
+previous round's block cyclic reduction, bench/posegraph_cyclic.py) and SuperLU (small supernodes) both run at
+~1 GFLOP/s, bound by per-call overhead. Compiled loops over the blocks, with the block size a compile-time
+constant (one kernel per size), do the same elimination with ~4x fewer flops than the cyclic reduction's 14x14
+super-blocks: one factorisation of the bench's 7x7 matrix (1,000 nodes, 20 loops) 3.5-4.6x faster than the
+cyclic reduction and ~7-8x faster than SuperLU, same solution to ~1e-11 (bench/posegraph.py, bench/README.md);
+the 3x3 and 1x1 ones ~7-10x. The kernels are compiled on first use and cached on disk (numba's cache=True, in
+__pycache__): ~10-18 s once per machine and source version, ~0.3 s to load in a new process, ~0.3 s to import
+numba. tests/recon/test_posegraph_linalg.py checks everything against dense numpy.
 
 Measured and not taken (bench/README.md): LAPACK's banded Cholesky (a band of ~17 nodes in RCM order: slower),
 qdldl (a third less than SuperLU), CHOLMOD through cvxopt (a faster numeric factorisation, but building its
 matrix and the symbolic analysis per solve cost as much; a 65 MB wheel), cholespy (analysis and factorisation
-in one call) and scikit-sparse (no wheel on PyPI).
+in one call) and scikit-sparse (no wheel on PyPI); in numba: the block updates as rank-1 row updates instead of
+dot products, flat offsets, a column-at-once triangular solve (none faster).
 """
 
 from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
 MAX_REACH = 4  # odometry edges span at most this many nodes (chain positions) to be grouped into super-blocks
-MAX_LOOP_SHARE = 0.25  # super-blocks touched by long edges above which SuperLU factors the whole matrix
-MIN_CHAIN_NODES = 64  # below this many free nodes SuperLU is as cheap as the levels' numpy overhead
+MAX_LOOP_SHARE = 0.25  # super-blocks touched by long edges above which a minimum-degree order is used instead
+MAX_DENSE_ORDER = 3000  # kept nodes up to which their order is found on a dense adjacency matrix (9 MB)
 
 
-def _superlu(A):
-    return spla.splu(A, permc_spec="NATURAL", diag_pivot_thresh=0.0, options={"SymmetricMode": True})
+@numba.njit(cache=True)
+def _scatter_add(out, index, vals):
+    """out[index[i]] += vals[i] for every i with index[i] >= 0 (one pass; a sparse product took 4x longer)."""
+    w = vals.shape[1]
+    for i in range(len(index)):
+        r = index[i]
+        if r >= 0:
+            for c in range(w):
+                out[r, c] += vals[i, c]
 
 
-def _columns(rows: np.ndarray, cols: np.ndarray, n: int, m: int):
-    """The n x m 0/1 matrix with a one at (rows[i], cols[i]), each column at most once (cols increasing)."""
-    return sp.csc_matrix((np.ones(len(rows)), rows, np.r_[0, np.cumsum(np.bincount(cols, minlength=m))]),
-                         shape=(n, m))
+@numba.njit(cache=True)
+def _min_degree_dense(k, ea, eb):
+    """Exact minimum degree on a small graph (k nodes, edges ea-eb) kept as a dense adjacency matrix, ties to the
+    lowest index: the elimination sequence. O(k^2); SuperLU's MMD costs ~0.6 ms of call overhead for 80 nodes."""
+    adj = np.zeros((k, k), np.bool_)
+    for e in range(len(ea)):
+        if ea[e] != eb[e]:
+            adj[ea[e], eb[e]] = True
+            adj[eb[e], ea[e]] = True
+    deg = np.zeros(k, np.int64)
+    for i in range(k):
+        for j in range(k):
+            deg[i] += adj[i, j]
+    done = np.zeros(k, np.bool_)
+    order = np.empty(k, np.int64)
+    nb = np.empty(k, np.int64)
+    for step in range(k):
+        best = -1
+        for i in range(k):
+            if not done[i] and (best < 0 or deg[i] < deg[best]):
+                best = i
+        order[step] = best
+        done[best] = True
+        cnt = 0
+        for j in range(k):
+            if adj[best, j] and not done[j]:
+                nb[cnt] = j
+                cnt += 1
+                adj[j, best] = False
+                deg[j] -= 1
+        for x in range(cnt):  # the neighbours become a clique (the fill of eliminating best)
+            for y in range(x + 1, cnt):
+                u, v = nb[x], nb[y]
+                if not adj[u, v]:
+                    adj[u, v] = True
+                    adj[v, u] = True
+                    deg[u] += 1
+                    deg[v] += 1
+    return order
+
+
+def chain_order(pa: np.ndarray, pb: np.ndarray, nf: int) -> tuple[np.ndarray, int] | None:
+    """An elimination order for edges between chain positions pa, pb (free nodes in chain order) if the graph is
+    a chain with a few long edges, else None: positions grouped into super-blocks of g (the odometry reach), the
+    super-blocks long edges touch kept to the end (each one separates the chain, so eliminating a run between two
+    of them fills only between the run and them), in a minimum-degree order of their own. Returns (rank of each
+    position, number of kept nodes)."""
+    if not len(pa):
+        return None
+    d = np.abs(pa - pb)
+    short = d[d <= MAX_REACH]
+    g = int(short.max()) if len(short) else 1
+    P = -(-nf // g)
+    sa, sb = pa // g, pb // g
+    lo, hi = np.minimum(sa, sb), np.maximum(sa, sb)
+    far = hi - lo > 1
+    keep = np.zeros(P, bool)
+    keep[lo[far]] = keep[hi[far]] = True
+    if keep.sum() > MAX_LOOP_SHARE * P:
+        return None
+    kept = keep[np.arange(nf) // g]
+    kn = np.flatnonzero(kept)  # the kept nodes, in a minimum-degree order of what is left of the graph once the
+    at = np.full(nf, -1)  # runs are eliminated: their own edges, and every node of two consecutive kept
+    at[kn] = np.arange(len(kn))  # super-blocks coupled (the fill of the run between them)
+    ks = np.flatnonzero(keep)
+    both = kept[pa] & kept[pb]
+    ea, eb = [at[pa[both]]], [at[pb[both]]]
+    for i in range(g):
+        for j in range(g):
+            ea.append(at[np.minimum(ks[:-1] * g + i, nf - 1)])
+            eb.append(at[np.minimum(ks[1:] * g + j, nf - 1)])
+    ea, eb = np.concatenate(ea), np.concatenate(eb)
+    if len(kn) <= MAX_DENSE_ORDER:
+        order = kn[_min_degree_dense(len(kn), ea, eb)]
+    else:
+        order = kn[np.argsort(min_degree_order(ea, eb, len(kn)), kind="stable")]
+    rank = np.empty(nf, np.int64)
+    rank[np.r_[np.flatnonzero(~kept), order]] = np.arange(nf)
+    return rank, int(kept.sum())
+
+
+def min_degree_order(pa: np.ndarray, pb: np.ndarray, nf: int) -> np.ndarray:
+    """Node-level minimum degree (SuperLU's MMD on A + A^T of the node graph): the rank of each position."""
+    if nf <= 2:
+        return np.arange(nf)
+    A = sp.csc_matrix((np.ones(2 * len(pa) + nf), (np.r_[pa, pb, np.arange(nf)], np.r_[pb, pa, np.arange(nf)])),
+                      shape=(nf, nf))
+    return spla.splu(A + sp.identity(nf, format="csc") * nf, permc_spec="MMD_AT_PLUS_A",
+                     options={"SymmetricMode": True}).perm_c  # perm_c[i]: the position of free node i
 
 
 class BlockPattern:
     """The block sparsity of a symmetric matrix over F free nodes summed from per-edge blocks (an edge (a, b)
-    gives blocks aa, ab, ba, bb; held nodes have no rows). Block columns are the free nodes in chain order
-    (their order in `free`) when the chain factorisation applies, else in a minimum-degree order of the node
-    graph. `blocks(contrib)` sums the edges' blocks (one sparse product with `scatter`); `factor(blocks, bs)`
-    factors the matrix they form; `gradient` sums per-edge vectors per node."""
+    gives blocks aa, ab, ba, bb; held nodes have no rows). Block columns are the free nodes in an elimination
+    order (`rank`, default `chain_order`, else `min_degree_order`). `blocks(contrib)` sums the edges' blocks into
+    their `slot`; `factor(blocks, bs)` factors the matrix they form (`BlockCholesky`, its
+    structure computed once per pattern for every block size); `gradient` sums per-edge vectors per node."""
 
-    def __init__(self, ia: np.ndarray, ib: np.ndarray, free: np.ndarray):
+    def __init__(self, ia: np.ndarray, ib: np.ndarray, free: np.ndarray, rank: np.ndarray | None = None):
         n, m = len(free), len(ia)
         nf = int(free.sum())
         chain_pos = np.full(n, -1)
@@ -56,17 +159,13 @@ class BlockPattern:
         pa, pb = chain_pos[ia], chain_pos[ib]
         both = (pa >= 0) & (pb >= 0)
         self.nf = nf
-        self.chain = _ChainPlan.make(pa[both], pb[both], nf)
-        if self.chain is not None:
-            rank = np.arange(nf)
-        elif nf > 2:  # node-level minimum degree (SuperLU's MMD on A + A^T of the node graph)
-            A = sp.csc_matrix((np.ones(2 * int(both.sum()) + nf), (np.r_[pa[both], pb[both], np.arange(nf)],
-                                                                   np.r_[pb[both], pa[both], np.arange(nf)])),
-                              shape=(nf, nf))
-            rank = spla.splu(A + sp.identity(nf, format="csc") * nf, permc_spec="MMD_AT_PLUS_A",
-                             options={"SymmetricMode": True}).perm_c  # perm_c[i]: the position of free node i
-        else:
-            rank = np.arange(nf)
+        self.order, self.kept = "given", 0
+        if rank is None:
+            chain = chain_order(pa[both], pb[both], nf)
+            if chain is not None:
+                (rank, self.kept), self.order = chain, "chain"
+            else:
+                rank, self.order = min_degree_order(pa[both], pb[both], nf), "minimum degree"
         self.col_of = np.full(n, -1)
         self.col_of[free] = rank  # node -> its block column (-1: held)
         ca, cb = self.col_of[ia], self.col_of[ib]
@@ -77,19 +176,19 @@ class BlockPattern:
         ukey, slot = np.unique(key, return_inverse=True)
         self.nb = len(ukey)
         self.brow, self.bcol = ukey // nf, ukey % nf
-        # One entry per contribution column (none for a held node's): built as CSC directly, no sort.
-        self.scatter = _columns(slot[: len(ok)], ok, self.nb + 1, 4 * m)
+        self.slot = np.full(4 * m, -1, np.int64)  # contribution -> its block (-1: a held node's)
+        self.slot[ok] = slot[: len(ok)]
         self.diag = slot[len(ok):]  # block of each free node's diagonal, in column order
         self.bindptr = np.r_[0, np.cumsum(np.bincount(self.brow, minlength=nf))].astype(np.int32)
-        g = np.r_[ca, cb]  # gradient parts (a of every edge, then b) -> their node's block row
-        okg = np.flatnonzero(g >= 0)
-        self.gscatter = _columns(g[okg], okg, nf, 2 * m)
+        self.ca, self.cb = ca.astype(np.int64), cb.astype(np.int64)  # gradient parts -> their block row (-1: held)
         self._csc: dict[int, tuple] = {}
+        self._symbolic: tuple | None = None
 
     def blocks(self, contrib: np.ndarray, ridge: float = 0.0) -> np.ndarray:
         """Per-edge blocks contrib (4 m, bs * bs), [aa; ab; ba; bb], summed: (nb + 1, bs * bs) (the last row
         zero), plus ridge * I on the diagonal blocks."""
-        out = self.scatter @ contrib  # a last, zero row: what the chain factorisation reads for a missing block
+        out = np.zeros((self.nb + 1, contrib.shape[1]))
+        _scatter_add(out, self.slot, np.ascontiguousarray(contrib, np.float64))
         if ridge:
             bs = math.isqrt(contrib.shape[1])
             out[self.diag] += ridge * np.eye(bs).reshape(-1)
@@ -107,176 +206,256 @@ class BlockPattern:
         n = self.nf * bs
         return sp.csc_matrix((blocks[: self.nb].reshape(-1)[gather], indices, indptr), shape=(n, n))
 
-    def factor(self, blocks: np.ndarray, bs: int):
+    def symbolic(self) -> tuple:
+        """(colptr, rows) of the Cholesky factor's blocks below the diagonal, and the matrix's strict upper blocks
+        (row j: uptr[j]:uptr[j + 1]) with their source block (usrc) and their transpose's place in L (uslot)."""
+        if self._symbolic is None:
+            up = np.flatnonzero(self.brow < self.bcol)  # row-major: grouped by row, columns increasing
+            uptr = np.r_[0, np.cumsum(np.bincount(self.brow[up], minlength=self.nf))]
+            colptr, rows, uslot = _symbolic(self.nf, uptr, self.bcol[up])
+            self._symbolic = (colptr, rows, uptr, up, uslot)
+        return self._symbolic
+
+    def factor(self, blocks: np.ndarray, bs: int) -> BlockCholesky:
         """A factorisation (`.solve(b)`, b (F * bs,) or (F * bs, k)) of the SPD matrix the blocks form."""
-        if self.chain is not None and bs > 1:
-            return ChainCholesky(self.chain, self, blocks, bs)
-        if self.chain is not None:  # 1x1 blocks: SuperLU's own ordering is cheaper than the levels
-            return spla.splu(self.csc(blocks, bs), permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0,
-                             options={"SymmetricMode": True})
-        return _superlu(self.csc(blocks, bs))
+        return BlockCholesky(self, blocks, bs)
 
     def gradient(self, ga: np.ndarray, gb: np.ndarray) -> np.ndarray:
-        """Per-edge parts of a and b (m, k) summed per free node: (F, k) in block-column order."""
-        return self.gscatter @ np.concatenate([ga, gb])
+        """Per-edge parts of a and b (m, ...) summed per free node: (F, ...) in block-column order."""
+        out = np.zeros((self.nf, int(np.prod(ga.shape[1:]))))
+        _scatter_add(out, self.ca, np.ascontiguousarray(ga, np.float64).reshape(len(ga), -1))
+        _scatter_add(out, self.cb, np.ascontiguousarray(gb, np.float64).reshape(len(gb), -1))
+        return out.reshape((self.nf,) + ga.shape[1:])
 
 
-class _ChainPlan:
-    """The elimination schedule of `ChainCholesky` for one node graph: super-blocks of g chain positions, the
-    ones long edges touch (kept to the end), and per level the eliminated super-blocks with their neighbours."""
-
-    def __init__(self, g: int, P: int, keep: np.ndarray, long_pairs: np.ndarray):
-        self.g, self.P = g, P
-        self.long_pairs = long_pairs  # (k, 2) super-block pairs (p < q, not neighbours) coupled by long edges
-        # Two dummy super-blocks (P, P + 1) close the chain at both ends: every eliminated block has neighbours.
-        seq = np.r_[P, np.arange(P), P + 1]
-        kept = np.r_[keep, True, True]
-        self.levels = []
-        while True:
-            elim = ~kept[seq]
-            if not elim.any():
-                break
-            i = np.arange(len(seq))
-            start = elim & ~np.r_[False, elim[:-1]]
-            run_start = np.maximum.accumulate(np.where(start, i, 0))
-            pick = elim & ((i - run_start) % 2 == 0)  # every other block of each run: never two neighbours
-            ip = np.flatnonzero(pick)
-            rest = np.flatnonzero(~pick)
-            gap = np.diff(rest) == 2  # new neighbours across an eliminated block (their new coupling)
-            self.levels.append((seq[ip], seq[ip - 1], seq[ip + 1], ip, rest[:-1][~gap], gap))
-            seq = seq[rest]
-        self.reduced = seq[1:-1]  # the super-blocks left: those long edges touch, in chain order
-        self._layout: tuple | None = None  # for the one pattern this plan belongs to
-        self._reduced: dict[int, tuple] = {}
-        self._slots: list | None = None
-
-    def layout(self, pat: BlockPattern):
-        """Where the pattern's node blocks go (the upper ones off the diagonal): block indices into D, C and L
-        stored block-major ((super-block, row node, column node) -> one bs x bs block), with the blocks' own
-        indices: (D index, source, C index, source, L index, source)."""
-        if self._layout is None:
-            g, P = self.g, self.P
-            u, v = pat.brow, pat.bcol
-            pu, pv, ou, ov = u // g, v // g, u % g, v % g
-            inner = ou * g + ov
-            on, nb, far = np.flatnonzero(pu == pv), np.flatnonzero(pv == pu + 1), np.flatnonzero(pv > pu + 1)
-            lp = self.long_pairs
-            li = np.searchsorted(lp[:, 0] * (P + 2) + lp[:, 1], pu[far] * (P + 2) + pv[far])
-            self._layout = (pu[on] * g * g + inner[on], on, (pu[nb] + 1) * g * g + inner[nb], nb,
-                            li * g * g + inner[far], far)
-        return self._layout
-
-    def place(self, pat: BlockPattern, blocks: np.ndarray, bs: int):
-        """D (P + 2, B, B), C (P + 1, B, B) and L (long pairs, B, B) from the summed blocks (nb + 1, bs * bs, the
-        last row zero): one gather of whole node blocks each (block-level indices, made once per plan; far
-        cheaper to build than per-scalar ones), then a transpose to B x B."""
-        g = self.g
-        if self._slots is None:
-            di, dsrc, ci, csrc, li, lsrc = self.layout(pat)
-            self._slots = []
-            for count, idx, src in ((self.P + 2, di, dsrc), (self.P + 1, ci, csrc),
-                                    (len(self.long_pairs), li, lsrc)):
-                slot = np.full(count * g * g, pat.nb)  # no block there: the zero row
-                slot[idx] = src
-                self._slots.append((count, slot))
-        return [blocks[slot].reshape(count, g, g, bs, bs).transpose(0, 1, 3, 2, 4).reshape(count, g * bs, g * bs)
-                for count, slot in self._slots]
-
-    def reduced_layout(self, B: int):
-        """The CSC structure of the system left over the kept super-blocks, from its blocks [their diagonals,
-        the couplings of neighbours in the kept order, the long couplings, then the transposes of the last two]:
-        `sumup` adds blocks that land on the same place (a long coupling between kept neighbours), `gather` lays
-        the summed blocks out as CSC data (a BSR -> CSR conversion of their positions, made once)."""
-        if B not in self._reduced:
-            k = len(self.reduced)
-            at = np.full(self.P + 2, -1)
-            at[self.reduced] = np.arange(k)
-            rows = np.r_[np.arange(k), np.arange(k - 1), at[self.long_pairs[:, 0]]]
-            cols = np.r_[np.arange(k), np.arange(1, k), at[self.long_pairs[:, 1]]]
-            rows, cols = np.r_[rows, cols[k:]], np.r_[cols, rows[k:]]
-            ukey, inv = np.unique(rows * k + cols, return_inverse=True)  # row-major: BSR order
-            sumup = sp.csr_matrix((np.ones(len(inv)), (inv, np.arange(len(inv)))), shape=(len(ukey), len(inv)))
-            idx = np.arange(len(ukey) * B * B, dtype=np.float64).reshape(-1, B, B)
-            bptr = np.r_[0, np.cumsum(np.bincount(ukey // k, minlength=k))]
-            A = sp.bsr_matrix((idx, ukey % k, bptr), shape=(k * B, k * B)).tocsr()
-            self._reduced[B] = (sumup, A.data.astype(np.int64), A.indices, A.indptr)
-        return self._reduced[B]
-
-    @classmethod
-    def make(cls, pa: np.ndarray, pb: np.ndarray, nf: int) -> _ChainPlan | None:
-        """The plan for edges between chain positions pa, pb, or None if the graph is not a chain with a few
-        long edges."""
-        if nf < MIN_CHAIN_NODES or not len(pa):
-            return None
-        d = np.abs(pa - pb)
-        short = d[d <= MAX_REACH]
-        g = int(short.max()) if len(short) else 1
-        P = -(-nf // g)
-        sa, sb = pa // g, pb // g
-        lo, hi = np.minimum(sa, sb), np.maximum(sa, sb)
-        far = hi - lo > 1
-        keep = np.zeros(P, bool)
-        keep[lo[far]] = keep[hi[far]] = True
-        if keep.sum() > MAX_LOOP_SHARE * P:
-            return None
-        return cls(g, P, keep, np.unique(np.stack([lo[far], hi[far]], 1), axis=0))
+@numba.njit(cache=True)
+def _shell_sort(a):
+    """Sorts a (int64) in place: np.sort would add 1.7 s to the first compile, for lists of a few rows."""
+    h = 1
+    while h < len(a) // 3:
+        h = 3 * h + 1
+    while h >= 1:
+        for i in range(h, len(a)):
+            v = a[i]
+            j = i
+            while j >= h and a[j - h] > v:
+                a[j] = a[j - h]
+                j -= h
+            a[j] = v
+        h //= 3
 
 
-class ChainCholesky:
-    """Block cyclic reduction of an SPD matrix given as node blocks in chain order (see the module docstring).
-    Super-block size B = g * bs; the last super-block is padded with identity rows."""
+@numba.njit(cache=True)
+def _grown(a, n, need):
+    """a larger copy of a[:n] (a helper: growing in place made `_symbolic` take seconds longer to compile)."""
+    out = np.empty(max(2 * len(a), need), a.dtype)
+    out[:n] = a[:n]
+    return out
 
-    def __init__(self, plan: _ChainPlan, pat: BlockPattern, blocks: np.ndarray, bs: int):
-        g, P = plan.g, plan.P
-        B = g * bs
-        self.plan, self.B, self.n = plan, B, pat.nf * bs
-        # Node blocks -> super-block diagonals D (P + 2 with the dummies), neighbour couplings C (p, p + 1) and
-        # long couplings L (p, q): one gather of node blocks each (a missing block reads the zero row).
-        D, C, L = plan.place(pat, blocks, bs)
-        pad = np.arange(pat.nf * bs, P * B)  # padding rows of the last super-block, and the dummies: identity
-        D[pad // B, pad % B, pad % B] = 1.0
-        D[P:] = np.eye(B)  # C[k]: coupling of seq[k], seq[k + 1]; seq = dummy, 0..P-1, dummy
-        self.steps = []
-        for j, p, q, ip, old, gap in plan.levels:
-            Cpj, Cjq = C[ip - 1], C[ip]
-            inv = np.linalg.inv(D[j])
-            W1 = inv @ np.swapaxes(Cpj, 1, 2)  # A_jj^-1 A_jp
-            W2 = inv @ Cjq  # A_jj^-1 A_jq
-            D[p] -= Cpj @ W1
-            D[q] -= np.swapaxes(Cjq, 1, 2) @ W2
-            Cn = np.empty((len(gap), B, B))
-            Cn[~gap] = C[old]
-            Cn[gap] = -(Cpj @ W2)
-            C = Cn
-            self.steps.append((j, p, q, inv, Cpj, Cjq, W1, W2))
-        self.lu = None
-        S = plan.reduced
-        if len(S):  # the super-blocks long edges touch: diagonals, chain couplings, long couplings
-            vals = np.concatenate([D[S], C[1:-1], L])
-            sumup, gather, indices, indptr = plan.reduced_layout(B)
-            blk = sumup @ np.concatenate([vals, np.swapaxes(vals[len(S):], 1, 2)]).reshape(sumup.shape[1], -1)
-            A = sp.csc_matrix((blk.reshape(-1)[gather], indices, indptr), shape=(len(S) * B, len(S) * B))
-            self.lu = spla.splu(A, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0,
-                                options={"SymmetricMode": True})
+
+@numba.njit(cache=True)
+def _symbolic(nf, uptr, ucol):
+    """The block structure of the Cholesky factor L of a symmetric matrix over nf block columns (already in
+    elimination order) whose strict upper blocks are row j -> columns ucol[uptr[j]:uptr[j + 1]] (increasing),
+    i.e. the strict lower part's column j. Column j of L is its own rows plus its elimination-tree children's
+    rows below j. Returns (colptr, rows, slot): L's rows per column (increasing) and, per upper block, the
+    position of its transpose in L."""
+    rows = np.empty(4 * len(ucol) + 16, np.int64)
+    colptr = np.zeros(nf + 1, np.int64)
+    slot = np.empty(len(ucol), np.int64)
+    mark = np.full(nf, -1, np.int64)
+    pos = np.empty(nf, np.int64)
+    head = np.full(nf, -1, np.int64)  # elimination-tree children of a column, as linked lists
+    nxt = np.full(nf, -1, np.int64)
+    buf = np.empty(nf, np.int64)
+    n = 0
+    for j in range(nf):
+        cnt = 0
+        mark[j] = j
+        for q in range(uptr[j], uptr[j + 1]):
+            r = ucol[q]
+            if mark[r] != j:
+                mark[r] = j
+                buf[cnt] = r
+                cnt += 1
+        c = head[j]
+        while c != -1:
+            for q in range(colptr[c], colptr[c + 1]):
+                r = rows[q]
+                if mark[r] != j:
+                    mark[r] = j
+                    buf[cnt] = r
+                    cnt += 1
+            c = nxt[c]
+        col = buf[:cnt]
+        _shell_sort(col)
+        if n + cnt > len(rows):
+            rows = _grown(rows, n, n + cnt)
+        for q in range(cnt):
+            rows[n + q] = col[q]
+            pos[col[q]] = n + q
+        for q in range(uptr[j], uptr[j + 1]):
+            slot[q] = pos[ucol[q]]
+        n += cnt
+        colptr[j + 1] = n
+        if cnt:  # the parent: the first row below the diagonal
+            p = col[0]
+            nxt[j] = head[p]
+            head[p] = j
+    return colptr, rows[:n].copy(), slot
+
+
+def _make_kernels(bs: int):
+    """`_numeric` and `_substitute` compiled for bs x bs blocks: bs a constant, so LLVM unrolls and vectorises
+    the block loops (2x faster than a run-time bs for 7 x 7). Cached on disk per bs (the closure's value is
+    part of numba's cache key)."""
+
+    @numba.njit(cache=True)
+    def _numeric(blocks, diag, uptr, usrc, uslot, colptr, rows):
+        """Left-looking block Cholesky: D (nf, bs, bs) the lower Cholesky factors of the diagonal blocks, L (nnz, bs,
+        bs) the blocks below them (structure from `_symbolic`). Column k gets the updates of every earlier column j
+        with a block in row k when k comes up (columns wait in linked lists keyed by their next row). Returns
+        (D, L, -1) or the first column whose pivot is not positive."""
+        nf = len(diag)
+        D = np.empty((nf, bs, bs))
+        L = np.empty((len(rows), bs, bs))  # zeroed column by column, when it comes up (warm in cache)
+        where = np.empty(nf, np.int64)  # row -> its position in the current column
+        first = np.empty(nf, np.int64)  # column j: the position of its next row to update
+        head = np.full(nf, -1, np.int64)
+        nxt = np.full(nf, -1, np.int64)
+        for k in range(nf):
+            Dk = D[k]
+            src = blocks[diag[k]]
+            for a in range(bs):
+                for b in range(bs):
+                    Dk[a, b] = src[a * bs + b]
+            L[colptr[k]:colptr[k + 1]] = 0.0
+            for q in range(uptr[k], uptr[k + 1]):  # A's upper block (k, i) is L's (i, k) transposed
+                src = blocks[usrc[q]]
+                T = L[uslot[q]]
+                for a in range(bs):
+                    for b in range(bs):
+                        T[a, b] = src[b * bs + a]
+            for q in range(colptr[k], colptr[k + 1]):
+                where[rows[q]] = q
+            j = head[k]
+            while j != -1:
+                jn = nxt[j]
+                p = first[j]
+                Lkj = L[p]
+                for a in range(bs):  # D_k -= L_kj L_kj^T (lower half)
+                    for b in range(a + 1):
+                        s = 0.0
+                        for c in range(bs):
+                            s += Lkj[a, c] * Lkj[b, c]
+                        Dk[a, b] -= s
+                for q in range(p + 1, colptr[j + 1]):  # L_ik -= L_ij L_kj^T
+                    Lij = L[q]
+                    T = L[where[rows[q]]]
+                    for a in range(bs):
+                        for b in range(bs):
+                            s = 0.0
+                            for c in range(bs):
+                                s += Lij[a, c] * Lkj[b, c]
+                            T[a, b] -= s
+                p += 1
+                if p < colptr[j + 1]:
+                    first[j] = p
+                    r = rows[p]
+                    nxt[j] = head[r]
+                    head[r] = j
+                j = jn
+            for c in range(bs):  # D_k = chol(D_k), lower
+                s = Dk[c, c]
+                for t in range(c):
+                    s -= Dk[c, t] * Dk[c, t]
+                if not s > 0.0:
+                    return D, L, k
+                d = np.sqrt(s)
+                Dk[c, c] = d
+                for a in range(c + 1, bs):
+                    s = Dk[a, c]
+                    for t in range(c):
+                        s -= Dk[a, t] * Dk[c, t]
+                    Dk[a, c] = s / d
+            for q in range(colptr[k], colptr[k + 1]):  # L_ik = L_ik D_k^-T
+                T = L[q]
+                for a in range(bs):
+                    for c in range(bs):
+                        s = T[a, c]
+                        for t in range(c):
+                            s -= T[a, t] * Dk[c, t]
+                        T[a, c] = s / Dk[c, c]
+            if colptr[k] < colptr[k + 1]:
+                first[k] = colptr[k]
+                r = rows[colptr[k]]
+                nxt[k] = head[r]
+                head[r] = k
+        return D, L, -1
+
+
+    @numba.njit(cache=True)
+    def _substitute(D, L, colptr, rows, x):
+        """x (nf, bs, k) <- (L L^T)^-1 x in place: forward then back substitution, block column by block column."""
+        nf, _, m = x.shape
+        for k in range(nf):
+            Dk, xk = D[k], x[k]
+            for c in range(bs):
+                for v in range(m):
+                    s = xk[c, v]
+                    for t in range(c):
+                        s -= Dk[c, t] * xk[t, v]
+                    xk[c, v] = s / Dk[c, c]
+            for q in range(colptr[k], colptr[k + 1]):
+                T, xi = L[q], x[rows[q]]
+                for a in range(bs):
+                    for v in range(m):
+                        s = 0.0
+                        for c in range(bs):
+                            s += T[a, c] * xk[c, v]
+                        xi[a, v] -= s
+        for k in range(nf - 1, -1, -1):
+            Dk, xk = D[k], x[k]
+            for q in range(colptr[k], colptr[k + 1]):
+                T, xi = L[q], x[rows[q]]
+                for c in range(bs):
+                    for v in range(m):
+                        s = 0.0
+                        for a in range(bs):
+                            s += T[a, c] * xi[a, v]
+                        xk[c, v] -= s
+            for c in range(bs - 1, -1, -1):
+                for v in range(m):
+                    s = xk[c, v]
+                    for t in range(c + 1, bs):
+                        s -= Dk[t, c] * xk[t, v]
+                    xk[c, v] = s / Dk[c, c]
+
+    return _numeric, _substitute
+
+
+_KERNELS: dict[int, tuple] = {}
+
+
+def _kernels(bs: int) -> tuple:
+    if bs not in _KERNELS:
+        _KERNELS[bs] = _make_kernels(bs)
+    return _KERNELS[bs]
+
+
+class BlockCholesky:
+    """L L^T of the SPD matrix the pattern's summed blocks form (bs x bs blocks, in the pattern's block column
+    order): `solve(b)` for b (F * bs,) or (F * bs, k). Raises np.linalg.LinAlgError if a pivot is not positive."""
+
+    def __init__(self, pat: BlockPattern, blocks: np.ndarray, bs: int):
+        colptr, rows, uptr, usrc, uslot = pat.symbolic()
+        numeric, self._substitute = _kernels(bs)
+        self.D, self.L, bad = numeric(np.ascontiguousarray(blocks), pat.diag, uptr, usrc, uslot, colptr, rows)
+        if bad >= 0:
+            raise np.linalg.LinAlgError(f"the normal matrix is not positive definite (block column {bad})")
+        self.colptr, self.rows, self.bs, self.nf = colptr, rows, bs, pat.nf
 
     def solve(self, b: np.ndarray) -> np.ndarray:
-        plan, B = self.plan, self.B
-        rhs = b.reshape(self.n, -1)
-        k = rhs.shape[1]
-        x = np.zeros(((plan.P + 2) * B, k))
-        x[: self.n] = rhs
-        x = x.reshape(plan.P + 2, B, k)
-        ys = []
-        for j, p, q, inv, Cpj, Cjq, _, _ in self.steps:
-            y = inv @ x[j]
-            x[p] -= Cpj @ y
-            x[q] -= np.swapaxes(Cjq, 1, 2) @ y
-            ys.append(y)
-        S = plan.reduced
-        out = np.zeros_like(x)
-        if self.lu is not None:
-            out[S] = self.lu.solve(x[S].reshape(len(S) * B, k)).reshape(len(S), B, k)
-        for (j, p, q, _, _, _, W1, W2), y in zip(reversed(self.steps), reversed(ys)):
-            out[j] = y - W1 @ out[p] - W2 @ out[q]
-        out = out.reshape(-1, k)[: self.n]
-        return out.reshape(b.shape)
+        x = np.array(b, np.float64).reshape(self.nf, self.bs, -1)
+        self._substitute(self.D, self.L, self.colptr, self.rows, x)
+        return x.reshape(b.shape)

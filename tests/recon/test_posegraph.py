@@ -241,8 +241,10 @@ def test_solution_matches_a_plain_dense_gauss_newton():
 @pytest.mark.parametrize("seed", [3, 4, 5])
 def test_chain_factorisation_and_superlu_take_the_same_steps_with_loops_and_a_wrong_edge(seed, monkeypatch):
     """The linear algebra changes speed, not the answer: on random rings with loop edges and one wrong edge the
-    chain factorisation (block cyclic reduction) and SuperLU on the whole matrix take the same steps to the same
-    poses, cutting the same edge."""
+    block Cholesky in the chain order and SuperLU on the whole matrix in a minimum-degree order take the same steps
+    to the same poses, cutting the same edge."""
+    import scipy.sparse.linalg as spla
+
     import serve_app.recon.posegraph_linalg as pl
 
     rng = np.random.default_rng(seed)
@@ -258,11 +260,12 @@ def test_chain_factorisation_and_superlu_take_the_same_steps_with_loops_and_a_wr
     free[0] = False
     ia, ib = np.array([e.a for e in all_edges]), np.array([e.b for e in all_edges])
     monkeypatch.setattr(pl, "MAX_LOOP_SHARE", 1.0)
-    monkeypatch.setattr(pl, "MIN_CHAIN_NODES", 8)
-    assert pl.BlockPattern(ia, ib, free).chain is not None  # the chain path is the one taken
+    assert pl.BlockPattern(ia, ib, free).order == "chain"  # the chain order is the one taken
     chain = solve(ids, est, all_edges, params, fixed=0)
     monkeypatch.setattr(pl, "MAX_LOOP_SHARE", 0.0)
-    assert pl.BlockPattern(ia, ib, free).chain is None
+    monkeypatch.setattr(pl.BlockPattern, "factor", lambda pat, blocks, bs: spla.splu(
+        pat.csc(blocks, bs), permc_spec="NATURAL", diag_pivot_thresh=0.0, options={"SymmetricMode": True}))
+    assert pl.BlockPattern(ia, ib, free).order == "minimum degree"
     lu = solve(ids, est, all_edges, params, fixed=0)
     assert (chain.iterations, chain.factorisations) == (lu.iterations, lu.factorisations)
     assert max(np.abs(chain.poses[i].matrix() - lu.poses[i].matrix()).max() for i in ids) < 1e-8
