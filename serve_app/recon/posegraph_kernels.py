@@ -2,15 +2,14 @@
 
 Why compiled: a 1,000-window solve works on ~2,000 edges of 7x7 / 3x3 matrices. In batched numpy every step
 (compose, log, Jacobian blocks, the three 7x7 products of the normal blocks, gradients, retractions, the polar
-projections) was one call on (m, 7, 7) or (m, 3, 3) stacks whose per-call overhead and temporaries dominated:
-the non-factorisation part of a cold solve from a drifted chain was ~30 ms of ~58 (bench problem, 2-core box,
-load ~2). Here one loop over the edges composes E = Z^-1 ∘ A^-1 ∘ B and writes the whitened residuals and the
-terms the Jacobians reuse; another forms each edge's two 7x7 Jacobians in scratch and writes only the weighted
-normal blocks [Ja^T W Ja; Ja^T W Jb; Jb^T W Ja; Jb^T W Jb] (the (4m, 49) layout `BlockPattern.blocks` takes) and
-the gradient parts, skipping the Jacobians' structural zeros. Measured in one process against the numpy version
-(bench/README.md, round h16edge): the non-factorisation part 29.5 -> 14.1 ms (2.1x; 2.6x without the block
-pattern's own sums in posegraph_linalg.py), the cold solve 58 -> 42 ms (bench/posegraph.py's round robin: 78 -> 40
-ms CPU), identical steps, poses within 2e-14.
+projections) was one call on (m, 7, 7) or (m, 3, 3) stacks whose per-call overhead and temporaries dominated.
+Here one loop over the edges composes E = Z^-1 ∘ A^-1 ∘ B and writes the whitened residuals and the terms the
+Jacobians reuse; another forms each edge's two 7x7 Jacobians in scratch and writes only the weighted normal
+blocks [Ja^T W Ja; Ja^T W Jb; Jb^T W Ja; Jb^T W Jb] (the (4m, 49) layout `BlockPattern.blocks` takes) and the
+gradient parts, skipping the Jacobians' structural zeros. Measured against the numpy version (bench/README.md,
+round h16edge; both with posegraph_linalg.py's block Cholesky, 2-core box): the non-factorisation part of a cold
+solve from a drifted chain 40.9 -> 19.6 ms (2.1x; 2.7x without the block pattern's own sums), bench/posegraph.py's
+cold solve 34.8 -> 23.0 ms CPU, identical steps, poses within 4e-14.
 
 All kernels are `njit(cache=True, nogil=True)`, no fastmath and no parallel: the numpy code's floating-point
 operations in its order (a sum over a Jacobian's zero entries is left out, which changes no bit), so the solver
