@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[dev]"
 	# depth-anything-3 declares numpy<2, moviepy, xformers, open3d and a CUDA torch, none of which the network needs.
 	$(PY) -m pip install -q --no-deps "$(DA3_SPEC)"
+	# Compile the pose graph's numba kernels into their disk cache once (~25 s here), not at a first solve.
+	$(PY) -c "from serve_app.recon.posegraph import warm_up; print(f'pose-graph kernels ready in {warm_up():.0f} s')"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -32,9 +32,17 @@ from serve_app.media.imaging import ImageLimits
 from serve_app.media.video import VideoLimits
 from serve_app.observability.metrics import IngressMetrics
 from serve_app.observability.status_cache import CachedCall
+from serve_app.recon import posegraph
 from serve_app.sessions.admission import ConcurrencyGate
 
 log = logging.getLogger("ray.serve.da3.ingress")  # child of ray.serve: goes to the replica log files
+
+
+def _warm_up_pose_graph() -> None:
+    try:
+        log.info("pose-graph kernels ready in %.1f s", posegraph.warm_up())
+    except Exception:  # global consistency then compiles at its first solve; nothing else depends on it
+        log.exception("pose-graph warm-up failed")
 
 
 class IngressReplica(SessionRoutes, ExportRoutes, StatusRoutes, OneShotUpload, StreamRoute, ResultStreaming,
@@ -81,6 +89,9 @@ class IngressReplica(SessionRoutes, ExportRoutes, StatusRoutes, OneShotUpload, S
         self.export_gate = ConcurrencyGate(lim.max_concurrent_exports)
         # serve.status() is a blocking controller call: made in a thread, reused for stats_cache_s.
         self.deployment_status = CachedCall(self._deployment_status, lim.stats_cache_s, default={})
+        # The pose graph's numba kernels: loaded (compiled, the first time on a machine) in the pool now, so no
+        # session's first global solve waits for them.
+        self.pool.submit(_warm_up_pose_graph)
 
     def _count_error(self, code: str, session_id: str | None = None) -> None:
         if session_id:

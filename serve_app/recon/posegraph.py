@@ -13,8 +13,8 @@ plain least-squares pass (a wrong edge then pulls with bounded force; loops that
 also refused before they enter, see `loop_discrepancy`). What makes a 1,000-window solve fast (bench/posegraph.py):
 a start far from consistent (a drifted chain after a loop closes) is first replaced by a chordal initialisation
 (three linear solves: rotations, log scales, translations), after which Gauss-Newton needs two factorisations
-instead of four; the normal matrix is summed at node level into a block pattern and factored by block cyclic
-reduction along the chain, the loops' super-blocks left to a small SuperLU system (posegraph_linalg.py); chord
+instead of four; the normal matrix is summed at node level into a block pattern and factored by a compiled
+block Cholesky in chain order, the nodes the loops touch last (posegraph_linalg.py); chord
 steps (the last factorisation kept while steps are small) need only the gradient (`_jt_times`); iterations stop
 once the contraction of the updates says the rest is below a tenth of `tol`; and everything per edge or per node
 (composing the edges, the Jacobians and their weighted 7x7 normal blocks, retractions, the chordal start's terms
@@ -26,30 +26,37 @@ solver with the previous one (SuperLU on the whole matrix, four factorisations f
 
 from __future__ import annotations
 
+import importlib
+import time
 from dataclasses import dataclass, field
 from itertools import repeat
 from operator import attrgetter
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from serve_app.recon.geometry import Sim3
-from serve_app.recon.posegraph_linalg import BlockPattern
+
+if TYPE_CHECKING:
+    from serve_app.recon.posegraph_linalg import BlockPattern
 
 
-class _Kernels:
-    """posegraph_kernels, imported at first use: importing numba costs ~0.3 s and ~100 MiB RSS per process, which
-    the processes that only read Edge / GraphParams (the journal codec, the reconstruction's config) need not pay.
-    """
+class _Lazy:
+    """A module imported at first use, then bound to its name here: the compiled kernels need numba (~0.3 s and
+    ~100 MiB RSS per process to import), which the processes that only read Edge / GraphParams (the journal
+    codec, the session store, the reconstruction's config) need not pay."""
 
-    def __getattr__(self, name: str):
-        global K
-        from serve_app.recon import posegraph_kernels
+    def __init__(self, module: str, name: str):
+        self._module, self._name = module, name
 
-        K = posegraph_kernels
-        return getattr(posegraph_kernels, name)
+    def __getattr__(self, attr: str):
+        mod = importlib.import_module(self._module)
+        globals()[self._name] = mod
+        return getattr(mod, attr)
 
 
-K = _Kernels()
+K = _Lazy("serve_app.recon.posegraph_kernels", "K")
+LA = _Lazy("serve_app.recon.posegraph_linalg", "LA")
 
 # --- batched Sim(3) helpers: (s (n,), R (n, 3, 3), t (n, 3)) ------------------------------------------------
 
@@ -320,6 +327,40 @@ def _chordal(x, ia, ib, zinv, w, pat: BlockPattern, free: np.ndarray):
     return s, R, t
 
 
+def warm_up() -> float:
+    """Load the compiled kernels, compiling them first where numba's disk cache has no copy for this source
+    (~25 s CPU on the 2-core box, once per machine and source version; ~0.5 s to load): two small solves that
+    take every compiled path (a drifted ring with loops and a wrong edge: chordal start, chain order, plain and
+    robust passes, chord steps, 7x7 / 3x3 / 1x1 blocks; then a graph with many loops: the minimum-degree order).
+    The ingress runs it in its thread pool when a replica starts, and `make install` once, so no session's first
+    global solve waits for the compiler. Returns the seconds it took."""
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(0)
+    n = 80
+    truth = [Sim3(1.0, so3_exp(np.array([0.0, a, 0.0])), np.array([2 * np.cos(a), 0.0, 2 * np.sin(a)]))
+             for a in 2 * np.pi * np.arange(n) / n]
+
+    def rel(a: int, b: int) -> Sim3:
+        z = truth[a].inverse().compose(truth[b])
+        return Sim3(z.s, so3_exp(rng.normal(size=3) * 0.05) @ z.R, z.t + rng.normal(size=3) * 0.02)
+
+    odom = [Edge(b - d, b, rel(b - d, b)) for b in range(1, n) for d in (1, 2) if b - d >= 0]
+    est = [truth[0]]
+    for b in range(1, n):
+        est.append(est[-1].compose(next(e.z for e in odom if e.a == b - 1 and e.b == b)))
+    ids = list(range(n))
+    params = GraphParams(sigma_rot_deg=0.5, sigma_trans=0.01, sigma_scale=0.01, huber=3.0)
+    wrong = Edge(5, 40, rel(20, 40), kind="loop")
+    solve(ids, est, odom + [Edge(0, n - 1, rel(0, n - 1), kind="loop"), wrong], params, fixed=0)
+    many = [Edge(a, a + 30, rel(a, a + 30), kind="loop") for a in range(0, n - 30, 3)]
+    solve(ids, est, odom + many, params, fixed=0)
+    g = PoseGraph(params)  # the loop gate (loops.py) too
+    for i in ids:
+        g.add_node(i, est[i])
+    g.loop_discrepancy(wrong, 35)
+    return time.perf_counter() - t0
+
+
 def solve(ids: list[int], poses: list[Sim3], edges: list[Edge], params: GraphParams,
           fixed: int | set[int] | list[int]) -> SolveResult:
     """Robust Gauss-Newton over the graph, the `fixed` node(s) held (at least one: the gauge). Returns the poses
@@ -332,7 +373,7 @@ def solve(ids: list[int], poses: list[Sim3], edges: list[Edge], params: GraphPar
         return SolveResult(dict(zip(ids, poses)), 0, 0.0, 0.0)
     n, x, ia, ib, zinv, base_w, free = g.n, g.x, g.ia, g.ib, g.zinv, g.base_w, g.free
     sig = params.sig
-    pat = BlockPattern(ia, ib, free)
+    pat = LA.BlockPattern(ia, ib, free)
     col_of = pat.col_of
 
     def res(xx):

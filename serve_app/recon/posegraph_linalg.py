@@ -42,7 +42,7 @@ MAX_LOOP_SHARE = 0.25  # super-blocks touched by long edges above which a minimu
 MAX_DENSE_ORDER = 3000  # kept nodes up to which their order is found on a dense adjacency matrix (9 MB)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _scatter_add(out, index, vals):
     """out[index[i]] += vals[i] for every i with index[i] >= 0 (one pass; a sparse product took 4x longer)."""
     w = vals.shape[1]
@@ -53,7 +53,7 @@ def _scatter_add(out, index, vals):
                 out[r, c] += vals[i, c]
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _min_degree_dense(k, ea, eb):
     """Exact minimum degree on a small graph (k nodes, edges ea-eb) kept as a dense adjacency matrix, ties to the
     lowest index: the elimination sequence. O(k^2); SuperLU's MMD costs ~0.6 ms of call overhead for 80 nodes."""
@@ -228,7 +228,7 @@ class BlockPattern:
         return out.reshape((self.nf,) + ga.shape[1:])
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _shell_sort(a):
     """Sorts a (int64) in place: np.sort would add 1.7 s to the first compile, for lists of a few rows."""
     h = 1
@@ -245,7 +245,7 @@ def _shell_sort(a):
         h //= 3
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _grown(a, n, need):
     """a larger copy of a[:n] (a helper: growing in place made `_symbolic` take seconds longer to compile)."""
     out = np.empty(max(2 * len(a), need), a.dtype)
@@ -253,7 +253,7 @@ def _grown(a, n, need):
     return out
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _symbolic(nf, uptr, ucol):
     """The block structure of the Cholesky factor L of a symmetric matrix over nf block columns (already in
     elimination order) whose strict upper blocks are row j -> columns ucol[uptr[j]:uptr[j + 1]] (increasing),
@@ -310,7 +310,7 @@ def _make_kernels(bs: int):
     the block loops (2x faster than a run-time bs for 7 x 7). Cached on disk per bs (the closure's value is
     part of numba's cache key)."""
 
-    @numba.njit(cache=True)
+    @numba.njit(cache=True, nogil=True)
     def _numeric(blocks, diag, uptr, usrc, uslot, colptr, rows):
         """Left-looking block Cholesky: D (nf, bs, bs) the lower Cholesky factors of the diagonal blocks, L (nnz, bs,
         bs) the blocks below them (structure from `_symbolic`). Column k gets the updates of every earlier column j
@@ -394,7 +394,7 @@ def _make_kernels(bs: int):
         return D, L, -1
 
 
-    @numba.njit(cache=True)
+    @numba.njit(cache=True, nogil=True)
     def _substitute(D, L, colptr, rows, x):
         """x (nf, bs, k) <- (L L^T)^-1 x in place: forward then back substitution, block column by block column."""
         nf, _, m = x.shape

@@ -339,3 +339,59 @@ def test_stacking_takes_any_sim3_layout():
         assert np.array_equal(s, [x.s for x in group])
         assert np.array_equal(R, np.stack([x.R for x in group])) and R.flags.c_contiguous and R.flags.writeable
         assert np.array_equal(t, np.stack([x.t for x in group]).astype(np.float64)) and t.dtype == np.float64
+
+
+_WARM_UP_CHECK = """
+import json, sys
+import numpy as np
+import serve_app.recon.consistency, serve_app.sessions.journal_codec
+from serve_app.recon import posegraph as pg
+lazy = "numba" not in sys.modules  # importing the solver and its users does not load numba
+pg.warm_up()
+import numba
+from serve_app.recon import posegraph_kernels, posegraph_linalg
+disp = {f"{m.__name__}.{k}": v for m in (posegraph_kernels, posegraph_linalg) for k, v in vars(m).items()
+        if isinstance(v, numba.core.registry.CPUDispatcher)}
+disp.update({f"block size {bs}: {i}": f for bs, fs in posegraph_linalg._KERNELS.items() for i, f in enumerate(fs)})
+before = {k: len(v.signatures) for k, v in disp.items()}
+sys.path.insert(0, "tests/recon")
+from test_posegraph import _ring
+rng = np.random.default_rng(7)
+n = 300
+truth, est, edges, rel = _ring(n, seed=7, rot_deg=1.0)
+edges += [pg.Edge(b - 2, b, rel(b - 2, b)) for b in range(2, n)]
+edges += [pg.Edge(int(a), int(a) + 150, rel(int(a), int(a) + 150, 0.5), kind="loop")
+          for a in rng.integers(0, n - 150, 6)]
+ids = list(range(n))
+params = pg.GraphParams(sigma_rot_deg=0.5, sigma_trans=0.01, sigma_scale=0.01)
+cold = pg.solve(ids, est, edges, params, fixed=0)  # from the drifted chain
+warm = pg.solve(ids, [cold.poses[i] for i in ids], edges, params, fixed=0)
+free = set(ids[-8:])  # the per-window local solve: the newest nodes free, their neighbours held
+local = [e for e in edges if e.a in free or e.b in free]
+used = sorted({e.a for e in local} | {e.b for e in local})
+pg.solve(used, [est[i] for i in used], local, params, [i for i in used if i not in free])
+g = pg.PoseGraph(params)
+for i in ids:
+    g.add_node(i, est[i])
+g.loop_discrepancy(edges[-1], 150)
+new = {k: len(v.signatures) - before[k] for k, v in disp.items() if len(v.signatures) != before[k]}
+print(json.dumps({"lazy": lazy, "new": new, "kernels": len(disp), "cold_factorisations": cold.factorisations}))
+"""
+
+
+def test_warm_up_compiles_every_kernel_a_solve_uses_and_importing_the_solver_loads_no_numba():
+    """In a fresh process: importing the solver and its users (consistency, the journal codec) does not import
+    numba; after warm_up() a cold, a warm and a local solve of another graph and the loop gate compile nothing
+    more (the ingress warms up when a replica starts, so no session's first global solve waits for numba)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", _WARM_UP_CHECK], cwd=root, capture_output=True, text=True,
+                         timeout=600, check=True).stdout
+    res = json.loads(out.strip().splitlines()[-1])
+    assert res["lazy"]
+    assert res["kernels"] >= 10 and res["cold_factorisations"] >= 1
+    assert res["new"] == {}
