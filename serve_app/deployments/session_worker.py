@@ -28,6 +28,7 @@ from serve_app.protocol import PointBody, encode_point_body
 from serve_app.protocol import messages as wire
 from serve_app.recon import corrections
 from serve_app.recon.corrections import Correction
+from serve_app.recon.graph_step import graph_step
 from serve_app.recon.reconstruction import FrameInput, StreamReconstructor, WindowPlan
 from serve_app.sessions.replies import CommitStatus
 from serve_app.sessions.session_store import (
@@ -342,28 +343,25 @@ class SessionWorker:
             await self._maybe_complete()
 
     async def _graph_step(self, loop) -> None:
-        rec = self.recon
+        """serve_app/recon/graph_step.py's operations, in order: under the lock in the pool, the solve in the pool
+        without it, the correction published, the loop windows through the model."""
+        steps = graph_step(self.recon)
+        result = None
         while not self.closed:
-            job = await self._run(rec.graph_prepare)
-            if job is not None:
-                poses = await loop.run_in_executor(self.pool, rec.consistency.run_job, job, rec.graph_params)
-                corr = await self._run(rec.graph_apply, job, poses)
-                if corr is not None:
-                    await self.publish_correction(corr)
-                if rec.maintenance_due:
-                    await self._run(rec.maintain)
-            # Verify every loop candidate due, up to loop_batch at a time in one model call (an accepted one may
-            # queue more), then ONE global solve for all the loops accepted (a solve per loop: 228 global solves
-            # on the three-loop bench, now 60).
-            accepted = 0
-            while not self.closed:
-                async with self.lock:
-                    plans = rec.next_loops()
-                if not plans:
-                    break
-                accepted += sum(bool(r.get("accepted")) for r in await self._verify_loops(plans))
-            if not accepted:
+            try:
+                op = steps.send(result)
+            except StopIteration:
                 return
+            kind, args = op[0], op[1:]
+            if kind == "locked":
+                result = await self._run(*args)
+            elif kind == "solve":
+                result = await loop.run_in_executor(self.pool, self.recon.consistency.run_job, args[0],
+                                                    self.recon.graph_params)
+            elif kind == "publish":
+                result = await self.publish_correction(args[0])
+            else:  # "loops"
+                result = await self._verify_loops(args[0])
 
     async def _verify_loops(self, plans: list[WindowPlan]) -> list[dict]:
         """A batch of loop windows through the model in one call (infer_windows: one batched forward, shared with
