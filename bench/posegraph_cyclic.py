@@ -16,7 +16,7 @@ import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
-from serve_app.recon.posegraph_linalg import MAX_REACH, BlockPattern
+from serve_app.recon.posegraph_linalg import BlockPattern, super_blocks
 
 
 class ChainPlan:
@@ -106,15 +106,7 @@ class ChainPlan:
         long edges."""
         if not len(pa):
             return None
-        d = np.abs(pa - pb)
-        short = d[d <= MAX_REACH]
-        g = int(short.max()) if len(short) else 1
-        P = -(-nf // g)
-        sa, sb = pa // g, pb // g
-        lo, hi = np.minimum(sa, sb), np.maximum(sa, sb)
-        far = hi - lo > 1
-        keep = np.zeros(P, bool)
-        keep[lo[far]] = keep[hi[far]] = True
+        g, P, lo, hi, far, keep = super_blocks(pa, pb, nf)
         return cls(g, P, keep, np.unique(np.stack([lo[far], hi[far]], 1), axis=0))
 
 

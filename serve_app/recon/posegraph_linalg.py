@@ -94,14 +94,10 @@ def _min_degree_dense(k, ea, eb):
     return order
 
 
-def chain_order(pa: np.ndarray, pb: np.ndarray, nf: int) -> tuple[np.ndarray, int] | None:
-    """An elimination order for edges between chain positions pa, pb (free nodes in chain order) if the graph is
-    a chain with a few long edges, else None: positions grouped into super-blocks of g (the odometry reach), the
-    super-blocks long edges touch kept to the end (each one separates the chain, so eliminating a run between two
-    of them fills only between the run and them), in a minimum-degree order of their own. Returns (rank of each
-    position, number of kept nodes)."""
-    if not len(pa):
-        return None
+def super_blocks(pa: np.ndarray, pb: np.ndarray, nf: int):
+    """Chain positions grouped into super-blocks of g (the odometry reach: the longest edge of at most MAX_REACH
+    positions), so short edges couple only neighbouring super-blocks: (g, P super-blocks, each edge's lower and
+    higher super-block, which edges are long, the super-blocks long edges touch)."""
     d = np.abs(pa - pb)
     short = d[d <= MAX_REACH]
     g = int(short.max()) if len(short) else 1
@@ -111,6 +107,18 @@ def chain_order(pa: np.ndarray, pb: np.ndarray, nf: int) -> tuple[np.ndarray, in
     far = hi - lo > 1
     keep = np.zeros(P, bool)
     keep[lo[far]] = keep[hi[far]] = True
+    return g, P, lo, hi, far, keep
+
+
+def chain_order(pa: np.ndarray, pb: np.ndarray, nf: int) -> tuple[np.ndarray, int] | None:
+    """An elimination order for edges between chain positions pa, pb (free nodes in chain order) if the graph is
+    a chain with a few long edges, else None: positions grouped into super-blocks of g (the odometry reach), the
+    super-blocks long edges touch kept to the end (each one separates the chain, so eliminating a run between two
+    of them fills only between the run and them), in a minimum-degree order of their own. Returns (rank of each
+    position, number of kept nodes)."""
+    if not len(pa):
+        return None
+    g, P, _, _, _, keep = super_blocks(pa, pb, nf)
     if keep.sum() > MAX_LOOP_SHARE * P:
         return None
     kept = keep[np.arange(nf) // g]
