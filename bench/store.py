@@ -542,11 +542,6 @@ def main(argv: list[str] | None = None) -> int:
             if attempt == 2:
                 raise
     address = ctx.address_info["address"]
-    if args.pin:
-        n = pin_ray_processes(driver_cpus)
-        print(f"pinned: each shard's process on core 0; the {args.procs} driver processes, this process and Ray's "
-              f"own ({n} processes: GCS, raylet, workers) on cores 1-{ncpu - 1}; other processes on the box are "
-              "not pinned", flush=True)
     run = uuid.uuid4().hex[:6]
     batches = [int(x) for x in args.accept_batch.split(",")]
     try:
@@ -565,6 +560,11 @@ def main(argv: list[str] | None = None) -> int:
         print_table("the shard process's CPU per call, one call at a time (unpinned)", ["call", "CPU ms"],
                     [[k, fmt(v, ".2f")] for k, v in prof["cpu"].items()])
 
+        if args.pin:  # for the load runs only: the profile above and the storm below run unpinned
+            n = pin_ray_processes(driver_cpus)
+            print(f"\npinned: each shard's process on core 0; the {args.procs} driver processes, this process and "
+                  f"Ray's own ({n} processes: GCS, raylet, workers) on cores 1-{ncpu - 1}; other processes on the "
+                  "box are not pinned", flush=True)
         rows, sat = [], {}
         for n in [int(x) for x in args.shards.split(",")]:
             for b in batches:
@@ -643,6 +643,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"calls/s = {best[0]:.0%} of the saturation throughput")
             else:
                 print("both targets met at none of the paced rates")
+        if args.pin:
+            pin_ray_processes(set(range(ncpu)))
         if args.storm:
             rows = []
             for n in [int(x) for x in args.storm_shards.split(",")]:
