@@ -10,7 +10,8 @@ worker commits, `full` every record through the poll), and every `--takeover-eve
 (`take_worker` + `point_cloud`, what a reconnect to another replica costs). Streams are closed loops (the next
 call goes when the last returned), so frames/s at saturation is the store's capacity; then one shard paced
 (open loop) at fractions of it (`--paced`) for the latency targets, and the highest rate that meets them.
-`--pin` (default with 2+ cores) keeps the driver processes off the shard's core.
+`--pin` (default with 2+ cores) gives the shard a core of its own: the driver processes, this process and Ray's
+own (GCS, raylet, workers) run on the other cores.
 
 Shards: through the app's own sharding (`session_actor.shards: N`, serve_app/deployments/session_actor.py:
 `get_session_shards` names, places and creates the actors; sessions are created through its admission actor
@@ -287,6 +288,25 @@ def pin_actors(actors, cpus: set[int] | None) -> None:
                 os.sched_setaffinity(t.id, cpus)
 
 
+def pin_ray_processes(cpus: set[int] | None) -> int:
+    """This process and every process Ray started for it (GCS, raylet, idle workers) off the shard's core, so
+    that with --pin the shard has its core to itself; workers started later inherit the raylet's affinity (a
+    shard actor is then moved by pin_actors). Returns the processes pinned."""
+    import psutil
+
+    if not cpus:
+        return 0
+    me = psutil.Process()
+    procs = [me, *me.children(recursive=True)]
+    for p in procs:
+        try:
+            for t in p.threads():
+                os.sched_setaffinity(t.id, cpus)
+        except (psutil.Error, OSError):  # exited meanwhile
+            continue
+    return len(procs)
+
+
 def actor_cpu_s(actors) -> list[float]:
     """CPU seconds (user + system) each shard actor's process has used so far (same machine)."""
     import psutil
@@ -510,10 +530,6 @@ def main(argv: list[str] | None = None) -> int:
     ncpu = os.cpu_count() or 1
     shard_cpus = {0} if args.pin else None
     driver_cpus = set(range(1, ncpu)) if args.pin else None
-    if args.pin:
-        print(f"pinned: each shard's process on core 0, the {args.procs} driver processes on cores 1-{ncpu - 1} "
-              "(Ray's own processes and anything else on the box are not pinned)", flush=True)
-
     os.environ.update(RAY_ENV_VARS)  # this process calls the store too (profile, storm): as an ingress would
     for attempt in range(3):  # Ray gives its raylet 30 s to register: not always enough on a loaded box
         try:
@@ -526,6 +542,11 @@ def main(argv: list[str] | None = None) -> int:
             if attempt == 2:
                 raise
     address = ctx.address_info["address"]
+    if args.pin:
+        n = pin_ray_processes(driver_cpus)
+        print(f"pinned: each shard's process on core 0; the {args.procs} driver processes, this process and Ray's "
+              f"own ({n} processes: GCS, raylet, workers) on cores 1-{ncpu - 1}; other processes on the box are "
+              "not pinned", flush=True)
     run = uuid.uuid4().hex[:6]
     batches = [int(x) for x in args.accept_batch.split(",")]
     try:
