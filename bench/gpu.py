@@ -26,7 +26,6 @@ Each section is appended to OUT/gpu_bench.json when it ends, so a run that is cu
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import pickle
@@ -53,7 +52,9 @@ from serve_app.model.preprocess import resize_for_model
 from serve_app.model.runtime import DA3Runtime
 from serve_app.prediction import WindowRequest
 from serve_app.protocol import encode_points
+from serve_app.recon.plan import is_world_part_key
 from serve_app.recon.reconstruction import FrameInput, StreamReconstructor
+from serve_app.sessions.stream_state import INCREMENTAL
 
 
 class Report:
@@ -205,6 +206,7 @@ def section_service_cpu(rep: Report, args, model_results: dict) -> dict:
     points = 0
     frame_iter = iter(enumerate(jpegs))
     processed_windows = 0
+    snap = recon.snapshot()
     while processed_windows < windows:
         per = {k: 0.0 for k in times}
         plan = None
@@ -229,6 +231,7 @@ def section_service_cpu(rep: Report, args, model_results: dict) -> dict:
         pred = oracle.forward_windows([plan.request()])[0]  # not timed: stands in for the GPU
         t0 = time.perf_counter()
         out = recon.integrate(plan, pred)
+        snap = recon.snapshot()  # as the worker takes one after every window, for its commit
         t1 = time.perf_counter()
         encode_points(out.points, out.colors, seq=processed_windows, window=plan.window,
                       frame_ids=[f.frame_id for f in plan.new])
@@ -238,12 +241,13 @@ def section_service_cpu(rep: Report, args, model_results: dict) -> dict:
         processed_windows += 1
         for k, v in times.items():
             v.append(1000 * per[k])
-    # What the worker commits to the session actor after each window besides the points: the snapshot.
-    snap = recon.snapshot()
+    # What the worker commits to the session actor after each window besides the points: the (last) snapshot.
+    # A context frame's image goes once, with the first commit that carries it (WorldFrame.parts).
     snap_bytes = len(pickle.dumps(snap))
-    raw = {**snap, "world": [dataclasses.replace(w, image=resize_for_model(decode_image(w.encoded),
-                                                                         params.process_res).image)
-                             for w in snap["world"]]}
+    inc = snap[INCREMENTAL]
+    raw = {**snap, INCREMENTAL: {**inc, "new": {
+        k: {**v, "encoded": None, "image": resize_for_model(decode_image(v["encoded"]), params.process_res).image}
+        if is_world_part_key(k) and v.get("encoded") else v for k, v in inc["new"].items()}}}
     snap_raw_bytes = len(pickle.dumps(raw))
     skip = 1 if len(times["decode"]) > 2 else 0  # the first window anchors the map: not steady state
     med = {k: statistics.median(v[skip:]) for k, v in times.items()}

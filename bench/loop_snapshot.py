@@ -24,6 +24,7 @@ from serve_app.evaluation.synthetic import SceneSpec
 from serve_app.media.imaging import encode_image
 from serve_app.model.oracle import OracleModel
 from serve_app.recon.consistency import Consistency
+from serve_app.recon.plan import is_world_part_key
 from serve_app.recon.reconstruction import FrameInput, StreamReconstructor
 from serve_app.sessions import journal_codec, stream_state
 
@@ -54,7 +55,7 @@ def run(oracle: OracleModel, params: SessionParams) -> dict:
                     rec.integrate_loop(p, pred)
     return {"commits": len(sent), "sent_median": statistics.median(sent), "sent_max": max(sent),
             "naive_median": statistics.median(naive), "stored": len(journal_codec.dumps(held)),
-            "carried": len(stream_state.items(held)), "keyframes": len(rec.consistency.detector.keyframes)}
+            "carried": sum(not is_world_part_key(k) for k in stream_state.items(held)), "keyframes": len(rec.consistency.detector.keyframes)}
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ from PIL import Image
 
 from serve_app.media.imaging import decode_image
 from serve_app.recon.loops import Keyframe
-from serve_app.recon.plan import FrameInput
+from serve_app.recon.plan import FrameInput, is_world_part_key
 from serve_app.sessions.stream_state import INCREMENTAL
 
 LOOP_SNAPSHOT_POINTS = 2000  # of a keyframe's depth sample (4000): verification fits 7 parameters robustly
@@ -112,7 +112,7 @@ class LoopCarry:
         st = snap.get("loop_carry") or {}
         inc = snap.get(INCREMENTAL) or {}
         entries = inc.get("new", {})
-        ids = [i for i in inc.get("keep", []) if i in entries]
+        ids = [i for i in inc.get("keep", []) if i in entries and not is_world_part_key(i)]
         carry = cls(limit, stride=int(st.get("stride", 1)), offered=int(st.get("offered", 0)), carried=ids,
                     encoded={i: entries[i] for i in ids}, sent=set(ids))
         return carry, [decode_keyframe(entries[i]) for i in ids]

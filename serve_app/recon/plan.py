@@ -4,7 +4,7 @@ accepted, the world frames later windows align to, a window's plan and its outpu
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -13,6 +13,16 @@ from serve_app.prediction import WindowRequest
 from serve_app.recon.geometry import finite_rows, invert_pose, sample_indices
 
 ALIGN_POINTS_PER_FRAME = 4000  # world samples a frame keeps for aligning later windows (not its whole depth map)
+
+
+def world_part_key(index: int) -> str:
+    """The snapshot item (sessions/stream_state.py) that holds a world frame's unchanging parts; loop keyframes'
+    items are keyed by their int frame index."""
+    return f"w{index}"
+
+
+def is_world_part_key(key: Any) -> bool:
+    return isinstance(key, str) and key.startswith("w")
 
 
 @dataclass
@@ -61,6 +71,20 @@ class WorldFrame:
         pix = sample_indices(np.flatnonzero(finite_rows(pts)), ALIGN_POINTS_PER_FRAME, rng).astype(np.int32)
         return cls(old.index, old.frame_id, old.image, pix, pts[pix], np.asarray(old.conf, np.float32).reshape(-1)[pix],
                    old.c2w, None, getattr(old, "keyframe", True))
+
+    def parts(self) -> dict[str, Any]:
+        """What never changes once the frame is placed: its image (the client's encoding where there is one,
+        8x smaller than the array at 504x378) and its sample's pixels and confidences. A frame stays in the
+        snapshot for two or more windows, so these go to the session store once (an incremental item); the
+        points and pose stay in the snapshot, since a pose-graph correction moves them."""
+        return {"image": None if self.encoded is not None else self.image, "encoded": self.encoded,
+                "pix": self.pix, "conf": self.conf}
+
+    def without_parts(self) -> WorldFrame:
+        return replace(self, source=None, image=None, encoded=None, pix=None, conf=None)
+
+    def with_parts(self, parts: dict[str, Any]) -> WorldFrame:
+        return replace(self, image=parts["image"], encoded=parts["encoded"], pix=parts["pix"], conf=parts["conf"])
 
     def as_input(self) -> FrameInput:
         if self.source is not None:

@@ -49,6 +49,7 @@ loop_snapshot.py.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Callable
@@ -79,10 +80,20 @@ from serve_app.recon.geometry import (
 from serve_app.recon.loop_snapshot import LoopCarry
 from serve_app.recon.loops import Keyframe, depth_scale, image_descriptor, normalise, verify_loop
 from serve_app.recon.occupancy import VoxelOccupancy, voxel_centres, voxel_keys
-from serve_app.recon.plan import ALIGN_POINTS_PER_FRAME, FrameInput, WindowOutput, WindowPlan, WorldFrame
+from serve_app.recon.plan import (
+    ALIGN_POINTS_PER_FRAME,
+    FrameInput,
+    WindowOutput,
+    WindowPlan,
+    WorldFrame,
+    world_part_key,
+)
 from serve_app.recon.posegraph import GraphParams
 from serve_app.recon.prior import prior_sim3
+from serve_app.sessions import stream_state
 from serve_app.sessions.stream_state import INCREMENTAL
+
+log = logging.getLogger("ray.serve.da3.recon")  # child of ray.serve: goes to the replica log files
 
 AUTO_VOXEL_PIXELS = 2.0  # auto voxel = footprint of this many pixels at the first window's median depth
 ALIGN_MAX_POINTS = 4000  # dense alignment subsample: plenty for 7 parameters, keeps geometry time flat
@@ -134,6 +145,7 @@ class StreamReconstructor:
         self.loops_in_flight: dict[int, WindowPlan] = {}  # loop windows handed out, by (negative) window number
         self.loop_attempts: dict[tuple[int, int], int] = {}  # (query, candidate) -> failed model calls
         self.loop_carry = LoopCarry(params.loop_snapshot_keyframes)  # loop keyframes the snapshot carries
+        self.world_sent: set[int] = set()  # world frames whose parts the session store holds (snapshot)
         self.occ_windows: list[tuple[int, int]] = []  # (first occupancy counter, window), in counter order
         self.occ_corr: dict[int, Sim3] = {}  # window -> correction its occupancy keys were built with
         self.occ_dirty = False
@@ -333,6 +345,7 @@ class StreamReconstructor:
                 all_pts.append(sim.apply(local))
                 all_cols.append(f.image.reshape(-1, 3)[idx])
                 owner.append(np.full(len(idx), len(frames)))
+            self.world_sent.discard(f.index)
             self.world[f.index] = WorldFrame(f.index, f.frame_id, f.image, pix, world_pts,
                                              conf[j].reshape(-1)[pix], c2w, source=f, keyframe=kf,
                                              encoded=f.encoded, window=plan.window)
@@ -649,9 +662,12 @@ class StreamReconstructor:
         and the gauge/keyframe state. Pending and in-flight frames are not included; the occupancy is rebuilt
         from the stored map on restore (it grows with the map, this stays small)."""
         snap = {k: getattr(self, k) for k in self._SNAPSHOT_FIELDS}
-        # Images travel as the client's encoding where there is one (a JPEG is 8x smaller at 504x378).
-        snap["world"] = [replace(w, source=None, image=None if w.encoded is not None else w.image)
-                         for w in self.world.values()]
+        # A world frame's image and sample travel once, as incremental items (WorldFrame.parts); marked sent
+        # here: the worker commits snapshots in order, and a commit that fails stops the worker.
+        snap["world"] = [w.without_parts() for w in self.world.values()]
+        inc = {"keep": [world_part_key(i) for i in self.world],
+               "new": {world_part_key(i): w.parts() for i, w in self.world.items() if i not in self.world_sent}}
+        self.world_sent = set(self.world)
         snap["keyframes"] = list(self.keyframes)
         snap["last_planned"] = [f.index for f in self.last_planned]
         if self.consistency is not None:
@@ -663,7 +679,9 @@ class StreamReconstructor:
             snap["loop_detector"] = {"since_query": det.since_query, "pending": [tuple(p) for p in det.pending] + [
                 (*p.loop, p.loop_root) for p in self.loops_in_flight.values()]}
             snap["loop_carry"] = self.loop_carry.state()
-            snap[INCREMENTAL] = self.loop_carry.snapshot()
+            loops = self.loop_carry.snapshot()
+            inc = {"keep": [*loops["keep"], *inc["keep"]], "new": {**loops["new"], **inc["new"]}}
+        snap[INCREMENTAL] = inc
         return snap
 
     @classmethod
@@ -674,14 +692,23 @@ class StreamReconstructor:
         rec = cls(params)
         for k in cls._SNAPSHOT_FIELDS:
             setattr(rec, k, snap[k])
-        world = [w if getattr(w, "pix", None) is not None else WorldFrame.from_dense(w, rec.rng)
-                 for w in snap["world"]]
+        parts = stream_state.items(snap)
+        world = []
+        for w in snap["world"]:
+            p = parts.get(world_part_key(w.index))
+            if p is not None:
+                w = w.with_parts(p)
+            elif getattr(w, "conf", None) is None:  # its parts never reached the store: not a context frame now
+                log.warning("snapshot frame %d has no stored image; left out of the context", w.index)
+                continue
+            world.append(w if getattr(w, "pix", None) is not None else WorldFrame.from_dense(w, rec.rng))
         for i, w in enumerate(world):
             if w.image is None:
                 if decode is None or w.encoded is None:
                     raise ValueError(f"snapshot frame {w.index} has no image and nothing to decode it with")
                 world[i] = replace(w, image=decode(w.encoded))
         rec.world = {w.index: w for w in world}
+        rec.world_sent = set(rec.world)  # they came from the store
         rec.keyframes.extend(snap["keyframes"])
         rec.last_planned = [rec.world[i].as_input() for i in snap["last_planned"] if i in rec.world]
         rec.windows_planned = rec.windows_integrated  # outstanding windows died with their replica

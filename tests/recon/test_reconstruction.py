@@ -11,7 +11,11 @@ from serve_app.config import SessionParams
 from serve_app.evaluation.synthetic import SceneSpec, render_sequence
 from serve_app.model.oracle import OracleModel
 from serve_app.recon.alignment import ate_rmse, trajectory_length
+from serve_app.recon.plan import world_part_key
 from serve_app.recon.reconstruction import FrameInput, StreamReconstructor
+from serve_app.sessions import stream_state
+from serve_app.sessions.journal_codec import dumps as journal_dumps
+from serve_app.sessions.journal_codec import loads as journal_loads
 
 W, H = 112, 84  # small frames: the oracle re-renders every view of every window
 SPEC = SceneSpec(seed=5, num_frames=30, width=W, height=H, trajectory="orbit")
@@ -144,6 +148,54 @@ def test_failed_first_window_lets_the_next_one_become_the_reference(seq):
     assert rmse / trajectory_length(seq.c2w[idx]) < 1e-3
 
 
+def test_a_world_frame_image_and_sample_go_to_the_store_once_and_a_lost_one_only_drops_that_context_frame(seq):
+    # A world frame stays in the snapshot for 2+ windows; its image (the client's encoding) and sample pixels
+    # and confidences travel with the first commit only, its points and pose (which corrections move) every time.
+    from serve_app.media.imaging import decode_image, encode_image
+
+    params = SessionParams(process_res=140, window_size=5, overlap=2)
+    oracle = OracleModel(SPEC, seed=1)
+    rec = StreamReconstructor(params)
+    held, sent, snaps, cut = None, [], [], 16
+    for i in range(cut):
+        rec.add_frame(FrameInput(index=i, frame_id=i, image=seq.images[i], original_size=(W, H),
+                                 encoded=encode_image(seq.images[i], "PNG")))
+        while (plan := rec.next_window()) is not None:
+            rec.integrate(plan, oracle.forward_windows([plan.request()])[0])
+            snap = rec.snapshot()
+            snaps.append(snap)
+            sent += [k for k in snap[stream_state.INCREMENTAL]["new"] if isinstance(k, str)]
+            assert all(w.image is None and w.encoded is None and w.pix is None for w in snap["world"])
+            assert all(w.points is not None and w.c2w is not None for w in snap["world"])
+            held = journal_loads(journal_dumps(stream_state.merge(held, snap)))  # as the journal stores it
+    assert len(snaps) >= 4 and len(sent) == len(set(sent))  # each frame's parts once
+    carried = [world_part_key(w.index) for s in snaps for w in s["world"]]
+    assert len(carried) >= 1.5 * len(sent)  # frames stay in several snapshots: what is saved
+    assert set(stream_state.items(held)) == {world_part_key(w.index) for w in held["world"]}  # no stale ones
+
+    def continue_from(snap):
+        rec2 = StreamReconstructor.restore(params, snap, decode=decode_image)
+        restored, outs = set(rec2.world), []
+        for i in range(cut, len(seq.images)):
+            rec2.add_frame(FrameInput(index=i, frame_id=i, image=seq.images[i], original_size=(W, H)))
+            while (plan := rec2.next_window(force=i == len(seq.images) - 1)) is not None:
+                outs.append(rec2.integrate(plan, oracle.forward_windows([plan.request()])[0]))
+        return rec2, restored, outs
+
+    rec2, restored, outs = continue_from(held)
+    assert restored == set(rec.world) and all(o.ok for o in outs)
+    # the restored frames' parts are held: the next snapshot sends only what the new windows placed
+    assert all(int(k[1:]) >= cut for k in rec2.snapshot()[stream_state.INCREMENTAL]["new"] if isinstance(k, str))
+    # a frame whose parts never reached the store (a lost commit) is left out of the context, not a failure
+    lost = dict(held)
+    newest = max(w.index for w in held["world"])
+    lost[stream_state.INCREMENTAL] = {"keep": held[stream_state.INCREMENTAL]["keep"],
+                                      "new": {k: v for k, v in stream_state.items(held).items()
+                                              if k != world_part_key(newest)}}
+    _, restored, outs3 = continue_from(lost)
+    assert restored == set(rec.world) - {newest} and outs3 and all(o.ok for o in outs3)
+
+
 @pytest.mark.parametrize("variant", ["arrays", "encoded", "old_format"])
 @pytest.mark.slow
 def test_restored_reconstructor_continues_the_map(seq, variant):
@@ -164,24 +216,25 @@ def test_restored_reconstructor_continues_the_map(seq, variant):
         return FrameInput(index=i, frame_id=i, image=seq.images[i], original_size=(W, H), encoded=enc)
 
     rec = StreamReconstructor(params)
-    outs, cut = [], 14
+    outs, cut, snap = [], 14, None
     for i in range(cut):
         rec.add_frame(frame(i))
         while (plan := rec.next_window()) is not None:
             outs.append(rec.integrate(plan, oracle.forward_windows([plan.request()])[0]))
-    snap = rec.snapshot()
-    assert snap["world"] and all(len(w.points) <= ALIGN_POINTS_PER_FRAME and w.points.shape == (len(w.pix), 3)
-                                 for w in snap["world"])
+            snap = stream_state.merge(snap, rec.snapshot())  # what the session store holds after each commit
+    parts = stream_state.items(snap)
+    world = [w.with_parts(parts[world_part_key(w.index)]) for w in snap["world"]]
+    assert world and all(len(w.points) <= ALIGN_POINTS_PER_FRAME and w.points.shape == (len(w.pix), 3)
+                         for w in world)
     if variant == "encoded":
-        assert all(w.image is None and w.encoded for w in snap["world"])
+        assert all(w.image is None and w.encoded for w in world)
         with pytest.raises(ValueError, match="nothing to decode it with"):
             StreamReconstructor.restore(params, snap)
-        as_arrays = {**snap, "world": [dataclasses.replace(w, image=decode_image(w.encoded), encoded=None)
-                                      for w in snap["world"]]}
-        assert len(pickle.dumps(snap)) < len(pickle.dumps(as_arrays))
+        as_arrays = [dataclasses.replace(w, image=decode_image(w.encoded), encoded=None) for w in world]
+        assert len(pickle.dumps(world)) < len(pickle.dumps(as_arrays))
     if variant == "old_format":
         dense = []
-        for w in snap["world"]:
+        for w in world:
             h, wd = w.image.shape[:2]
             pts = np.full((h * wd, 3), np.nan, np.float32)
             conf = np.zeros(h * wd, np.float32)
@@ -189,7 +242,7 @@ def test_restored_reconstructor_continues_the_map(seq, variant):
             dense.append(SimpleNamespace(index=w.index, frame_id=w.frame_id, image=w.image,
                                          points=pts.reshape(h, wd, 3), conf=conf.reshape(h, wd), c2w=w.c2w,
                                          source=None, keyframe=w.keyframe))
-        snap["world"] = dense
+        snap = {**{k: v for k, v in snap.items() if k != stream_state.INCREMENTAL}, "world": dense}
     pending = list(rec.pending)
     rec2 = StreamReconstructor.restore(params, snap, map_points=np.concatenate([o.points for o in outs]),
                                        decode=decode_image)
