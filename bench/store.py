@@ -13,6 +13,9 @@ call goes when the last returned), so frames/s at saturation is the store's capa
 `--pin` (default with 2+ cores) gives the shard a core of its own: the driver processes, this process and Ray's
 own (GCS, raylet, workers) run on the other cores.
 
+The profile first: where one call's time goes, Ray's floor (an empty method with the same arguments) for an
+async, a sync and a threaded actor, and the shard's CPU per call kind (back to back, and pings 5 ms apart).
+
 Shards: through the app's own sharding (`session_actor.shards: N`, serve_app/deployments/session_actor.py:
 `get_session_shards` names, places and creates the actors; sessions are created through its admission actor
 and every call goes to `of(session_id)`, the shard read from the id). On this 2-core box the shards share the
@@ -423,10 +426,17 @@ def profile_path(p: dict, max_points: int, windows: int = 300) -> dict:
         async def echo(self, *args) -> None:
             return None
 
-    async def floor() -> dict:
-        a = ray.remote(Bare).options(num_cpus=0, max_concurrency=1000).remote()
+    class BareSync:
+        """The same as a sync actor (one thread, or a pool with max_concurrency > 1): no event-loop hand-off."""
+
+        def echo(self, *args) -> None:
+            return None
+
+    async def floor(cls, **options) -> dict:
+        a = ray.remote(cls).options(num_cpus=0, **options).remote()
         await a.echo.remote()
         lat: dict = {"accept_frame": [], "commit_window": []}
+        c0 = actor_cpu_s([a])[0]
         for i in range(windows // 3 * p["new_frames"]):
             for kind, args in (("accept_frame", ("sid", None, 1, _frame(p, i), i)),
                                ("commit_window", _commit_args(p, "sid", i, 1))):
@@ -435,10 +445,15 @@ def profile_path(p: dict, max_points: int, windows: int = 300) -> dict:
                 t0 = time.perf_counter()
                 await a.echo.remote(*args)
                 lat[kind].append((time.perf_counter() - t0) * 1000.0)
+        lat["cpu_ms"] = (actor_cpu_s([a])[0] - c0) * 1000.0 / (len(lat["accept_frame"]) + len(lat["commit_window"]))
         ray.kill(a)
         return lat
 
-    out["floor"] = asyncio.run(floor())
+    # The shard is an async actor (long-polls wait in it); a sync or threaded one would not be cheaper per call.
+    out["floor_kinds"] = {"async (the shard's kind)": asyncio.run(floor(Bare, max_concurrency=1000)),
+                          "sync": asyncio.run(floor(BareSync)),
+                          "threaded (8)": asyncio.run(floor(BareSync, max_concurrency=8))}
+    out["floor"] = out["floor_kinds"]["async (the shard's kind)"]
 
     async def cpu_per_call(n: int = 200, batch: int = 8) -> dict:
         """The shard process's CPU ms per call of each kind, one call at a time (its fixed per-call cost is
@@ -458,6 +473,13 @@ def profile_path(p: dict, max_points: int, windows: int = 300) -> dict:
             res[name] = (actor_cpu_s([a])[0] - c0) * 1000.0 / n / calls_per
 
         await measure("ping (no work)", lambda: a.ping.remote())
+
+        async def spaced_ping():
+            await asyncio.sleep(0.005)
+            await a.ping.remote()
+
+        # A paced load's calls find the process idle: waking its threads costs more than back-to-back calls.
+        await measure("ping, one every 5 ms", spaced_ping)
 
         async def one_accept():
             nonlocal idx
@@ -557,6 +579,12 @@ def main(argv: list[str] | None = None) -> int:
                     "floor: an empty async actor method called with the same arguments (Ray on this box)",
                     ["call", "serialise ms", "actor p50 ms", "actor p99 ms", "whole call p50", "p99",
                      "Ray + loops p50 ms", "floor p50 / p99 ms"], rows)
+        print_table("Ray's floor by actor kind: an empty method with the same arguments, one call at a time; CPU of "
+                    "the actor's process per call", ["actor", "accept p50 / p99 ms", "commit p50 / p99 ms",
+                                                      "CPU ms per call"],
+                    [[kind, f"{pct(v['accept_frame'], 50):.2f} / {pct(v['accept_frame'], 99):.2f}",
+                      f"{pct(v['commit_window'], 50):.2f} / {pct(v['commit_window'], 99):.2f}",
+                      fmt(v["cpu_ms"], ".2f")] for kind, v in prof["floor_kinds"].items()])
         print_table("the shard process's CPU per call, one call at a time (unpinned)", ["call", "CPU ms"],
                     [[k, fmt(v, ".2f")] for k, v in prof["cpu"].items()])
 
