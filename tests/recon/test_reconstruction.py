@@ -194,6 +194,12 @@ def test_a_world_frame_image_and_sample_go_to_the_store_once_and_a_lost_one_only
                                               if k != world_part_key(newest)}}
     _, restored, outs3 = continue_from(lost)
     assert restored == set(rec.world) - {newest} and outs3 and all(o.ok for o in outs3)
+    # a snapshot stored before this change (each frame's parts inline, no items) still restores whole
+    inline = stream_state.items(held)
+    before = {**held, "world": [w.with_parts(inline[world_part_key(w.index)]) for w in held["world"]],
+              stream_state.INCREMENTAL: {"keep": [], "new": {}}}
+    _, restored, outs4 = continue_from(before)
+    assert restored == set(rec.world) and outs4 and all(o.ok for o in outs4)
 
 
 @pytest.mark.parametrize("variant", ["arrays", "encoded", "old_format"])
