@@ -280,15 +280,19 @@ def actor_pid(a) -> int:
     return ray._private.state.actors(a._actor_id.hex())["Pid"]
 
 
+def pin_process(p, cpus: set[int]) -> None:
+    """Every thread of psutil process `p` on `cpus` (affinity is per thread on Linux)."""
+    for t in p.threads():
+        os.sched_setaffinity(t.id, cpus)
+
+
 def pin_actors(actors, cpus: set[int] | None) -> None:
     """Each shard's process (and its threads) on `cpus` (--pin: a core of its own, the drivers elsewhere)."""
     import psutil
 
     if cpus:
         for a in actors:
-            p = psutil.Process(actor_pid(a))
-            for t in p.threads():
-                os.sched_setaffinity(t.id, cpus)
+            pin_process(psutil.Process(actor_pid(a)), cpus)
 
 
 def pin_ray_processes(cpus: set[int] | None) -> int:
@@ -303,8 +307,7 @@ def pin_ray_processes(cpus: set[int] | None) -> int:
     procs = [me, *me.children(recursive=True)]
     for p in procs:
         try:
-            for t in p.threads():
-                os.sched_setaffinity(t.id, cpus)
+            pin_process(p, cpus)
         except (psutil.Error, OSError):  # exited meanwhile
             continue
     return len(procs)

@@ -701,12 +701,13 @@ class StreamReconstructor:
             elif getattr(w, "conf", None) is None:  # its parts never reached the store: not a context frame now
                 log.warning("snapshot frame %d has no stored image; left out of the context", w.index)
                 continue
-            world.append(w if getattr(w, "pix", None) is not None else WorldFrame.from_dense(w, rec.rng))
-        for i, w in enumerate(world):
+            if getattr(w, "pix", None) is None:
+                w = WorldFrame.from_dense(w, rec.rng)
             if w.image is None:
                 if decode is None or w.encoded is None:
                     raise ValueError(f"snapshot frame {w.index} has no image and nothing to decode it with")
-                world[i] = replace(w, image=decode(w.encoded))
+                w = replace(w, image=decode(w.encoded))
+            world.append(w)
         rec.world = {w.index: w for w in world}
         rec.world_sent = set(rec.world)  # they came from the store
         rec.keyframes.extend(snap["keyframes"])
