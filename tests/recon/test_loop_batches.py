@@ -187,6 +187,10 @@ def test_after_a_takeover_a_loop_to_a_keyframe_from_before_it_is_still_accepted(
         first = StreamReconstructor(p)
         held, _, _ = run(loop_oracle, first, list(range(cut)))
         second = StreamReconstructor.restore(p, pickle.loads(pickle.dumps(journal_round_trip(held))))
+        # the context frames come back whole: images, sample pixels and confidences sent once, with earlier commits
+        assert set(second.world) == set(first.world) and all(
+            np.array_equal(second.world[i].image, w.image) and np.array_equal(second.world[i].pix, w.pix)
+            and np.array_equal(second.world[i].conf, w.conf) for i, w in first.world.items())
         before = first.consistency.detector.keyframes
         last = max(k.window for k in before)
         assert len(second.consistency.detector.keyframes) == (sum(k.window < last for k in before) if carry else 0)
